@@ -1,0 +1,1 @@
+"""The local rehearsal fleet: real hosts (sshd + dockerd each) in namespaces on this machine."""
