@@ -1,0 +1,47 @@
+# Everything runs as root on a Debian bookworm machine (the rehearsal hosts are namespaces).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+N ?= 2
+FLEET ?= rehearsal
+export MLSTACK_FLEET := $(FLEET)
+
+.PHONY: rehearse test test-unit test-slow fleet-up fleet-down fleet-status bench prereqs venv
+
+## The two set-up commands (README Quickstart)
+rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
+	$(PY) -m rehearsal.rehearse
+
+test: prereqs venv  ## unit and fleet integration tests (slow ones excluded)
+	$(PY) -m pytest -m "not slow"
+
+test-unit: venv  ## unit tests only: no root, no fleet, seconds
+	$(PY) -m pytest tests/unit
+
+test-slow: prereqs venv  ## the heavy opt-in tests
+	$(PY) -m pytest -m slow
+
+## The rehearsal fleet
+fleet-up: prereqs venv  ## bring the fleet to N hosts (default 2): make fleet-up N=3
+	$(PY) -m rehearsal up $(N)
+
+fleet-down: venv  ## stop and remove every host of the fleet
+	$(PY) -m rehearsal down
+
+fleet-status: venv
+	$(PY) -m rehearsal status
+
+bench: prereqs venv  ## printed tables, not tests
+	$(PY) -m bench.fleet
+
+## Set-up
+prereqs:  ## apt packages and the compose v2 plugin (idempotent, asks no registry when all is there)
+	$(PYTHON) -m rehearsal.prereqs
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@

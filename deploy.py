@@ -1,0 +1,15 @@
+"""Make a host ready to serve the slim-image ML stack.
+
+    pyinfra inventory/<fleet>.py deploy.py [--dry --diff] [--limit HOST]
+
+Each step is one concern in tasks/ and relies on the steps before it.
+"""
+
+from pyinfra import host
+
+from tasks.config import host_config
+from tasks.directories import host_directories
+
+config = host_config(host)  # validates every targeted host before anything changes
+
+host_directories(config)

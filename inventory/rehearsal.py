@@ -1,0 +1,35 @@
+"""The local rehearsal fleet (`make fleet-up N=3`): every live host, with strict host-key checks.
+
+MLSTACK_FLEET picks the fleet (default "rehearsal"); MLSTACK_FLEET_USER=deploy logs in as the
+ordinary user and uses sudo, as on fleets where root cannot log in.
+"""
+
+import os
+
+from rehearsal.fleet import SUDO_USER, Fleet
+
+fleet = Fleet()
+records = fleet.live_records()
+if not records:
+    raise SystemExit(f"rehearsal fleet {fleet.name!r} is not up: run `make fleet-up` (or `make fleet-up N=3`) first")
+
+login = os.environ.get("MLSTACK_FLEET_USER", "root")
+if login not in ("root", SUDO_USER):
+    raise SystemExit(f"MLSTACK_FLEET_USER={login!r}: expected 'root' or {SUDO_USER!r}")
+
+rehearsal = (
+    [(record.name, {"ssh_hostname": record.ip}) for record in records],
+    {
+        "ssh_user": login,
+        "ssh_key": str(fleet.key),
+        "ssh_known_hosts_file": str(fleet.known_hosts),
+        "ssh_strict_host_key_checking": "yes",
+        "ssh_look_for_keys": False,
+        "ssh_allow_agent": False,
+        "_sudo": login != "root",
+        # The container user of the model cache has no passwd entry on the hosts (numeric ids).
+        "model_cache_dir_uid": 1000,
+        "model_cache_dir_gid": 1000,
+        "model_cache_dir_mode": "2775",
+    },
+)

@@ -1,0 +1,68 @@
+"""Run `pyinfra ... --json` and read its results per host: for the rehearsal, tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+
+
+@dataclass
+class DeployRun:
+    returncode: int
+    output: str  # pyinfra's log (stderr)
+    seconds: float
+    payload: dict = field(default_factory=dict)
+
+    @property
+    def operations(self) -> list[dict]:
+        results = self.payload.get("results") or {}
+        return results.get("operations", [])
+
+    def per_host(self) -> dict[str, Counter]:
+        """host -> Counter(changed=, no_change=, error=) over every operation."""
+        hosts: dict[str, Counter] = {}
+        for op in self.operations:
+            for outcome, key in (("changed", "success"), ("no_change", "no_change"), ("error", "error")):
+                for host_name in op[key]:
+                    hosts.setdefault(host_name, Counter())[outcome] += 1
+        return hosts
+
+    def changed_operations(self) -> list[tuple[str, list[str]]]:
+        return [(op["name"], op["success"]) for op in self.operations if op["success"]]
+
+
+def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict | None = None, echo: bool = False) -> DeployRun:
+    """`pyinfra INVENTORY deploy.py ARGS --json`; ECHO streams pyinfra's log to our stderr."""
+    argv = [PYINFRA, inventory, "deploy.py", *args, "--json"]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        argv, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    log_lines = []
+    for line in process.stderr:
+        log_lines.append(line)
+        if echo:
+            sys.stderr.write(line)
+    stdout = process.stdout.read()
+    process.wait()
+    try:
+        payload = json.loads(stdout) if stdout.strip() else {}
+    except json.JSONDecodeError:
+        payload = {}
+    return DeployRun(process.returncode, "".join(log_lines), time.monotonic() - started, payload)
+
+
+def print_host_table(run: DeployRun, title: str) -> None:
+    print(f"\n{title} ({run.seconds:.1f}s, exit {run.returncode})")
+    print(f"  {'host':10} {'changed':>8} {'no change':>10} {'error':>6}")
+    for host_name, counts in sorted(run.per_host().items()):
+        print(f"  {host_name:10} {counts['changed']:>8} {counts['no_change']:>10} {counts['error']:>6}")

@@ -1,0 +1,79 @@
+"""Host directories: the stack root, ML env, model cache and compose project, with numeric owners.
+
+Missing parents that the deploy creates take the owner, group and mode of the configured
+directory they lead to; parents that already exist are never touched.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import PurePosixPath
+
+from pyinfra import host
+from pyinfra.api import OperationError, deploy, operation
+
+from tasks.config import DirectorySpec, HostConfig
+from tasks.facts import PathStates
+
+
+def parents_to_create(specs: list[DirectorySpec]) -> dict[str, list[str]]:
+    """For each configured directory, the ancestors it creates when missing (top-down).
+
+    An ancestor that is itself configured is left to its own entry; any other ancestor belongs
+    to the first configured directory below it, in path order, so no path is created twice.
+    """
+    configured = {spec.path for spec in specs}
+    claimed: set[str] = set()
+    parents: dict[str, list[str]] = {}
+    for spec in sorted(specs, key=lambda spec: spec.path):
+        ancestors = [str(p) for p in reversed(PurePosixPath(spec.path).parents) if str(p) != "/"]
+        parents[spec.path] = [p for p in ancestors if p not in configured and p not in claimed]
+        claimed.update(parents[spec.path])
+    return parents
+
+
+def watched_paths(specs: list[DirectorySpec]) -> tuple[str, ...]:
+    """Every configured directory and ancestor: one PathStates fact (one round trip) covers all."""
+    paths = {spec.path for spec in specs}
+    for spec in specs:
+        paths.update(str(p) for p in PurePosixPath(spec.path).parents if str(p) != "/")
+    return tuple(sorted(paths))
+
+
+def directory_commands(spec: DirectorySpec, parents: list[str], states: dict) -> list[str]:
+    """The commands that bring SPEC (and its missing PARENTS) to the wanted state: none if it is there."""
+    owner, mode = f"{spec.uid}:{spec.gid}", f"{spec.mode:04o}"
+    commands = []
+    for path in [*parents, spec.path]:
+        state, quoted = states.get(path), shlex.quote(path)
+        if state is None:
+            # chmod after chown: chown may clear setgid bits.
+            commands.append(f"mkdir -m {mode} {quoted} && chown {owner} {quoted} && chmod {mode} {quoted}")
+        elif not state.is_dir:
+            raise OperationError(f"{path} ({spec.setting}) exists and is not a directory")
+        elif path == spec.path:
+            if (state.uid, state.gid) != (spec.uid, spec.gid):
+                commands.append(f"chown {owner} {quoted}")
+            if state.mode != spec.mode:
+                commands.append(f"chmod {mode} {quoted}")
+    return commands
+
+
+@operation()
+def owned_directory(spec: DirectorySpec, parents: list[str], watched: tuple[str, ...]):
+    """Ensure a directory exists with a numeric owner, group and mode (and its missing parents)."""
+    yield from directory_commands(spec, parents, host.get_fact(PathStates, paths=watched))
+
+
+@deploy("Host directories")
+def host_directories(config: HostConfig):
+    specs = config.directories()
+    parents = parents_to_create(specs)
+    watched = watched_paths(specs)
+    for spec in sorted(specs, key=lambda spec: spec.path):
+        owned_directory(
+            name=f"Directory {spec.setting} {spec.path} ({spec.uid}:{spec.gid} {spec.mode:04o})",
+            spec=spec,
+            parents=parents[spec.path],
+            watched=watched,
+        )
