@@ -307,7 +307,7 @@ def is_alive(record: HostRecord) -> bool:
 def netns_inode(pid: int) -> int:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:  # gone, or not ours to inspect (pid 1 of the sandbox)
         return 0
 
 
@@ -330,7 +330,7 @@ def mounts_under(path: Path) -> list[str]:
     for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
         try:
             lines = mountinfo.read_text().splitlines()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+        except OSError:  # gone meanwhile, or not readable in this sandbox
             continue
         found += [line for line in lines if f" {prefix}" in line]
     return sorted(set(found))

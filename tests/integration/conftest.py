@@ -1,0 +1,49 @@
+"""A real rehearsal fleet for the whole test session, torn down at the end even on failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from rehearsal.fleet import Fleet, HostRecord
+from rehearsal.runner import DeployRun, run_deploy
+
+TEST_FLEET = "itest"  # its own bridge and subnet: a developer's `make rehearse` fleet is left alone
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="fleet tests need root (namespaces, dockerd); run `make test` as root")
+        for item in items:
+            item.add_marker(skip)
+
+
+class TestFleet:
+    def __init__(self, fleet: Fleet, records: list[HostRecord]):
+        self.fleet = fleet
+        self.hosts = records
+
+    def ssh(self, record: HostRecord, command: str, user: str = "root", check: bool = True) -> str:
+        result = subprocess.run(
+            ["ssh", "-i", str(self.fleet.key), "-o", f"UserKnownHostsFile={self.fleet.known_hosts}",
+             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{user}@{record.ip}", command],
+            capture_output=True, text=True, timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{record.name}: {command!r} failed ({result.returncode}): {result.stderr}")
+        return result.stdout
+
+    def deploy(self, *args: str, env: dict | None = None) -> DeployRun:
+        return run_deploy("-y", *args, env={"MLSTACK_FLEET": self.fleet.name, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def fleet():
+    fleet = Fleet(TEST_FLEET)
+    try:
+        yield TestFleet(fleet, fleet.up(2))
+    finally:
+        leftovers = fleet.down()
+        assert leftovers == [], f"fleet down left {leftovers}"

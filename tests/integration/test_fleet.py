@@ -1,0 +1,80 @@
+"""The rehearsal fleet itself: isolated real hosts, idempotent growth, stale recovery, clean teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from rehearsal.baseimage import archive_path, image_id_of
+from rehearsal.fleet import Fleet, pids_in_netns
+
+
+def test_each_host_is_isolated_with_its_own_engine_and_identity(fleet):
+    seen_keys, seen_hostnames = set(), set()
+    base_id = "sha256:" + image_id_of(archive_path())
+    for record in fleet.hosts:
+        report = fleet.ssh(record, "hostname; ip -4 route; docker network ls --format '{{.Name}}' | sort | tr '\\n' ' ';"
+                                   " echo; docker image inspect -f '{{.Id}}' mlstack-base:bookworm; docker compose version --short;"
+                                   " findmnt -no TARGET /var/lib/docker")
+        hostname, route, networks, image_id, compose, mountpoint = report.splitlines()
+        assert hostname == record.name
+        assert "default" not in route and route.startswith(f"{fleet.fleet.gateway.rsplit('.', 1)[0]}.0/24 dev eth0")
+        assert "bridge" not in networks.split()  # dockerd --bridge=none
+        assert image_id == base_id  # the same image id on every host
+        assert compose.startswith("2.")
+        assert mountpoint == "/var/lib/docker"
+        # Nothing outside the fleet is routable: the kernel refuses before any packet leaves.
+        unreachable = fleet.ssh(record, "ip route get 192.0.2.1 2>&1; getent hosts example.org || echo no-dns")
+        assert "unreachable" in unreachable and "no-dns" in unreachable
+        seen_hostnames.add(hostname)
+        seen_keys.add((fleet.fleet.host_dir(record.name) / "ssh_host_ed25519_key.pub").read_text().split()[1])
+    assert len(seen_keys) == len(seen_hostnames) == len(fleet.hosts)
+    known = fleet.fleet.known_hosts.read_text().splitlines()
+    assert sorted(line.split()[0] for line in known) == sorted(record.ip for record in fleet.hosts)
+
+
+def kill_like_a_finished_session(record) -> None:
+    """What CI does to a session's leftovers: every process ended, nothing cleaned up."""
+    for pid in pids_in_netns(record.netns):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pids_in_netns(record.netns) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_up_is_idempotent_grows_recovers_from_a_dead_fleet_and_down_leaves_nothing():
+    fleet = Fleet("ilife")
+    try:
+        (one,) = fleet.up(1)
+        (again,) = fleet.up(1)
+        assert again == one  # same N: nothing rebooted
+
+        grown = fleet.up(2)
+        assert grown[0] == one and grown[1].name == "host2"
+
+        for record in grown:
+            kill_like_a_finished_session(record)
+        assert fleet.live_records() == []
+        assert (fleet.dir / "hosts/host1/docker").exists()  # stale state the next `up` must cope with
+
+        recovered = fleet.up(2)
+        assert [r.name for r in recovered] == ["host1", "host2"]
+        assert all(r.pid not in (one.pid, grown[1].pid) for r in recovered)
+        for record in recovered:
+            assert fleet_ssh_true(fleet, record)
+    finally:
+        records = fleet.records()
+        leftovers = fleet.down()
+    assert leftovers == []
+    for record in records:
+        assert pids_in_netns(record.netns) == []
+    assert not fleet.dir.exists()
+
+
+def fleet_ssh_true(fleet: Fleet, record) -> bool:
+    return subprocess.run(
+        ["ssh", "-i", str(fleet.key), "-o", f"UserKnownHostsFile={fleet.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+         "-o", "BatchMode=yes", f"root@{record.ip}", "true"], timeout=30,
+    ).returncode == 0

@@ -1,0 +1,110 @@
+"""Config validation: every bad input gets its own exact message naming host, key, value, expectation."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ConfigError, HostConfig, validate_fleet, validate_host
+
+DEFAULTS = {
+    key: value
+    for key, value in runpy.run_path(str(Path(__file__).parents[2] / "inventory/group_data/all.py")).items()
+    if not key.startswith("_")
+}
+
+
+def problems_for(**overrides):
+    config, problems = validate_host("gpu-01", {**DEFAULTS, **overrides})
+    return problems
+
+
+def test_the_defaults_are_valid_and_typed():
+    config, problems = validate_host("gpu-01", DEFAULTS)
+    assert problems == []
+    assert config.ml_env_dir == "/srv/mlstack/ml-env"
+    assert config.compose_project_dir_mode == 0o750
+    assert [spec.setting for spec in config.directories()] == [
+        "stack_root", "ml_env_dir", "model_cache_dir", "compose_project_dir",
+    ]
+
+
+def test_pyinfra_connector_keys_and_global_arguments_are_not_ours_to_reject():
+    assert problems_for(ssh_user="ops", ssh_port=2222, ssh_known_hosts_file="/k", _sudo=True, _sudo_user="x") == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ml_env_dir", "srv/mlstack/ml-env", "expected an absolute path such as '/srv/mlstack'"),
+        ("ml_env_dir", "/srv//mlstack", "expected a normalised path (did you mean '/srv/mlstack'?)"),
+        ("ml_env_dir", "/srv/mlstack/", "expected a normalised path (did you mean '/srv/mlstack'?)"),
+        ("ml_env_dir", "/srv/mlstack/../etc", "expected a normalised path (did you mean '/srv/etc'?)"),
+        ("ml_env_dir", "/srv/./mlstack", "expected a normalised path (did you mean '/srv/mlstack'?)"),
+        ("ml_env_dir", "/", "expected a directory below '/', not '/' itself"),
+        ("ml_env_dir", 42, "expected an absolute path such as '/srv/mlstack'"),
+        ("stack_root_uid", -1, "expected an integer id from 0 to 4294967294"),
+        ("stack_root_uid", 4294967295, "expected an integer id from 0 to 4294967294"),
+        ("stack_root_gid", "www-data", "expected an integer id from 0 to 4294967294"),
+        ("stack_root_gid", 1000.0, "expected an integer id from 0 to 4294967294"),
+        ("stack_root_uid", True, "expected an integer id from 0 to 4294967294"),
+        ("model_cache_dir_mode", "0o755", "expected an octal mode such as '0755'"),
+        ("model_cache_dir_mode", 0o755, "expected an octal mode such as '0755'"),
+        ("model_cache_dir_mode", "0789", "expected an octal mode such as '0755'"),
+        ("model_cache_dir_mode", "rwxr-xr-x", "expected an octal mode such as '0755'"),
+        ("model_cache_dir_mode", "75", "expected an octal mode such as '0755'"),
+    ],
+)
+def test_each_bad_value_has_its_exact_message(key, value, message):
+    assert problems_for(**{key: value}) == [f"gpu-01: {key} = {value!r}: {message}"]
+
+
+@pytest.mark.parametrize(("value", "mode"), [("0755", 0o755), ("755", 0o755), (755, 0o755), ("2775", 0o2775), ("02775", 0o2775)])
+def test_modes_are_octal_text_or_pyinfra_style_digits(value, mode):
+    config, problems = validate_host("gpu-01", {**DEFAULTS, "ml_env_dir_mode": value})
+    assert problems == [] and config.ml_env_dir_mode == mode
+
+
+def test_numeric_ids_may_come_as_digit_strings_from_the_command_line():
+    config, problems = validate_host("gpu-01", {**DEFAULTS, "model_cache_dir_uid": "1000"})
+    assert problems == [] and config.model_cache_dir_uid == 1000
+
+
+def test_a_typo_is_an_unknown_setting_with_a_suggestion():
+    assert problems_for(ml_env_dri="/x") == ["gpu-01: ml_env_dri = '/x': unknown setting (did you mean 'ml_env_dir'?)"]
+    assert problems_for(colour="blue") == ["gpu-01: colour = 'blue': unknown setting"]
+
+
+def test_a_missing_setting_says_where_defaults_live():
+    data = dict(DEFAULTS)
+    del data["stack_root"]
+    _, problems = validate_host("gpu-01", data)
+    assert problems == ["gpu-01: stack_root = (not set): a value is required (defaults: inventory/group_data/all.py)"]
+
+
+def test_two_directories_cannot_share_a_path():
+    assert problems_for(model_cache_dir="/srv/mlstack/ml-env") == [
+        "gpu-01: model_cache_dir = '/srv/mlstack/ml-env': a path of its own (it is also ml_env_dir)"
+    ]
+
+
+def test_every_problem_on_every_host_is_reported_at_once():
+    hosts = [
+        ("gpu-01", {**DEFAULTS, "stack_root_uid": -1}),
+        ("gpu-02", {**DEFAULTS}),
+        ("gpu-03", {**DEFAULTS, "ml_env_dir": "rel", "stack_root_mode": "9"}),
+    ]
+    with pytest.raises(ConfigError) as caught:
+        validate_fleet(hosts)
+    assert caught.value.problems == [
+        "gpu-01: stack_root_uid = -1: expected an integer id from 0 to 4294967294",
+        "gpu-03: stack_root_mode = '9': expected an octal mode such as '0755'",
+        "gpu-03: ml_env_dir = 'rel': expected an absolute path such as '/srv/mlstack'",
+    ]
+    assert str(caught.value).startswith("invalid inventory data, nothing was changed:\n  gpu-01: stack_root_uid")
+
+
+def test_config_is_immutable():
+    config = HostConfig(**DEFAULTS)
+    with pytest.raises(Exception):
+        config.stack_root = "/elsewhere"
