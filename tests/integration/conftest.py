@@ -36,7 +36,9 @@ class TestFleet:
         return result.stdout
 
     def deploy(self, *args: str, env: dict | None = None) -> DeployRun:
-        return run_deploy("-y", *args, env={"MLSTACK_FLEET": self.fleet.name, **(env or {})})
+        # -y skips pyinfra's change detection, which a dry run's plan is made of.
+        confirm = () if "--dry" in args else ("-y",)
+        return run_deploy(*confirm, *args, env={"MLSTACK_FLEET": self.fleet.name, **(env or {})})
 
 
 @pytest.fixture(scope="session")
