@@ -21,10 +21,7 @@ REPEATS = 3
 def ssh_floor(fleet: Fleet, records) -> float:
     """Parallel `ssh host true` to every host: the least any converge can cost."""
     def one(record):
-        subprocess.run(
-            ["ssh", "-i", str(fleet.key), "-o", f"UserKnownHostsFile={fleet.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-             "-o", "BatchMode=yes", f"root@{record.ip}", "true"], check=True,
-        )
+        subprocess.run([*fleet.ssh_argv(record), "true"], check=True)
 
     started = time.monotonic()
     with ThreadPoolExecutor(len(records)) as pool:

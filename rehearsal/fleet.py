@@ -73,6 +73,13 @@ class Fleet:
     def host_ip(self, number: int) -> str:
         return f"10.213.{self.index}.{10 + number}"
 
+    def ssh_argv(self, record: HostRecord, user: str = "root") -> list[str]:
+        """OpenSSH to a fleet host with the fleet's key and strict host-key checking."""
+        return [
+            "ssh", "-i", str(self.key), "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{user}@{record.ip}",
+        ]
+
     def host_dir(self, name: str) -> Path:
         return self.dir / "hosts" / name
 

@@ -27,8 +27,7 @@ class TestFleet:
 
     def ssh(self, record: HostRecord, command: str, user: str = "root", check: bool = True) -> str:
         result = subprocess.run(
-            ["ssh", "-i", str(self.fleet.key), "-o", f"UserKnownHostsFile={self.fleet.known_hosts}",
-             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{user}@{record.ip}", command],
+            [*self.fleet.ssh_argv(record, user), command],
             capture_output=True, text=True, timeout=60,
         )
         if check and result.returncode != 0:

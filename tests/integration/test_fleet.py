@@ -63,7 +63,7 @@ def test_up_is_idempotent_grows_recovers_from_a_dead_fleet_and_down_leaves_nothi
         assert [r.name for r in recovered] == ["host1", "host2"]
         assert all(r.pid not in (one.pid, grown[1].pid) for r in recovered)
         for record in recovered:
-            assert fleet_ssh_true(fleet, record)
+            assert subprocess.run([*fleet.ssh_argv(record), "true"], timeout=30).returncode == 0
     finally:
         records = fleet.records()
         leftovers = fleet.down()
@@ -71,10 +71,3 @@ def test_up_is_idempotent_grows_recovers_from_a_dead_fleet_and_down_leaves_nothi
     for record in records:
         assert pids_in_netns(record.netns) == []
     assert not fleet.dir.exists()
-
-
-def fleet_ssh_true(fleet: Fleet, record) -> bool:
-    return subprocess.run(
-        ["ssh", "-i", str(fleet.key), "-o", f"UserKnownHostsFile={fleet.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-         "-o", "BatchMode=yes", f"root@{record.ip}", "true"], timeout=30,
-    ).returncode == 0
