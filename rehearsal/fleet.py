@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rehearsal import index
 
 STATE_ROOT = Path(os.environ.get("MLSTACK_FLEET_STATE", "/var/lib/mlstack-rehearsal/fleets"))
 DEFAULT_FLEET = "rehearsal"
@@ -44,6 +47,14 @@ class HostRecord:
     pid: int
     starttime: str
     netns: int
+
+
+@dataclass
+class ServiceRecord:
+    name: str
+    url: str
+    pid: int
+    starttime: str
 
 
 def fleet_name() -> str:
@@ -91,8 +102,20 @@ class Fleet:
             return []
         return [HostRecord(**record) for record in json.loads(self.state_file.read_text())["hosts"]]
 
-    def save(self, records: list[HostRecord]) -> None:
-        payload = {"name": self.name, "gateway": self.gateway, "hosts": [asdict(r) for r in records]}
+    def services(self) -> dict[str, ServiceRecord]:
+        """Control-node services of the fleet (the package index), by name."""
+        if not self.state_file.exists():
+            return {}
+        services = json.loads(self.state_file.read_text()).get("services", {})
+        return {name: ServiceRecord(**record) for name, record in services.items()}
+
+    def save(self, records: list[HostRecord], services: dict[str, ServiceRecord]) -> None:
+        payload = {
+            "name": self.name,
+            "gateway": self.gateway,
+            "hosts": [asdict(r) for r in records],
+            "services": {name: asdict(r) for name, r in services.items()},
+        }
         partial = self.state_file.with_suffix(".partial")
         partial.write_text(json.dumps(payload, indent=2))
         partial.rename(self.state_file)
@@ -122,6 +145,8 @@ class Fleet:
                 else:
                     self._stop_host(record)  # stale: reap what is left of it and boot it again
             if not live:
+                for service in self.services().values():
+                    stop_process(service)
                 self._remove_everything()
             self.dir.mkdir(parents=True, exist_ok=True)
             self._ensure_bridge()
@@ -139,8 +164,21 @@ class Fleet:
             records = [live[name] for name in wanted]
             self._write_known_hosts(records)
             self._write_etc_hosts(records)
-            self.save(records)
+            self.save(records, self._ensure_index())
             return records
+
+    def _ensure_index(self) -> dict[str, ServiceRecord]:
+        services = self.services()
+        index_record = services.get("index")
+        if index_record is None or not is_alive(index_record):
+            index.add_to_wheelhouse(index.REHEARSAL_REQUIREMENTS)
+            process = index.start(self.gateway, self.dir / "index.log")
+            services["index"] = ServiceRecord("index", self.index_url, process.pid, process_starttime(process.pid))
+        return services
+
+    @property
+    def index_url(self) -> str:
+        return index.index_url(self.gateway)
 
     def _boot_hosts(self, names: list[str], archive: Path) -> list[HostRecord]:
         records = []
@@ -150,8 +188,14 @@ class Fleet:
             records.append(self._spawn(name, number))
         for record in records:
             self._wait_ready(record)
+            print(f"  {record.name}: sshd on {record.ip}, dockerd ready", flush=True)
+
+        def load(record: HostRecord) -> None:
+            self._load_image(record, archive)
+            print(f"  {record.name}: base image loaded", flush=True)
+
         with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda record: self._load_image(record, archive), records))
+            list(pool.map(load, records))
         return records
 
     def _ensure_bridge(self) -> None:
@@ -256,19 +300,17 @@ class Fleet:
         with self.locked():
             for record in self.records():
                 self._stop_host(record)
+            for service in self.services().values():
+                stop_process(service)
             self._remove_everything()
         return self.leftovers()
 
     def _stop_host(self, record: HostRecord) -> None:
-        if is_alive(record):
-            os.kill(record.pid, 15)
-            deadline = time.monotonic() + 45
-            while is_alive(record) and time.monotonic() < deadline:
-                time.sleep(0.1)
+        stop_process(record)
         # Whatever still runs in the host's network namespace was started inside it by us.
         for pid in pids_in_netns(record.netns):
             try:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.host_dir(record.name), ignore_errors=True)
@@ -306,8 +348,19 @@ def process_starttime(pid: int) -> str:
     return "" if fields[0] in ("Z", "X") else fields[19]
 
 
-def is_alive(record: HostRecord) -> bool:
-    """The supervisor still runs (and its pid was not reused by another process)."""
+def stop_process(record: HostRecord | ServiceRecord, timeout: float = 45) -> None:
+    """SIGTERM the recorded pid (if it is still that process) and wait for it to go."""
+    if is_alive(record):
+        os.kill(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while is_alive(record) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if is_alive(record):
+            os.kill(record.pid, signal.SIGKILL)
+
+
+def is_alive(record: HostRecord | ServiceRecord) -> bool:
+    """The recorded process still runs (and its pid was not reused by another process)."""
     return process_starttime(record.pid) == record.starttime
 
 

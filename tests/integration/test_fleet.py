@@ -8,7 +8,7 @@ import subprocess
 import time
 
 from rehearsal.baseimage import archive_path, image_id_of
-from rehearsal.fleet import Fleet, pids_in_netns
+from rehearsal.fleet import Fleet, is_alive, pids_in_netns
 
 
 def test_each_host_is_isolated_with_its_own_engine_and_identity(fleet):
@@ -66,8 +66,19 @@ def test_up_is_idempotent_grows_recovers_from_a_dead_fleet_and_down_leaves_nothi
             assert subprocess.run([*fleet.ssh_argv(record), "true"], timeout=30).returncode == 0
     finally:
         records = fleet.records()
+        services = fleet.services()
         leftovers = fleet.down()
     assert leftovers == []
     for record in records:
         assert pids_in_netns(record.netns) == []
+    assert services and not any(is_alive(service) for service in services.values())
     assert not fleet.dir.exists()
+
+
+def test_hosts_reach_the_fleet_package_index_and_nothing_beyond_it(fleet):
+    record = fleet.hosts[0]
+    listing = fleet.ssh(record, "curl -sf http://control:3141/simple/tokenizers/")
+    assert "tokenizers-" in listing and ".whl" in listing
+    # Unknown projects are not redirected to PyPI (fallback disabled).
+    status = fleet.ssh(record, "curl -s -o /dev/null -w '%{http_code}' http://control:3141/simple/no-such-project/", check=False)
+    assert status == "404"
