@@ -1,0 +1,198 @@
+"""The ML env artifact: its content id, the safe repack of a built user site, and its import names.
+
+Pure logic (no host, no engine): the deploy builds the env in a bootstrap container, streams
+`/root/.local` out with the docker SDK's `get_archive`, and hands the stream to
+`repack_user_site`, which writes the compressed artifact and its manifest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterable
+from urllib.parse import urlsplit, urlunsplit
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+
+class ArtifactError(Exception):
+    """An archive or requirements file that must not be installed; the message says why."""
+
+
+def public_url(url: str) -> str:
+    """URL without user:password — credentials must not reach ids, logs or labels."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def env_id(requirements: str, base_image_id: str, platform: str, pip_options: dict) -> str:
+    """Same inputs, same id, on every run and every control node. Credentials do not count."""
+    options = {
+        key: [public_url(v) for v in value] if isinstance(value, list) else public_url(value) if isinstance(value, str) else value
+        for key, value in sorted(pip_options.items())
+    }
+    recipe = {"requirements": requirements, "base_image": base_image_id, "platform": platform, "pip": options}
+    return "env-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def requirement_names(requirements: str) -> list[str]:
+    """Canonical distribution names of the top-level requirements (options and comments skipped)."""
+    names = []
+    for number, raw in enumerate(requirements.splitlines(), start=1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        try:
+            names.append(canonicalize_name(Requirement(line).name))
+        except InvalidRequirement as error:
+            raise ArtifactError(f"requirements line {number}: {raw!r}: {error}") from None
+    if not names:
+        raise ArtifactError("the requirements file names no package: an empty ML env is certainly a mistake")
+    return names
+
+
+@dataclass
+class Manifest:
+    env_id: str
+    sha256: str
+    size: int  # compressed bytes
+    unpacked_size: int
+    files: int
+    imports: dict[str, list[str]] = field(default_factory=dict)  # distribution -> import names
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        return cls(**json.loads(path.read_text()))
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, target: BinaryIO):
+        self.target, self.digest, self.size = target, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.target.write(data)
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks (what `container.get_archive` yields)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self.chunks, self.pending = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            try:
+                self.pending = next(self.chunks)
+            except StopIteration:
+                return 0
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+
+def _checked(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo | None:
+    """MEMBER renamed relative to the user site, or an ArtifactError if it could escape it."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts:
+        raise ArtifactError(f"archive member {member.name!r} escapes the env directory")
+    if path.parts[:1] != (root,):
+        raise ArtifactError(f"archive member {member.name!r} is outside {root}/")
+    relative = PurePosixPath(*path.parts[1:]) if len(path.parts) > 1 else None
+    if relative is None:
+        return None
+    renamed = member.replace(name=str(relative), uid=0, gid=0, uname="root", gname="root", deep=False)
+    try:
+        # The same rules as `tar.extractall(filter="data")`: no absolute or escaping links, no devices.
+        tarfile.data_filter(renamed, "/env")
+    except tarfile.FilterError as error:
+        raise ArtifactError(f"archive member {member.name!r} rejected: {error}") from None
+    return renamed
+
+
+def _import_names(distribution: str, top_level: list[str]) -> list[str]:
+    public = sorted({name for name in top_level if name and not name.startswith("_")})
+    own = distribution.replace("-", "_")
+    return [own] if own in public else public
+
+
+def _top_level_from_record(record: str) -> list[str]:
+    names = set()
+    for line in record.splitlines():
+        first = line.split(",", 1)[0].split("/", 1)
+        if len(first) == 2 and not re.search(r"\.(dist-info|data)$|^__pycache__$|^\.\.$", first[0]):
+            names.add(first[0])
+        elif len(first) == 1 and first[0].endswith(".py"):
+            names.add(first[0][:-3])
+    return sorted(names)
+
+
+def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requirements: str) -> Manifest:
+    """Turn `get_archive('/root/.local')` into TARGET (tar.gz of the user site's content) + its manifest.
+
+    Every member is checked before anything is written; the artifact is written to a temporary
+    name and renamed, so TARGET is complete whenever it exists.
+    """
+    wanted = set(requirement_names(requirements))
+    partial = target.with_name(target.name + ".partial")
+    metadata: dict[str, dict[str, str]] = {}
+    unpacked = files = 0
+    try:
+        with partial.open("wb") as raw, _HashingWriter(raw) as hashing:
+            with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=1, mtime=0) as compressed:
+                with tarfile.open(fileobj=_ChunkReader(chunks), mode="r|") as source, \
+                        tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as out:
+                    root = None
+                    for member in source:
+                        root = root or PurePosixPath(member.name).parts[0]
+                        renamed = _checked(member, root)
+                        if renamed is None:
+                            continue
+                        data = source.extractfile(member) if member.isfile() else None
+                        if data is not None and re.search(r"\.dist-info/(METADATA|top_level\.txt|RECORD)$", renamed.name):
+                            content = data.read()
+                            dist_dir, kind = renamed.name.rsplit("/", 1)
+                            metadata.setdefault(dist_dir, {})[kind] = content.decode("utf-8", "replace")
+                            data = io.BytesIO(content)
+                        out.addfile(renamed, data)
+                        unpacked += renamed.size
+                        files += renamed.isfile()
+            size, sha256 = hashing.size, hashing.digest.hexdigest()
+    except (tarfile.TarError, ArtifactError):
+        partial.unlink(missing_ok=True)
+        raise
+    imports = {}
+    for dist_dir, found in metadata.items():
+        name_match = re.search(r"^Name:\s*(\S+)", found.get("METADATA", ""), flags=re.M)
+        if name_match and canonicalize_name(name_match.group(1)) in wanted:
+            top_level = found.get("top_level.txt", "").split() or _top_level_from_record(found.get("RECORD", ""))
+            imports[canonicalize_name(name_match.group(1))] = _import_names(canonicalize_name(name_match.group(1)), top_level)
+    missing = sorted(wanted - set(imports))
+    if missing:
+        partial.unlink(missing_ok=True)
+        raise ArtifactError(f"the built env lacks {', '.join(missing)} (no dist-info found): the build did not install them")
+    partial.rename(target)
+    manifest = Manifest(env, sha256, size, unpacked, files, dict(sorted(imports.items())))
+    manifest.write(target.with_suffix("").with_suffix(".json"))
+    return manifest
