@@ -2,7 +2,8 @@
 
 Defaults live in `inventory/group_data/all.py`; this module only says what a valid value is.
 Every problem on every host is reported at once, each naming the host, the setting, the value
-and what is expected. Keys that are neither ours nor pyinfra's are typos and fail too.
+and what is expected. Keys that are neither ours nor pyinfra's (connector data, global
+arguments) are typos and fail too, with the closest known key as a suggestion.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Iterable
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 
@@ -106,8 +108,9 @@ class HostConfig(BaseModel):
 
 
 def pyinfra_keys() -> set[str]:
-    """Data keys that belong to pyinfra's connectors rather than to this deploy."""
-    return {key for connector in get_all_connectors().values() for key in getattr(connector, "data_meta", {})}
+    """Data keys that belong to pyinfra (connector data, `_sudo`-style global arguments), not to us."""
+    connector_keys = {key for connector in get_all_connectors().values() for key in getattr(connector, "data_meta", {})}
+    return connector_keys | {name for name, _ in all_global_arguments() if name.startswith("_")}
 
 
 _MISSING = object()
@@ -119,7 +122,8 @@ def _problem(host_name: str, key: str, value: Any, expected: str) -> str:
 
 
 def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | None, list[str]]:
-    ours = {key: value for key, value in data.items() if not key.startswith("_") and key not in pyinfra_keys()}
+    theirs = pyinfra_keys()
+    ours = {key: value for key, value in data.items() if key not in theirs}
     try:
         config = HostConfig(**ours)
     except ValidationError as error:
@@ -127,7 +131,7 @@ def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | No
         for item in error.errors():
             key = str(item["loc"][0])
             if item["type"] == "extra_forbidden":
-                guess = difflib.get_close_matches(key, HostConfig.model_fields, n=1)
+                guess = difflib.get_close_matches(key, [*HostConfig.model_fields, *sorted(theirs)], n=1)
                 hint = f" (did you mean {guess[0]!r}?)" if guess else ""
                 problems.append(_problem(host_name, key, ours[key], f"unknown setting{hint}"))
             elif item["type"] == "missing":

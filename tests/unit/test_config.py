@@ -75,6 +75,11 @@ def test_a_typo_is_an_unknown_setting_with_a_suggestion():
     assert problems_for(colour="blue") == ["gpu-01: colour = 'blue': unknown setting"]
 
 
+def test_typos_of_pyinfra_keys_are_caught_too():
+    assert problems_for(_sduo=True) == ["gpu-01: _sduo = True: unknown setting (did you mean '_sudo'?)"]
+    assert problems_for(ssh_usr="ops") == ["gpu-01: ssh_usr = 'ops': unknown setting (did you mean 'ssh_user'?)"]
+
+
 def test_a_missing_setting_says_where_defaults_live():
     data = dict(DEFAULTS)
     del data["stack_root"]
@@ -108,3 +113,10 @@ def test_config_is_immutable():
     config = HostConfig(**DEFAULTS)
     with pytest.raises(Exception):
         config.stack_root = "/elsewhere"
+
+
+def test_the_example_inventory_is_valid():
+    example = runpy.run_path(str(Path(__file__).parents[2] / "inventory/example_gpu_fleet.py"))
+    hosts, group_data = example["gpu_hosts"]
+    configs = validate_fleet((name, {**DEFAULTS, **group_data, **data}) for name, data in hosts)
+    assert configs["gpu-01.example.internal"].stack_root == "/data/mlstack"
