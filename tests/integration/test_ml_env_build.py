@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import docker
 import pytest
@@ -11,7 +12,7 @@ from rehearsal.baseimage import IMAGE_NAME
 from tasks.ml_env_artifact import ArtifactError, env_id
 from tasks.ml_env_build import build_env
 
-REQUIREMENTS = (__import__("pathlib").Path(__file__).parents[2] / "files/requirements.rehearsal.txt").read_text()
+REQUIREMENTS = (Path(__file__).parents[2] / "files/requirements.rehearsal.txt").read_text()
 
 
 @pytest.fixture
