@@ -307,13 +307,28 @@ class Fleet:
 
     def _stop_host(self, record: HostRecord) -> None:
         stop_process(record)
-        # Whatever still runs in the host's network namespace was started inside it by us.
-        for pid in pids_in_netns(record.netns):
+        for pid in self.host_pids(record):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.host_dir(record.name), ignore_errors=True)
+
+    def host_pids(self, record: HostRecord) -> list[int]:
+        """Processes still running inside RECORD's host: its network namespace AND its private mounts.
+
+        Both, because a namespace inode can be reused once the namespace is gone: only a process
+        that also sees this host's bind mounts was started inside this host, by us.
+        """
+        marker = f" {self.host_dir(record.name)}/"
+        pids = []
+        for pid in pids_in_netns(record.netns):
+            try:
+                if marker in Path(f"/proc/{pid}/mountinfo").read_text():
+                    pids.append(pid)
+            except OSError:  # exited meanwhile
+                continue
+        return pids
 
     def _remove_everything(self) -> None:
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)

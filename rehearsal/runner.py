@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,12 +48,19 @@ def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict 
     process = subprocess.Popen(
         argv, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    log_lines = []
-    for line in process.stderr:
-        log_lines.append(line)
-        if echo:
-            sys.stderr.write(line)
+    log_lines: list[str] = []
+
+    def read_log() -> None:
+        for line in process.stderr:
+            log_lines.append(line)
+            if echo:
+                sys.stderr.write(line)
+
+    # Both pipes drained at once: a large JSON result must not block pyinfra while we read its log.
+    log_reader = threading.Thread(target=read_log)
+    log_reader.start()
     stdout = process.stdout.read()
+    log_reader.join()
     process.wait()
     try:
         payload = json.loads(stdout) if stdout.strip() else {}

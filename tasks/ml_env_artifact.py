@@ -72,7 +72,9 @@ class Manifest:
     imports: dict[str, list[str]] = field(default_factory=dict)  # distribution -> import names
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        partial.rename(path)
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -149,7 +151,7 @@ def _top_level_from_record(record: str) -> list[str]:
 
 
 def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requirements: str) -> Manifest:
-    """Turn `get_archive('/root/.local')` into TARGET (tar.gz of the user site's content) + its manifest.
+    """Turn `get_archive('/root/.local')` into TARGET (tar.gz of the user site's content); return its manifest.
 
     Every member is checked before anything is written; the artifact is written to a temporary
     name and renamed, so TARGET is complete whenever it exists.
@@ -193,6 +195,4 @@ def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requiremen
         partial.unlink(missing_ok=True)
         raise ArtifactError(f"the built env lacks {', '.join(missing)} (no dist-info found): the build did not install them")
     partial.rename(target)
-    manifest = Manifest(env, sha256, size, unpacked, files, dict(sorted(imports.items())))
-    manifest.write(target.with_suffix("").with_suffix(".json"))
-    return manifest
+    return Manifest(env, sha256, size, unpacked, files, dict(sorted(imports.items())))

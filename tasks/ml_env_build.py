@@ -78,8 +78,9 @@ def build_env(client: docker.DockerClient, env: str, base_image: str, requiremen
         if status != 0:
             raise ArtifactError(f"ML env {env}: pip install failed (exit {status}):\n  " + "\n  ".join(tail))
         chunks, _ = container.get_archive("/root/.local")
-        artifact, _ = artifact_paths(cache_dir, env)
+        artifact, manifest_path = artifact_paths(cache_dir, env)
         manifest = repack_user_site(chunks, artifact, env, requirements)
+        manifest.write(manifest_path)  # last: a manifest means the artifact is complete
     finally:
         container.remove(force=True)
     print(f"ML env {env}: {manifest.size / 1e6:.1f} MB artifact, {manifest.files} files, "

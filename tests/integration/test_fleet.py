@@ -35,9 +35,11 @@ def test_each_host_is_isolated_with_its_own_engine_and_identity(fleet):
     assert sorted(line.split()[0] for line in known) == sorted(record.ip for record in fleet.hosts)
 
 
-def kill_like_a_finished_session(record) -> None:
+def kill_like_a_finished_session(fleet, record) -> None:
     """What CI does to a session's leftovers: every process ended, nothing cleaned up."""
-    for pid in pids_in_netns(record.netns):
+    pids = fleet.host_pids(record)
+    assert record.pid in pids  # the supervisor sees its own bind mounts: identity check works
+    for pid in pids:
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while pids_in_netns(record.netns) and time.monotonic() < deadline:
@@ -55,7 +57,7 @@ def test_up_is_idempotent_grows_recovers_from_a_dead_fleet_and_down_leaves_nothi
         assert grown[0] == one and grown[1].name == "host2"
 
         for record in grown:
-            kill_like_a_finished_session(record)
+            kill_like_a_finished_session(fleet, record)
         assert fleet.live_records() == []
         assert (fleet.dir / "hosts/host1/docker").exists()  # stale state the next `up` must cope with
 

@@ -74,6 +74,7 @@ def test_repack_strips_the_root_normalises_owners_and_records_import_names(tmp_p
     target = tmp_path / "env-1.tar.gz"
     manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
     assert manifest.imports == {"pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}
+    manifest.write(tmp_path / "env-1.json")
     assert Manifest.read(tmp_path / "env-1.json") == manifest
     with tarfile.open(target) as archive:
         members = {member.name: member for member in archive.getmembers()}
