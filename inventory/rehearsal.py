@@ -6,11 +6,12 @@ ordinary user and uses sudo, as on fleets where root cannot log in.
 
 import os
 
+from rehearsal.baseimage import CACHE_DIR, IMAGE_NAME
 from rehearsal.fleet import SUDO_USER, Fleet
 
 fleet = Fleet()
-records = fleet.live_records()
-if not records:
+_records = fleet.live_records()
+if not _records:
     raise SystemExit(f"rehearsal fleet {fleet.name!r} is not up: run `make fleet-up` (or `make fleet-up N=3`) first")
 
 login = os.environ.get("MLSTACK_FLEET_USER", "root")
@@ -18,7 +19,7 @@ if login not in ("root", SUDO_USER):
     raise SystemExit(f"MLSTACK_FLEET_USER={login!r}: expected 'root' or {SUDO_USER!r}")
 
 rehearsal = (
-    [(record.name, {"ssh_hostname": record.ip}) for record in records],
+    [(record.name, {"ssh_hostname": record.ip}) for record in _records],
     {
         "ssh_user": login,
         "ssh_key": str(fleet.key),
@@ -31,5 +32,13 @@ rehearsal = (
         "model_cache_dir_uid": 1000,
         "model_cache_dir_gid": 1000,
         "model_cache_dir_mode": "2775",
+        # A small real env from the fleet's own package index, built on the first host's engine
+        # (the control node runs no docker engine here).
+        "ml_env_requirements": "requirements.rehearsal.txt",
+        "ml_env_base_image": IMAGE_NAME,
+        "ml_env_builder": f"unix://{fleet.host_dir(_records[0].name) / 'docker.sock'}",
+        "ml_env_cache_dir": str(CACHE_DIR / "ml-env"),
+        "pip_index_url": fleet.index_url,
+        "pip_trusted_hosts": [fleet.gateway],
     },
 )

@@ -12,14 +12,21 @@ import difflib
 import os
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterable
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 
+from tasks import secrets
+from tasks.ml_env_artifact import ArtifactError, requirement_names
+
 MAX_ID = 4294967294  # 2**32 - 2: (uid_t)-1 means "unchanged" to chown(2)
+MAX_KEEP_ENVS = 20
+FILES = Path(__file__).resolve().parent.parent / "files"
 
 
 class ConfigError(PyinfraError):
@@ -58,9 +65,101 @@ def _mode(value: Any) -> int:
     return int(str(value), 8)
 
 
+def _control_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("/", "~/")):
+        raise ValueError("expected an absolute path on the control node, or one starting with '~/'")
+    return value
+
+
+@cache
+def read_requirements(path: str) -> str:
+    return Path(path).read_text()
+
+
+def _requirements(value: Any) -> str:
+    """A file name in files/ or a path on the control node, naming at least one package."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a requirements file: a name in files/ or a path on the control node")
+    path = FILES / value if "/" not in value else Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"expected a requirements file, but {path} does not exist")
+    try:
+        requirement_names(read_requirements(str(path)))
+    except ArtifactError as error:
+        raise ValueError(f"expected a usable requirements file: {path}: {error}") from None
+    return str(path)
+
+
+def _env_id(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"env-[0-9a-f]{16}", value):
+        raise ValueError("expected an env id such as 'env-0123456789abcdef' (as shown by a deploy), or None")
+    return value
+
+
+def _keep(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_KEEP_ENVS:
+        raise ValueError(f"expected a number of previous envs to keep, from 0 to {MAX_KEEP_ENVS}")
+    return value
+
+
+def _image(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._/:@-]*", value):
+        raise ValueError("expected a docker image reference such as 'python:3.11-slim-bookworm'")
+    return value
+
+
+def _engine(value: Any) -> str:
+    if value == "" or isinstance(value, str) and re.fullmatch(r"(unix|tcp|ssh)://\S+", value):
+        return value
+    raise ValueError("expected '' (the control node's docker engine, or DOCKER_HOST) or a docker URL "
+                     "such as 'ssh://root@gpu-01' or 'unix:///run/docker.sock'")
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"(https?|file)://\S+", value):
+        raise ValueError("expected an http(s):// or file:// URL")
+    unset = [name for name in secrets.references(value) if name not in os.environ]
+    if unset:
+        raise ValueError(f"expected ${{{unset[0]}}} to be set in the control node's environment")
+    return value
+
+
+def _list_of(check):
+    def validate(value: Any) -> list[str]:
+        if isinstance(value, str):  # from --data: comma-separated
+            value = [item for item in value.split(",") if item]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("expected a list")
+        return [check(item) for item in value]
+    return validate
+
+
+def _optional_url(value: Any) -> str:
+    return "" if value == "" else _url(value)
+
+
+def _host_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", value):
+        raise ValueError("expected host names such as 'pypi.corp' or 'pypi.corp:8443'")
+    return value
+
+
 AbsolutePath = Annotated[str, BeforeValidator(_path)]
 NumericId = Annotated[int, BeforeValidator(_id)]
 OctalMode = Annotated[int, BeforeValidator(_mode)]
+ControlPath = Annotated[str, BeforeValidator(_control_path)]
+RequirementsFile = Annotated[str, BeforeValidator(_requirements)]
+EnvId = Annotated[Optional[str], BeforeValidator(_env_id)]
+KeepCount = Annotated[int, BeforeValidator(_keep)]
+ImageRef = Annotated[str, BeforeValidator(_image)]
+EngineUrl = Annotated[str, BeforeValidator(_engine)]
+IndexUrl = Annotated[str, BeforeValidator(_optional_url)]
+UrlList = Annotated[list[str], BeforeValidator(_list_of(_url))]
+HostList = Annotated[list[str], BeforeValidator(_list_of(_host_name))]
 
 
 @dataclass(frozen=True)
@@ -93,6 +192,21 @@ class HostConfig(BaseModel):
     compose_project_dir_uid: NumericId
     compose_project_dir_gid: NumericId
     compose_project_dir_mode: OctalMode
+    ml_env_requirements: RequirementsFile
+    ml_env_id: EnvId
+    keep_envs: KeepCount
+    ml_env_base_image: ImageRef
+    ml_env_builder: EngineUrl
+    ml_env_cache_dir: ControlPath
+    pip_index_url: IndexUrl
+    pip_extra_index_urls: UrlList
+    pip_find_links: UrlList
+    pip_trusted_hosts: HostList
+
+    def pip_options(self) -> dict:
+        """pip's index settings, `${VAR}` references unexpanded (see tasks/secrets.py)."""
+        return {"index_url": self.pip_index_url, "extra_index_urls": self.pip_extra_index_urls,
+                "find_links": self.pip_find_links, "trusted_hosts": self.pip_trusted_hosts}
 
     def directories(self) -> list[DirectorySpec]:
         return [
@@ -116,8 +230,19 @@ def pyinfra_keys() -> set[str]:
 _MISSING = object()
 
 
+def _shown(value: Any) -> str:
+    """VALUE for a message, any URL credentials masked (also under a mistyped key)."""
+    if value is _MISSING:
+        return "(not set)"
+    if isinstance(value, str) and "://" in value:
+        return repr(secrets.masked(value))
+    if isinstance(value, (list, tuple)):
+        return repr([secrets.masked(item) if isinstance(item, str) and "://" in item else item for item in value])
+    return repr(value)
+
+
 def _problem(host_name: str, key: str, value: Any, expected: str) -> str:
-    shown = "(not set)" if value is _MISSING else repr(value)
+    shown = _shown(value)
     return f"{host_name}: {key} = {shown}: {expected}"
 
 

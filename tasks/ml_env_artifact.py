@@ -16,24 +16,15 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable
-from urllib.parse import urlsplit, urlunsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from tasks.secrets import public_url
+
 
 class ArtifactError(Exception):
     """An archive or requirements file that must not be installed; the message says why."""
-
-
-def public_url(url: str) -> str:
-    """URL without user:password — credentials must not reach ids, logs or labels."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def env_id(requirements: str, base_image_id: str, platform: str, pip_options: dict) -> str:
@@ -62,6 +53,9 @@ def requirement_names(requirements: str) -> list[str]:
     return names
 
 
+ENV_INFO = ".mlstack-env.json"  # inside every env: what the on-host check imports, for which Python
+
+
 @dataclass
 class Manifest:
     env_id: str
@@ -69,7 +63,11 @@ class Manifest:
     size: int  # compressed bytes
     unpacked_size: int
     files: int
+    python: str  # "python3.11": the lib/ directory of the user site
     imports: dict[str, list[str]] = field(default_factory=dict)  # distribution -> import names
+
+    def env_info(self) -> bytes:
+        return json.dumps({"env_id": self.env_id, "python": self.python, "imports": self.imports}, sort_keys=True).encode()
 
     def write(self, path: Path) -> None:
         partial = path.with_name(path.name + ".partial")
@@ -78,7 +76,10 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (TypeError, ValueError) as error:
+            raise ArtifactError(f"{path} is not a manifest of this version ({error}): remove it to rebuild the env") from None
 
 
 class _HashingWriter(io.RawIOBase):
@@ -114,23 +115,58 @@ class _ChunkReader(io.RawIOBase):
         return size
 
 
+def _escapes(name: str) -> bool:
+    path = PurePosixPath(name)
+    return path.is_absolute() or ".." in path.parts
+
+
+def _safe(member: tarfile.TarInfo, shown: str) -> tarfile.TarInfo:
+    """MEMBER if extracting it cannot write outside the target directory, else an ArtifactError."""
+    if _escapes(member.name):
+        raise ArtifactError(f"archive member {shown!r} escapes the env directory")
+    try:
+        # The same rules as `tar.extractall(filter="data")`: no absolute or escaping links, no devices.
+        return tarfile.data_filter(member, "/env")
+    except tarfile.FilterError as error:
+        raise ArtifactError(f"archive member {shown!r} rejected: {error}") from None
+
+
 def _checked(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo | None:
     """MEMBER renamed relative to the user site, or an ArtifactError if it could escape it."""
     path = PurePosixPath(member.name)
-    if path.is_absolute() or ".." in path.parts:
+    if _escapes(member.name):
         raise ArtifactError(f"archive member {member.name!r} escapes the env directory")
     if path.parts[:1] != (root,):
         raise ArtifactError(f"archive member {member.name!r} is outside {root}/")
-    relative = PurePosixPath(*path.parts[1:]) if len(path.parts) > 1 else None
-    if relative is None:
+    if len(path.parts) == 1:
         return None
-    renamed = member.replace(name=str(relative), uid=0, gid=0, uname="root", gname="root", deep=False)
-    try:
-        # The same rules as `tar.extractall(filter="data")`: no absolute or escaping links, no devices.
-        tarfile.data_filter(renamed, "/env")
-    except tarfile.FilterError as error:
-        raise ArtifactError(f"archive member {member.name!r} rejected: {error}") from None
+    renamed = member.replace(name=str(PurePosixPath(*path.parts[1:])), uid=0, gid=0, uname="root", gname="root", deep=False)
+    if renamed.name == ENV_INFO:
+        raise ArtifactError(f"archive member {member.name!r} would hide the env's own {ENV_INFO}")
+    _safe(renamed, member.name)
     return renamed
+
+
+def check_artifact(path: Path, manifest: Manifest) -> None:
+    """Raise ArtifactError unless PATH is the artifact MANIFEST describes and every member is safe to extract.
+
+    Run before an artifact leaves the control node: a cache entry may have been copied in
+    from elsewhere, and hosts extract it as root.
+    """
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as raw:
+        for block in iter(lambda: raw.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    if (size, digest.hexdigest()) != (manifest.size, manifest.sha256):
+        raise ArtifactError(f"{path} does not match its manifest (sha256 {digest.hexdigest()}, "
+                            f"expected {manifest.sha256}): remove it and its .json to rebuild")
+    try:
+        with tarfile.open(path, mode="r|gz") as archive:
+            for member in archive:
+                _safe(member, member.name)
+    except tarfile.TarError as error:
+        raise ArtifactError(f"{path} is not a readable tar.gz: {error}") from None
 
 
 def _import_names(distribution: str, top_level: list[str]) -> list[str]:
@@ -165,7 +201,7 @@ def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requiremen
             with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=1, mtime=0) as compressed:
                 with tarfile.open(fileobj=_ChunkReader(chunks), mode="r|") as source, \
                         tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as out:
-                    root = None
+                    root, pythons = None, set()
                     for member in source:
                         root = root or PurePosixPath(member.name).parts[0]
                         renamed = _checked(member, root)
@@ -180,19 +216,30 @@ def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requiremen
                         out.addfile(renamed, data)
                         unpacked += renamed.size
                         files += renamed.isfile()
-            size, sha256 = hashing.size, hashing.digest.hexdigest()
+                        pythons.update(re.findall(r"^lib/(python3\.\d+)/", renamed.name))
+                    manifest = _manifest(env, metadata, wanted, pythons, unpacked, files)
+                    info = tarfile.TarInfo(ENV_INFO)
+                    info.size, info.mode = len(manifest.env_info()), 0o644
+                    out.addfile(info, io.BytesIO(manifest.env_info()))
+            manifest.size, manifest.sha256 = hashing.size, hashing.digest.hexdigest()
     except (tarfile.TarError, ArtifactError):
         partial.unlink(missing_ok=True)
         raise
+    partial.rename(target)
+    return manifest
+
+
+def _manifest(env: str, metadata: dict[str, dict[str, str]], wanted: set[str], pythons: set[str],
+              unpacked: int, files: int) -> Manifest:
     imports = {}
-    for dist_dir, found in metadata.items():
+    for found in metadata.values():
         name_match = re.search(r"^Name:\s*(\S+)", found.get("METADATA", ""), flags=re.M)
         if name_match and canonicalize_name(name_match.group(1)) in wanted:
             top_level = found.get("top_level.txt", "").split() or _top_level_from_record(found.get("RECORD", ""))
             imports[canonicalize_name(name_match.group(1))] = _import_names(canonicalize_name(name_match.group(1)), top_level)
     missing = sorted(wanted - set(imports))
     if missing:
-        partial.unlink(missing_ok=True)
         raise ArtifactError(f"the built env lacks {', '.join(missing)} (no dist-info found): the build did not install them")
-    partial.rename(target)
-    return Manifest(env, sha256, size, unpacked, files, dict(sorted(imports.items())))
+    if len(pythons) != 1:
+        raise ArtifactError(f"the built env has site-packages for {sorted(pythons) or 'no Python'}: expected exactly one lib/python3.X")
+    return Manifest(env, "", 0, unpacked, files, pythons.pop(), dict(sorted(imports.items())))

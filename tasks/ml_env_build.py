@@ -7,28 +7,87 @@ socket). A cached artifact whose manifest is present is never rebuilt.
 from __future__ import annotations
 
 import io
+import json
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import docker
+import docker.errors
 
+from tasks import secrets
 from tasks.ml_env_artifact import ArtifactError, Manifest, repack_user_site
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 BOOTSTRAP_DOCKERFILE = "Dockerfile.server.bootstrap"
 LOG_TAIL = 20
+ENGINE_TIMEOUT = 6 * 3600  # seconds one engine call may stay silent: pip fetching a large wheel says nothing
+PYTHON_PROBE = "import sys; print('python%d.%d' % sys.version_info[:2])"
+
+
+class BuilderError(ArtifactError):
+    """The build engine cannot be used; the message says which one and what to do."""
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    ref: str
+    id: str
+    python: str  # "python3.11"
+    platform: str  # "linux/amd64"
+
+
+def describe(builder: str) -> str:
+    return f"ml_env_builder {builder!r}" if builder else "the control node's docker engine (ml_env_builder '')"
+
+
+def connect(builder: str) -> docker.DockerClient:
+    """A client of BUILDER ('' = DOCKER_HOST or the local socket); ssh:// uses the system ssh and its config."""
+    try:
+        if not builder:
+            client = docker.from_env(timeout=ENGINE_TIMEOUT)
+        else:
+            client = docker.DockerClient(base_url=builder, timeout=ENGINE_TIMEOUT, use_ssh_client=builder.startswith("ssh://"))
+        client.ping()
+    except docker.errors.DockerException as error:
+        raise BuilderError(f"{describe(builder)}: cannot reach the docker engine ({error}); start it, "
+                           "or set ml_env_builder to an engine that can build (e.g. 'ssh://root@gpu-01')") from None
+    return client
+
+
+def probe_base_image(client: docker.DockerClient, builder: str, ref: str, cache_dir: Path) -> BaseImage:
+    """REF's id, platform and Python on the builder (pulled if absent). The Python is asked once per image id."""
+    try:
+        try:
+            image = client.images.get(ref)
+        except docker.errors.ImageNotFound:
+            image = client.images.pull(ref)
+    except docker.errors.DockerException as error:
+        raise BuilderError(f"{describe(builder)}: base image {ref!r} is not there and cannot be pulled ({error}); "
+                           "load it there (docker load) or set ml_env_base_image") from None
+    known = cache_dir / "base-images" / f"{image.id.removeprefix('sha256:')}.json"
+    if known.exists():
+        python = json.loads(known.read_text())["python"]
+    else:
+        output = client.containers.run(image.id, ["python3", "-c", PYTHON_PROBE], network_mode="none", remove=True)
+        python = output.decode().strip()
+        known.parent.mkdir(parents=True, exist_ok=True)
+        partial = known.with_name(known.name + ".partial")
+        partial.write_text(json.dumps({"ref": ref, "python": python}))
+        partial.rename(known)
+    return BaseImage(ref, image.id, python, f"{image.attrs['Os']}/{image.attrs['Architecture']}")
 
 
 def pip_conf(options: dict) -> str:
-    """pip's config file for the build (the only place index credentials go)."""
+    """pip's config file for the build: the only place index credentials are ever written."""
     lines = ["[global]"]
     if options.get("index_url"):
-        lines.append(f"index-url = {options['index_url']}")
+        lines.append(f"index-url = {secrets.expand(options['index_url'])}")
     for key, pip_key in (("extra_index_urls", "extra-index-url"), ("find_links", "find-links"), ("trusted_hosts", "trusted-host")):
         if options.get(key):
-            lines.append(f"{pip_key} = " + "\n    ".join(options[key]))
+            lines.append(f"{pip_key} = " + "\n    ".join(secrets.expand(value) for value in options[key]))
     return "\n".join(lines) + "\n"
 
 
@@ -60,8 +119,9 @@ def build_env(client: docker.DockerClient, env: str, base_image: str, requiremen
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"ML env {env}: building from {base_image}", file=log, flush=True)
+    context = io.BytesIO(_tar_of({"Dockerfile": (FILES / BOOTSTRAP_DOCKERFILE).read_bytes()}))
     image, _ = client.images.build(
-        path=str(FILES), dockerfile=BOOTSTRAP_DOCKERFILE, buildargs={"BASE_IMAGE": base_image},
+        fileobj=context, custom_context=True, buildargs={"BASE_IMAGE": base_image},
         tag=f"mlstack-bootstrap:{env}", network_mode="none", rm=True,
     )
     container = client.containers.create(image.id, network_mode="host", labels={"mlstack.env-id": env})

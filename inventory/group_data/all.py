@@ -25,3 +25,23 @@ compose_project_dir = "/srv/mlstack/compose"
 compose_project_dir_uid = 0
 compose_project_dir_gid = 0
 compose_project_dir_mode = "0750"
+
+# The ML env: a requirements file in files/ (or a path on the control node); its content, the
+# base image id, the platform and the pip options make the env id.
+ml_env_requirements = "requirements.ml.txt"
+# Pin an env id shown by an earlier deploy (rollback: --data ml_env_id=env-…); None builds from the requirements.
+ml_env_id = None
+# Previous envs kept on each host besides the active one (rollback without a transfer).
+keep_envs = 2
+# The runtime base image: the ML env is built on it and checked in it (same Python and glibc as the stack).
+ml_env_base_image = "python:3.11-slim-bookworm"
+# The docker engine that builds the env: "" is the control node's own (or DOCKER_HOST); or e.g. "ssh://root@gpu-01".
+ml_env_builder = ""
+# Where the control node keeps built env artifacts (one per env id).
+ml_env_cache_dir = "~/.cache/mlstack/ml-env"
+
+# Package index for the env build. Credentials go in as ${VAR} from the control node's environment.
+pip_index_url = ""
+pip_extra_index_urls = []
+pip_find_links = []
+pip_trusted_hosts = []

@@ -120,3 +120,55 @@ def test_the_example_inventory_is_valid():
     hosts, group_data = example["gpu_hosts"]
     configs = validate_fleet((name, {**DEFAULTS, **group_data, **data}) for name, data in hosts)
     assert configs["gpu-01.example.internal"].stack_root == "/data/mlstack"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ml_env_requirements", "no-such.txt", "expected a requirements file, but {files}/no-such.txt does not exist"),
+        ("ml_env_requirements", "", "expected a requirements file: a name in files/ or a path on the control node"),
+        ("ml_env_id", "env-123", "expected an env id such as 'env-0123456789abcdef' (as shown by a deploy), or None"),
+        ("ml_env_id", "../env-0123456789abcdef", "expected an env id such as 'env-0123456789abcdef' (as shown by a deploy), or None"),
+        ("keep_envs", -1, "expected a number of previous envs to keep, from 0 to 20"),
+        ("keep_envs", "two", "expected a number of previous envs to keep, from 0 to 20"),
+        ("ml_env_base_image", "Python 3.11", "expected a docker image reference such as 'python:3.11-slim-bookworm'"),
+        ("ml_env_builder", "gpu-01", "expected '' (the control node's docker engine, or DOCKER_HOST) or a docker URL "
+                                    "such as 'ssh://root@gpu-01' or 'unix:///run/docker.sock'"),
+        ("ml_env_cache_dir", "cache", "expected an absolute path on the control node, or one starting with '~/'"),
+        ("pip_index_url", "pypi.corp/simple", "expected an http(s):// or file:// URL"),
+        ("pip_trusted_hosts", ["pypi.corp:8443", "bad host"], "expected host names such as 'pypi.corp' or 'pypi.corp:8443'"),
+    ],
+)
+def test_each_bad_ml_env_value_has_its_exact_message(key, value, message):
+    files = Path(__file__).parents[2] / "files"
+    assert problems_for(**{key: value}) == [f"gpu-01: {key} = {value!r}: {message.format(files=files)}"]
+
+
+def test_an_empty_requirements_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n")
+    assert problems_for(ml_env_requirements=str(empty)) == [
+        f"gpu-01: ml_env_requirements = {str(empty)!r}: expected a usable requirements file: {empty}: "
+        "the requirements file names no package: an empty ML env is certainly a mistake"
+    ]
+
+
+def test_index_credentials_are_masked_in_every_message(monkeypatch):
+    monkeypatch.delenv("PIP_TOKEN", raising=False)
+    assert problems_for(pip_index_url="https://ci:${PIP_TOKEN}@pypi.corp/simple/") == [
+        "gpu-01: pip_index_url = 'https://***@pypi.corp/simple/': expected ${PIP_TOKEN} to be set in the control node's environment"
+    ]
+    assert problems_for(pip_extra_index_urls=["https://ci:hunter2@pypi.corp/x", "ftp://y"]) == [
+        "gpu-01: pip_extra_index_urls = ['https://***@pypi.corp/x', 'ftp://y']: expected an http(s):// or file:// URL"
+    ]
+    assert problems_for(pip_index_ur="https://ci:hunter2@pypi.corp/simple/") == [
+        "gpu-01: pip_index_ur = 'https://***@pypi.corp/simple/': unknown setting (did you mean 'pip_index_url'?)"
+    ]
+
+
+def test_index_lists_may_come_comma_separated_from_the_command_line(monkeypatch):
+    monkeypatch.setenv("PIP_TOKEN", "hunter2")
+    config, problems = validate_host("gpu-01", {**DEFAULTS, "pip_trusted_hosts": "a.corp,b.corp:8080",
+                                                "pip_index_url": "https://ci:${PIP_TOKEN}@a.corp/simple/"})
+    assert problems == [] and config.pip_trusted_hosts == ["a.corp", "b.corp:8080"]
+    assert config.pip_options()["index_url"] == "https://ci:${PIP_TOKEN}@a.corp/simple/"  # expanded only for pip

@@ -6,7 +6,10 @@ import tarfile
 
 import pytest
 
-from tasks.ml_env_artifact import ArtifactError, Manifest, env_id, public_url, repack_user_site, requirement_names
+import json
+
+from tasks.ml_env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id, repack_user_site, requirement_names
+from tasks.secrets import public_url
 
 SITE = ".local/lib/python3.11/site-packages"
 REQUIREMENTS = "# ML env\npyyaml>=6\ntokenizers  # rust\n--index-url http://index/simple/\n"
@@ -113,3 +116,49 @@ def test_a_requirement_the_build_did_not_install_is_an_error(tmp_path):
     with pytest.raises(ArtifactError, match="the built env lacks openai"):
         repack_user_site(user_site_tar(), tmp_path / "e.tar.gz", "env-1", REQUIREMENTS + "openai\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_artifact_says_which_python_it_is_for_and_carries_what_the_host_check_imports(tmp_path):
+    target = tmp_path / "env-1.tar.gz"
+    manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
+    assert manifest.python == "python3.11"
+    with tarfile.open(target) as archive:
+        info = json.loads(archive.extractfile(ENV_INFO).read())
+    assert info == {"env_id": "env-1", "python": "python3.11", "imports": {"pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}}
+    check_artifact(target, manifest)  # what the build wrote passes the check before upload
+
+
+def test_a_cached_artifact_that_was_changed_or_escapes_is_refused(tmp_path):
+    target = tmp_path / "env-1.tar.gz"
+    manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        check_artifact(target, Manifest(**{**manifest.__dict__, "sha256": "0" * 64}))
+
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as archive:
+        link = tarfile.TarInfo("lib/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        archive.addfile(link)
+    data = evil.read_bytes()
+    forged = Manifest("env-2", hashlib.sha256(data).hexdigest(), len(data), 0, 0, "python3.11")
+    with pytest.raises(ArtifactError, match="archive member 'lib/escape' rejected"):
+        check_artifact(evil, forged)
+
+
+def test_an_old_manifest_is_reported_with_what_to_do(tmp_path):
+    path = tmp_path / "env-1.json"
+    path.write_text('{"env_id": "env-1"}')
+    with pytest.raises(ArtifactError, match="not a manifest of this version.*remove it to rebuild"):
+        Manifest.read(path)
+
+
+def test_index_credentials_are_expanded_only_into_pips_config(monkeypatch):
+    from tasks.ml_env_build import pip_conf
+
+    monkeypatch.setenv("PIP_TOKEN", "hunter2")
+    options = {"index_url": "https://ci:${PIP_TOKEN}@a.corp/simple/", "extra_index_urls": [], "find_links": [],
+               "trusted_hosts": ["a.corp", "b.corp"]}
+    assert pip_conf(options) == ("[global]\nindex-url = https://ci:hunter2@a.corp/simple/\n"
+                                 "trusted-host = a.corp\n    b.corp\n")
+    assert env_id("pyyaml\n", "sha256:x", "linux/amd64", options) == env_id(
+        "pyyaml\n", "sha256:x", "linux/amd64", {**options, "index_url": "https://a.corp/simple/"})

@@ -1,0 +1,192 @@
+"""The ML env on a real 2-host fleet: build once, install atomically, check imports, switch, GC, roll back."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from rehearsal.baseimage import IMAGE_NAME
+from rehearsal.index import WHEELHOUSE
+from tasks.ml_env import runtime_environment
+
+ENV_DIR = "/srv/mlstack/ml-env"
+FILES = Path(__file__).parents[2] / "files"
+ENV_LINE = re.compile(r"\[(host\d+)\] ML env: (none|env-[0-9a-f]{16}) → (env-[0-9a-f]{16})")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One control cache for the module: the rehearsal env is built once, by whichever test needs it first."""
+    return tmp_path_factory.mktemp("ml-env-cache")
+
+
+@pytest.fixture(autouse=True)
+def fresh_hosts(fleet):
+    for record in fleet.hosts:
+        fleet.ssh(record, "rm -rf /srv/mlstack /srv/evil")
+
+
+def deploy(fleet, cache, *data: str, user: str = "root"):
+    args = [arg for item in data for arg in ("--data", item)]
+    return fleet.deploy("--data", f"ml_env_cache_dir={cache}", *args, env={"MLSTACK_FLEET_USER": user})
+
+
+def requirements(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return f"ml_env_requirements={path}"
+
+
+def active(fleet, record) -> str:
+    return fleet.ssh(record, f"readlink {ENV_DIR}/active || true").strip().removeprefix("envs/")
+
+
+def envs_on(fleet, record) -> list[str]:
+    return fleet.ssh(record, f"ls {ENV_DIR}/envs 2>/dev/null || true").split()
+
+
+def switched_to(run) -> set[str]:
+    return {new for _, _, new in ENV_LINE.findall(run.output)}
+
+
+def test_first_deploy_installs_the_env_everywhere_and_the_rerun_builds_and_sends_nothing(fleet, tmp_path):
+    cache = tmp_path / "fresh-cache"
+    first = deploy(fleet, cache, "ml_env_dir_uid=1234", "ml_env_dir_gid=2345")
+    assert first.returncode == 0, first.output[-3000:]
+    (env,) = switched_to(first)
+    assert first.output.count(f"ML env {env}: building") == 1  # once for the fleet, not once per host
+    assert sorted(p.name for p in cache.glob("env-*")) == [f"{env}.json", f"{env}.tar.gz"]
+    manifest = json.loads((cache / f"{env}.json").read_text())
+
+    site = f"/root/.local/lib/{manifest['python']}/site-packages"
+    environment = " ".join(f"-e {key}={value}" for key, value in runtime_environment(manifest["python"]).items())
+    before = {}
+    for record in fleet.hosts:
+        assert active(fleet, record) == env and envs_on(fleet, record) == [env]
+        # Every file of the env carries the configured numeric owner; nothing is left in flight.
+        assert fleet.ssh(record, f"find {ENV_DIR}/envs/{env} ! -user 1234 -o ! -group 2345 | head -3") == ""
+        assert fleet.ssh(record, f"ls -A {ENV_DIR}/incoming") == ""
+        output = fleet.ssh(record, f"docker run --rm --network none -v {ENV_DIR}/envs/{env}:/root/.local:ro {environment} "
+                                   f"{IMAGE_NAME} python3 -c 'import yaml, tokenizers, huggingface_hub; print(yaml.__file__)'")
+        assert output.strip() == f"{site}/yaml/__init__.py"
+        before[record.name] = fleet.ssh(record, f"stat -c '%i %Y' {ENV_DIR}/envs/{env} {ENV_DIR}/envs/{env}/.mlstack-env.json")
+    artifact = (cache / f"{env}.tar.gz").stat()
+
+    second = deploy(fleet, cache, "ml_env_dir_uid=1234", "ml_env_dir_gid=2345")
+    assert second.returncode == 0, second.output[-3000:]
+    assert second.changed_operations() == []
+    assert "building" not in second.output and "MB sent" not in second.output
+    assert f"[host1] ML env: {env} (no change)" in second.output
+    for record in fleet.hosts:
+        assert fleet.ssh(record, f"stat -c '%i %Y' {ENV_DIR}/envs/{env} {ENV_DIR}/envs/{env}/.mlstack-env.json") == before[record.name]
+    assert (cache / f"{env}.tar.gz").stat().st_ino == artifact.st_ino
+    assert (cache / f"{env}.tar.gz").stat().st_mtime_ns == artifact.st_mtime_ns
+
+
+def test_new_requirements_switch_every_host_keep_envs_bounds_the_rest_and_a_pin_rolls_back(fleet, cache, tmp_path):
+    a = deploy(fleet, cache, "keep_envs=1")
+    (env_a,) = switched_to(a)
+
+    dry = fleet.deploy("--dry", "--data", f"ml_env_cache_dir={cache}", "--data", requirements(tmp_path, "b.txt", "huggingface_hub>=0.30\npyyaml>=6\n"))
+    assert dry.returncode == 0, dry.output[-3000:]
+    (env_b,) = switched_to(dry)
+    assert f"[host2] ML env: {env_a} → {env_b} (to build once, then upload)" in dry.output
+    assert not (cache / f"{env_b}.tar.gz").exists()  # a dry run builds nothing
+    assert [active(fleet, record) for record in fleet.hosts] == [env_a, env_a]
+
+    b = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "b.txt", "huggingface_hub>=0.30\npyyaml>=6\n"))
+    assert b.returncode == 0, b.output[-3000:]
+    for record in fleet.hosts:
+        assert active(fleet, record) == env_b and sorted(envs_on(fleet, record)) == sorted([env_a, env_b])
+
+    # As the sudo user this time: the upload goes through sudo, the import check runs docker through sudo.
+    c = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "c.txt", "pyyaml>=6\n"), user="deploy")
+    assert c.returncode == 0, c.output[-3000:]
+    (env_c,) = switched_to(c)
+    for record in fleet.hosts:
+        assert active(fleet, record) == env_c and sorted(envs_on(fleet, record)) == sorted([env_b, env_c])
+
+    rollback = deploy(fleet, cache, "keep_envs=1", f"ml_env_id={env_b}")
+    assert rollback.returncode == 0, rollback.output[-3000:]
+    assert f"[host1] ML env: {env_c} → {env_b} (on the host already)" in rollback.output
+    assert "building" not in rollback.output and "MB sent" not in rollback.output
+    for record in fleet.hosts:
+        assert active(fleet, record) == env_b and sorted(envs_on(fleet, record)) == sorted([env_b, env_c])
+
+
+def broken_wheel(path: Path) -> Path:
+    """A real wheel whose module fails to import, as a CUDA build does on a host without the driver."""
+    wheel = path / "mlstack_broken_import-1.0-py3-none-any.whl"
+    files = {
+        "mlstack_broken_import/__init__.py": "raise ImportError('libcuda.so.1: cannot open shared object file')\n",
+        "mlstack_broken_import-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: mlstack-broken-import\nVersion: 1.0\n",
+        "mlstack_broken_import-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "mlstack_broken_import-1.0.dist-info/top_level.txt": "mlstack_broken_import\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "mlstack_broken_import-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in {**files, "mlstack_broken_import-1.0.dist-info/RECORD": record}.items():
+            archive.writestr(name, text)
+    return wheel
+
+
+def test_an_env_that_does_not_import_fails_with_the_error_and_the_old_env_stays_active(fleet, cache, tmp_path):
+    good = deploy(fleet, cache)
+    (env_good,) = switched_to(good)
+    wheel = broken_wheel(WHEELHOUSE)
+    try:
+        bad = deploy(fleet, cache, requirements(tmp_path, "bad.txt", "pyyaml>=6\nmlstack-broken-import==1.0\n"))
+    finally:
+        wheel.unlink()
+    assert bad.returncode != 0
+    (env_bad,) = switched_to(bad)
+    for record in fleet.hosts:
+        assert f"[{record.name}] ML env {env_bad} does not import in the runtime image:\n" in bad.output
+        assert (f"[{record.name}]   mlstack_broken_import (from mlstack-broken-import): "
+                "ImportError: libcuda.so.1: cannot open shared object file") in bad.output
+        assert active(fleet, record) == env_good
+        assert sorted(envs_on(fleet, record)) == sorted([env_bad, env_good])  # installed, never switched to
+
+
+def evil_artifact(cache: Path, env: str) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in ("lib/python3.11/site-packages/ok.py", "../../evil"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            archive.addfile(info, io.BytesIO(b"x=1"))
+    data = buffer.getvalue()
+    (cache / f"{env}.tar.gz").write_bytes(data)
+    (cache / f"{env}.json").write_text(json.dumps({
+        "env_id": env, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "unpacked_size": 6,
+        "files": 2, "python": "python3.11", "imports": {},
+    }))
+
+
+def test_an_artifact_with_an_escaping_member_is_refused_before_any_byte_is_sent(fleet, cache):
+    env = deploy(fleet, cache)
+    (env_good,) = switched_to(env)
+    evil_artifact(cache, "env-00000000000e0e10")
+    run = deploy(fleet, cache, "ml_env_id=env-00000000000e0e10")
+    assert run.returncode != 0
+    assert "archive member '../../evil' escapes the env directory" in run.output
+    for record in fleet.hosts:
+        assert active(fleet, record) == env_good
+        assert envs_on(fleet, record) == [env_good]
+        assert fleet.ssh(record, f"ls -A {ENV_DIR}/incoming; ls /srv/evil /srv/mlstack/evil 2>&1 | grep -c 'No such'") == "2\n"
+
+
+def test_a_pin_to_an_unknown_env_fails_at_plan_time_and_changes_no_host(fleet, cache):
+    run = deploy(fleet, cache, "ml_env_id=env-1111111111111111")
+    assert run.returncode != 0
+    assert re.search(r"host\d: ml_env_id = 'env-1111111111111111': this env is neither on the host nor in the control cache",
+                     run.output)
+    for record in fleet.hosts:
+        assert fleet.ssh(record, "ls /srv/mlstack 2>&1 || true").strip().endswith("No such file or directory")
