@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rehearsal.baseimage import IMAGE_NAME
-from rehearsal.index import WHEELHOUSE
+from rehearsal.index import WHEELHOUSE, add_to_wheelhouse
 from tasks.ml_env import runtime_environment
 
 ENV_DIR = "/srv/mlstack/ml-env"
@@ -190,3 +190,21 @@ def test_a_pin_to_an_unknown_env_fails_at_plan_time_and_changes_no_host(fleet, c
                      run.output)
     for record in fleet.hosts:
         assert fleet.ssh(record, "ls /srv/mlstack 2>&1 || true").strip().endswith("No such file or directory")
+
+
+@pytest.mark.slow
+def test_the_production_set_imports_sentence_transformers_from_the_mounted_env(fleet, tmp_path):
+    """torch (CPU build), transformers, sentence-transformers, openai: files/requirements.ml.txt as shipped."""
+    add_to_wheelhouse(FILES / "requirements.ml.txt")
+    run = deploy(fleet, tmp_path / "cache", "ml_env_requirements=requirements.ml.txt")
+    assert run.returncode == 0, run.output[-3000:]
+    (env,) = switched_to(run)
+    manifest = json.loads((tmp_path / "cache" / f"{env}.json").read_text())
+    assert set(manifest["imports"]) == {"torch", "transformers", "sentence-transformers", "openai"}
+    environment = " ".join(f"-e {key}={value}" for key, value in runtime_environment(manifest["python"]).items())
+    for record in fleet.hosts:
+        output = fleet.ssh(record, f"docker run --rm --network none -v {ENV_DIR}/envs/{env}:/root/.local:ro {environment} "
+                                   f"{IMAGE_NAME} python3 -c 'import sentence_transformers, torch; "
+                                   "print(torch.__version__, sentence_transformers.__file__)'")
+        version, location = output.split()
+        assert version.startswith("2.13.0") and location.startswith("/root/.local/lib/")
