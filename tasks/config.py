@@ -50,12 +50,20 @@ def _path(value: Any) -> str:
     return value
 
 
-def _id(value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
-        raise ValueError(f"expected an integer id from 0 to {MAX_ID}")
-    return value
+def _int_in(low: int, high: int, expected: str):
+    """A validator of integers from LOW to HIGH; digit strings (from `--data`) count, booleans do not."""
+
+    def validate(value: Any) -> int:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(expected)
+        return value
+
+    return validate
+
+
+_id = _int_in(0, MAX_ID, f"expected an integer id from 0 to {MAX_ID}")
 
 
 def _mode(value: Any) -> int:
@@ -98,12 +106,7 @@ def _env_id(value: Any) -> str | None:
     return value
 
 
-def _keep(value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_KEEP_ENVS:
-        raise ValueError(f"expected a number of previous envs to keep, from 0 to {MAX_KEEP_ENVS}")
-    return value
+_keep = _int_in(0, MAX_KEEP_ENVS, f"expected a number of previous envs to keep, from 0 to {MAX_KEEP_ENVS}")
 
 
 def _image(value: Any) -> str:
