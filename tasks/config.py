@@ -151,6 +151,51 @@ def _host_name(value: Any) -> str:
     return value
 
 
+def _repo_id(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", value) \
+            or ".." in value or value.endswith((".git", "-", ".")):
+        raise ValueError("expected a HuggingFace repo id such as 'sentence-transformers/all-MiniLM-L6-v2'")
+    return value
+
+
+def _revision(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[\w.-]+(?:/[\w.-]+)*", value) or ".." in value:
+        raise ValueError("expected a branch, tag or full commit sha such as 'main', 'v1.0' or 40 hex digits")
+    return value
+
+
+def _patterns(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(item, str) and item for item in value):
+        raise ValueError("expected None or a list of glob patterns such as ['*.json', '*.safetensors']")
+    return list(value)
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
+        raise ValueError("expected an environment variable name such as 'RERANKING_MODEL'")
+    return value
+
+
+def _choice(*choices: str):
+    def validate(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(repr(choice) for choice in choices))
+        return value
+    return validate
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # from --data
+        return value.lower() == "true"
+    raise ValueError("expected True or False")
+
+
 AbsolutePath = Annotated[str, BeforeValidator(_path)]
 NumericId = Annotated[int, BeforeValidator(_id)]
 OctalMode = Annotated[int, BeforeValidator(_mode)]
@@ -163,6 +208,30 @@ EngineUrl = Annotated[str, BeforeValidator(_engine)]
 IndexUrl = Annotated[str, BeforeValidator(_optional_url)]
 UrlList = Annotated[list[str], BeforeValidator(_list_of(_url))]
 HostList = Annotated[list[str], BeforeValidator(_list_of(_host_name))]
+RepoId = Annotated[str, BeforeValidator(_repo_id)]
+Revision = Annotated[str, BeforeValidator(_revision)]
+Patterns = Annotated[Optional[list[str]], BeforeValidator(_patterns)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
+
+
+class ModelSpec(BaseModel):
+    """One entry of `models`: a repo at a revision, optionally a subset of its files."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repo_id: RepoId
+    revision: Revision = "main"
+    repo_type: Annotated[str, BeforeValidator(_choice("model", "dataset"))] = "model"
+    allow_patterns: Patterns = None
+    ignore_patterns: Patterns = None
+
+    @property
+    def folder(self) -> str:
+        """The repo's folder in an HF cache (`models--org--name`)."""
+        return "--".join([f"{self.repo_type}s", *self.repo_id.split("/")])
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision}"
 
 
 @dataclass(frozen=True)
@@ -205,6 +274,12 @@ class HostConfig(BaseModel):
     pip_extra_index_urls: UrlList
     pip_find_links: UrlList
     pip_trusted_hosts: HostList
+    models: list[ModelSpec]
+    service_models: dict[Annotated[str, BeforeValidator(_env_name)], str]
+    hf_endpoint: IndexUrl
+    model_mode: Annotated[str, BeforeValidator(_choice("control", "host"))]
+    model_verify_hashes: Flag
+    hf_control_cache_dir: ControlPath
 
     def pip_options(self) -> dict:
         """pip's index settings, `${VAR}` references unexpanded (see tasks/secrets.py)."""
@@ -249,6 +324,18 @@ def _problem(host_name: str, key: str, value: Any, expected: str) -> str:
     return f"{host_name}: {key} = {shown}: {expected}"
 
 
+def _located(data: dict[str, Any], loc: tuple) -> tuple[str, Any]:
+    """The setting's name as written in the inventory (`models[1].revision`) and its value there."""
+    name, value = str(loc[0]), data.get(loc[0], _MISSING)
+    for part in loc[1:]:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}"
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            value = _MISSING
+    return name, value
+
+
 def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | None, list[str]]:
     theirs = pyinfra_keys()
     ours = {key: value for key, value in data.items() if key not in theirs}
@@ -257,22 +344,36 @@ def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | No
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            key = str(item["loc"][0])
+            key, value = _located(ours, item["loc"])
             if item["type"] == "extra_forbidden":
-                guess = difflib.get_close_matches(key, [*HostConfig.model_fields, *sorted(theirs)], n=1)
+                known = HostConfig.model_fields if len(item["loc"]) == 1 else ModelSpec.model_fields
+                guess = difflib.get_close_matches(str(item["loc"][-1]), [*known, *(sorted(theirs) if len(item["loc"]) == 1 else [])], n=1)
                 hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-                problems.append(_problem(host_name, key, ours[key], f"unknown setting{hint}"))
+                problems.append(_problem(host_name, key, value, f"unknown setting{hint}"))
             elif item["type"] == "missing":
-                problems.append(_problem(host_name, key, _MISSING, "a value is required (defaults: inventory/group_data/all.py)"))
+                where = "defaults: inventory/group_data/all.py" if len(item["loc"]) == 1 else "see the README's models table"
+                problems.append(_problem(host_name, key, _MISSING, f"a value is required ({where})"))
             else:
                 expected = item["msg"].removeprefix("Value error, ")
-                problems.append(_problem(host_name, key, ours.get(key, _MISSING), expected))
+                problems.append(_problem(host_name, key, value, expected))
         return None, problems
     return config, _cross_checks(host_name, config)
 
 
 def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
     problems = []
+    seen_models: dict[tuple[str, str], int] = {}
+    for index, model in enumerate(config.models):
+        key = (model.repo_type, model.repo_id)
+        if key in seen_models:
+            problems.append(_problem(host_name, f"models[{index}].repo_id", model.repo_id,
+                                     f"each repo once (it is also models[{seen_models[key]}])"))
+        seen_models.setdefault(key, index)
+    repo_ids = sorted({model.repo_id for model in config.models})
+    for variable, repo_id in config.service_models.items():
+        if repo_id not in repo_ids:
+            problems.append(_problem(host_name, f"service_models.{variable}", repo_id,
+                                     f"a repo_id from models (the stack must use a model the deploy places: {', '.join(repo_ids) or 'none'})"))
     seen: dict[str, str] = {}
     for spec in config.directories():
         if spec.path in seen:

@@ -14,15 +14,12 @@ changes nothing. The build itself runs at execution time, once per env id for th
 
 from __future__ import annotations
 
-import io
 import shlex
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+import docker.errors
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, deploy, operation
 from pyinfra.api.command import FileUploadCommand
@@ -30,13 +27,14 @@ from pyinfra.api.exceptions import PyinfraError
 
 from tasks.config import HostConfig, read_requirements
 from tasks.facts import MlEnvHostState, MlEnvState
+from tasks.hostops import UploadProgress, once, refuse
 from tasks.ml_env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id
-from tasks.ml_env_build import BaseImage, artifact_paths, build_env, cached_manifest, connect, probe_base_image
+from tasks.ml_env_build import (BaseImage, BuilderError, artifact_paths, build_env, cached_manifest, connect, describe,
+                                probe_base_image)
 
 MOUNT = "/root/.local"
 RUNTIME_PATH = f"{MOUNT}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DISK_MARGIN = 256 * 2**20  # bytes kept free beyond the artifact and its unpacked size
-PROGRESS_EVERY = 2.0  # seconds between upload progress lines
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 # Runs inside the runtime image with the env mounted: every top-level requirement must import, from the env.
@@ -104,30 +102,6 @@ def plan_env(state: MlEnvHostState, wanted: str, keep_envs: int, python: str) ->
     return EnvPlan(wanted, state.active, upload, activate, remove, python)
 
 
-class _Once:
-    """Each key's value is made once per deploy, however many hosts (greenlets) ask; errors too."""
-
-    def __init__(self):
-        self.results: dict = {}
-        self.locks: dict = {}
-
-    def __call__(self, key, make: Callable):
-        lock = self.locks.setdefault(key, threading.Lock())  # gevent-patched under pyinfra
-        with lock:
-            if key not in self.results:
-                try:
-                    self.results[key] = (make(), None)
-                except ArtifactError as error:
-                    self.results[key] = (None, error)
-        value, error = self.results[key]
-        if error is not None:
-            raise error
-        return value
-
-
-_once = _Once()
-
-
 @dataclass(frozen=True)
 class EnvSource:
     """Where the wanted env's artifact comes from: the control cache, built first if a recipe is given."""
@@ -147,7 +121,7 @@ class EnvSource:
 
     def ensure(self) -> Manifest:
         """The artifact's manifest, built first if needed; a cached artifact is checked before it is sent."""
-        return _once(("artifact", self.env, self.cache_dir), self._make)
+        return once(("artifact", self.env, self.cache_dir), self._make)
 
     def _make(self) -> Manifest:
         cached = self.cached()
@@ -160,6 +134,8 @@ class EnvSource:
         try:
             manifest = build_env(client, self.env, self.base.ref, read_requirements(self.requirements),
                                  dict(self.pip_options), self.cache_dir, log=sys.stderr)
+        except docker.errors.DockerException as error:
+            raise BuilderError(f"{describe(self.builder)}: the build failed: {error}") from None
         finally:
             client.close()
         if manifest.python != self.base.python:
@@ -173,10 +149,12 @@ def _base_image(config: HostConfig, cache_dir: Path) -> BaseImage:
         client = connect(config.ml_env_builder)
         try:
             return probe_base_image(client, config.ml_env_builder, config.ml_env_base_image, cache_dir)
+        except docker.errors.DockerException as error:
+            raise BuilderError(f"{describe(config.ml_env_builder)}: cannot run {config.ml_env_base_image!r}: {error}") from None
         finally:
             client.close()
 
-    return _once(("base", config.ml_env_builder, config.ml_env_base_image, cache_dir), probe)
+    return once(("base", config.ml_env_builder, config.ml_env_base_image, cache_dir), probe)
 
 
 def env_source(config: HostConfig) -> EnvSource:
@@ -189,38 +167,6 @@ def env_source(config: HostConfig) -> EnvSource:
     wanted = env_id(read_requirements(config.ml_env_requirements), base.id, base.platform, pip_options)
     return EnvSource(wanted, cache_dir, config.ml_env_builder, base, config.ml_env_requirements,
                      tuple((key, tuple(value) if isinstance(value, list) else value) for key, value in pip_options.items()))
-
-
-class UploadProgress(io.RawIOBase):
-    """The artifact as a file object that logs how much of it the SFTP upload has read."""
-
-    def __init__(self, path: Path, label: str):
-        self.path, self.label, self.file = path, label, None
-        self.total = path.stat().st_size
-        self.sent, self.last = 0, 0.0
-
-    def readable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.file = self.file or self.path.open("rb")
-        self.sent = self.file.seek(offset, whence)
-        return self.sent
-
-    def read(self, size: int = -1) -> bytes:
-        self.file = self.file or self.path.open("rb")
-        data = self.file.read(size)
-        self.sent += len(data)
-        now = time.monotonic()
-        if data and (now - self.last >= PROGRESS_EVERY or self.sent == self.total):
-            self.last = now
-            host.log(f"{self.label}: {self.sent / 1e6:.1f} / {self.total / 1e6:.1f} MB sent ({100 * self.sent // max(self.total, 1)}%)")
-        return data
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        super().close()
 
 
 def _ready_to_send(state, host, source: EnvSource, free_bytes: int) -> bool:
@@ -288,17 +234,6 @@ def activate_env(env_dir: str, env: str, image_id: str, python: str):
 def remove_old_envs(env_dir: str, paths: tuple[str, ...]):
     """Remove envs beyond `keep_envs` and unfinished uploads or unpacks."""
     yield f"cd {shlex.quote(env_dir)} && rm -rf -- " + " ".join(shlex.quote(path) for path in paths)
-
-
-@operation(is_idempotent=False)
-def refuse(message: str):
-    """Fail this host at execution with MESSAGE (a problem of the host's state, not of the input)."""
-
-    def fail(state, host) -> bool:
-        host.log_styled(message, fg="red", log_func=logger.error)
-        return False
-
-    yield FunctionCommand(fail, (), {})
 
 
 def host_problem(config: HostConfig, state: MlEnvHostState, base: BaseImage) -> str | None:

@@ -45,3 +45,18 @@ pip_index_url = ""
 pip_extra_index_urls = []
 pip_find_links = []
 pip_trusted_hosts = []
+
+# HuggingFace models placed in every host's cache (<model_cache_dir>/hub), each
+# {"repo_id", "revision" (branch, tag or commit; default "main"), "repo_type" ("model"),
+#  "allow_patterns", "ignore_patterns"}. Pin a full commit sha for reproducible fleets.
+models = [{"repo_id": "Qwen/Qwen3-Reranker-0.6B", "revision": "main"}]
+# The stack's model settings (environment variable -> repo_id): each must be one of `models`.
+service_models = {"RERANKING_MODEL": "Qwen/Qwen3-Reranker-0.6B"}
+# The HF endpoint: "" is $HF_ENDPOINT or huggingface.co; a mirror such as "http://hf-mirror.corp:8090".
+hf_endpoint = ""
+# "control": the control node downloads once and sends hosts the files they lack; "host": each host downloads.
+model_mode = "control"
+# Hash every model file on the hosts on each run (files just transferred are always hashed).
+model_verify_hashes = False
+# Where the control node keeps its HF cache in "control" mode.
+hf_control_cache_dir = "~/.cache/mlstack/hf"

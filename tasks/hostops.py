@@ -1,0 +1,84 @@
+"""Small pieces the concerns share: uploads that show progress, failing one host with a message."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from pyinfra import host, logger
+from pyinfra.api import FunctionCommand, operation
+
+PROGRESS_EVERY = 2.0  # seconds between upload progress lines
+
+
+class UploadProgress(io.RawIOBase):
+    """The artifact as a file object that logs how much of it the SFTP upload has read."""
+
+    def __init__(self, path: Path, label: str):
+        self.path, self.label, self.file = path, label, None
+        self.total = path.stat().st_size
+        self.sent, self.last = 0, 0.0
+
+    def readable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.file = self.file or self.path.open("rb")
+        self.sent = self.file.seek(offset, whence)
+        return self.sent
+
+    def read(self, size: int = -1) -> bytes:
+        self.file = self.file or self.path.open("rb")
+        data = self.file.read(size)
+        self.sent += len(data)
+        now = time.monotonic()
+        if data and (now - self.last >= PROGRESS_EVERY or self.sent == self.total):
+            self.last = now
+            host.log(f"{self.label}: {self.sent / 1e6:.1f} / {self.total / 1e6:.1f} MB sent ({100 * self.sent // max(self.total, 1)}%)")
+        return data
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        super().close()
+
+
+@operation(is_idempotent=False)
+def refuse(message: str):
+    """Fail this host at execution with MESSAGE (a problem of the host's state, not of the input)."""
+
+    def fail(state, host) -> bool:
+        host.log_styled(message, fg="red", log_func=logger.error)
+        return False
+
+    yield FunctionCommand(fail, (), {})
+
+
+
+
+class Once:
+    """Each key's value is made once per deploy, however many hosts (greenlets) ask; a failure too,
+    so every host reports the same error instead of trying again."""
+
+    def __init__(self):
+        self.results: dict = {}
+        self.locks: dict = {}
+
+    def __call__(self, key, make: Callable):
+        lock = self.locks.setdefault(key, threading.Lock())  # gevent-patched under pyinfra
+        with lock:
+            if key not in self.results:
+                try:
+                    self.results[key] = (make(), None)
+                except Exception as error:  # noqa: BLE001 (re-raised below, to every caller)
+                    self.results[key] = (None, error)
+        value, error = self.results[key]
+        if error is not None:
+            raise error
+        return value
+
+
+once = Once()
