@@ -96,3 +96,92 @@ class MlEnvState(FactBase):
             arch=fields.get("arch", ""),
             image_id=fields.get("image") or None,
         )
+
+
+BLOB_NAME = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # git sha1 (regular files) or sha256 (LFS files)
+
+
+@dataclass(frozen=True)
+class RepoCacheState:
+    blobs: dict[str, int]  # complete blobs: name -> size
+    snapshots: frozenset[str]  # complete snapshot dirs (commit shas)
+    refs: dict[str, str]  # revision name -> commit sha
+    trees: frozenset[str]  # commit shas with a cached tree listing
+    hashes: dict[str, str]  # blob name -> its content hash as computed on the host (when asked)
+    leftovers: tuple[str, ...]  # unfinished transfers, relative to the repo folder
+
+
+@dataclass(frozen=True)
+class ModelCacheHostState:
+    repos: dict[str, RepoCacheState]  # repo folder (models--org--name) -> state; absent folders left out
+    free_bytes: int
+
+
+class ModelCacheState(FactBase):
+    """The HF cache's repo folders this deploy manages (`<cache>/hub/<folder>`), and the room left.
+
+    With `hashes`, every blob is hashed on the host the way its name says: sha256 (LFS files,
+    64 hex) or git's blob sha1 (other files, 40 hex).
+    """
+
+    def command(self, cache_dir: str, folders: tuple[str, ...], hashes: bool = False) -> str:
+        hash_blobs = (
+            '  for b in "$f"/blobs/*; do n=${b##*/}; case ${#n} in'
+            ' 64) echo "hash $n $(sha256sum < "$b" | cut -c1-64)";;'
+            " 40) echo \"hash $n $( { printf 'blob %s\\000' $(stat -c %s \"$b\"); cat \"$b\"; } | sha1sum | cut -c1-40)\";;"
+            " esac; done"
+        )
+        return "\n".join([
+            f"d={shlex.quote(cache_dir)}",
+            'p="$d"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done',
+            'echo "free $(df -Pk "$p" | awk \'NR==2 {print $4}\')"',
+            'cd "$d/hub" 2>/dev/null || exit 0',
+            f"for f in {' '.join(shlex.quote(folder) for folder in folders)}; do",
+            '  [ -d "$f" ] || continue',
+            '  echo "repo $f"',
+            "  find \"$f/blobs\" -mindepth 1 -maxdepth 1 -printf 'blob %s %f\\n' 2>/dev/null",
+            "  find \"$f/snapshots\" -mindepth 1 -maxdepth 1 -printf 'snapshot %f\\n' 2>/dev/null",
+            "  find \"$f/trees\" -mindepth 1 -maxdepth 1 -printf 'tree %f\\n' 2>/dev/null",
+            "  find \"$f/refs\" -type f -printf 'ref %P ' -exec head -c 64 {} \\; -printf '\\n' 2>/dev/null",
+            hash_blobs if hashes else "  :",
+            "done",
+            "true",
+        ])
+
+    def process(self, output: list[str]) -> ModelCacheHostState:
+        free, repos, current = 0, {}, None
+        for line in output:
+            kind, _, rest = line.partition(" ")
+            if kind == "free":
+                free = int(rest or 0) * 1024
+            elif kind == "repo":
+                current = repos[rest] = {"blobs": {}, "snapshots": set(), "refs": {}, "trees": set(), "hashes": {}, "leftovers": []}
+            elif current is None:
+                continue
+            elif kind == "blob":
+                size, _, name = rest.partition(" ")
+                if BLOB_NAME.match(name):
+                    current["blobs"][name] = int(size)
+                else:
+                    current["leftovers"].append(f"blobs/{name}")
+            elif kind == "snapshot":
+                if re.fullmatch(r"[0-9a-f]{40}", rest):
+                    current["snapshots"].add(rest)
+                else:
+                    current["leftovers"].append(f"snapshots/{rest}")
+            elif kind == "tree" and re.fullmatch(r"[0-9a-f]{40}\.json", rest):
+                current["trees"].add(rest.removesuffix(".json"))
+            elif kind == "ref":
+                name, _, sha = rest.partition(" ")
+                current["refs"][name] = sha.strip()
+            elif kind == "hash":
+                name, _, computed = rest.partition(" ")
+                current["hashes"][name] = computed
+        return ModelCacheHostState(
+            repos={
+                folder: RepoCacheState(state["blobs"], frozenset(state["snapshots"]), state["refs"],
+                                       frozenset(state["trees"]), state["hashes"], tuple(sorted(state["leftovers"])))
+                for folder, state in repos.items()
+            },
+            free_bytes=free,
+        )

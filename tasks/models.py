@@ -1,0 +1,321 @@
+"""Models: every configured HF repo, resolved to a commit, placed in each host's HF cache.
+
+On a host, `<model_cache_dir>/hub/<models--org--name>/` is the standard huggingface_hub layout:
+
+    blobs/<name>               file contents, named by their hash (sha256 for LFS files, git sha1 for others)
+    blobs/<name>.incoming      a transfer in progress: checked (size, hash) and renamed, never linked
+    trees/<commit>.json        the tree listing huggingface_hub checks an offline snapshot against
+    snapshots/<commit>/<path>  relative symlinks to ../../blobs/<name>; made as <commit>.tmp and
+                               renamed once every blob is in place, so a partial snapshot is never seen
+    refs/<revision>            the commit a branch or tag resolved to
+
+In "control" mode the control node downloads each snapshot once (huggingface_hub's
+`snapshot_download` into its own cache) and each host receives only the blobs it lacks. In
+"host" mode each host downloads for itself, in a container of the runtime image with the ML env
+mounted, into a staging cache next to the real one; the same checks and the same atomic
+publication then apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # before huggingface_hub reads its constants
+
+import httpx2  # noqa: E402 (huggingface_hub's HTTP client)
+from huggingface_hub import HfApi, snapshot_download  # noqa: E402
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError  # noqa: E402
+from huggingface_hub.hf_api import RepoFile  # noqa: E402
+from huggingface_hub.utils import filter_repo_objects  # noqa: E402
+from pyinfra import host, logger  # noqa: E402
+from pyinfra.api import FunctionCommand, deploy, operation  # noqa: E402
+from pyinfra.api.command import FileUploadCommand  # noqa: E402
+from pyinfra.api.exceptions import PyinfraError  # noqa: E402
+
+from tasks.config import HostConfig, ModelSpec  # noqa: E402
+from tasks.facts import ModelCacheHostState, ModelCacheState, RepoCacheState  # noqa: E402
+from tasks.hostops import UploadProgress, once  # noqa: E402
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+DISK_MARGIN = 256 * 2**20  # bytes kept free beyond the files to transfer
+TREE_FORMAT_VERSION = 1  # huggingface_hub's trees/<commit>.json format
+
+
+class ModelError(PyinfraError):
+    """A model cannot be planned; the message names the host, the setting, the value and the cause."""
+
+
+@dataclass(frozen=True)
+class RepoEntry:
+    """One file of a snapshot: where it goes and what its content hashes to."""
+
+    path: str
+    blob: str  # the blob's name: sha256 for LFS files, git blob sha1 for the others
+    size: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A model entry resolved: its commit, the files the patterns select, the full tree listing."""
+
+    spec: ModelSpec
+    commit: str
+    entries: tuple[RepoEntry, ...]
+    tree: str  # trees/<commit>.json as huggingface_hub writes it (all files, not only the selected ones)
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in {entry.blob: entry for entry in self.entries}.values())
+
+    def label(self) -> str:
+        return f"{self.spec.repo_id}@{self.spec.revision} ({self.commit[:12]})"
+
+
+def endpoint_of(config: HostConfig) -> str:
+    return config.hf_endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def tree_json(files: list[RepoFile]) -> str:
+    listing = {}
+    for item in files:
+        info = {"size": item.size, "blob_id": item.blob_id}
+        if item.lfs is not None:
+            info.update(lfs_sha256=item.lfs.sha256, lfs_size=item.lfs.size)
+        listing[item.path] = info
+    return json.dumps({"format_version": TREE_FORMAT_VERSION, "files": listing}, indent=2, sort_keys=True)
+
+
+def entries_of(tree: str, spec: ModelSpec) -> tuple[RepoEntry, ...]:
+    """The files SPEC's patterns select from a tree listing; paths that could escape the repo are refused."""
+    files = json.loads(tree)["files"]
+    entries = []
+    for path in filter_repo_objects(sorted(files), allow_patterns=spec.allow_patterns, ignore_patterns=spec.ignore_patterns):
+        parts = PurePosixPath(path).parts
+        if not parts or PurePosixPath(path).is_absolute() or ".." in parts or "\\" in path or "\n" in path:
+            raise ModelError(f"{spec}: the endpoint lists a file {path!r} that would land outside the repo folder")
+        info = files[path]
+        blob = info.get("lfs_sha256") or info["blob_id"]
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", blob):
+            raise ModelError(f"{spec}: the endpoint lists {path!r} with a malformed hash {blob!r}")
+        entries.append(RepoEntry(path, blob, int(info.get("lfs_size") or info["size"])))
+    return tuple(entries)
+
+
+def resolve(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapshot:
+    """SPEC's revision as a commit and its file list; no request when both are already in the control cache."""
+    trees = control_cache / spec.folder / "trees"
+    commit = spec.revision if COMMIT.fullmatch(spec.revision) else None
+    if commit is None or not (trees / f"{commit}.json").exists():
+        api = HfApi(endpoint=endpoint)
+        if commit is None:
+            commit = api.repo_info(spec.repo_id, revision=spec.revision, repo_type=spec.repo_type).sha
+        if not (trees / f"{commit}.json").exists():
+            files = [item for item in api.list_repo_tree(spec.repo_id, revision=commit, repo_type=spec.repo_type,
+                                                         recursive=True) if isinstance(item, RepoFile)]
+            trees.mkdir(parents=True, exist_ok=True)
+            partial = trees / f"{commit}.json.partial"
+            partial.write_text(tree_json(files))
+            partial.rename(trees / f"{commit}.json")
+    tree = (trees / f"{commit}.json").read_text()
+    return Snapshot(spec, commit, entries_of(tree, spec), tree)
+
+
+def resolved(config: HostConfig, index: int, spec: ModelSpec) -> Snapshot:
+    """SPEC resolved once per deploy; a missing repo or revision is a clear error before any change."""
+    endpoint, control_cache = endpoint_of(config), Path(config.hf_control_cache_dir).expanduser()
+
+    def attempt() -> Snapshot:
+        try:
+            return resolve(spec, endpoint, control_cache)
+        except RevisionNotFoundError:
+            raise ModelError(f"models[{index}].revision = {spec.revision!r}: expected a branch, tag or commit of "
+                             f"{spec.repo_id} on {endpoint}; it has none of that name") from None
+        except RepositoryNotFoundError:
+            raise ModelError(f"models[{index}].repo_id = {spec.repo_id!r}: expected a {spec.repo_type} repo on {endpoint}; "
+                             "it is unknown there (or private: set HF_TOKEN on the control node)") from None
+        except (HfHubHTTPError, httpx2.HTTPError, OSError) as error:
+            raise ModelError(f"models[{index}] {spec}: cannot resolve it on {endpoint}: {type(error).__name__}: {error}") from None
+
+    return once(("model", endpoint, str(control_cache), spec), attempt)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What one host needs for one snapshot."""
+
+    snapshot: Snapshot
+    send: tuple[RepoEntry, ...]  # blobs the host lacks, or holds with the wrong size or hash
+    write_tree: bool
+    publish: bool  # the snapshot directory is missing
+    ref: bool  # refs/<revision> must be (re)written
+    leftovers: tuple[str, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry.size for entry in self.send)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.send or self.write_tree or self.publish or self.ref or self.leftovers)
+
+    def summary(self) -> str:
+        if not self.changes:
+            return f"model {self.snapshot.label()}: no change"
+        if self.send:
+            return f"model {self.snapshot.label()}: {len(self.send)} file(s), {self.bytes / 1e6:.1f} MB to transfer"
+        return f"model {self.snapshot.label()}: 0 bytes to transfer, cache metadata to fix"
+
+
+def plan_model(snapshot: Snapshot, state: RepoCacheState | None) -> ModelPlan:
+    state = state or RepoCacheState({}, frozenset(), {}, frozenset(), {}, ())
+    send: dict[str, RepoEntry] = {}
+    for entry in snapshot.entries:
+        held = state.blobs.get(entry.blob)
+        if held != entry.size or state.hashes.get(entry.blob, entry.blob) != entry.blob:
+            send.setdefault(entry.blob, entry)
+    revision = snapshot.spec.revision
+    needs_ref = not COMMIT.fullmatch(revision) and state.refs.get(revision) != snapshot.commit
+    return ModelPlan(
+        snapshot=snapshot,
+        send=tuple(send.values()),
+        write_tree=snapshot.commit not in state.trees,
+        publish=snapshot.commit not in state.snapshots,
+        ref=needs_ref,
+        leftovers=state.leftovers,
+    )
+
+
+def link_target(path: str, blob: str) -> str:
+    """The relative symlink huggingface_hub makes from snapshots/<commit>/<path> to blobs/<blob>."""
+    depth = len(PurePosixPath(path).parts) - 1
+    return "../" * (2 + depth) + f"blobs/{blob}"
+
+
+def blob_check_command(incoming: str, entry: RepoEntry) -> str:
+    """Succeeds only if INCOMING has ENTRY's size and hash; otherwise removes it."""
+    quoted = shlex.quote(incoming)
+    if len(entry.blob) == 64:
+        hashed = f"echo '{entry.blob}  '{quoted} | sha256sum --check --quiet --strict -"
+    else:
+        hashed = (f"[ \"$( {{ printf 'blob %s\\000' {entry.size}; cat {quoted}; }} | sha1sum | cut -c1-40)\" "
+                  f"= {entry.blob} ]")
+    problem = shlex.quote(f"model file {entry.path}: the copy does not match its size or hash; removed, run again")
+    return (f"{{ [ \"$(stat -c %s {quoted})\" = {entry.size} ] && {hashed}; }} "
+            f"|| {{ rm -f {quoted}; echo {problem} >&2; exit 1; }}")
+
+
+def publish_commands(repo: str, plan: ModelPlan, owner: str) -> list[str]:
+    """Tree listing, snapshot (built under a temporary name, then renamed) and ref, in that order."""
+    snapshot, commands = plan.snapshot, []
+    q = shlex.quote
+    if plan.publish:
+        tmp = f"{repo}/snapshots/{snapshot.commit}.tmp"
+        dirs = sorted({str(PurePosixPath(entry.path).parent) for entry in snapshot.entries} - {"."})
+        steps = [f"rm -rf {q(tmp)}", f"mkdir -p {q(tmp)}"]
+        steps += [f"mkdir -p {q(f'{tmp}/{d}')}" for d in dirs]
+        steps += [f"ln -s {link_target(entry.path, entry.blob)} {q(f'{tmp}/{entry.path}')}" for entry in snapshot.entries]
+        steps += [f"chown -hR {owner} {q(tmp)}", f"mv -T {q(tmp)} {q(f'{repo}/snapshots/{snapshot.commit}')}"]
+        commands.append(" && ".join(steps))
+    if plan.ref:
+        ref = f"{repo}/refs/{snapshot.spec.revision}"
+        commands.append(f"mkdir -p {q(str(PurePosixPath(ref).parent))} && printf %s {snapshot.commit} > {q(ref + '.tmp')} "
+                        f"&& chown {owner} {q(ref + '.tmp')} && mv -T {q(ref + '.tmp')} {q(ref)}")
+    if plan.leftovers:
+        commands.append(f"cd {q(repo)} && rm -rf -- " + " ".join(q(path) for path in plan.leftovers))
+    return commands
+
+
+def _fetch_on_control(state, host, snapshot: Snapshot, endpoint: str, control_cache: Path) -> bool:
+    """Download the snapshot into the control cache, once per deploy (huggingface_hub shows progress)."""
+    def fetch() -> Path:
+        folder = snapshot_download(snapshot.spec.repo_id, repo_type=snapshot.spec.repo_type, revision=snapshot.commit,
+                                   cache_dir=control_cache, endpoint=endpoint,
+                                   allow_patterns=snapshot.spec.allow_patterns, ignore_patterns=snapshot.spec.ignore_patterns)
+        return Path(folder)
+
+    try:
+        once(("fetch", endpoint, str(control_cache), snapshot.spec.folder, snapshot.commit), fetch)
+    except Exception as error:  # noqa: BLE001 (huggingface_hub raises many kinds; each is reported the same way)
+        host.log_styled(f"model {snapshot.label()}: download on the control node failed: {type(error).__name__}: {error}",
+                        fg="red", log_func=logger.error)
+        return False
+    return True
+
+
+def control_file(control_cache: Path, snapshot: Snapshot, entry: RepoEntry) -> Path:
+    return control_cache / snapshot.spec.folder / "snapshots" / snapshot.commit / entry.path
+
+
+@operation(is_idempotent=False)
+def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: Path, owner: str, mode: str):
+    """Send the blobs a host lacks (each checked, then renamed), then publish the snapshot atomically."""
+    snapshot = plan.snapshot
+    repo = f"{cache_dir}/hub/{snapshot.spec.folder}"
+    q = shlex.quote
+    if plan.send:
+        yield FunctionCommand(_fetch_on_control, (snapshot, endpoint, control_cache), {})
+    uid, gid = owner.split(":")
+    yield (f"install -d -o {uid} -g {gid} -m {mode} {q(f'{cache_dir}/hub')} {q(repo)} "
+           + " ".join(q(f"{repo}/{sub}") for sub in ("blobs", "snapshots", "refs", "trees")))
+    for entry in plan.send:
+        incoming = f"{repo}/blobs/{entry.blob}.incoming"
+        source = control_file(control_cache, snapshot, entry).resolve()
+        yield FileUploadCommand(UploadProgress(source, f"model file {entry.path}"), incoming,
+                                remote_temp_filename=host.get_temp_filename(incoming))
+        yield (f"{blob_check_command(incoming, entry)} && chown {owner} {q(incoming)} "
+               f"&& mv -f {q(incoming)} {q(f'{repo}/blobs/{entry.blob}')}")
+    if plan.write_tree:
+        tree = f"{repo}/trees/{snapshot.commit}.json"
+        yield FileUploadCommand(control_cache / snapshot.spec.folder / "trees" / f"{snapshot.commit}.json",
+                                tree + ".incoming", remote_temp_filename=host.get_temp_filename(tree))
+        yield f"chown {owner} {q(tree + '.incoming')} && mv -f {q(tree + '.incoming')} {q(tree)}"
+    yield from publish_commands(repo, plan, owner)
+
+
+def _room(state, host, needed: int, free: int) -> bool:
+    if free >= needed + DISK_MARGIN:
+        return True
+    host.log_styled(f"models: not enough disk space for the model cache: {free / 1e6:.0f} MB free, "
+                    f"{(needed + DISK_MARGIN) / 1e6:.0f} MB needed (the files to transfer and a margin); nothing was sent",
+                    fg="red", log_func=logger.error)
+    return False
+
+
+@deploy("Models")
+def models(config: HostConfig) -> list[Snapshot]:
+    """Resolve every model, then bring this host's cache to it; returns the snapshots (for the stack)."""
+    try:
+        snapshots = [resolved(config, index, spec) for index, spec in enumerate(config.models)]
+    except ModelError as error:
+        raise ModelError(f"{host.name}: {error}") from None
+    state: ModelCacheHostState = host.get_fact(
+        ModelCacheState, cache_dir=config.model_cache_dir,
+        folders=tuple(snapshot.spec.folder for snapshot in snapshots), hashes=config.model_verify_hashes,
+    )
+    plans = [plan_model(snapshot, state.repos.get(snapshot.spec.folder)) for snapshot in snapshots]
+    for plan in plans:
+        host.log(plan.summary())
+    needed = sum(plan.bytes for plan in plans)
+    if needed:
+        check_room(name=f"Model cache room for {needed / 1e6:.1f} MB", needed=needed, free=state.free_bytes)
+    owner = f"{config.model_cache_dir_uid}:{config.model_cache_dir_gid}"
+    for plan in plans:
+        if plan.changes:
+            place_model(
+                name=f"Model {plan.snapshot.label()}",
+                cache_dir=config.model_cache_dir, plan=plan, endpoint=endpoint_of(config),
+                control_cache=Path(config.hf_control_cache_dir).expanduser(), owner=owner,
+                mode=f"{config.model_cache_dir_mode:04o}",
+            )
+    return snapshots
+
+
+@operation(is_idempotent=False)
+def check_room(needed: int, free: int):
+    """Fail the host before any byte is sent if its cache has no room for what it lacks."""
+    yield FunctionCommand(_room, (needed, free), {})
