@@ -328,6 +328,9 @@ def _located(data: dict[str, Any], loc: tuple) -> tuple[str, Any]:
     """The setting's name as written in the inventory (`models[1].revision`) and its value there."""
     name, value = str(loc[0]), data.get(loc[0], _MISSING)
     for part in loc[1:]:
+        if part == "[key]":  # pydantic's marker: the problem is the mapping key itself
+            value = loc[-2]
+            break
         name += f"[{part}]" if isinstance(part, int) else f".{part}"
         try:
             value = value[part]

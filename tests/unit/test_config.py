@@ -172,3 +172,46 @@ def test_index_lists_may_come_comma_separated_from_the_command_line(monkeypatch)
                                                 "pip_index_url": "https://ci:${PIP_TOKEN}@a.corp/simple/"})
     assert problems == [] and config.pip_trusted_hosts == ["a.corp", "b.corp:8080"]
     assert config.pip_options()["index_url"] == "https://ci:${PIP_TOKEN}@a.corp/simple/"  # expanded only for pip
+
+
+def test_model_entries_get_defaults_and_their_cache_folder():
+    config, problems = validate_host("gpu-01", {**DEFAULTS, "models": [
+        {"repo_id": "sentence-transformers/all-MiniLM-L6-v2"},
+        {"repo_id": "org/data", "repo_type": "dataset", "revision": "v1.0", "allow_patterns": "*.json"},
+    ], "service_models": {"RERANKING_MODEL": "sentence-transformers/all-MiniLM-L6-v2"}})
+    assert problems == []
+    first, second = config.models
+    assert (first.revision, first.repo_type, first.folder) == ("main", "model", "models--sentence-transformers--all-MiniLM-L6-v2")
+    assert (second.folder, second.allow_patterns) == ("datasets--org--data", ["*.json"])
+
+
+@pytest.mark.parametrize(
+    ("models", "problem"),
+    [
+        ([{"repo_id": "../etc/passwd"}], "models[0].repo_id = '../etc/passwd': expected a HuggingFace repo id such as "
+                                         "'sentence-transformers/all-MiniLM-L6-v2'"),
+        ([{"repo_id": "a/b", "revision": "main branch"}], "models[0].revision = 'main branch': expected a branch, tag or "
+                                                          "full commit sha such as 'main', 'v1.0' or 40 hex digits"),
+        ([{"repo_id": "a/b", "revision": "../../x"}], "models[0].revision = '../../x': expected a branch, tag or full "
+                                                      "commit sha such as 'main', 'v1.0' or 40 hex digits"),
+        ([{"repo_id": "a/b", "repo_type": "space"}], "models[0].repo_type = 'space': expected one of 'model', 'dataset'"),
+        ([{"repo_id": "a/b", "revison": "v1"}], "models[0].revison = 'v1': unknown setting (did you mean 'revision'?)"),
+        ([{"revision": "v1"}], "models[0].repo_id = (not set): a value is required (see the README's models table)"),
+        ([{"repo_id": "a/b"}, {"repo_id": "a/b", "revision": "v2"}], "models[1].repo_id = 'a/b': each repo once "
+                                                                     "(it is also models[0])"),
+        ([{"repo_id": "a/b", "ignore_patterns": []}], "models[0].ignore_patterns = []: expected None or a list of glob "
+                                                      "patterns such as ['*.json', '*.safetensors']"),
+    ],
+)
+def test_each_bad_model_entry_has_its_exact_message(models, problem):
+    assert problems_for(models=models, service_models={}) == [f"gpu-01: {problem}"]
+
+
+def test_a_service_naming_a_model_the_deploy_does_not_place_is_refused():
+    assert problems_for(models=[{"repo_id": "Qwen/Qwen3-Reranker-0.6B"}],
+                        service_models={"RERANKING_MODEL": "Qwen/Qwen3-Reranker-4B"}) == [
+        "gpu-01: service_models.RERANKING_MODEL = 'Qwen/Qwen3-Reranker-4B': a repo_id from models "
+        "(the stack must use a model the deploy places: Qwen/Qwen3-Reranker-0.6B)"
+    ]
+    assert problems_for(service_models={"reranking model": "Qwen/Qwen3-Reranker-0.6B"})[0].startswith(
+        "gpu-01: service_models.reranking model = 'reranking model': expected an environment variable name")
