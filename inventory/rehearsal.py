@@ -6,14 +6,18 @@ ordinary user and uses sudo, as on fleets where root cannot log in.
 
 import os
 
+from rehearsal import hub
 from rehearsal.baseimage import CACHE_DIR, IMAGE_NAME
 from rehearsal.fleet import SUDO_USER, Fleet
+
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # the fleet's mirror (olah) serves plain HTTP, not Xet
 
 fleet = Fleet()
 _records = fleet.live_records()
 if not _records:
     raise SystemExit(f"rehearsal fleet {fleet.name!r} is not up: run `make fleet-up` (or `make fleet-up N=3`) first")
 
+_commits = hub.ensure_repos()
 login = os.environ.get("MLSTACK_FLEET_USER", "root")
 if login not in ("root", SUDO_USER):
     raise SystemExit(f"MLSTACK_FLEET_USER={login!r}: expected 'root' or {SUDO_USER!r}")
@@ -40,5 +44,13 @@ rehearsal = (
         "ml_env_cache_dir": str(CACHE_DIR / "ml-env"),
         "pip_index_url": fleet.index_url,
         "pip_trusted_hosts": [fleet.gateway],
+        # The fleet's HF mirror, models pinned by commit as a production fleet should be.
+        "hf_endpoint": fleet.hub_url,
+        "hf_control_cache_dir": str(CACHE_DIR / "hf"),
+        "models": [
+            {"repo_id": hub.MINILM, "revision": _commits[hub.MINILM]["main"]},
+            {"repo_id": hub.NESTED, "revision": _commits[hub.NESTED]["main"]},
+        ],
+        "service_models": {"RERANKING_MODEL": hub.MINILM},
     },
 )

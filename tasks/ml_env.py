@@ -79,7 +79,10 @@ class EnvPlan:
     upload: bool
     activate: bool
     remove: tuple[str, ...]  # paths relative to the env dir, removed once the stack uses `wanted`
-    python: str
+    base: BaseImage  # the runtime image the env is checked in (and the stack runs)
+
+    def environment(self) -> dict[str, str]:
+        return runtime_environment(self.base.python)
 
     def summary(self, size: int | None) -> str:
         if self.upload:
@@ -90,7 +93,7 @@ class EnvPlan:
         return f"ML env: {self.wanted} (no change)"
 
 
-def plan_env(state: MlEnvHostState, wanted: str, keep_envs: int, python: str) -> EnvPlan:
+def plan_env(state: MlEnvHostState, wanted: str, keep_envs: int, base: BaseImage) -> EnvPlan:
     """Upload if the host lacks a complete copy, switch if it is not active, keep KEEP_ENVS previous envs."""
     upload = wanted not in state.envs
     activate = upload or state.active != wanted
@@ -99,7 +102,7 @@ def plan_env(state: MlEnvHostState, wanted: str, keep_envs: int, python: str) ->
         others.remove(state.active)
         others.insert(0, state.active)
     remove = tuple(f"envs/{env}" for env in others[keep_envs:]) + state.leftovers
-    return EnvPlan(wanted, state.active, upload, activate, remove, python)
+    return EnvPlan(wanted, state.active, upload, activate, remove, base)
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,7 @@ def ml_env(config: HostConfig) -> EnvPlan | None:
         host.log(problem)
         refuse(name="Host check", message=f"{host.name}: {problem}")
         return None
-    plan = plan_env(state, source.env, config.keep_envs, base.python)
+    plan = plan_env(state, source.env, config.keep_envs, base)
     if plan.upload and source.base is None and cached is None:
         raise MlEnvError(f"{host.name}: ml_env_id = {source.env!r}: this env is neither on the host nor in the "
                          f"control cache {source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")

@@ -18,6 +18,7 @@ publication then apply.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -39,7 +40,8 @@ from pyinfra.api.exceptions import PyinfraError  # noqa: E402
 
 from tasks.config import HostConfig, ModelSpec  # noqa: E402
 from tasks.facts import ModelCacheHostState, ModelCacheState, RepoCacheState  # noqa: E402
-from tasks.hostops import UploadProgress, once  # noqa: E402
+from tasks.hostops import UploadProgress, once, refuse  # noqa: E402
+from tasks.ml_env import EnvPlan  # noqa: E402
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 DISK_MARGIN = 256 * 2**20  # bytes kept free beyond the files to transfer
@@ -125,20 +127,36 @@ def resolve(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapshot:
     return Snapshot(spec, commit, entries_of(tree, spec), tree)
 
 
+def repo_exists(spec: ModelSpec, endpoint: str) -> bool:
+    try:
+        HfApi(endpoint=endpoint).repo_info(spec.repo_id, repo_type=spec.repo_type)
+    except RepositoryNotFoundError:
+        return False
+    except (HfHubHTTPError, httpx2.HTTPError, OSError):
+        return True  # unreachable or failing: not proof that the repo is unknown
+    return True
+
+
 def resolved(config: HostConfig, index: int, spec: ModelSpec) -> Snapshot:
     """SPEC resolved once per deploy; a missing repo or revision is a clear error before any change."""
     endpoint, control_cache = endpoint_of(config), Path(config.hf_control_cache_dir).expanduser()
+
+    unknown_revision = ModelError(f"models[{index}].revision = {spec.revision!r}: expected a branch, tag or commit of "
+                                  f"{spec.repo_id} on {endpoint}; it has none of that name")
 
     def attempt() -> Snapshot:
         try:
             return resolve(spec, endpoint, control_cache)
         except RevisionNotFoundError:
-            raise ModelError(f"models[{index}].revision = {spec.revision!r}: expected a branch, tag or commit of "
-                             f"{spec.repo_id} on {endpoint}; it has none of that name") from None
-        except RepositoryNotFoundError:
-            raise ModelError(f"models[{index}].repo_id = {spec.repo_id!r}: expected a {spec.repo_type} repo on {endpoint}; "
-                             "it is unknown there (or private: set HF_TOKEN on the control node)") from None
+            raise unknown_revision from None
         except (HfHubHTTPError, httpx2.HTTPError, OSError) as error:
+            # Mirrors answer an unknown revision as an unknown repo (olah: 401) or a server error: ask about the repo alone.
+            if not repo_exists(spec, endpoint):
+                raise ModelError(f"models[{index}].repo_id = {spec.repo_id!r}: expected a {spec.repo_type} repo on "
+                                 f"{endpoint}; it is unknown there (or private: set HF_TOKEN on the control node)") from None
+            if isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code < 500 \
+                    or isinstance(error, HfHubHTTPError) and COMMIT.fullmatch(spec.revision):
+                raise unknown_revision from None
             raise ModelError(f"models[{index}] {spec}: cannot resolve it on {endpoint}: {type(error).__name__}: {error}") from None
 
     return once(("model", endpoint, str(control_cache), spec), attempt)
@@ -251,29 +269,91 @@ def control_file(control_cache: Path, snapshot: Snapshot, entry: RepoEntry) -> P
     return control_cache / snapshot.spec.folder / "snapshots" / snapshot.commit / entry.path
 
 
+def repo_dirs_command(cache_dir: str, folder: str, owner: str, mode: str) -> str:
+    uid, gid = owner.split(":")
+    repo = f"{cache_dir}/hub/{folder}"
+    paths = [f"{cache_dir}/hub", repo, *(f"{repo}/{sub}" for sub in ("blobs", "snapshots", "refs", "trees"))]
+    return f"install -d -o {uid} -g {gid} -m {mode} " + " ".join(shlex.quote(path) for path in paths)
+
+
+def blob_in_place_command(repo: str, entry: RepoEntry, owner: str) -> str:
+    """blobs/<name>.incoming, once checked, becomes blobs/<name> (a rename: never seen half written)."""
+    incoming, final = shlex.quote(f"{repo}/blobs/{entry.blob}.incoming"), shlex.quote(f"{repo}/blobs/{entry.blob}")
+    return (f"{blob_check_command(f'{repo}/blobs/{entry.blob}.incoming', entry)} && chown {owner} {incoming} "
+            f"&& mv -f {incoming} {final}")
+
+
+def tree_commands(repo: str, plan: ModelPlan, control_cache: Path, owner: str):
+    tree = f"{repo}/trees/{plan.snapshot.commit}.json"
+    yield FileUploadCommand(str(control_cache / plan.snapshot.spec.folder / "trees" / f"{plan.snapshot.commit}.json"),
+                            tree + ".incoming", remote_temp_filename=host.get_temp_filename(tree))
+    yield f"chown {owner} {shlex.quote(tree + '.incoming')} && mv -f {shlex.quote(tree + '.incoming')} {shlex.quote(tree)}"
+
+
 @operation(is_idempotent=False)
 def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: Path, owner: str, mode: str):
-    """Send the blobs a host lacks (each checked, then renamed), then publish the snapshot atomically."""
+    """Send the blobs a host lacks from the control cache (each checked, then renamed), then publish the snapshot."""
     snapshot = plan.snapshot
     repo = f"{cache_dir}/hub/{snapshot.spec.folder}"
-    q = shlex.quote
     if plan.send:
         yield FunctionCommand(_fetch_on_control, (snapshot, endpoint, control_cache), {})
-    uid, gid = owner.split(":")
-    yield (f"install -d -o {uid} -g {gid} -m {mode} {q(f'{cache_dir}/hub')} {q(repo)} "
-           + " ".join(q(f"{repo}/{sub}") for sub in ("blobs", "snapshots", "refs", "trees")))
+    yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
     for entry in plan.send:
-        incoming = f"{repo}/blobs/{entry.blob}.incoming"
         source = control_file(control_cache, snapshot, entry).resolve()
-        yield FileUploadCommand(UploadProgress(source, f"model file {entry.path}"), incoming,
-                                remote_temp_filename=host.get_temp_filename(incoming))
-        yield (f"{blob_check_command(incoming, entry)} && chown {owner} {q(incoming)} "
-               f"&& mv -f {q(incoming)} {q(f'{repo}/blobs/{entry.blob}')}")
+        yield FileUploadCommand(UploadProgress(source, f"model file {entry.path}"), f"{repo}/blobs/{entry.blob}.incoming",
+                                remote_temp_filename=host.get_temp_filename(f"{repo}/blobs/{entry.blob}"))
+        yield blob_in_place_command(repo, entry, owner)
     if plan.write_tree:
-        tree = f"{repo}/trees/{snapshot.commit}.json"
-        yield FileUploadCommand(control_cache / snapshot.spec.folder / "trees" / f"{snapshot.commit}.json",
-                                tree + ".incoming", remote_temp_filename=host.get_temp_filename(tree))
-        yield f"chown {owner} {q(tree + '.incoming')} && mv -f {q(tree + '.incoming')} {q(tree)}"
+        yield from tree_commands(repo, plan, control_cache, owner)
+    yield from publish_commands(repo, plan, owner)
+
+
+HOST_DOWNLOAD = """
+import json, sys
+from huggingface_hub import snapshot_download
+repo_id, repo_type, commit, allow, ignore = sys.argv[1:6]
+print(snapshot_download(repo_id, repo_type=repo_type, revision=commit, cache_dir="/root/.cache/huggingface/hub",
+                        allow_patterns=json.loads(allow), ignore_patterns=json.loads(ignore)))
+"""
+
+
+def host_download_command(staging: str, plan: ModelPlan, env: EnvPlan, env_dir: str, endpoint: str) -> str:
+    """Run snapshot_download on the host, in the runtime image with the ML env mounted, into STAGING."""
+    spec, q = plan.snapshot.spec, shlex.quote
+    environment = {**env.environment(), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if os.environ.get("HF_HUB_DISABLE_XET"):
+        environment["HF_HUB_DISABLE_XET"] = os.environ["HF_HUB_DISABLE_XET"]
+    token = f"--env-file {q(staging + '/token.env')} " if os.environ.get("HF_TOKEN") else ""
+    return (f"docker run --rm --network host -v {q(staging)}:/root/.cache/huggingface "
+            f"-v {q(f'{env_dir}/envs/{env.wanted}')}:/root/.local:ro "
+            + " ".join(f"-e {key}={q(value)}" for key, value in environment.items())
+            + f" {token}--entrypoint python3 {env.base.id} -c {q(HOST_DOWNLOAD)} "
+            + " ".join(q(arg) for arg in (spec.repo_id, spec.repo_type, plan.snapshot.commit,
+                                          json.dumps(spec.allow_patterns), json.dumps(spec.ignore_patterns))))
+
+
+@operation(is_idempotent=False)
+def download_model_on_host(cache_dir: str, plan: ModelPlan, env: EnvPlan, env_dir: str, endpoint: str,
+                           control_cache: Path, owner: str, mode: str):
+    """The host downloads the snapshot itself into a staging cache; what it lacks is then checked and moved in."""
+    snapshot, q = plan.snapshot, shlex.quote
+    repo = f"{cache_dir}/hub/{snapshot.spec.folder}"
+    staging = f"{cache_dir}/.staging-{snapshot.commit[:12]}"
+    yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
+    if plan.send:
+        yield f"rm -rf {q(staging)} && install -d -m 0700 {q(staging)}"
+        if os.environ.get("HF_TOKEN"):  # a 0600 file, never argv; removed with the staging directory
+            yield FileUploadCommand(io.BytesIO(f"HF_TOKEN={os.environ['HF_TOKEN']}\n".encode()), f"{staging}/token.env",
+                                    remote_temp_filename=host.get_temp_filename(f"{staging}/token.env"))
+        yield host_download_command(staging, plan, env, env_dir, endpoint)
+        staged = f"{staging}/hub/{snapshot.spec.folder}/snapshots/{snapshot.commit}"
+        for entry in plan.send:
+            yield (f"mv -f \"$(readlink -f {q(f'{staged}/{entry.path}')})\" {q(f'{repo}/blobs/{entry.blob}.incoming')} "
+                   f"&& {blob_in_place_command(repo, entry, owner)}")
+        yield f"rm -rf {q(staging)}"
+    if plan.write_tree:
+        yield from tree_commands(repo, plan, control_cache, owner)
     yield from publish_commands(repo, plan, owner)
 
 
@@ -287,7 +367,7 @@ def _room(state, host, needed: int, free: int) -> bool:
 
 
 @deploy("Models")
-def models(config: HostConfig) -> list[Snapshot]:
+def models(config: HostConfig, env: EnvPlan | None) -> list[Snapshot]:
     """Resolve every model, then bring this host's cache to it; returns the snapshots (for the stack)."""
     try:
         snapshots = [resolved(config, index, spec) for index, spec in enumerate(config.models)]
@@ -303,15 +383,21 @@ def models(config: HostConfig) -> list[Snapshot]:
     needed = sum(plan.bytes for plan in plans)
     if needed:
         check_room(name=f"Model cache room for {needed / 1e6:.1f} MB", needed=needed, free=state.free_bytes)
-    owner = f"{config.model_cache_dir_uid}:{config.model_cache_dir_gid}"
+    where = dict(cache_dir=config.model_cache_dir, endpoint=endpoint_of(config),
+                 control_cache=Path(config.hf_control_cache_dir).expanduser(),
+                 owner=f"{config.model_cache_dir_uid}:{config.model_cache_dir_gid}", mode=f"{config.model_cache_dir_mode:04o}")
     for plan in plans:
-        if plan.changes:
-            place_model(
-                name=f"Model {plan.snapshot.label()}",
-                cache_dir=config.model_cache_dir, plan=plan, endpoint=endpoint_of(config),
-                control_cache=Path(config.hf_control_cache_dir).expanduser(), owner=owner,
-                mode=f"{config.model_cache_dir_mode:04o}",
-            )
+        if not plan.changes:
+            continue
+        if config.model_mode == "host" and plan.send:
+            if env is None:
+                refuse(name=f"Model {plan.snapshot.label()}", message=f"{host.name}: model_mode = 'host' needs the ML env "
+                       "(its huggingface_hub runs the download), which this host does not have")
+                continue
+            download_model_on_host(name=f"Model {plan.snapshot.label()} (downloaded by the host)", plan=plan, env=env,
+                                   env_dir=config.ml_env_dir, **where)
+        else:
+            place_model(name=f"Model {plan.snapshot.label()}", plan=plan, **where)
     return snapshots
 
 

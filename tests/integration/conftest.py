@@ -10,7 +10,9 @@ import pytest
 from rehearsal.fleet import Fleet, HostRecord
 from rehearsal.runner import DeployRun, run_deploy
 
-TEST_FLEET = "itest"  # its own bridge and subnet: a developer's `make rehearse` fleet is left alone
+# Its own bridge and subnet: a developer's `make rehearse` fleet is left alone. MLSTACK_TEST_FLEET
+# gives a second session on the same machine a fleet of its own.
+TEST_FLEET = os.environ.get("MLSTACK_TEST_FLEET", "itest")
 
 
 def pytest_collection_modifyitems(config, items):

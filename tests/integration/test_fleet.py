@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from rehearsal.baseimage import archive_path, image_id_of
 from rehearsal.fleet import Fleet, is_alive, pids_in_netns
@@ -73,8 +74,24 @@ def test_up_is_idempotent_grows_recovers_from_a_dead_fleet_and_down_leaves_nothi
     assert leftovers == []
     for record in records:
         assert pids_in_netns(record.netns) == []
-    assert services and not any(is_alive(service) for service in services.values())
+    assert set(services) == {"index", "hub"}
+    for service in services.values():
+        assert not is_alive(service)
+        assert running_in_group(service.pid) == []  # nor anything it started (olah's git cat-file helpers)
     assert not fleet.dir.exists()
+
+
+def running_in_group(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group PGID: each service leads its own session."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
 
 
 def test_hosts_reach_the_fleet_package_index_and_nothing_beyond_it(fleet):

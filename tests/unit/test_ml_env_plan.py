@@ -4,8 +4,10 @@ import pytest
 
 from tasks.facts import MlEnvHostState, MlEnvState
 from tasks.ml_env import plan_env, unpack_command
+from tasks.ml_env_build import BaseImage
 
 A, B, C, D = (f"env-{digit * 16}" for digit in "abcd")
+BASE = BaseImage("python:3.11-slim-bookworm", "sha256:img", "python3.11", "linux/amd64")
 
 
 def state(active=None, envs=None, leftovers=()):
@@ -35,40 +37,40 @@ def test_an_active_link_to_an_unfinished_unpack_is_not_an_active_env():
 
 
 def test_a_new_env_is_uploaded_and_switched_to_and_the_old_one_is_kept():
-    plan = plan_env(state(active=A, envs={A: 100}), B, keep_envs=2, python="python3.11")
+    plan = plan_env(state(active=A, envs={A: 100}), B, keep_envs=2, base=BASE)
     assert (plan.upload, plan.activate, plan.remove, plan.current) == (True, True, (), A)
     assert plan.summary(46_100_000) == f"ML env: {A} → {B} (46.1 MB to upload)"
     assert plan.summary(None) == f"ML env: {A} → {B} (to build once, then upload)"
 
 
 def test_nothing_to_do_when_the_wanted_env_is_active():
-    plan = plan_env(state(active=B, envs={A: 100, B: 200}), B, keep_envs=2, python="python3.11")
+    plan = plan_env(state(active=B, envs={A: 100, B: 200}), B, keep_envs=2, base=BASE)
     assert (plan.upload, plan.activate, plan.remove) == (False, False, ())
     assert plan.summary(None) == f"ML env: {B} (no change)"
 
 
 def test_keep_envs_counts_previous_envs_newest_first_and_the_one_switched_away_from_is_newest():
     # C is active but oldest by mtime (it was pinned long ago); switching to D makes C the newest previous.
-    plan = plan_env(state(active=C, envs={A: 300, B: 200, C: 100}), D, keep_envs=1, python="python3.11")
+    plan = plan_env(state(active=C, envs={A: 300, B: 200, C: 100}), D, keep_envs=1, base=BASE)
     assert plan.remove == (f"envs/{A}", f"envs/{B}")
-    assert plan_env(state(active=C, envs={A: 300, B: 200, C: 100}), D, keep_envs=0, python="p").remove == (
+    assert plan_env(state(active=C, envs={A: 300, B: 200, C: 100}), D, keep_envs=0, base=BASE).remove == (
         f"envs/{C}", f"envs/{A}", f"envs/{B}")
 
 
 def test_a_rollback_to_an_env_on_the_host_switches_without_upload():
-    plan = plan_env(state(active=B, envs={A: 100, B: 200}), A, keep_envs=1, python="python3.11")
+    plan = plan_env(state(active=B, envs={A: 100, B: 200}), A, keep_envs=1, base=BASE)
     assert (plan.upload, plan.activate, plan.remove) == (False, True, ())
     assert plan.summary(None) == f"ML env: {B} → {A} (on the host already)"
 
 
 def test_unfinished_transfers_are_cleaned_up_even_without_a_switch():
-    plan = plan_env(state(active=A, envs={A: 1}, leftovers=[f"envs/{B}.tmp"]), A, keep_envs=2, python="p")
+    plan = plan_env(state(active=A, envs={A: 1}, leftovers=[f"envs/{B}.tmp"]), A, keep_envs=2, base=BASE)
     assert (plan.activate, plan.remove) == (False, (f"envs/{B}.tmp",))
 
 
 @pytest.mark.parametrize("keep", [0, 1, 5])
 def test_the_wanted_env_is_never_removed(keep):
-    plan = plan_env(state(active=A, envs={A: 1, B: 2, C: 3}), B, keep_envs=keep, python="p")
+    plan = plan_env(state(active=A, envs={A: 1, B: 2, C: 3}), B, keep_envs=keep, base=BASE)
     assert f"envs/{B}" not in plan.remove and len(plan.remove) == max(0, 2 - keep)
 
 

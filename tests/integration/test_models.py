@@ -1,0 +1,193 @@
+"""Models on a real 2-host fleet, from the fleet's real HF mirror (olah): place, load offline, repair, refuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from rehearsal import hub
+from rehearsal.baseimage import IMAGE_NAME
+from rehearsal.runner import PYINFRA, REPO
+
+CACHE = "/srv/mlstack/hf-cache"
+ENV_DIR = "/srv/mlstack/ml-env"
+COMMITS = hub.ensure_repos()
+MINILM_SHA, NESTED_SHA = COMMITS[hub.MINILM]["main"], COMMITS[hub.NESTED]["main"]
+MINILM_FOLDER, NESTED_FOLDER = "models--sentence-transformers--all-MiniLM-L6-v2", "models--mlstack-test--nested-tiny"
+
+
+@pytest.fixture
+def control_cache(tmp_path):
+    return tmp_path / "hf-control"
+
+
+@pytest.fixture(autouse=True)
+def fresh_hosts(fleet):
+    for record in fleet.hosts:
+        fleet.ssh(record, "umount /srv/small 2>/dev/null; rm -rf /srv/mlstack /srv/small")
+
+
+def deploy(fleet, control_cache, *data: str, dry: bool = False, limit: str | None = None):
+    args = [arg for item in data for arg in ("--data", item)]
+    args += ["--dry"] if dry else []
+    args += ["--limit", limit] if limit else []
+    return fleet.deploy(*args, "--data", f"hf_control_cache_dir={control_cache}")
+
+
+def models_data(*entries: dict) -> str:
+    return "models=" + json.dumps(list(entries))
+
+
+def requests(fleet) -> list[hub.Request]:
+    return hub.access_log(fleet.fleet.dir)
+
+
+def snapshot_hashes(fleet, record, folder: str, commit: str, cache: str = CACHE) -> dict[str, str]:
+    """sha256 of every file of the snapshot on the host, read through its symlinks."""
+    output = fleet.ssh(record, f"cd {cache}/hub/{folder}/snapshots/{commit} && find . -type l -exec sha256sum {{}} +")
+    return {path.removeprefix("./"): digest for digest, path in (line.split(None, 1) for line in output.splitlines())}
+
+
+def in_runtime_image(fleet, record, script: str) -> str:
+    env = fleet.ssh(record, f"readlink {ENV_DIR}/active").strip()
+    return fleet.ssh(record, f"docker run --rm --network none -v {CACHE}:/root/.cache/huggingface:ro "
+                             f"-v {ENV_DIR}/{env}:/root/.local:ro -e HF_HUB_OFFLINE=1 "
+                             "-e PYTHONPATH=/root/.local/lib/python3.11/site-packages "
+                             f"{IMAGE_NAME} python3 -c '{script}'")
+
+
+def test_both_models_land_in_the_standard_layout_load_offline_and_the_rerun_asks_the_mirror_nothing(fleet, control_cache):
+    first = deploy(fleet, control_cache)
+    assert first.returncode == 0, first.output[-3000:]
+    assert f"[host1] model {hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]}):" in first.output
+    for record in fleet.hosts:
+        assert snapshot_hashes(fleet, record, MINILM_FOLDER, MINILM_SHA) == hub.expected_files(hub.MINILM, MINILM_SHA)
+        assert snapshot_hashes(fleet, record, NESTED_FOLDER, NESTED_SHA) == hub.expected_files(hub.NESTED, NESTED_SHA)
+        # Relative links (the cache works wherever it is mounted), the container's numeric owner, nothing in flight.
+        assert fleet.ssh(record, f"find {CACHE}/hub -type l -lname '/*'; find {CACHE}/hub ! -user 1000; "
+                                 f"find {CACHE}/hub -name '*.incoming' -o -name '*.tmp'") == ""
+        loaded = in_runtime_image(fleet, record, (
+            "from huggingface_hub import snapshot_download; import tokenizers; "
+            f"path = snapshot_download(\"{hub.MINILM}\", revision=\"{MINILM_SHA}\"); "
+            "tokenizer = tokenizers.Tokenizer.from_file(path + \"/tokenizer.json\"); tokenizer.no_padding(); "
+            "print(path, tokenizer.encode(\"hello world\").ids)"))
+        assert loaded.strip() == (f"/root/.cache/huggingface/hub/{MINILM_FOLDER}/snapshots/{MINILM_SHA} "
+                                  "[101, 7592, 2088, 102]")
+    stamps = {record.name: fleet.ssh(record, f"find {CACHE}/hub -type f -printf '%i %T@ %p\\n' | sort") for record in fleet.hosts}
+
+    before = len(requests(fleet))
+    second = deploy(fleet, control_cache)
+    assert second.returncode == 0, second.output[-3000:]
+    assert second.changed_operations() == []
+    assert f"[host2] model {hub.NESTED}@{NESTED_SHA} ({NESTED_SHA[:12]}): no change" in second.output
+    assert len(requests(fleet)) == before  # full shas and a complete control cache: the endpoint is not asked
+    for record in fleet.hosts:
+        assert fleet.ssh(record, f"find {CACHE}/hub -type f -printf '%i %T@ %p\\n' | sort") == stamps[record.name]
+
+
+def test_dry_run_lists_files_and_bytes_per_host_and_changes_nothing(fleet, control_cache):
+    run = deploy(fleet, control_cache, dry=True)
+    assert run.returncode == 0, run.output[-3000:]
+    for record in fleet.hosts:
+        line = re.search(rf"\[{record.name}\] model {hub.MINILM}@\w+ \(\w+\): (\d+) file\(s\), ([\d.]+) MB to transfer", run.output)
+        assert line and int(line.group(1)) == len(hub.expected_files(hub.MINILM, MINILM_SHA))
+        assert float(line.group(2)) > 90  # model.safetensors alone is 90.9 MB
+        assert fleet.ssh(record, "ls /srv/mlstack 2>&1 || true").strip().endswith("No such file or directory")
+    assert not (control_cache / MINILM_FOLDER / "blobs").exists()  # nothing downloaded either
+
+
+def test_a_corrupted_blob_is_found_by_the_hash_check_and_repaired_on_that_host_only(fleet, control_cache):
+    assert deploy(fleet, control_cache).returncode == 0
+    damaged, healthy = fleet.hosts
+    blob = f"{CACHE}/hub/{MINILM_FOLDER}/snapshots/{MINILM_SHA}/model.safetensors"
+    fleet.ssh(damaged, f"dd if=/dev/zero of=$(readlink -f {blob}) bs=1M count=1 conv=notrunc status=none")
+
+    sizes_only = deploy(fleet, control_cache)
+    assert sizes_only.changed_operations() == []  # the same size: only a hash can tell
+
+    hashed = deploy(fleet, control_cache, "model_verify_hashes=true")
+    assert hashed.returncode == 0, hashed.output[-3000:]
+    assert f"[{damaged.name}] model {hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]}): 1 file(s), 90.9 MB to transfer" in hashed.output
+    assert all(hosts == [damaged.name] for _, hosts in hashed.changed_operations())
+    assert snapshot_hashes(fleet, damaged, MINILM_FOLDER, MINILM_SHA)["model.safetensors"] == \
+        hub.expected_files(hub.MINILM, MINILM_SHA)["model.safetensors"]
+
+
+def test_a_host_without_room_fails_the_preflight_and_receives_nothing(fleet, control_cache):
+    small, roomy = fleet.hosts
+    fleet.ssh(small, "mkdir -p /srv/small && mount -t tmpfs -o size=64m tmpfs /srv/small")
+    try:
+        run = deploy(fleet, control_cache, "model_cache_dir=/srv/small/hf-cache")
+        assert run.returncode != 0
+        assert f"[{small.name}] models: not enough disk space for the model cache:" in run.output
+        assert fleet.ssh(small, "find /srv/small -type f | wc -l").strip() == "0"
+        assert snapshot_hashes(fleet, roomy, NESTED_FOLDER, NESTED_SHA, cache="/srv/small/hf-cache") == \
+            hub.expected_files(hub.NESTED, NESTED_SHA)
+    finally:
+        fleet.ssh(small, "umount /srv/small")
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"repo_id": "mlstack-test/no-such-repo"},
+     "models[0].repo_id = 'mlstack-test/no-such-repo': expected a model repo on {hub}; it is unknown there"),
+    ({"repo_id": hub.NESTED, "revision": "v9"},
+     f"models[0].revision = 'v9': expected a branch, tag or commit of {hub.NESTED} on {{hub}}; it has none of that name"),
+])
+def test_an_unknown_repo_or_revision_fails_at_plan_time_and_no_host_changes(fleet, control_cache, entry, message):
+    run = deploy(fleet, control_cache, models_data(entry), "service_models={}")
+    assert run.returncode != 0
+    assert message.format(hub=fleet.fleet.hub_url) in run.output
+    assert "Traceback" not in run.output
+    for record in fleet.hosts:
+        assert fleet.ssh(record, "ls /srv/mlstack 2>&1 || true").strip().endswith("No such file or directory")
+
+
+def test_a_transfer_killed_mid_blob_leaves_no_visible_snapshot_and_the_rerun_completes(fleet, control_cache):
+    victim = fleet.hosts[0]
+    assert deploy(fleet, control_cache, models_data({"repo_id": hub.NESTED, "revision": NESTED_SHA}), "service_models={}",
+                  limit=victim.name).returncode == 0  # env and directories in place: the kill lands in the model upload
+    argv = [PYINFRA, "inventory/rehearsal.py", "deploy.py", "-y", "--limit", victim.name,
+            "--data", f"hf_control_cache_dir={control_cache}"]
+    process = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in process.stderr:
+            if "model file model.safetensors:" in line and "(100%)" not in line:
+                break
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    time.sleep(0.5)
+    repo = f"{CACHE}/hub/{MINILM_FOLDER}"
+    assert fleet.ssh(victim, f"ls {repo}/snapshots").split() == []  # nothing huggingface_hub could pick up
+    assert fleet.ssh(victim, f"ls {repo}/blobs | grep -c incoming || true").strip() == "1"
+
+    rerun = deploy(fleet, control_cache, limit=victim.name)
+    assert rerun.returncode == 0, rerun.output[-3000:]
+    assert snapshot_hashes(fleet, victim, MINILM_FOLDER, MINILM_SHA) == hub.expected_files(hub.MINILM, MINILM_SHA)
+    assert fleet.ssh(victim, f"find {repo} -name '*.incoming'") == ""
+
+
+def test_host_mode_downloads_on_each_host_and_a_branch_revision_gets_its_ref(fleet, control_cache):
+    entries = [{"repo_id": hub.MINILM, "revision": MINILM_SHA}, {"repo_id": hub.NESTED, "revision": "v1"}]
+    before = len(requests(fleet))
+    run = deploy(fleet, control_cache, models_data(*entries), "model_mode=host")
+    assert run.returncode == 0, run.output[-3000:]
+    clients = {request.client.rsplit(":", 1)[0] for request in requests(fleet)[before:] if "/resolve/" in request.path}
+    assert clients == {record.ip for record in fleet.hosts}  # the hosts fetched the files, not the control node
+    v1 = COMMITS[hub.NESTED]["v1"]
+    for record in fleet.hosts:
+        assert fleet.ssh(record, f"cat {CACHE}/hub/{NESTED_FOLDER}/refs/v1") == v1
+        assert snapshot_hashes(fleet, record, NESTED_FOLDER, v1) == hub.expected_files(hub.NESTED, v1)
+        assert fleet.ssh(record, f"ls -A {CACHE} | grep -c staging || true").strip() == "0"
+        loaded = in_runtime_image(fleet, record, (
+            "from huggingface_hub import snapshot_download; "
+            f"print(snapshot_download(\"{hub.NESTED}\", revision=\"v1\"))"))
+        assert loaded.strip() == f"/root/.cache/huggingface/hub/{NESTED_FOLDER}/snapshots/{v1}"
+    assert not (control_cache / NESTED_FOLDER / "blobs").exists()  # the control node downloaded no file
