@@ -18,7 +18,6 @@ publication then apply.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -318,17 +317,19 @@ print(snapshot_download(repo_id, repo_type=repo_type, revision=commit, cache_dir
 
 
 def host_download_command(staging: str, plan: ModelPlan, env: EnvPlan, env_dir: str, endpoint: str) -> str:
-    """Run snapshot_download on the host, in the runtime image with the ML env mounted, into STAGING."""
+    """Run snapshot_download on the host, in the runtime image with the ML env mounted, into STAGING.
+
+    No token goes along: HF_TOKEN never leaves the control node (gated repos need "control" mode).
+    """
     spec, q = plan.snapshot.spec, shlex.quote
     environment = {**env.environment(), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if os.environ.get("HF_HUB_DISABLE_XET"):
         environment["HF_HUB_DISABLE_XET"] = os.environ["HF_HUB_DISABLE_XET"]
-    token = f"--env-file {q(staging + '/token.env')} " if os.environ.get("HF_TOKEN") else ""
     return (f"docker run --rm --network host -v {q(staging)}:/root/.cache/huggingface "
             f"-v {q(f'{env_dir}/envs/{env.wanted}')}:/root/.local:ro "
             + " ".join(f"-e {key}={q(value)}" for key, value in environment.items())
-            + f" {token}--entrypoint python3 {env.base.id} -c {q(HOST_DOWNLOAD)} "
+            + f" --entrypoint python3 {env.base.id} -c {q(HOST_DOWNLOAD)} "
             + " ".join(q(arg) for arg in (spec.repo_id, spec.repo_type, plan.snapshot.commit,
                                           json.dumps(spec.allow_patterns), json.dumps(spec.ignore_patterns))))
 
@@ -343,9 +344,6 @@ def download_model_on_host(cache_dir: str, plan: ModelPlan, env: EnvPlan, env_di
     yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
     if plan.send:
         yield f"rm -rf {q(staging)} && install -d -m 0700 {q(staging)}"
-        if os.environ.get("HF_TOKEN"):  # a 0600 file, never argv; removed with the staging directory
-            yield FileUploadCommand(io.BytesIO(f"HF_TOKEN={os.environ['HF_TOKEN']}\n".encode()), f"{staging}/token.env",
-                                    remote_temp_filename=host.get_temp_filename(f"{staging}/token.env"))
         yield host_download_command(staging, plan, env, env_dir, endpoint)
         staged = f"{staging}/hub/{snapshot.spec.folder}/snapshots/{snapshot.commit}"
         for entry in plan.send:
