@@ -11,10 +11,12 @@ from tasks.config import host_config
 from tasks.directories import host_directories
 from tasks.ml_env import ml_env, ml_env_cleanup
 from tasks.models import models
+from tasks.stack import stack
 
 config = host_config(host)  # validates every targeted host before anything changes
 
 host_directories(config)
 env = ml_env(config)
 snapshots = models(config, env)
+stack(config, env, snapshots)
 ml_env_cleanup(config, env)  # last: only once nothing uses the envs it removes

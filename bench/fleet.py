@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from rehearsal.baseimage import ensure_archive
 from rehearsal.fleet import Fleet
-from rehearsal.runner import run_deploy
+from tasks.runner import run_deploy
 
 SIZES = (1, 2, 8)
 REPEATS = 3

@@ -52,5 +52,8 @@ rehearsal = (
             {"repo_id": hub.NESTED, "revision": _commits[hub.NESTED]["main"]},
         ],
         "service_models": {"RERANKING_MODEL": hub.MINILM},
+        "stack": "reranker",
+        "stack_secrets": [],
+        "health_timeout": 60,
     },
 )

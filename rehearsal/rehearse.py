@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from rehearsal.fleet import Fleet
-from rehearsal.runner import print_host_table, run_deploy
+from tasks.runner import print_host_table, run_deploy
 
 DEFAULT_HOSTS = 2
 

@@ -180,6 +180,12 @@ def _env_name(value: Any) -> str:
     return value
 
 
+def _env_name_or_profile(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", value):
+        raise ValueError("expected compose profile names such as 'agents'")
+    return value
+
+
 def _choice(*choices: str):
     def validate(value: Any) -> str:
         if value not in choices:
@@ -194,6 +200,27 @@ def _flag(value: Any) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):  # from --data
         return value.lower() == "true"
     raise ValueError("expected True or False")
+
+
+def _stack(value: Any) -> str:
+    names = sorted(path.parent.name for path in (FILES / "stacks").glob("*/stack.yml"))
+    if value not in names:
+        raise ValueError(f"expected a stack of files/stacks/: {', '.join(names)}")
+    return value
+
+
+def _batch(value: Any) -> str:
+    text = str(value)
+    if isinstance(value, bool) or not re.fullmatch(r"[1-9]\d*|([1-9]\d?|100)%", text):
+        raise ValueError("expected a batch size: a number of hosts such as 5, or a percentage such as '25%'")
+    return text
+
+
+def _env_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(item, (str, int, float)) and not isinstance(item, bool)
+                                               for item in value.values()):
+        raise ValueError("expected a mapping of environment variable names to text values")
+    return {_env_name(key): str(item) for key, item in value.items()}
 
 
 AbsolutePath = Annotated[str, BeforeValidator(_path)]
@@ -280,6 +307,15 @@ class HostConfig(BaseModel):
     model_mode: Annotated[str, BeforeValidator(_choice("control", "host"))]
     model_verify_hashes: Flag
     hf_control_cache_dir: ControlPath
+    stack: Annotated[str, BeforeValidator(_stack)]
+    stack_env: Annotated[dict[str, str], BeforeValidator(_env_map)]
+    stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_env_name))]
+    stack_profiles: Annotated[list[str], BeforeValidator(_list_of(_env_name_or_profile))]
+    health_timeout: Annotated[int, BeforeValidator(_int_in(5, 3600, "expected seconds from 5 to 3600"))]
+    image_cache_dir: ControlPath
+    rollout_canary: Annotated[int, BeforeValidator(_int_in(0, 10000, "expected a number of canary hosts, 0 or more"))]
+    rollout_batch: Annotated[str, BeforeValidator(_batch)]
+    rollout_max_failures: Annotated[int, BeforeValidator(_int_in(0, 10000, "expected a number of failed hosts, 0 or more"))]
 
     def pip_options(self) -> dict:
         """pip's index settings, `${VAR}` references unexpanded (see tasks/secrets.py)."""

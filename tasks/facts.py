@@ -185,3 +185,58 @@ class ModelCacheState(FactBase):
             },
             free_bytes=free,
         )
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    state: str  # running, exited, created, ...
+    health: str  # "", "healthy", "unhealthy", "starting"
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StackHostState:
+    image_id: str | None  # the slim image's id on the host, None when it lacks the tag
+    containers: dict[str, ContainerState]  # compose service -> its container
+    compose: str | None  # the docker-compose.yml in place
+    digest: str | None  # .env.digest in place (key=hash lines: no secret)
+
+
+CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
+
+
+class StackState(FactBase):
+    """The compose project on the host: its files, its containers' state and mlstack labels, the image."""
+
+    def command(self, compose_dir: str, project: str, image: str) -> str:
+        labels = "|".join(f'{{{{.Label "{label}"}}}}' for label in CONTAINER_LABELS)
+        quoted = shlex.quote(compose_dir)
+        return "\n".join([
+            f"echo \"image $(docker image inspect -f '{{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null)\"",
+            f"docker ps -a --filter label=com.docker.compose.project={shlex.quote(project)} "
+            f"--format 'container {{{{.Label \"com.docker.compose.service\"}}}}|{{{{.State}}}}|{{{{.Status}}}}|{labels}'",
+            f"if [ -f {quoted}/docker-compose.yml ]; then echo compose-begin; sed 's/^/| /' {quoted}/docker-compose.yml; fi",
+            f"if [ -f {quoted}/.env.digest ]; then echo digest-begin; sed 's/^/| /' {quoted}/.env.digest; fi",
+            "true",
+        ])
+
+    def process(self, output: list[str]) -> StackHostState:
+        image, containers, texts, current = None, {}, {}, None
+        for line in output:
+            if line.startswith("image "):
+                image = line[6:].strip() or None
+            elif line.startswith("container "):
+                service, state, status, *values = line[10:].split("|")
+                health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
+                containers[service] = ContainerState(state, health, dict(zip(CONTAINER_LABELS, values)))
+            elif line in ("compose-begin", "digest-begin"):
+                current = line.removesuffix("-begin")
+                texts[current] = []
+            elif current and line.startswith("|"):
+                texts[current].append(line[2:])
+        return StackHostState(
+            image_id=image,
+            containers=containers,
+            compose="".join(line + "\n" for line in texts["compose"]) if "compose" in texts else None,
+            digest="".join(line + "\n" for line in texts["digest"]) if "digest" in texts else None,
+        )

@@ -12,6 +12,7 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 
 PROGRESS_EVERY = 2.0  # seconds between upload progress lines
+PROGRESS_FROM = 1_000_000  # smaller files arrive too fast for progress to say anything
 
 
 class UploadProgress(io.RawIOBase):
@@ -35,7 +36,7 @@ class UploadProgress(io.RawIOBase):
         data = self.file.read(size)
         self.sent += len(data)
         now = time.monotonic()
-        if data and (now - self.last >= PROGRESS_EVERY or self.sent == self.total):
+        if data and self.total >= PROGRESS_FROM and (now - self.last >= PROGRESS_EVERY or self.sent == self.total):
             self.last = now
             host.log(f"{self.label}: {self.sent / 1e6:.1f} / {self.total / 1e6:.1f} MB sent ({100 * self.sent // max(self.total, 1)}%)")
         return data

@@ -60,3 +60,21 @@ model_mode = "control"
 model_verify_hashes = False
 # Where the control node keeps its HF cache in "control" mode.
 hf_control_cache_dir = "~/.cache/mlstack/hf"
+
+# The compose stack pushed to each host: a directory of files/stacks/ ("archon" or "reranker").
+stack = "archon"
+# Non-secret settings written to the stack's .env (name -> value).
+stack_env = {}
+# Secrets the stack needs, read by name from the control node's environment into .env (mode 0600).
+stack_secrets = ["SUPABASE_URL", "SUPABASE_SERVICE_KEY"]
+# Compose profiles to enable (e.g. ["agents"] for Archon's agents service).
+stack_profiles = []
+# Seconds a host's services get to become healthy after a change.
+health_timeout = 180
+# Where the control node keeps built server images (docker save archives, one per image key).
+image_cache_dir = "~/.cache/mlstack/images"
+# Rollout (`python -m tasks.rollout`): canary hosts first, then batches (a count or "25%"),
+# stopping once more than rollout_max_failures hosts have failed.
+rollout_canary = 1
+rollout_batch = "25%"
+rollout_max_failures = 0

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from rehearsal.fleet import Fleet, HostRecord
-from rehearsal.runner import DeployRun, run_deploy
+from tasks.runner import DeployRun, run_deploy
 
 # Its own bridge and subnet: a developer's `make rehearse` fleet is left alone. MLSTACK_TEST_FLEET
 # gives a second session on the same machine a fleet of its own.
