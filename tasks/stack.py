@@ -92,11 +92,15 @@ def escape(value: str) -> str:
 
 
 def dotenv_line(key: str, value: str) -> str:
-    """One `.env` line that compose reads back as exactly VALUE (single quotes: no escapes, no interpolation)."""
-    if "'" in value or "\n" in value:
-        inner = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("\n", "\\n")
-        return f'{key}="{inner}"'
-    return f"{key}='{value}'"
+    """One `.env` line compose reads back as exactly VALUE, for `env_file:` and `${VAR}` alike.
+
+    Double quotes with `\\`, `"`, `$` and newline escaped (notes/compose-facts.md has the proof):
+    unquoted values lose ` #…` and expand `$X`; single quotes still treat `\\'` as an escape.
+    """
+    if "\0" in value:
+        raise StackError(f"{key}: a NUL character cannot be passed through .env")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("\n", "\\n")
+    return f'{key}="{escaped}"'
 
 
 def short_hash(value) -> str:
@@ -279,15 +283,18 @@ def push_compose(project: str, compose_dir: str, rendered: Rendered, profiles: l
 
 
 def health_gate_command(project: str, compose_dir: str, profiles: list[str], timeout: int, checks: list[str]) -> str:
-    """`up -d --wait`, then each HTTP check; on failure: which services, and their last log lines."""
+    """`up -d --wait`, then each HTTP check; on failure: every service's state, and the failing ones' last log lines."""
     compose = compose_args(project, compose_dir, profiles)
     retries = max(1, timeout // 2)
     curl = " && ".join(f"curl -fsS -o /dev/null --max-time 5 --retry {retries} --retry-delay 2 --retry-all-errors {shlex.quote(url)}"
                        for url in checks) or "true"
+    failing = (f"{compose} ps -a --format '{{{{.Service}}}} {{{{.State}}}} {{{{.Health}}}}' "
+               "| awk '$2 != \"running\" || ($3 != \"\" && $3 != \"healthy\") {print $1}'")
     return (f"if {compose} up -d --wait --wait-timeout {timeout} --remove-orphans --quiet-pull && {{ {curl}; }}; then exit 0; fi; "
             f"echo 'stack {project}: not healthy within {timeout}s:' >&2; "
-            f"{compose} ps -a --format '  {{{{.Service}}}}: {{{{.State}}}} {{{{.Health}}}}' >&2; "
-            f"{compose} logs --no-color --tail 20 >&2; exit 1")
+            f"{compose} ps -a --format '{{{{.Service}}}}: {{{{.State}}}} {{{{.Health}}}}' >&2; "
+            f"for service in $({failing}); do echo \"last log lines of $service:\" >&2; "
+            f"{compose} logs --no-color --no-log-prefix --tail 20 \"$service\" >&2; done; exit 1")
 
 
 @operation(is_idempotent=False)
@@ -324,7 +331,8 @@ def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot]) ->
     state = host.get_fact(StackState, compose_dir=config.compose_project_dir, project=definition.project, image=tag)
     plan = plan_stack(state, rendered, tag, config.stack_profiles, definition)
     if not (plan.send_image or plan.converge):
-        host.log(f"stack {definition.project}: no change")
+        healthy = sum(c.state == "running" and c.health in ("", "healthy") for c in state.containers.values())
+        host.log(f"stack {definition.project}: no change ({healthy}/{len(state.containers)} services running and healthy)")
         return plan
     host.log(f"stack {definition.project}: " + (", ".join(f"{service} ({why})" for service, why in plan.recreate.items())
                                                  or "files only, no service recreated"))

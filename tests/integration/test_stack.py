@@ -1,0 +1,157 @@
+"""The reranker stack on a real 2-host fleet: healthy with the mounted env and model, recreating
+exactly what changed, exact values through compose, a health gate with logs, a stopping rollout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rehearsal import hub
+
+COMPOSE = "/srv/mlstack/compose"
+PROJECT = "mlstack-reranker"
+MINILM_SHA = hub.ensure_repos()[hub.MINILM]["main"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stack_down_after(fleet):
+    yield
+    for record in fleet.hosts:
+        fleet.ssh(record, f"docker compose -p {PROJECT} down -t 1 2>/dev/null; rm -rf /srv/mlstack", check=False)
+
+
+def containers(fleet, record) -> dict[str, str]:
+    """service -> 'container id + start time': equal means not recreated."""
+    output = fleet.ssh(record, f"docker ps -q --filter label=com.docker.compose.project={PROJECT} | xargs -r docker inspect "
+                               "-f '{{index .Config.Labels \"com.docker.compose.service\"}} {{.Id}} {{.State.StartedAt}}'")
+    return {line.split()[0]: " ".join(line.split()[1:]) for line in output.splitlines()}
+
+
+def get(fleet, record, path: str) -> dict:
+    return json.loads(fleet.ssh(record, f"curl -fsS 'http://127.0.0.1:8080{path}'"))
+
+
+def requirements(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return f"ml_env_requirements={path}"
+
+
+def test_the_stack_is_healthy_everywhere_and_works_with_the_mounted_env_and_model(fleet):
+    run = fleet.deploy()
+    assert run.returncode == 0, run.output[-3000:]
+    for record in fleet.hosts:
+        env = fleet.ssh(record, "readlink /srv/mlstack/ml-env/active").strip().removeprefix("envs/")
+        health = get(fleet, record, "/health")
+        assert (health["env_id"], health["model"], health["commit"]) == (env, hub.MINILM, MINILM_SHA)
+        assert health["python"].startswith("3.11.")
+        work = get(fleet, record, "/tokenize?text=hello%20world")
+        assert work["tokens"] == ["[CLS]", "hello", "world", "[SEP]"] and work["ids"] == [101, 7592, 2088, 102]
+        assert fleet.ssh(record, f"stat -c '%a %U' {COMPOSE}/.env {COMPOSE}/docker-compose.yml").split("\n")[:2] == [
+            "600 root", "640 root"]
+        # The slim image: no torch, no ML library, no weights (they come from the mounts).
+        image = fleet.ssh(record, f"docker inspect -f '{{{{.Config.Image}}}}' {PROJECT}-reranker-1").strip()
+        probe = fleet.ssh(record, f"docker run --rm --network none {image} sh -c "
+                                  "'python3 -c \"import torch\" 2>&1 | tail -1; python3 -c \"import tokenizers\" 2>&1 | tail -1; "
+                                  "find / -xdev \\( -name \"*.safetensors\" -o -name \"*.bin\" -o -name \"torch\" \\) | wc -l'")
+        assert probe.splitlines() == ["ModuleNotFoundError: No module named 'torch'",
+                                      "ModuleNotFoundError: No module named 'tokenizers'", "0"]
+    before = {record.name: containers(fleet, record) for record in fleet.hosts}
+    assert all(set(ids) == {"reranker", "docs"} for ids in before.values())
+
+    again = fleet.deploy()
+    assert again.returncode == 0, again.output[-3000:]
+    assert again.changed_operations() == []
+    assert f"[host1] stack {PROJECT}: no change (2/2 services running and healthy)" in again.output
+    assert {record.name: containers(fleet, record) for record in fleet.hosts} == before
+
+
+def test_a_new_env_recreates_the_services_that_mount_it_and_nothing_else(fleet, tmp_path):
+    assert fleet.deploy().returncode == 0
+    old_env = fleet.ssh(fleet.hosts[0], "readlink /srv/mlstack/ml-env/active").strip().removeprefix("envs/")
+    before = {record.name: containers(fleet, record) for record in fleet.hosts}
+    new_requirements = requirements(tmp_path, "plus.txt", "huggingface_hub>=0.30\ntokenizers>=0.20\npyyaml>=6\npackaging\n")
+
+    dry = fleet.deploy("--dry", "--diff", "--data", new_requirements)
+    assert dry.returncode == 0, dry.output[-3000:]
+    assert f"[host2] stack {PROJECT}: reranker (env id {old_env} → env-" in dry.output
+    assert "docs (" not in dry.output
+    assert "+      source: /srv/mlstack/ml-env/envs/env-" in dry.output  # the compose diff
+    assert {record.name: containers(fleet, record) for record in fleet.hosts} == before
+
+    run = fleet.deploy("--data", new_requirements)
+    assert run.returncode == 0, run.output[-3000:]
+    for record in fleet.hosts:
+        after = containers(fleet, record)
+        assert after["docs"] == before[record.name]["docs"]
+        assert after["reranker"] != before[record.name]["reranker"]
+        assert get(fleet, record, "/health")["env_id"] != old_env
+
+
+SPECIAL = "a: b # c 'single' \"double\" $HOME ${PATH} back\\slash = end"
+
+
+def test_values_with_compose_syntax_reach_the_container_exactly_and_secrets_stay_out_of_logs(fleet):
+    secret = "s3cr3t-' #$(id)-${HOME}-value"
+    run = fleet.deploy("-v", "--diff", "--data", f"stack_env={json.dumps({'GREETING': SPECIAL})}",
+                       "--data", 'stack_secrets=["MLSTACK_TEST_TOKEN"]', env={"MLSTACK_TEST_TOKEN": secret})
+    assert run.returncode == 0, run.output[-3000:]
+    assert secret not in run.output and "s3cr3t" not in run.output
+    assert "+ MLSTACK_TEST_TOKEN=***" in run.output and "+ GREETING=***" in run.output
+    for record in fleet.hosts:
+        values = fleet.ssh(record, f"docker exec {PROJECT}-reranker-1 python3 -c "
+                                   "'import os, json; print(json.dumps([os.environ[\"GREETING\"], os.environ[\"MLSTACK_TEST_TOKEN\"]]))'")
+        assert json.loads(values) == [SPECIAL, secret]
+        assert fleet.ssh(record, f"grep -rlF s3cr3t {COMPOSE} /srv/mlstack/ml-env/active/.mlstack-env.json || true").split() == \
+            [f"{COMPOSE}/.env"]
+        labels = fleet.ssh(record, f"docker inspect -f '{{{{json .Config.Labels}}}}' {PROJECT}-reranker-1")
+        assert "s3cr3t" not in labels
+
+
+def test_a_service_failing_health_after_an_env_switch_fails_the_host_with_its_logs_and_a_rollback_recovers(fleet, tmp_path):
+    good = fleet.deploy()
+    assert good.returncode == 0, good.output[-3000:]
+    good_env = fleet.ssh(fleet.hosts[0], "readlink /srv/mlstack/ml-env/active").strip().removeprefix("envs/")
+    # An env that imports fine (its own requirements) but lacks what the service needs.
+    bad = fleet.deploy("--data", requirements(tmp_path, "no-tokenizers.txt", "huggingface_hub>=0.30\npyyaml>=6\n"),
+                       "--data", "health_timeout=20")
+    assert bad.returncode != 0
+    for record in fleet.hosts:
+        assert f"[{record.name}] stack {PROJECT}: not healthy within 20s:" in bad.output
+        assert f"[{record.name}] reranker: restarting" in bad.output or f"[{record.name}] reranker: running unhealthy" in bad.output
+        assert f"[{record.name}] last log lines of reranker:" in bad.output
+        assert f"[{record.name}] ModuleNotFoundError: No module named 'tokenizers'" in bad.output
+        assert f"[{record.name}] last log lines of docs:" not in bad.output  # healthy services are not blamed
+
+    rollback = fleet.deploy("--data", f"ml_env_id={good_env}")
+    assert rollback.returncode == 0, rollback.output[-3000:]
+    for record in fleet.hosts:
+        assert get(fleet, record, "/health")["env_id"] == good_env
+
+
+def test_the_rollout_stops_after_a_failed_canary_and_leaves_the_other_host_untouched(fleet):
+    assert fleet.deploy().returncode == 0
+    canary, other = fleet.hosts
+    before = containers(fleet, other)
+    # The canary's compose directory is a file now: its directory step fails, as a broken disk would.
+    fleet.ssh(canary, f"mv {COMPOSE} {COMPOSE}.saved && touch {COMPOSE}")
+    try:
+        env = {**os.environ, "MLSTACK_FLEET": fleet.fleet.name}
+        result = subprocess.run([sys.executable, "-m", "tasks.rollout", "inventory/rehearsal.py",
+                                 "--data", 'stack_env={"ROLLOUT": "2"}'],
+                                cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        fleet.ssh(canary, f"rm {COMPOSE} && mv {COMPOSE}.saved {COMPOSE}")
+    assert result.returncode != 0
+    assert (f"rollout: stopped after canary: 1 host(s) failed ({canary.name}), more than rollout_max_failures=0; "
+            f"not reached: {other.name}") in result.stderr
+    assert containers(fleet, other) == before
+    assert "ROLLOUT" not in fleet.ssh(other, f"cat {COMPOSE}/.env.digest")
+    table = result.stdout.splitlines()
+    assert any(line.startswith(canary.name) and "FAILED" in line for line in table)
+    assert any(line.startswith(other.name) and "not reached" in line for line in table)
