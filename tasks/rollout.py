@@ -21,6 +21,7 @@ from tasks.config import ConfigError, HostConfig, validate_host
 from tasks.runner import DeployRun, run_deploy
 
 STATUS_LINE = re.compile(r"^\s*\[(?P<host>[^\]]+)\] (?P<what>ML env|model|stack)\b(?P<rest>.*)$")
+FAILING_SERVICE = re.compile(r"^\s*\[(?P<host>[^\]]+)\] last log lines of (?P<service>\S+):$")
 
 
 def batches(hosts: list[str], canary: int, batch: str) -> list[list[str]]:
@@ -53,6 +54,9 @@ def failed_hosts(run: DeployRun, batch: list[str]) -> list[str]:
 def read_outcomes(run: DeployRun, outcomes: dict[str, HostOutcome]) -> None:
     """The per-host lines the deploy logs at plan time (ML env, model, stack) into OUTCOMES."""
     for line in run.output.splitlines():
+        failing = FAILING_SERVICE.match(line)
+        if failing and failing["host"] in outcomes:
+            outcomes[failing["host"]].stack += f"; unhealthy: {failing['service']}"
         match = STATUS_LINE.match(line)
         if not match or match["host"] not in outcomes:
             continue

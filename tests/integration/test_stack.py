@@ -98,7 +98,7 @@ SPECIAL = "a: b # c 'single' \"double\" $HOME ${PATH} back\\slash = end"
 
 def test_values_with_compose_syntax_reach_the_container_exactly_and_secrets_stay_out_of_logs(fleet):
     secret = "s3cr3t-' #$(id)-${HOME}-value"
-    run = fleet.deploy("-v", "--diff", "--data", f"stack_env={json.dumps({'GREETING': SPECIAL})}",
+    run = fleet.deploy("-vvv", "--diff", "--data", f"stack_env={json.dumps({'GREETING': SPECIAL})}",
                        "--data", 'stack_secrets=["MLSTACK_TEST_TOKEN"]', env={"MLSTACK_TEST_TOKEN": secret})
     assert run.returncode == 0, run.output[-3000:]
     assert secret not in run.output and "s3cr3t" not in run.output
@@ -134,24 +134,50 @@ def test_a_service_failing_health_after_an_env_switch_fails_the_host_with_its_lo
         assert get(fleet, record, "/health")["env_id"] == good_env
 
 
-def test_the_rollout_stops_after_a_failed_canary_and_leaves_the_other_host_untouched(fleet):
+def test_a_canary_failing_health_stops_the_rollout_and_the_report_names_the_service(fleet):
     assert fleet.deploy().returncode == 0
     canary, other = fleet.hosts
     before = containers(fleet, other)
-    # The canary's compose directory is a file now: its directory step fails, as a broken disk would.
-    fleet.ssh(canary, f"mv {COMPOSE} {COMPOSE}.saved && touch {COMPOSE}")
+    site = fleet.ssh(canary, "echo /srv/mlstack/ml-env/active/lib/python3*/site-packages").strip()
+    # The canary's env loses a package behind the deploy's back: its reranker cannot start any more.
+    fleet.ssh(canary, f"mv {site}/tokenizers /srv/tokenizers.saved")
     try:
         env = {**os.environ, "MLSTACK_FLEET": fleet.fleet.name}
         result = subprocess.run([sys.executable, "-m", "tasks.rollout", "inventory/rehearsal.py",
-                                 "--data", 'stack_env={"ROLLOUT": "2"}'],
+                                 "--data", 'stack_env={"ROLLOUT": "2"}', "--data", "health_timeout=15"],
                                 cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600)
     finally:
-        fleet.ssh(canary, f"rm {COMPOSE} && mv {COMPOSE}.saved {COMPOSE}")
+        fleet.ssh(canary, f"mv /srv/tokenizers.saved {site}/tokenizers")
     assert result.returncode != 0
     assert (f"rollout: stopped after canary: 1 host(s) failed ({canary.name}), more than rollout_max_failures=0; "
             f"not reached: {other.name}") in result.stderr
     assert containers(fleet, other) == before
     assert "ROLLOUT" not in fleet.ssh(other, f"cat {COMPOSE}/.env.digest")
     table = result.stdout.splitlines()
-    assert any(line.startswith(canary.name) and "FAILED" in line for line in table)
-    assert any(line.startswith(other.name) and "not reached" in line for line in table)
+    assert any(line.startswith(canary.name) and "FAILED" in line and "unhealthy: reranker" in line for line in table), table
+    assert any(line.startswith(other.name) and "not reached" in line for line in table), table
+    recovered = fleet.deploy()
+    assert recovered.returncode == 0, recovered.output[-3000:]
+
+
+def test_the_archon_stack_renders_and_passes_compose_config_on_a_host(fleet):
+    """Archon cannot start here (it needs Supabase and its own source); its project must still be valid compose."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+    from test_stack_render import GPUS, rendered  # noqa: PLC0415 (the unit tests' fixture of a full render)
+
+    _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml env: #1")
+    record = fleet.hosts[0]
+    target = "/srv/archon-check"
+    fleet.ssh(record, f"rm -rf {target} && mkdir -p {target}")
+    for name, text in (("docker-compose.yml", out.compose), (".env", out.dotenv)):
+        subprocess.run([*fleet.fleet.ssh_argv(record), f"cat > {target}/{name}"], input=text, text=True, check=True)
+    result = subprocess.run([*fleet.fleet.ssh_argv(record), f"docker compose --project-directory {target} --profile agents "
+                             f"-f {target}/docker-compose.yml config -q"], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (0, "")
+    resolved = fleet.ssh(record, f"docker compose --project-directory {target} -f {target}/docker-compose.yml "
+                                 "--profile agents config --format json")
+    server = json.loads(resolved)["services"]["archon-server"]
+    assert server["volumes"][0]["source"] == "/srv/ml env: #1/envs/env-0123456789abcdef"
+    # From .env; compose prints `$` doubled in its own output so that it reads back as one `$`.
+    assert server["environment"]["SUPABASE_SERVICE_KEY"] == "k$$y"
+    fleet.ssh(record, f"rm -rf {target}")
