@@ -1,7 +1,10 @@
-"""`make rehearse`: converge the local rehearsal fleet twice and prove the second run changed nothing."""
+"""`make rehearse`: converge the local rehearsal fleet twice (directories, ML env, models, the
+reranker stack), prove the second run changed nothing, and ask every host's service for its health."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 from rehearsal.fleet import Fleet
@@ -31,7 +34,25 @@ def main() -> int:
         return 1
     hosts = len(second.per_host())
     print(f"\nrehearse: second run changed nothing on {hosts} host(s): No change everywhere.")
-    return 0
+    return check_health(fleet)
+
+
+def check_health(fleet: Fleet) -> int:
+    """The reranker's /health and a real request on every host: the stack runs on the mounted env and model."""
+    failed = 0
+    print()
+    for record in fleet.live_records():
+        probe = ("curl -fsS http://127.0.0.1:8080/health && echo && "
+                 "curl -fsS 'http://127.0.0.1:8080/tokenize?text=hello%20fleet'")
+        result = subprocess.run([*fleet.ssh_argv(record), probe], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            failed += 1
+            print(f"rehearse: {record.name}: the reranker does not answer: {result.stderr.strip()}", file=sys.stderr)
+            continue
+        health, work = (json.loads(line) for line in result.stdout.splitlines())
+        print(f"rehearse: {record.name}: healthy: env {health['env_id']}, model {health['model']}@{health['commit'][:12]}, "
+              f"python {health['python']}; tokens {work['tokens']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
