@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Optional
 
+import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.connectors import get_all_connectors
@@ -207,6 +208,13 @@ def _stack(value: Any) -> str:
     if value not in names:
         raise ValueError(f"expected a stack of files/stacks/: {', '.join(names)}")
     return value
+
+
+@cache
+def stack_model_settings(stack: str) -> dict[str, list[str]]:
+    """service -> the service_models variables it reads, from files/stacks/<stack>/stack.yml."""
+    services = yaml.safe_load((FILES / "stacks" / stack / "stack.yml").read_text())["services"]
+    return {name: list(spec.get("models", [])) for name, spec in services.items()}
 
 
 def _batch(value: Any) -> str:
@@ -408,6 +416,14 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
             problems.append(_problem(host_name, f"models[{index}].repo_id", model.repo_id,
                                      f"each repo once (it is also models[{seen_models[key]}])"))
         seen_models.setdefault(key, index)
+    readers: dict[str, list[str]] = {}
+    for service, variables in stack_model_settings(config.stack).items():
+        for variable in variables:
+            readers.setdefault(variable, []).append(service)
+    for variable, services in readers.items():
+        if variable not in config.service_models:
+            problems.append(_problem(host_name, "service_models", config.service_models,
+                                     f"an entry for {variable} (stack {config.stack!r}: read by {', '.join(services)})"))
     repo_ids = sorted({model.repo_id for model in config.models})
     for variable, repo_id in config.service_models.items():
         if repo_id not in repo_ids:

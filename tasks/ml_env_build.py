@@ -124,7 +124,7 @@ def build_env(client: docker.DockerClient, env: str, base_image: str, requiremen
         fileobj=context, custom_context=True, buildargs={"BASE_IMAGE": base_image},
         tag=f"mlstack-bootstrap:{env}", network_mode="none", rm=True,
     )
-    container = client.containers.create(image.id, network_mode="host", labels={"mlstack.env-id": env})
+    container = client.containers.create(image.id, network_mode="host", labels={"mlstack.env-build": env})
     try:
         container.put_archive("/", _tar_of({"etc/pip.conf": pip_conf(pip_options).encode(),
                                             "build/requirements.txt": requirements.encode()}))

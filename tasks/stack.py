@@ -264,7 +264,8 @@ def compose_args(project: str, compose_dir: str, profiles: list[str], subdir: st
 def private_upload(data: bytes, dest: str):
     """Upload DATA so that it is never readable by others, also through sudo's temporary copy."""
     temp = host.get_temp_filename(dest)
-    yield StringCommand(f"umask 077 && : > {shlex.quote(temp)}", _sudo=False)
+    if (host.current_op_global_arguments or {}).get("_sudo"):  # sftp writes sudo's copy as the login user first
+        yield StringCommand(f"umask 077 && : > {shlex.quote(temp)}", _sudo=False)
     yield f"install -m 0600 /dev/null {shlex.quote(dest)}"
     yield FileUploadCommand(io.BytesIO(data), dest, remote_temp_filename=temp)
 

@@ -36,6 +36,13 @@ class TestFleet:
             raise AssertionError(f"{record.name}: {command!r} failed ({result.returncode}): {result.stderr}")
         return result.stdout
 
+    def wipe(self, *extra_paths: str) -> None:
+        """Every host as before any deploy: the stack's containers removed, /srv/mlstack (and EXTRA_PATHS) gone."""
+        paths = " ".join(("/srv/mlstack", *extra_paths))
+        for record in self.hosts:
+            self.ssh(record, "docker ps -aq --filter label=com.docker.compose.project | xargs -r docker rm -f >/dev/null; "
+                             f"rm -rf {paths}")
+
     def deploy(self, *args: str, env: dict | None = None) -> DeployRun:
         # -y skips pyinfra's change detection, which a dry run's plan is made of.
         confirm = () if "--dry" in args else ("-y",)

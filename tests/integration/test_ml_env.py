@@ -18,6 +18,7 @@ from tasks.ml_env import runtime_environment
 
 ENV_DIR = "/srv/mlstack/ml-env"
 FILES = Path(__file__).parents[2] / "files"
+REHEARSAL = (FILES / "requirements.rehearsal.txt").read_text()  # what the rehearsal's reranker imports
 ENV_LINE = re.compile(r"\[(host\d+)\] ML env: (none|env-[0-9a-f]{16}) → (env-[0-9a-f]{16})")
 
 
@@ -29,8 +30,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_hosts(fleet):
-    for record in fleet.hosts:
-        fleet.ssh(record, "rm -rf /srv/mlstack /srv/evil")
+    fleet.wipe("/srv/evil")
 
 
 def deploy(fleet, cache, *data: str, user: str = "root"):
@@ -94,20 +94,20 @@ def test_new_requirements_switch_every_host_keep_envs_bounds_the_rest_and_a_pin_
     a = deploy(fleet, cache, "keep_envs=1")
     (env_a,) = switched_to(a)
 
-    dry = fleet.deploy("--dry", "--data", f"ml_env_cache_dir={cache}", "--data", requirements(tmp_path, "b.txt", "huggingface_hub>=0.30\npyyaml>=6\n"))
+    dry = fleet.deploy("--dry", "--data", f"ml_env_cache_dir={cache}", "--data", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
     assert dry.returncode == 0, dry.output[-3000:]
     (env_b,) = switched_to(dry)
     assert f"[host2] ML env: {env_a} → {env_b} (to build once, then upload)" in dry.output
     assert not (cache / f"{env_b}.tar.gz").exists()  # a dry run builds nothing
     assert [active(fleet, record) for record in fleet.hosts] == [env_a, env_a]
 
-    b = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "b.txt", "huggingface_hub>=0.30\npyyaml>=6\n"))
+    b = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
     assert b.returncode == 0, b.output[-3000:]
     for record in fleet.hosts:
         assert active(fleet, record) == env_b and sorted(envs_on(fleet, record)) == sorted([env_a, env_b])
 
     # As the sudo user this time: the upload goes through sudo, the import check runs docker through sudo.
-    c = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "c.txt", "pyyaml>=6\n"), user="deploy")
+    c = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "c.txt", REHEARSAL + "tqdm\n"), user="deploy")
     assert c.returncode == 0, c.output[-3000:]
     (env_c,) = switched_to(c)
     for record in fleet.hosts:

@@ -35,12 +35,13 @@ def test_the_env_is_built_once_and_imports_in_the_runtime_image(fleet, builder, 
     assert manifest.imports == {"huggingface-hub": ["huggingface_hub"], "pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}
     artifact = tmp_path / f"{env}.tar.gz"
     stat_before = artifact.stat()
-    containers_before = len(client.containers.list(all=True))
+    builds = {"label": "mlstack.env-build"}  # the bootstrap containers (a host may run the stack besides)
+    containers_before = len(client.containers.list(all=True, filters=builds))
 
     again = build_env(client, env, IMAGE_NAME, REQUIREMENTS, pip_options(fleet), tmp_path)
     assert again == manifest
     assert artifact.stat().st_mtime_ns == stat_before.st_mtime_ns and artifact.stat().st_ino == stat_before.st_ino
-    assert len(client.containers.list(all=True)) == containers_before == 0  # no build container left either
+    assert len(client.containers.list(all=True, filters=builds)) == containers_before == 0  # no build container left
 
     # Unpacked on a host and mounted read-only where the stack mounts it, the env imports offline.
     target = f"/srv/ml-env-build-test/{env}"
@@ -60,4 +61,4 @@ def test_a_failed_install_reports_pips_error_and_caches_nothing(fleet, builder, 
     with pytest.raises(ArtifactError, match=r"pip install failed \(exit 1\):(.|\n)*no-such-package-anywhere"):
         build_env(client, "env-broken", IMAGE_NAME, requirements, pip_options(fleet), tmp_path)
     assert list(tmp_path.iterdir()) == []
-    assert client.containers.list(all=True) == []
+    assert client.containers.list(all=True, filters={"label": "mlstack.env-build"}) == []

@@ -30,7 +30,8 @@ def control_cache(tmp_path):
 @pytest.fixture(autouse=True)
 def fresh_hosts(fleet):
     for record in fleet.hosts:
-        fleet.ssh(record, "umount /srv/small 2>/dev/null; rm -rf /srv/mlstack /srv/small")
+        fleet.ssh(record, "umount /srv/small 2>/dev/null; rm -rf /srv/small")
+    fleet.wipe()
 
 
 def deploy(fleet, control_cache, *data: str, dry: bool = False, limit: str | None = None):
@@ -140,7 +141,7 @@ def test_a_host_without_room_fails_the_preflight_and_receives_nothing(fleet, con
      f"models[0].revision = 'v9': expected a branch, tag or commit of {hub.NESTED} on {{hub}}; it has none of that name"),
 ])
 def test_an_unknown_repo_or_revision_fails_at_plan_time_and_no_host_changes(fleet, control_cache, entry, message):
-    run = deploy(fleet, control_cache, models_data(entry), "service_models={}")
+    run = deploy(fleet, control_cache, models_data(entry), "service_models=" + json.dumps({"RERANKING_MODEL": entry["repo_id"]}))
     assert run.returncode != 0
     assert message.format(hub=fleet.fleet.hub_url) in run.output
     assert "Traceback" not in run.output
@@ -150,8 +151,8 @@ def test_an_unknown_repo_or_revision_fails_at_plan_time_and_no_host_changes(flee
 
 def test_a_transfer_killed_mid_blob_leaves_no_visible_snapshot_and_the_rerun_completes(fleet, control_cache):
     victim = fleet.hosts[0]
-    assert deploy(fleet, control_cache, models_data({"repo_id": hub.NESTED, "revision": NESTED_SHA}), "service_models={}",
-                  limit=victim.name).returncode == 0  # env and directories in place: the kill lands in the model upload
+    assert deploy(fleet, control_cache, limit=victim.name).returncode == 0
+    fleet.ssh(victim, f"rm -rf {CACHE}/hub/{MINILM_FOLDER}")  # lost: the next run sends it again, and is killed doing so
     argv = [PYINFRA, "inventory/rehearsal.py", "deploy.py", "-y", "--limit", victim.name,
             "--data", f"hf_control_cache_dir={control_cache}"]
     process = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name},

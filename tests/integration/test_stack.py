@@ -21,8 +21,7 @@ MINILM_SHA = hub.ensure_repos()[hub.MINILM]["main"]
 @pytest.fixture(scope="module", autouse=True)
 def stack_down_after(fleet):
     yield
-    for record in fleet.hosts:
-        fleet.ssh(record, f"docker compose -p {PROJECT} down -t 1 2>/dev/null; rm -rf /srv/mlstack", check=False)
+    fleet.wipe()
 
 
 def containers(fleet, record) -> dict[str, str]:

@@ -204,7 +204,7 @@ def test_model_entries_get_defaults_and_their_cache_folder():
     ],
 )
 def test_each_bad_model_entry_has_its_exact_message(models, problem):
-    assert problems_for(models=models, service_models={}) == [f"gpu-01: {problem}"]
+    assert problems_for(models=models, service_models={"RERANKING_MODEL": "a/b"}) == [f"gpu-01: {problem}"]
 
 
 def test_a_service_naming_a_model_the_deploy_does_not_place_is_refused():
@@ -215,3 +215,9 @@ def test_a_service_naming_a_model_the_deploy_does_not_place_is_refused():
     ]
     assert problems_for(service_models={"reranking model": "Qwen/Qwen3-Reranker-0.6B"})[0].startswith(
         "gpu-01: service_models.reranking model = 'reranking model': expected an environment variable name")
+
+
+def test_a_stack_service_reading_a_model_setting_the_inventory_lacks_is_refused():
+    assert problems_for(stack="reranker", service_models={}) == [
+        "gpu-01: service_models = {}: an entry for RERANKING_MODEL (stack 'reranker': read by reranker)"
+    ]
