@@ -91,12 +91,13 @@ def pip_conf(options: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _tar_of(files: dict[str, bytes]) -> bytes:
+def tar_of(files: dict[str, bytes], mode: int = 0o600) -> bytes:
+    """An uncompressed tar of FILES (name -> content), for a build context or `put_archive`."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o600
+            info.size, info.mode = len(data), mode
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
@@ -119,14 +120,14 @@ def build_env(client: docker.DockerClient, env: str, base_image: str, requiremen
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     print(f"ML env {env}: building from {base_image}", file=log, flush=True)
-    context = io.BytesIO(_tar_of({"Dockerfile": (FILES / BOOTSTRAP_DOCKERFILE).read_bytes()}))
+    context = io.BytesIO(tar_of({"Dockerfile": (FILES / BOOTSTRAP_DOCKERFILE).read_bytes()}))
     image, _ = client.images.build(
         fileobj=context, custom_context=True, buildargs={"BASE_IMAGE": base_image},
         tag=f"mlstack-bootstrap:{env}", network_mode="none", rm=True,
     )
     container = client.containers.create(image.id, network_mode="host", labels={"mlstack.env-build": env})
     try:
-        container.put_archive("/", _tar_of({"etc/pip.conf": pip_conf(pip_options).encode(),
+        container.put_archive("/", tar_of({"etc/pip.conf": pip_conf(pip_options).encode(),
                                             "build/requirements.txt": requirements.encode()}))
         container.start()
         tail: list[str] = []

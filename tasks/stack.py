@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import sys
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tasks.facts import StackHostState, StackState
 from tasks.gpu import Gpu, NvidiaGpus, device_reservation
 from tasks.hostops import UploadProgress, once
 from tasks.ml_env import EnvPlan
-from tasks.ml_env_build import BuilderError, connect, describe
+from tasks.ml_env_build import BuilderError, connect, describe, tar_of
 from tasks.models import Snapshot
 
 STACKS = FILES / "stacks"
@@ -210,13 +209,7 @@ def _build_and_save(stack: StackDef, tag: str, base_ref: str, builder: str, arch
     """Build the slim image on the builder once and keep `docker save | gzip` of it in the control cache."""
     if archive.exists():
         return archive
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as context:
-        for name, data in stack.build_files().items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            context.addfile(info, io.BytesIO(data))
-    buffer.seek(0)
+    buffer = io.BytesIO(tar_of(stack.build_files(), mode=0o644))
     client = connect(builder)
     try:
         print(f"image {tag}: building on {describe(builder)}", file=sys.stderr, flush=True)
@@ -335,13 +328,16 @@ def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot]) ->
         healthy = sum(c.state == "running" and c.health in ("", "healthy") for c in state.containers.values())
         host.log(f"stack {definition.project}: no change ({healthy}/{len(state.containers)} services running and healthy)")
         return plan
+    archive = Path(config.image_cache_dir).expanduser() / f"{tag.replace(':', '-')}.tar.gz"
+    if plan.send_image:
+        size = f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists() else "to build once, then send"
+        host.log(f"stack {definition.project}: image {tag} ({size})")
     host.log(f"stack {definition.project}: " + (", ".join(f"{service} ({why})" for service, why in plan.recreate.items())
                                                  or "files only, no service recreated"))
     if pyinfra_state.config.DIFF:
         for line in _diff(state.compose, rendered.compose, "docker-compose.yml") + masked_env_diff(state.digest, rendered.digest):
             host.log(f"  {line}")
     if plan.send_image:
-        archive = Path(config.image_cache_dir).expanduser() / f"{tag.replace(':', '-')}.tar.gz"
         ship_image(name=f"Image {tag}", stack=definition, tag=tag, base_ref=config.ml_env_base_image,
                    builder=config.ml_env_builder, archive=archive, compose_dir=config.compose_project_dir)
     if plan.push:
