@@ -93,7 +93,7 @@ def escape(value: str) -> str:
 def dotenv_line(key: str, value: str) -> str:
     """One `.env` line compose reads back as exactly VALUE, for `env_file:` and `${VAR}` alike.
 
-    Double quotes with `\\`, `"`, `$` and newline escaped (notes/compose-facts.md has the proof):
+    Double quotes with `\\`, `"`, `$` and newline escaped (rehearsal/compose-facts.md has the proof):
     unquoted values lose ` #…` and expand `$X`; single quotes still treat `\\'` as an escape.
     """
     if "\0" in value:
