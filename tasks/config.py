@@ -302,6 +302,7 @@ class HostConfig(BaseModel):
     ml_env_requirements: RequirementsFile
     ml_env_id: EnvId
     keep_envs: KeepCount
+    ml_env_check_active: Flag
     ml_env_base_image: ImageRef
     ml_env_builder: EngineUrl
     ml_env_cache_dir: ControlPath

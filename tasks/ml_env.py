@@ -21,7 +21,7 @@ from pathlib import Path
 
 import docker.errors
 from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, deploy, operation
+from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 from pyinfra.api.command import FileUploadCommand
 from pyinfra.api.exceptions import PyinfraError
 
@@ -225,6 +225,16 @@ def import_check_command(env_dir: str, env: str, image_id: str, python: str) -> 
             f"--entrypoint python3 {image_id} -c {shlex.quote(IMPORT_CHECK)}")
 
 
+class EnvImportCheck(FactBase):
+    """The import check of an installed env, run now: None when it passes, else what failed (read-only)."""
+
+    def command(self, env_dir: str, env: str, image_id: str, python: str) -> str:
+        return f"{import_check_command(env_dir, env, image_id, python)} 2>&1 >/dev/null | tail -5; true"
+
+    def process(self, output: list[str]) -> str | None:
+        return " / ".join(line.strip() for line in output if line.strip()) or None
+
+
 @operation(is_idempotent=False)
 def activate_env(env_dir: str, env: str, image_id: str, python: str):
     """Import every requirement in the runtime image from the env; only then point `active` at it."""
@@ -274,6 +284,12 @@ def ml_env(config: HostConfig) -> EnvPlan | None:
         raise MlEnvError(f"{host.name}: ml_env_id = {source.env!r}: this env is neither on the host nor in the "
                          f"control cache {source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")
     host.log(plan.summary(cached.size if cached else None))
+    if config.ml_env_check_active and not plan.activate:
+        failure = host.get_fact(EnvImportCheck, env_dir=config.ml_env_dir, env=plan.wanted, image_id=base.id,
+                                python=base.python)
+        if failure:
+            host.log(f"ML env: the active env {plan.wanted} fails its import check: {failure}")
+            refuse(name=f"Import check of the active env {plan.wanted}", message=f"{host.name}: {failure}")
     if plan.upload:
         install_env(
             name=f"Upload and unpack {source.env}",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
 from tasks.config import ConfigError, HostConfig, validate_host
-from tasks.runner import DeployRun, run_deploy
+from tasks.runner import DeployRun, limit_args, run_deploy
 
 STATUS_LINE = re.compile(r"^\s*\[(?P<host>[^\]]+)\] (?P<what>ML env|model|stack)\b(?P<rest>.*)$")
 FAILING_SERVICE = re.compile(r"^\s*\[(?P<host>[^\]]+)\] last log lines of (?P<service>\S+):$")
@@ -69,14 +69,18 @@ def read_outcomes(run: DeployRun, outcomes: dict[str, HostOutcome]) -> None:
             outcome.stack = rest
 
 
-def inventory_hosts(inventory: str, limit: list[str]) -> tuple[list[str], HostConfig]:
-    """Host names in inventory order (narrowed by --limit patterns) and the first host's validated config."""
+def inventory_hosts(inventory: str, limit: list[str], pyinfra_args: list[str] = ()) -> tuple[list[str], HostConfig]:
+    """Host names in inventory order (narrowed by --limit patterns) and the first host's validated config,
+    with the `--data key=value` overrides among PYINFRA_ARGS applied as pyinfra applies them."""
     from pyinfra.api import State  # noqa: PLC0415 (pyinfra's CLI machinery, only for this)
     from pyinfra.context import ctx_state  # noqa: PLC0415
     from pyinfra_cli.inventory import make_inventory  # noqa: PLC0415
+    from pyinfra_cli.util import parse_cli_arg  # noqa: PLC0415
 
+    pairs = [pyinfra_args[i + 1] for i, arg in enumerate(pyinfra_args[:-1]) if arg == "--data"]
+    overrides = {key: parse_cli_arg(value) for key, _, value in (pair.partition("=") for pair in pairs)}
     with ctx_state.use(State()):
-        hosts = list(make_inventory(inventory, cwd="."))
+        hosts = list(make_inventory(inventory, cwd=".", override_data=overrides))
     names = [h.name for h in hosts if not limit or any(fnmatch(h.name, pattern) for pattern in limit)]
     if not names:
         raise SystemExit(f"rollout: no host of {inventory} matches --limit {' '.join(limit)}")
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inventory")
     parser.add_argument("--limit", action="append", default=[], help="host name patterns, as pyinfra's --limit")
     options, pyinfra_args = parser.parse_known_args(argv)
-    order, config = inventory_hosts(options.inventory, options.limit)
+    order, config = inventory_hosts(options.inventory, options.limit, pyinfra_args)
     canary, allowed = config.rollout_canary, config.rollout_max_failures
     outcomes = {name: HostOutcome() for name in order}
     failures: list[str] = []
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for number, group in enumerate(plan, start=1):
         label = "canary" if number == 1 and canary else f"batch {number - (1 if canary else 0)}"
         print(f"rollout: {label}: {', '.join(group)}", flush=True)
-        run = run_deploy("-y", "--limit", ",".join(group), *pyinfra_args, inventory=options.inventory, echo=True)
+        run = run_deploy("-y", *limit_args(group), *pyinfra_args, inventory=options.inventory, echo=True)
         read_outcomes(run, outcomes)
         failed = failed_hosts(run, group)
         for name in group:

@@ -41,6 +41,11 @@ class DeployRun:
         return [(op["name"], op["success"]) for op in self.operations if op["success"]]
 
 
+def limit_args(hosts: list[str]) -> list[str]:
+    """pyinfra's --limit takes one pattern per flag (a comma is not a separator: "a,b" matches no host)."""
+    return [arg for name in hosts for arg in ("--limit", name)]
+
+
 def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict | None = None, echo: bool = False) -> DeployRun:
     """`pyinfra INVENTORY deploy.py ARGS --json`; ECHO streams pyinfra's log to our stderr."""
     argv = [PYINFRA, inventory, "deploy.py", *args, "--json"]

@@ -33,6 +33,8 @@ ml_env_requirements = "requirements.ml.txt"
 ml_env_id = None
 # Previous envs kept on each host besides the active one (rollback without a transfer).
 keep_envs = 2
+# Import-check the already active env on every run, not only when switching (`tasks.verify` turns it on).
+ml_env_check_active = False
 # The runtime base image: the ML env is built on it and checked in it (same Python and glibc as the stack).
 ml_env_base_image = "python:3.11-slim-bookworm"
 # The docker engine that builds the env: "" is the control node's own (or DOCKER_HOST); or e.g. "ssh://root@gpu-01".
