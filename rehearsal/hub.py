@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rehearsal.baseimage import CACHE_DIR
+from rehearsal.listening import wait_until_listening
 
 MIRROR = CACHE_DIR / "hub-mirror"
 PORT = 8090
@@ -310,18 +310,11 @@ def start(address: str, state_dir: Path, repos: dict[str, dict] | None = None, p
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             cwd=state_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection((address, port), timeout=1).close()
-            return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                if process.poll() is None:  # ours, by pid: nothing is left running unrecorded
-                    process.kill()
-                    process.wait()
-                raise HubError(f"olah did not start on {address}:{port}; see {log}")
-            time.sleep(0.1)
+    try:
+        wait_until_listening(process, address, port, 60, "olah", log)
+    except RuntimeError as error:
+        raise HubError(str(error)) from None
+    return process
 
 
 def _seed_newest_commits(repos_path: Path, repos: dict[str, dict]) -> None:

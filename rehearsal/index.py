@@ -7,13 +7,12 @@ builds never need PyPI. pypiserver's fallback redirect to PyPI is disabled.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from rehearsal.baseimage import CACHE_DIR
+from rehearsal.listening import wait_until_listening
 
 WHEELHOUSE = CACHE_DIR / "wheelhouse"
 PORT = 3141
@@ -40,15 +39,8 @@ def start(address: str, log: Path) -> subprocess.Popen:
          "--disable-fallback", "--authenticate", ".", "--passwords", ".", "--backend", "simple-dir", str(WHEELHOUSE)],
         stdin=subprocess.DEVNULL, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection((address, PORT), timeout=1).close()
-            return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pypiserver did not start on {address}:{PORT}; see {log}")
-            time.sleep(0.1)
+    wait_until_listening(process, address, PORT, 30, "pypiserver", log)
+    return process
 
 
 def index_url(address: str) -> str:

@@ -13,6 +13,15 @@ from pyinfra.api import FunctionCommand, operation
 
 PROGRESS_EVERY = 2.0  # seconds between upload progress lines
 PROGRESS_FROM = 1_000_000  # smaller files arrive too fast for progress to say anything
+DISK_MARGIN = 256 * 2**20  # bytes a transfer leaves free on the host beyond what it writes
+
+
+def room_problem(free: int, needed: int, contents: str, where: str = "") -> str | None:
+    """Why a host with FREE bytes cannot take NEEDED more (plus the margin), or None: checked before any byte is sent."""
+    if free >= needed + DISK_MARGIN:
+        return None
+    return (f"not enough disk space{where}: {free / 1e6:.0f} MB free, {(needed + DISK_MARGIN) / 1e6:.0f} MB needed "
+            f"({contents} and a margin); nothing was sent")
 
 
 class UploadProgress(io.RawIOBase):

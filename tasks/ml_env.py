@@ -27,14 +27,13 @@ from pyinfra.api.exceptions import PyinfraError
 
 from tasks.config import HostConfig, read_requirements
 from tasks.facts import MlEnvHostState, MlEnvState
-from tasks.hostops import UploadProgress, once, refuse
+from tasks.hostops import UploadProgress, once, refuse, room_problem
 from tasks.ml_env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id
 from tasks.ml_env_build import (BaseImage, BuilderError, artifact_paths, build_env, cached_manifest, connect, describe,
                                 probe_base_image)
 
 MOUNT = "/root/.local"
 RUNTIME_PATH = f"{MOUNT}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DISK_MARGIN = 256 * 2**20  # bytes kept free beyond the artifact and its unpacked size
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 # Runs inside the runtime image with the env mounted: every top-level requirement must import, from the env.
@@ -179,11 +178,9 @@ def _ready_to_send(state, host, source: EnvSource, free_bytes: int) -> bool:
     except ArtifactError as error:
         host.log_styled(f"ML env {source.env}: {error}", fg="red", log_func=logger.error)
         return False
-    needed = manifest.size + manifest.unpacked_size + DISK_MARGIN
-    if free_bytes < needed:
-        host.log_styled(f"ML env {source.env}: not enough disk space: {free_bytes / 1e6:.0f} MB free, "
-                        f"{needed / 1e6:.0f} MB needed (artifact, unpacked env and a margin); nothing was sent",
-                        fg="red", log_func=logger.error)
+    problem = room_problem(free_bytes, manifest.size + manifest.unpacked_size, "artifact, unpacked env")
+    if problem:
+        host.log_styled(f"ML env {source.env}: {problem}", fg="red", log_func=logger.error)
         return False
     return True
 

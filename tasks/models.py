@@ -39,11 +39,10 @@ from pyinfra.api.exceptions import PyinfraError  # noqa: E402
 
 from tasks.config import HostConfig, ModelSpec  # noqa: E402
 from tasks.facts import ModelCacheHostState, ModelCacheState, RepoCacheState  # noqa: E402
-from tasks.hostops import UploadProgress, once, refuse  # noqa: E402
+from tasks.hostops import UploadProgress, once, refuse, room_problem  # noqa: E402
 from tasks.ml_env import EnvPlan  # noqa: E402
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
-DISK_MARGIN = 256 * 2**20  # bytes kept free beyond the files to transfer
 TREE_FORMAT_VERSION = 1  # huggingface_hub's trees/<commit>.json format
 
 
@@ -356,12 +355,10 @@ def download_model_on_host(cache_dir: str, plan: ModelPlan, env: EnvPlan, env_di
 
 
 def _room(state, host, needed: int, free: int) -> bool:
-    if free >= needed + DISK_MARGIN:
-        return True
-    host.log_styled(f"models: not enough disk space for the model cache: {free / 1e6:.0f} MB free, "
-                    f"{(needed + DISK_MARGIN) / 1e6:.0f} MB needed (the files to transfer and a margin); nothing was sent",
-                    fg="red", log_func=logger.error)
-    return False
+    problem = room_problem(free, needed, "the files to transfer", where=" for the model cache")
+    if problem:
+        host.log_styled(f"models: {problem}", fg="red", log_func=logger.error)
+    return problem is None
 
 
 @deploy("Models")

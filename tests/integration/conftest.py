@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ from tasks.runner import DeployRun, run_deploy
 
 # Its own bridge and subnet: a developer's `make rehearse` fleet is left alone. MLSTACK_TEST_FLEET
 # gives a second session on the same machine a fleet of its own.
+REPO = Path(__file__).parents[2]
 TEST_FLEET = os.environ.get("MLSTACK_TEST_FLEET", "itest")
 
 
@@ -42,6 +45,12 @@ class TestFleet:
         for record in self.hosts:
             self.ssh(record, "docker ps -aq --filter label=com.docker.compose.project | xargs -r docker rm -f >/dev/null; "
                              f"rm -rf {paths}")
+
+    def tool(self, module: str, *args: str) -> subprocess.CompletedProcess:
+        """`python -m MODULE inventory/rehearsal.py ARGS` (tasks.rollout, tasks.verify) against this fleet."""
+        return subprocess.run([sys.executable, "-m", module, "inventory/rehearsal.py", *args], cwd=REPO,
+                              env={**os.environ, "MLSTACK_FLEET": self.fleet.name}, capture_output=True, text=True,
+                              timeout=600)
 
     def deploy(self, *args: str, env: dict | None = None) -> DeployRun:
         # -y skips pyinfra's change detection, which a dry run's plan is made of.

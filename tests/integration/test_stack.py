@@ -4,7 +4,6 @@ exactly what changed, exact values through compose, a health gate with logs, a s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,10 +140,7 @@ def test_a_canary_failing_health_stops_the_rollout_and_the_report_names_the_serv
     # The canary's env loses a package behind the deploy's back: its reranker cannot start any more.
     fleet.ssh(canary, f"mv {site}/tokenizers /srv/tokenizers.saved")
     try:
-        env = {**os.environ, "MLSTACK_FLEET": fleet.fleet.name}
-        result = subprocess.run([sys.executable, "-m", "tasks.rollout", "inventory/rehearsal.py",
-                                 "--data", 'stack_env={"ROLLOUT": "2"}', "--data", "health_timeout=15"],
-                                cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600)
+        result = fleet.tool("tasks.rollout", "--data", 'stack_env={"ROLLOUT": "2"}', "--data", "health_timeout=15")
     finally:
         fleet.ssh(canary, f"mv /srv/tokenizers.saved {site}/tokenizers")
     assert result.returncode != 0

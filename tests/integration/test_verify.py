@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).parents[2]
 SNAPSHOT_STATE = ("find /srv/mlstack -printf '%p %m %u %g %s %T@\\n' | sort | md5sum; "
                   "docker ps -q --no-trunc | sort | md5sum")
 
 
 def verify(fleet, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tasks.verify", "inventory/rehearsal.py", *args], cwd=REPO,
-                          env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name}, capture_output=True, text=True, timeout=600)
+    return fleet.tool("tasks.verify", *args)
 
 
 def host_row(result, name: str) -> str:
