@@ -9,14 +9,16 @@ from pyinfra import host
 
 from tasks.config import host_config
 from tasks.directories import host_directories
+from tasks.lock import hold_deploy_lock
 from tasks.ml_env import ml_env, ml_env_cleanup
 from tasks.models import models
 from tasks.stack import stack
 
 config = host_config(host)  # validates every targeted host before anything changes
 
-host_directories(config)
-env = ml_env(config)
-snapshots = models(config, env)
-stack(config, env, snapshots)
-ml_env_cleanup(config, env)  # last: only once nothing uses the envs it removes
+if hold_deploy_lock():  # one deploy at a time per host, held until this run disconnects
+    host_directories(config)
+    env = ml_env(config)
+    snapshots = models(config, env)
+    stack(config, env, snapshots)
+    ml_env_cleanup(config, env)  # last: only once nothing uses the envs it removes

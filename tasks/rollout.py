@@ -22,6 +22,8 @@ from tasks.runner import DeployRun, limit_args, run_deploy
 
 STATUS_LINE = re.compile(r"^\s*\[(?P<host>[^\]]+)\] (?P<what>ML env|model|stack)\b(?P<rest>.*)$")
 FAILING_SERVICE = re.compile(r"^\s*\[(?P<host>[^\]]+)\] last log lines of (?P<service>\S+):$")
+# Hosts the deploy never worked on: pyinfra could not connect, or another deploy held the lock.
+NOT_DEPLOYED = re.compile(r"^\s*\[(?P<host>[^\]]+)\] (?:Could not connect \((?P<unreachable>.*)\)|Deploy lock: (?P<locked>.*))$")
 
 
 def batches(hosts: list[str], canary: int, batch: str) -> list[list[str]]:
@@ -57,6 +59,10 @@ def read_outcomes(run: DeployRun, outcomes: dict[str, HostOutcome]) -> None:
         failing = FAILING_SERVICE.match(line)
         if failing and failing["host"] in outcomes:
             outcomes[failing["host"]].stack += f"; unhealthy: {failing['service']}"
+        skipped = NOT_DEPLOYED.match(line)
+        if skipped and skipped["host"] in outcomes:
+            outcomes[skipped["host"]].stack = (f"unreachable: {skipped['unreachable']}" if skipped["unreachable"]
+                                               else f"locked: {skipped['locked']}")
         match = STATUS_LINE.match(line)
         if not match or match["host"] not in outcomes:
             continue
