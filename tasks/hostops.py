@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import FunctionCommand, StringCommand, operation
+from pyinfra.api.command import FileUploadCommand
 
 PROGRESS_EVERY = 2.0  # seconds between upload progress lines
 PROGRESS_FROM = 1_000_000  # smaller files arrive too fast for progress to say anything
@@ -54,6 +55,32 @@ class UploadProgress(io.RawIOBase):
         if self.file:
             self.file.close()
         super().close()
+
+
+class RoomCheckedUpload(FileUploadCommand):
+    """An upload whose failure says how much room is left where it was writing: SFTP reports a full
+    disk as a bare "Failure" (and under sudo the file passes through the host's temp dir first)."""
+
+    def execute(self, state, host, connector_arguments) -> bool:
+        try:
+            if super().execute(state, host, dict(connector_arguments)):
+                return True
+            failure = "the upload failed"
+        except OSError as error:
+            failure = f"the upload failed ({error})"
+        places = {str(Path(self.dest).parent)}
+        if any(connector_arguments.get(key) for key in ("_sudo", "_su_user", "_doas", "_dzdo")):
+            places.add(str(Path(self.remote_temp_filename or self.dest).parent))
+        _, output = host.run_shell_command(StringCommand(f"df -Pk {' '.join(sorted(places))} | awk 'NR > 1 {{print $4, $6}}'"),
+                                           **connector_arguments)
+        room = []
+        for line in output.stdout_lines:
+            free_kb, _, mount = line.partition(" ")
+            room.append(f"No space left on device on {mount}" if int(free_kb) < 1024 else f"{int(free_kb) / 1e3:.0f} MB free on {mount}")
+        label = getattr(self.src, "label", self.dest)
+        host.log_styled(f"{label}: {failure}: {', '.join(room) or 'free space unknown'}; nothing was installed, "
+                        "the next run sends it again", fg="red", log_func=logger.error)
+        return False
 
 
 @operation(is_idempotent=False)

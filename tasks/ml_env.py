@@ -22,12 +22,11 @@ from pathlib import Path
 import docker.errors
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
-from pyinfra.api.command import FileUploadCommand
 from pyinfra.api.exceptions import PyinfraError
 
 from tasks.config import HostConfig, read_requirements
 from tasks.facts import MlEnvHostState, MlEnvState
-from tasks.hostops import UploadProgress, once, refuse, room_problem
+from tasks.hostops import RoomCheckedUpload, UploadProgress, once, refuse, room_problem
 from tasks.ml_env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id
 from tasks.ml_env_build import (BaseImage, BuilderError, artifact_paths, build_env, cached_manifest, connect, describe,
                                 probe_base_image)
@@ -211,7 +210,7 @@ def install_env(env_dir: str, source: EnvSource, uid: int, gid: int, free_bytes:
     incoming = f"{env_dir}/incoming/{source.env}.tar.gz"
     yield (f"install -d -m 0700 {shlex.quote(env_dir)}/incoming && "
            f"install -d -m 0755 -o {uid} -g {gid} {shlex.quote(env_dir)}/envs")
-    yield FileUploadCommand(UploadProgress(source.artifact(), f"ML env {source.env}"), incoming,
+    yield RoomCheckedUpload(UploadProgress(source.artifact(), f"ML env {source.env}"), incoming,
                             remote_temp_filename=host.get_temp_filename(incoming))
     yield unpack_command(env_dir, source.env, manifest.sha256, uid, gid)
 

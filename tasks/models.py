@@ -39,7 +39,7 @@ from pyinfra.api.exceptions import PyinfraError  # noqa: E402
 
 from tasks.config import HostConfig, ModelSpec  # noqa: E402
 from tasks.facts import ModelCacheHostState, ModelCacheState, RepoCacheState  # noqa: E402
-from tasks.hostops import UploadProgress, once, refuse, room_problem  # noqa: E402
+from tasks.hostops import RoomCheckedUpload, UploadProgress, once, refuse, room_problem  # noqa: E402
 from tasks.ml_env import EnvPlan  # noqa: E402
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -298,7 +298,7 @@ def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: P
     yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
     for entry in plan.send:
         source = control_file(control_cache, snapshot, entry).resolve()
-        yield FileUploadCommand(UploadProgress(source, f"model file {entry.path}"), f"{repo}/blobs/{entry.blob}.incoming",
+        yield RoomCheckedUpload(UploadProgress(source, f"model file {entry.path}"), f"{repo}/blobs/{entry.blob}.incoming",
                                 remote_temp_filename=host.get_temp_filename(f"{repo}/blobs/{entry.blob}"))
         yield blob_in_place_command(repo, entry, owner)
     if plan.write_tree:

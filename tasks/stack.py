@@ -31,7 +31,7 @@ from pyinfra.api.exceptions import PyinfraError
 from tasks.config import FILES, HostConfig
 from tasks.facts import StackHostState, StackState
 from tasks.gpu import Gpu, NvidiaGpus, device_reservation
-from tasks.hostops import UploadProgress, once
+from tasks.hostops import RoomCheckedUpload, UploadProgress, once
 from tasks.ml_env import EnvPlan
 from tasks.ml_env_build import BuilderError, connect, describe, tar_of
 from tasks.models import Snapshot
@@ -243,7 +243,7 @@ def ship_image(stack: StackDef, tag: str, base_ref: str, builder: str, archive: 
     """Build once for the fleet, then `docker load` on each host that lacks the tag."""
     yield FunctionCommand(_image_ready, (stack, tag, base_ref, builder, archive), {})
     incoming = f"{compose_dir}/.image.tar.gz"
-    yield FileUploadCommand(UploadProgress(archive, f"image {tag}"), incoming, remote_temp_filename=host.get_temp_filename(incoming))
+    yield RoomCheckedUpload(UploadProgress(archive, f"image {tag}"), incoming, remote_temp_filename=host.get_temp_filename(incoming))
     yield f"docker load -q -i {shlex.quote(incoming)} && rm -f {shlex.quote(incoming)}"
 
 

@@ -1,0 +1,212 @@
+"""Faults on a real 2-host fleet, each judged by the state left on the hosts: an SSH connection killed
+mid env upload, a host down when the deploy starts, a disk filled during a transfer, two deploys at
+once. (A blob transfer killed mid-file is in test_models; a failing health gate in test_stack.)"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.runner import PYINFRA, REPO
+
+ENV_DIR = "/srv/mlstack/ml-env"
+FILES = Path(__file__).parents[2] / "files"
+REHEARSAL = (FILES / "requirements.rehearsal.txt").read_text()
+PROJECT = "mlstack-reranker"
+SENDING = re.compile(r"\] ML env (env-[0-9a-f]{16}): [\d.]+ / [\d.]+ MB sent")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults-env-cache")
+
+
+@pytest.fixture(autouse=True)
+def converged(fleet, cache):
+    """Every test starts from a converged fleet (the rehearsal env active, the stack healthy)."""
+    run = deploy(fleet, cache)
+    assert run.returncode == 0, run.output[-3000:]
+    yield
+    fleet.wipe()
+
+
+def deploy(fleet, cache, *data: str, limit: str | None = None):
+    args = [arg for item in data for arg in ("--data", item)]
+    return fleet.deploy("--data", f"ml_env_cache_dir={cache}", *args, *(("--limit", limit) if limit else ()))
+
+
+def new_requirements(tmp_path: Path) -> str:
+    """Requirements that make a new env (and so an upload) on the next deploy."""
+    path = tmp_path / "next.txt"
+    path.write_text(REHEARSAL + "packaging\n")
+    return f"ml_env_requirements={path}"
+
+
+def active(fleet, record) -> str:
+    return fleet.ssh(record, f"readlink {ENV_DIR}/active || true").strip().removeprefix("envs/")
+
+
+def env_listing(fleet, record, env: str) -> str:
+    """Every file of an installed env with its size and hash: equal means untouched and complete."""
+    return fleet.ssh(record, f"cd {ENV_DIR}/envs/{env} && find . -type f -exec sha256sum {{}} + | sort")
+
+
+def container_ids(fleet, record) -> str:
+    return fleet.ssh(record, f"docker ps -q --no-trunc --filter label=com.docker.compose.project={PROJECT} | sort")
+
+
+def veth(fleet, record) -> str:
+    return fleet.fleet.veth(int(record.name.removeprefix("host")))
+
+
+@contextlib.contextmanager
+def throttled(fleet, record, rate: str = "12mbit"):
+    """Traffic to RECORD slowed down, so that a transfer lasts long enough to be interrupted."""
+    device = veth(fleet, record)
+    subprocess.run(["tc", "qdisc", "add", "dev", device, "root", "tbf", "rate", rate, "burst", "64kb",
+                    "latency", "500ms"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", device, "root"], check=True)
+
+
+def start_deploy(fleet, cache, *data: str, limit: str) -> subprocess.Popen:
+    argv = [PYINFRA, "inventory/rehearsal.py", "deploy.py", "-y", "--limit", limit,
+            "--data", f"ml_env_cache_dir={cache}", *[arg for item in data for arg in ("--data", item)]]
+    return subprocess.Popen(argv, cwd=REPO, env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_upload(process: subprocess.Popen, log: list[str]) -> str:
+    """Read the deploy's log until the env upload is under way; the env id being sent."""
+    for line in process.stderr:
+        log.append(line)
+        sending = SENDING.search(line)
+        if sending and "(100%)" not in line:
+            return sending.group(1)
+    raise AssertionError("the deploy ended before its env upload began:\n" + "".join(log[-40:]))
+
+
+def finish(process: subprocess.Popen, log: list[str]) -> str:
+    log.extend(process.stderr)
+    process.wait(timeout=300)
+    return "".join(log)
+
+
+def ssh_sessions(fleet, record) -> list[int]:
+    """The host's sshd processes serving a connection (children of its listening sshd)."""
+    sshd = {}
+    for pid in fleet.fleet.host_pids(record):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd":
+                sshd[pid] = int(fields[1])  # its parent
+    return [pid for pid, parent in sshd.items() if parent in sshd]
+
+
+def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_and_the_rerun_converges(fleet, cache, tmp_path):
+    victim = fleet.hosts[0]
+    old = active(fleet, victim)
+    old_files, old_containers = env_listing(fleet, victim, old), container_ids(fleet, victim)
+    log: list[str] = []
+    with throttled(fleet, victim):
+        process = start_deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
+        new = wait_for_upload(process, log)
+        for pid in ssh_sessions(fleet, victim):  # the connection dies on the host's side
+            os.kill(pid, signal.SIGKILL)
+        output = finish(process, log)
+    assert process.returncode != 0, output[-3000:]
+
+    assert active(fleet, victim) == old
+    assert env_listing(fleet, victim, old) == old_files
+    assert container_ids(fleet, victim) == old_containers  # the stack was not touched
+    assert fleet.ssh(victim, f"ls {ENV_DIR}/envs").split() == [old]  # nothing of the new env is visible
+    partial = int(fleet.ssh(victim, f"stat -c %s {ENV_DIR}/incoming/{new}.tar.gz"))
+    assert 0 < partial < (cache / f"{new}.tar.gz").stat().st_size
+
+    rerun = deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
+    assert rerun.returncode == 0, rerun.output[-3000:]
+    assert active(fleet, victim) == new
+    assert fleet.ssh(victim, f"ls -A {ENV_DIR}/incoming; ls {ENV_DIR}/envs | grep -c tmp || true").split() == ["0"]
+
+
+def test_a_host_down_at_the_start_fails_the_run_names_it_and_the_others_converge(fleet, cache):
+    up, down = fleet.hosts
+    device = veth(fleet, down)
+    subprocess.run(["ip", "link", "set", device, "down"], check=True)
+    try:
+        rollout = fleet.tool("tasks.rollout", "--data", f"ml_env_cache_dir={cache}", "--data", "rollout_canary=0",
+                             "--data", "rollout_batch=2", "--data", "compose_project_dir_mode=0700")
+    finally:
+        subprocess.run(["ip", "link", "set", device, "up"], check=True)
+    assert rollout.returncode == 1, rollout.stdout + rollout.stderr[-3000:]
+    assert re.search(rf"^{down.name} +FAILED .*unreachable: \S", rollout.stdout, re.M), rollout.stdout
+    assert re.search(rf"^{up.name} +ok ", rollout.stdout, re.M), rollout.stdout
+    assert fleet.ssh(up, "stat -c %a /srv/mlstack/compose").strip() == "700"
+    assert fleet.ssh(down, "stat -c %a /srv/mlstack/compose").strip() == "750"
+
+    back = deploy(fleet, cache, "compose_project_dir_mode=0700")
+    assert back.returncode == 0, back.output[-3000:]
+    assert [name for name, _ in back.changed_operations()] == ["Host directories | Directory compose_project_dir "
+                                                               "/srv/mlstack/compose (0:0 0700)"]
+    assert back.per_host()[down.name]["changed"] == 1 and back.per_host()[up.name]["changed"] == 0
+
+
+def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_installed_and_the_rerun_converges(
+        fleet, cache, tmp_path):
+    victim = fleet.hosts[1]
+    fleet.wipe()
+    # /srv is a 600 MB tmpfs: room enough for the preflight; then another process takes it all mid upload.
+    fleet.ssh(victim, "mount -t tmpfs -o size=600m tmpfs /srv")
+    filler = ""
+    try:
+        filler = fleet.ssh(victim, f"mkdir -p {ENV_DIR}/incoming; sh -c 'while [ ! -s {ENV_DIR}/incoming/*.tar.gz ]; "
+                                   "do sleep 0.05; done; dd if=/dev/zero of=/srv/filler bs=1M'"
+                                   " </dev/null >/dev/null 2>&1 & echo $!").strip()
+        with throttled(fleet, victim):
+            run = deploy(fleet, cache, limit=victim.name)
+        assert run.returncode != 0
+        assert re.search(r"ML env env-[0-9a-f]{16}: the upload failed \(Failure\): No space left on device on /srv; "
+                         r"nothing was installed, the next run sends it again", run.output), run.output[-3000:]
+        assert fleet.ssh(victim, "ls /srv/filler")  # the filler did fill it
+        assert fleet.ssh(victim, f"readlink {ENV_DIR}/active || echo none").strip() == "none"
+        assert fleet.ssh(victim, f"ls {ENV_DIR}/envs 2>/dev/null | grep -v '[.]tmp$' || true") == ""
+        assert fleet.ssh(victim, "docker ps -aq") == ""  # the stack never started
+
+        fleet.ssh(victim, "rm /srv/filler")  # the operator frees the disk
+        rerun = deploy(fleet, cache, limit=victim.name)
+        assert rerun.returncode == 0, rerun.output[-3000:]
+        assert active(fleet, victim).startswith("env-")
+        assert fleet.ssh(victim, f"ls -A {ENV_DIR}/incoming; ls {ENV_DIR}/envs | grep -c tmp || true").split() == ["0"]
+    finally:
+        fleet.ssh(victim, f"kill {filler} 2>/dev/null || true")
+        fleet.wipe()
+        fleet.ssh(victim, "umount /srv")
+
+
+def test_a_second_deploy_during_a_first_fails_clearly_and_leaves_the_first_to_finish(fleet, cache, tmp_path):
+    victim = fleet.hosts[0]
+    log: list[str] = []
+    with throttled(fleet, victim):
+        first = start_deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
+        new = wait_for_upload(first, log)
+        second = deploy(fleet, cache, limit=victim.name)  # the old requirements: it would switch back
+        output = finish(first, log)
+    assert second.returncode != 0
+    assert re.search(rf"\[{victim.name}\] {victim.name}: another deploy holds this host's lock "
+                     rf"\(\S+@\S+ pid {first.pid} since \S+\): wait for it to end, then run again", second.output), \
+        second.output[-3000:]
+    assert second.changed_operations() == []
+    assert first.returncode == 0, output[-3000:]
+    assert active(fleet, victim) == new
+
+    after = deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)  # the lock went with the first run
+    assert after.returncode == 0 and after.changed_operations() == [], after.output[-3000:]
