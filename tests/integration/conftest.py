@@ -46,11 +46,11 @@ class TestFleet:
             self.ssh(record, "docker ps -aq --filter label=com.docker.compose.project | xargs -r docker rm -f >/dev/null; "
                              f"rm -rf {paths}")
 
-    def tool(self, module: str, *args: str) -> subprocess.CompletedProcess:
+    def tool(self, module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         """`python -m MODULE inventory/rehearsal.py ARGS` (tasks.rollout, tasks.verify) against this fleet."""
         return subprocess.run([sys.executable, "-m", module, "inventory/rehearsal.py", *args], cwd=REPO,
-                              env={**os.environ, "MLSTACK_FLEET": self.fleet.name}, capture_output=True, text=True,
-                              timeout=600)
+                              env={**os.environ, "MLSTACK_FLEET": self.fleet.name, **(env or {})},
+                              capture_output=True, text=True, timeout=600)
 
     def deploy(self, *args: str, env: dict | None = None) -> DeployRun:
         # -y skips pyinfra's change detection, which a dry run's plan is made of.

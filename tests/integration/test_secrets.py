@@ -1,0 +1,114 @@
+"""Secrets audit on a real 2-host fleet: an HF token, an index password and a stack secret go through a
+first deploy (env build, model download, stack start), a dry run with a rotated secret and a verify,
+all at -vvv; none of them shows in any output, in any process's argv on the machine while they run
+(control node and hosts), in container labels, in control-node caches, or in any host file but the
+stack's .env (0600) and docker's own root-only record of the container's environment."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from rehearsal.fleet import STATE_ROOT
+
+COMPOSE = "/srv/mlstack/compose"
+SECRETS = {
+    "HF_TOKEN": "hf_FAKEt0kenNotReal0123456789",
+    "MLSTACK_INDEX_PASSWORD": "idx-pw-9f8e7d6c",
+    "MLSTACK_API_KEY": "api-key-5c4b3a21",
+}
+ROTATED = "api-key-rotated-77e1"
+
+
+class ArgvWatch(threading.Thread):
+    """Samples every process's argv on this machine (the hosts share its pid namespace) until stopped."""
+
+    def __init__(self, needles: list[str]):
+        super().__init__(daemon=True)
+        self.needles, self.seen, self.hits = [needle.encode() for needle in needles], set(), []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    argv = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+                except OSError:
+                    continue
+                self.seen.add(argv[:200])
+                if any(needle in argv for needle in self.needles):
+                    self.hits.append(argv.replace(b"\0", b" ")[:300])
+            self.done.wait(0.01)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join()
+
+
+def files_holding(root: Path, needle: str) -> set[str]:
+    found = set()
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle.encode() in path.read_bytes():
+                found.add(str(path.relative_to(root)))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def wiped(fleet):
+    fleet.wipe()
+    yield
+    fleet.wipe()
+
+
+def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped, tmp_path):
+    caches = {key: tmp_path / key for key in ("ml_env_cache_dir", "hf_control_cache_dir", "image_cache_dir")}
+    index = fleet.fleet.index_url.replace("http://", "http://mlstack:${MLSTACK_INDEX_PASSWORD}@")
+    data = [f"{key}={path}" for key, path in caches.items()] + [
+        f"pip_index_url={index}", 'stack_secrets=["MLSTACK_API_KEY"]']
+    args = [arg for item in data for arg in ("--data", item)]
+    rotated = {**SECRETS, "MLSTACK_API_KEY": ROTATED}
+
+    with ArgvWatch([*SECRETS.values(), ROTATED]) as watch:
+        first = fleet.deploy("-vvv", "--diff", *args, env=SECRETS)
+        dry = fleet.deploy("--dry", "-vvv", "--diff", *args, env=rotated)
+        verify = fleet.tool("tasks.verify", "-vvv", *args, env=SECRETS)
+    assert first.returncode == 0, first.output[-3000:]
+    assert "building" in first.output and "model file model.safetensors" in first.output  # the build and the download ran
+    assert dry.returncode == 0 and "MLSTACK_API_KEY" in dry.output  # the rotation shows, by name only
+    assert verify.returncode == 0, verify.stdout + verify.stderr[-3000:]
+
+    outputs = first.output + str(first.payload) + dry.output + str(dry.payload) + verify.stdout + verify.stderr
+    for value in [*SECRETS.values(), ROTATED]:
+        assert value not in outputs
+    assert watch.hits == []
+    # The watch did see the run: pyinfra on the control node, compose on the hosts.
+    assert any(b"deploy.py" in argv for argv in watch.seen) and any(b"compose" in argv for argv in watch.seen)
+
+    for path in caches.values():
+        for value in SECRETS.values():
+            assert files_holding(path, value) == set()
+    for record in fleet.hosts:
+        labels = fleet.ssh(record, "docker ps -aq | xargs docker inspect -f '{{json .Config.Labels}}'")
+        assert "mlstack.env-id" in labels and not any(value in labels for value in SECRETS.values())
+        root = STATE_ROOT / fleet.fleet.name / "hosts" / record.name  # the host's /srv, /var/lib/docker, /etc, /tmp...
+        held = files_holding(root, SECRETS["MLSTACK_API_KEY"])
+        env_file = f"srv{COMPOSE.removeprefix('/srv')}/.env"
+        # docker keeps every container's environment in its own root-only state (`docker inspect` shows it):
+        # the container config and containerd's metadata store.
+        docker_records = {path for path in held if path.startswith("docker/containers/") and path.endswith("/config.v2.json")}
+        docker_records |= {path for path in held if path.endswith("io.containerd.metadata.v1.bolt/meta.db")}
+        assert held == {env_file, *docker_records} and docker_records, held
+        assert (root / env_file).stat().st_mode & 0o777 == 0o600
+        assert (root / "docker").stat().st_mode & 0o007 == 0  # /var/lib/docker: no way in for other users
+        assert all((root / path).stat().st_uid == 0 for path in docker_records)
+        assert files_holding(root, SECRETS["HF_TOKEN"]) == set()
+        assert files_holding(root, SECRETS["MLSTACK_INDEX_PASSWORD"]) == set()
