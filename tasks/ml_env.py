@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import docker.errors
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 from pyinfra.api.exceptions import PyinfraError
@@ -29,7 +28,7 @@ from tasks.facts import MlEnvHostState, MlEnvState
 from tasks.hostops import RoomCheckedUpload, UploadProgress, once, refuse, room_problem
 from tasks.ml_env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id
 from tasks.ml_env_build import (BaseImage, BuilderError, artifact_paths, build_env, cached_manifest, connect, describe,
-                                probe_base_image)
+                                known_base_image, probe_base_image, require_base)
 
 MOUNT = "/root/.local"
 RUNTIME_PATH = f"{MOUNT}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -132,7 +131,10 @@ class EnvSource:
         if self.base is None:
             raise ArtifactError(f"env {self.env} is in neither the host nor the control cache {self.cache_dir}")
         client = connect(self.builder)
+        import docker.errors  # noqa: PLC0415 (loaded by connect)
+
         try:
+            require_base(client, self.builder, self.base)
             manifest = build_env(client, self.env, self.base.ref, read_requirements(self.requirements),
                                  dict(self.pip_options), self.cache_dir, log=sys.stderr)
         except docker.errors.DockerException as error:
@@ -145,9 +147,18 @@ class EnvSource:
         return manifest
 
 
-def _base_image(config: HostConfig, cache_dir: Path) -> BaseImage:
+def base_image(config: HostConfig, cache_dir: Path, host_image: str | None) -> BaseImage:
+    """The runtime image envs are built for and checked in. When the host runs an image an earlier probe
+    recorded (an image id names its content) that record is enough, so a deploy with nothing to build
+    never contacts the builder; otherwise the builder is asked, once per fleet."""
+    known = known_base_image(config.ml_env_base_image, host_image, cache_dir) if host_image else None
+    if known is not None:
+        return known
+
     def probe() -> BaseImage:
         client = connect(config.ml_env_builder)
+        import docker.errors  # noqa: PLC0415 (loaded by connect)
+
         try:
             return probe_base_image(client, config.ml_env_builder, config.ml_env_base_image, cache_dir)
         except docker.errors.DockerException as error:
@@ -158,10 +169,9 @@ def _base_image(config: HostConfig, cache_dir: Path) -> BaseImage:
     return once(("base", config.ml_env_builder, config.ml_env_base_image, cache_dir), probe)
 
 
-def env_source(config: HostConfig) -> EnvSource:
-    """The env this host should run: the pinned `ml_env_id`, or the one `ml_env_requirements` make."""
+def env_source(config: HostConfig, base: BaseImage) -> EnvSource:
+    """The env this host should run: the pinned `ml_env_id`, or the one `ml_env_requirements` make on BASE."""
     cache_dir = Path(config.ml_env_cache_dir).expanduser()
-    base = _base_image(config, cache_dir)
     if config.ml_env_id:
         return EnvSource(config.ml_env_id, cache_dir, base=None)
     pip_options = config.pip_options()
@@ -263,13 +273,13 @@ def host_problem(config: HostConfig, state: MlEnvHostState, base: BaseImage) -> 
 @deploy("ML env")
 def ml_env(config: HostConfig) -> EnvPlan | None:
     """Install and switch to the wanted env; returns the plan (the stack mounts `envs/<plan.wanted>`)."""
+    state = host.get_fact(MlEnvState, env_dir=config.ml_env_dir, image=config.ml_env_base_image)
     try:
-        source = env_source(config)
-        base = _base_image(config, Path(config.ml_env_cache_dir).expanduser())
+        base = base_image(config, Path(config.ml_env_cache_dir).expanduser(), state.image_id)
+        source = env_source(config, base)
         cached = source.cached()
     except ArtifactError as error:
         raise MlEnvError(f"{host.name}: {error}") from None
-    state = host.get_fact(MlEnvState, env_dir=config.ml_env_dir, image=config.ml_env_base_image)
     problem = host_problem(config, state, base)
     if problem:
         host.log(problem)

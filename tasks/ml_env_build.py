@@ -13,12 +13,13 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import docker
-import docker.errors
+from typing import TYPE_CHECKING
 
 from tasks import secrets
 from tasks.ml_env_artifact import ArtifactError, Manifest, repack_user_site
+
+if TYPE_CHECKING:  # the docker SDK is imported only by a deploy that talks to the builder
+    import docker
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 BOOTSTRAP_DOCKERFILE = "Dockerfile.server.bootstrap"
@@ -45,6 +46,8 @@ def describe(builder: str) -> str:
 
 def connect(builder: str) -> docker.DockerClient:
     """A client of BUILDER ('' = DOCKER_HOST or the local socket); ssh:// uses the system ssh and its config."""
+    import docker  # noqa: PLC0415 (0.1-0.4 s: only when the builder is needed)
+
     try:
         if not builder:
             client = docker.from_env(timeout=ENGINE_TIMEOUT)
@@ -57,27 +60,54 @@ def connect(builder: str) -> docker.DockerClient:
     return client
 
 
-def probe_base_image(client: docker.DockerClient, builder: str, ref: str, cache_dir: Path) -> BaseImage:
-    """REF's id, platform and Python on the builder (pulled if absent). The Python is asked once per image id."""
+def _image_on_builder(client: docker.DockerClient, builder: str, ref: str):
+    import docker.errors  # noqa: PLC0415
+
     try:
         try:
-            image = client.images.get(ref)
+            return client.images.get(ref)
         except docker.errors.ImageNotFound:
-            image = client.images.pull(ref)
+            return client.images.pull(ref)
     except docker.errors.DockerException as error:
         raise BuilderError(f"{describe(builder)}: base image {ref!r} is not there and cannot be pulled ({error}); "
                            "load it there (docker load) or set ml_env_base_image") from None
-    known = cache_dir / "base-images" / f"{image.id.removeprefix('sha256:')}.json"
-    if known.exists():
-        python = json.loads(known.read_text())["python"]
-    else:
-        output = client.containers.run(image.id, ["python3", "-c", PYTHON_PROBE], network_mode="none", remove=True)
-        python = output.decode().strip()
-        known.parent.mkdir(parents=True, exist_ok=True)
-        partial = known.with_name(known.name + ".partial")
-        partial.write_text(json.dumps({"ref": ref, "python": python}))
-        partial.rename(known)
-    return BaseImage(ref, image.id, python, f"{image.attrs['Os']}/{image.attrs['Architecture']}")
+
+
+def _probe_record(cache_dir: Path, image_id: str) -> Path:
+    return cache_dir / "base-images" / f"{image_id.removeprefix('sha256:')}.json"
+
+
+def probe_base_image(client: docker.DockerClient, builder: str, ref: str, cache_dir: Path) -> BaseImage:
+    """REF's id, platform and Python on the builder (pulled if absent). The Python is asked once per image id."""
+    image = _image_on_builder(client, builder, ref)
+    known = known_base_image(ref, image.id, cache_dir)
+    if known is not None:
+        return known
+    output = client.containers.run(image.id, ["python3", "-c", PYTHON_PROBE], network_mode="none", remove=True)
+    base = BaseImage(ref, image.id, output.decode().strip(), f"{image.attrs['Os']}/{image.attrs['Architecture']}")
+    record = _probe_record(cache_dir, image.id)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(record.name + ".partial")
+    partial.write_text(json.dumps({"ref": ref, "python": base.python, "platform": base.platform}))
+    partial.rename(record)
+    return base
+
+
+def known_base_image(ref: str, image_id: str, cache_dir: Path) -> BaseImage | None:
+    """The image IMAGE_ID as an earlier probe recorded it (an image id names its content), or None."""
+    record = _probe_record(cache_dir, image_id)
+    if not record.exists():
+        return None
+    facts = json.loads(record.read_text())
+    return BaseImage(ref, image_id, facts["python"], facts["platform"]) if "platform" in facts else None
+
+
+def require_base(client: docker.DockerClient, builder: str, base: BaseImage) -> None:
+    """Build only on the very image the hosts run: the builder's REF must be BASE's id, not whatever the tag names now."""
+    image = _image_on_builder(client, builder, base.ref)
+    if image.id != base.id:
+        raise BuilderError(f"{describe(builder)}: base image {base.ref!r} is {image.id[:19]} there but {base.id[:19]} "
+                           "on the hosts: the build would be for another image; make them the same")
 
 
 def pip_conf(options: dict) -> str:

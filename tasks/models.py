@@ -24,14 +24,11 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # before huggingface_hub reads its constants
 
-import httpx2  # noqa: E402 (huggingface_hub's HTTP client)
-from huggingface_hub import HfApi, snapshot_download  # noqa: E402
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError  # noqa: E402
-from huggingface_hub.hf_api import RepoFile  # noqa: E402
-from huggingface_hub.utils import filter_repo_objects  # noqa: E402
+from huggingface_hub.utils import filter_repo_objects  # noqa: E402 (light: HfApi and its HTTP stack load on first request)
 from pyinfra import host, logger  # noqa: E402
 from pyinfra.api import FunctionCommand, deploy, operation  # noqa: E402
 from pyinfra.api.command import FileUploadCommand  # noqa: E402
@@ -41,6 +38,9 @@ from tasks.config import HostConfig, ModelSpec  # noqa: E402
 from tasks.facts import ModelCacheHostState, ModelCacheState, RepoCacheState  # noqa: E402
 from tasks.hostops import RoomCheckedUpload, UploadProgress, once, refuse, room_problem  # noqa: E402
 from tasks.ml_env import EnvPlan  # noqa: E402
+
+if TYPE_CHECKING:
+    from huggingface_hub.hf_api import RepoFile
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 TREE_FORMAT_VERSION = 1  # huggingface_hub's trees/<commit>.json format
@@ -111,6 +111,9 @@ def resolve(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapshot:
     trees = control_cache / spec.folder / "trees"
     commit = spec.revision if COMMIT.fullmatch(spec.revision) else None
     if commit is None or not (trees / f"{commit}.json").exists():
+        from huggingface_hub import HfApi  # noqa: PLC0415 (~0.25 s: only when the mirror must be asked)
+        from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415
+
         api = HfApi(endpoint=endpoint)
         if commit is None:
             commit = api.repo_info(spec.repo_id, revision=spec.revision, repo_type=spec.repo_type).sha
@@ -126,6 +129,10 @@ def resolve(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapshot:
 
 
 def repo_exists(spec: ModelSpec, endpoint: str) -> bool:
+    import httpx2  # noqa: PLC0415 (huggingface_hub's HTTP client)
+    from huggingface_hub import HfApi  # noqa: PLC0415
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError  # noqa: PLC0415
+
     try:
         HfApi(endpoint=endpoint).repo_info(spec.repo_id, repo_type=spec.repo_type)
     except RepositoryNotFoundError:
@@ -145,9 +152,14 @@ def resolved(config: HostConfig, index: int, spec: ModelSpec) -> Snapshot:
     def attempt() -> Snapshot:
         try:
             return resolve(spec, endpoint, control_cache)
-        except RevisionNotFoundError:
-            raise unknown_revision from None
-        except (HfHubHTTPError, httpx2.HTTPError, OSError) as error:
+        except Exception as error:
+            import httpx2  # noqa: PLC0415 (loaded already: resolve asked the mirror)
+            from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError  # noqa: PLC0415
+
+            if isinstance(error, RevisionNotFoundError):
+                raise unknown_revision from None
+            if not isinstance(error, (HfHubHTTPError, httpx2.HTTPError, OSError)):
+                raise
             # Mirrors answer an unknown revision as an unknown repo (olah: 401) or a server error: ask about the repo alone.
             if not repo_exists(spec, endpoint):
                 raise ModelError(f"models[{index}].repo_id = {spec.repo_id!r}: expected a {spec.repo_type} repo on "
@@ -249,6 +261,8 @@ def publish_commands(repo: str, plan: ModelPlan, owner: str) -> list[str]:
 def _fetch_on_control(state, host, snapshot: Snapshot, endpoint: str, control_cache: Path) -> bool:
     """Download the snapshot into the control cache, once per deploy (huggingface_hub shows progress)."""
     def fetch() -> Path:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+
         folder = snapshot_download(snapshot.spec.repo_id, repo_type=snapshot.spec.repo_type, revision=snapshot.commit,
                                    cache_dir=control_cache, endpoint=endpoint,
                                    allow_patterns=snapshot.spec.allow_patterns, ignore_patterns=snapshot.spec.ignore_patterns)

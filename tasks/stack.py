@@ -21,7 +21,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import docker.errors
 import yaml
 from pyinfra import host, logger, state as pyinfra_state
 from pyinfra.api import FunctionCommand, StringCommand, deploy, operation
@@ -33,7 +32,7 @@ from tasks.facts import StackHostState, StackState
 from tasks.gpu import Gpu, NvidiaGpus, device_reservation
 from tasks.hostops import RoomCheckedUpload, UploadProgress, once
 from tasks.ml_env import EnvPlan
-from tasks.ml_env_build import BuilderError, connect, describe, tar_of
+from tasks.ml_env_build import BaseImage, BuilderError, connect, describe, require_base, tar_of
 from tasks.models import Snapshot
 
 STACKS = FILES / "stacks"
@@ -205,16 +204,19 @@ def control_secrets(config: HostConfig) -> dict[str, str]:
     return {name: os.environ[name] for name in config.stack_secrets}
 
 
-def _build_and_save(stack: StackDef, tag: str, base_ref: str, builder: str, archive: Path) -> Path:
+def _build_and_save(stack: StackDef, tag: str, base: BaseImage, builder: str, archive: Path) -> Path:
     """Build the slim image on the builder once and keep `docker save | gzip` of it in the control cache."""
     if archive.exists():
         return archive
     buffer = io.BytesIO(tar_of(stack.build_files(), mode=0o644))
     client = connect(builder)
+    import docker.errors  # noqa: PLC0415 (loaded by connect)
+
     try:
+        require_base(client, builder, base)
         print(f"image {tag}: building on {describe(builder)}", file=sys.stderr, flush=True)
         client.images.build(fileobj=buffer, custom_context=True, dockerfile=stack.dockerfile, tag=tag,
-                            buildargs={"BASE_IMAGE": base_ref}, network_mode="none", rm=True)
+                            buildargs={"BASE_IMAGE": base.ref}, network_mode="none", rm=True)
         archive.parent.mkdir(parents=True, exist_ok=True)
         partial = archive.with_name(archive.name + ".partial")
         with gzip.open(partial, "wb", compresslevel=1) as out:
@@ -229,9 +231,9 @@ def _build_and_save(stack: StackDef, tag: str, base_ref: str, builder: str, arch
     return archive
 
 
-def _image_ready(state, host, stack: StackDef, tag: str, base_ref: str, builder: str, archive: Path) -> bool:
+def _image_ready(state, host, stack: StackDef, tag: str, base: BaseImage, builder: str, archive: Path) -> bool:
     try:
-        once(("image", tag), lambda: _build_and_save(stack, tag, base_ref, builder, archive))
+        once(("image", tag), lambda: _build_and_save(stack, tag, base, builder, archive))
     except (BuilderError, StackError) as error:
         host.log_styled(f"image {tag}: {error}", fg="red", log_func=logger.error)
         return False
@@ -239,9 +241,9 @@ def _image_ready(state, host, stack: StackDef, tag: str, base_ref: str, builder:
 
 
 @operation(is_idempotent=False)
-def ship_image(stack: StackDef, tag: str, base_ref: str, builder: str, archive: Path, compose_dir: str):
+def ship_image(stack: StackDef, tag: str, base: BaseImage, builder: str, archive: Path, compose_dir: str):
     """Build once for the fleet, then `docker load` on each host that lacks the tag."""
-    yield FunctionCommand(_image_ready, (stack, tag, base_ref, builder, archive), {})
+    yield FunctionCommand(_image_ready, (stack, tag, base, builder, archive), {})
     incoming = f"{compose_dir}/.image.tar.gz"
     yield RoomCheckedUpload(UploadProgress(archive, f"image {tag}"), incoming, remote_temp_filename=host.get_temp_filename(incoming))
     yield f"docker load -q -i {shlex.quote(incoming)} && rm -f {shlex.quote(incoming)}"
@@ -338,7 +340,7 @@ def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot]) ->
         for line in _diff(state.compose, rendered.compose, "docker-compose.yml") + masked_env_diff(state.digest, rendered.digest):
             host.log(f"  {line}")
     if plan.send_image:
-        ship_image(name=f"Image {tag}", stack=definition, tag=tag, base_ref=config.ml_env_base_image,
+        ship_image(name=f"Image {tag}", stack=definition, tag=tag, base=env.base,
                    builder=config.ml_env_builder, archive=archive, compose_dir=config.compose_project_dir)
     if plan.push:
         push_compose(name=f"Compose project {definition.project}", project=definition.project,
