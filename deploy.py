@@ -9,6 +9,7 @@ from pyinfra import host
 
 from tasks.config import host_config
 from tasks.directories import host_directories
+from tasks.host_state import read_host_state
 from tasks.lock import hold_deploy_lock
 from tasks.ml_env import ml_env, ml_env_cleanup
 from tasks.models import models
@@ -17,8 +18,9 @@ from tasks.stack import stack
 config = host_config(host)  # validates every targeted host before anything changes
 
 if hold_deploy_lock():  # one deploy at a time per host, held until this run disconnects
-    host_directories(config)
-    env = ml_env(config)
-    snapshots = models(config, env)
-    stack(config, env, snapshots)
+    state = read_host_state(config)  # every fact the steps below decide from, in one round trip
+    host_directories(config, state.paths)
+    env = ml_env(config, state.ml_env)
+    snapshots = models(config, env, state.models)
+    stack(config, env, snapshots, state.stack, state.gpus)
     ml_env_cleanup(config, env)  # last: only once nothing uses the envs it removes

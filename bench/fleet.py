@@ -1,25 +1,35 @@
-"""`make bench`: fleet-up, first and no-op converge of the full deploy, and dry-run time, next to the
-SSH floor, measured in one run.
+"""`make bench`: the full deploy on 1, 4 and 8 rehearsal hosts — first run (fresh control caches: the
+env and the image are built, the models downloaded), no-op rerun and dry run — next to the SSH floor,
+with the bytes each host received and the bytes the endpoints served, all measured in one run.
 
-Prints a table; asserts nothing. Uses its own fleet ("bench") and removes it at the end.
+Prints tables; asserts only that each run did what it is timed as. Uses its own fleet ("bench") and
+removes it at the end.
+
+Bytes to a host: the control side of its veth (every byte the host received: SSH, and for the
+first host — the builder — the index's wheels too). Bytes served: what the package index and the HF
+mirror processes wrote (/proc/<pid>/io wchar: their sockets, plus a few log lines).
 """
 
 from __future__ import annotations
 
 import statistics
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 from rehearsal.baseimage import ensure_archive
-from rehearsal.fleet import Fleet
-from tasks.runner import run_deploy
+from rehearsal.fleet import Fleet, HostRecord
+from tasks.runner import DeployRun, run_deploy
 
 SIZES = (1, 4, 8)
 REPEATS = 3
+CACHES = ("ml_env_cache_dir", "hf_control_cache_dir", "image_cache_dir")
 
 
-def ssh_floor(fleet: Fleet, records) -> float:
+def ssh_floor(fleet: Fleet, records: list[HostRecord]) -> float:
     """Parallel `ssh host true` to every host: the least any converge can cost."""
     def one(record):
         subprocess.run([*fleet.ssh_argv(record), "true"], check=True)
@@ -28,6 +38,41 @@ def ssh_floor(fleet: Fleet, records) -> float:
     with ThreadPoolExecutor(len(records)) as pool:
         list(pool.map(one, records))
     return time.monotonic() - started
+
+
+@dataclass
+class Traffic:
+    to_hosts: list[int]  # bytes each host received
+    served: dict[str, int]  # endpoint -> bytes written
+
+
+class Meter:
+    """Byte counters read before and after a run."""
+
+    def __init__(self, fleet: Fleet, records: list[HostRecord]):
+        self.fleet, self.records = fleet, records
+
+    def read(self) -> Traffic:
+        to_hosts = [int(Path(f"/sys/class/net/{self.fleet.veth(number)}/statistics/tx_bytes").read_text())
+                    for number in range(1, len(self.records) + 1)]
+        served = {}
+        for name, service in self.fleet.services().items():
+            io = dict(line.split(": ") for line in Path(f"/proc/{service.pid}/io").read_text().splitlines())
+            served[name] = int(io["wchar"])
+        return Traffic(to_hosts, served)
+
+    def during(self, run) -> tuple[DeployRun, Traffic]:
+        before = self.read()
+        result = run()
+        after = self.read()
+        return result, Traffic([b - a for a, b in zip(before.to_hosts, after.to_hosts)],
+                               {name: after.served[name] - before.served[name] for name in after.served})
+
+
+def deploy(*args: str, env: dict, caches: list[str]) -> DeployRun:
+    run = run_deploy(*args, *caches, env=env)
+    assert run.returncode == 0, run.output[-3000:]
+    return run
 
 
 def main() -> None:
@@ -41,24 +86,41 @@ def main() -> None:
             started = time.monotonic()
             records = fleet.up(size)
             up_seconds = time.monotonic() - started
-            first = run_deploy("-y", env=env)
-            assert first.returncode == 0, first.output[-2000:]
-            noop = [run_deploy("-y", env=env) for _ in range(REPEATS)]
-            assert all(run.returncode == 0 and not run.changed_operations() for run in noop)
-            dry = statistics.median(run_deploy("--dry", env=env).seconds for _ in range(REPEATS))
+            meter = Meter(fleet, records)
+            with tempfile.TemporaryDirectory(prefix="mlstack-bench-") as scratch:
+                caches = [arg for key in CACHES for arg in ("--data", f"{key}={scratch}/{key}")]
+                first, first_bytes = meter.during(lambda: deploy("-y", env=env, caches=caches))
+                assert "building" in first.output  # fresh caches: the env and the image were built
+                noop, noop_bytes = [], None
+                for _ in range(REPEATS):
+                    run, noop_bytes = meter.during(lambda: deploy("-y", env=env, caches=caches))
+                    assert not run.changed_operations(), run.changed_operations()
+                    noop.append(run.seconds)
+                dry = statistics.median(deploy("--dry", env=env, caches=caches).seconds for _ in range(REPEATS))
             floor = statistics.median(ssh_floor(fleet, records) for _ in range(REPEATS))
-            noop_seconds = statistics.median(run.seconds for run in noop)
-            rows.append((size, up_seconds, first.seconds, noop_seconds, dry, floor))
+            rows.append((size, up_seconds, first.seconds, statistics.median(noop), dry, floor, first_bytes, noop_bytes))
     finally:
         fleet.down()
 
-    print(f"\n{'hosts':>5} {'fleet-up s':>11} {'first deploy s':>15} {'no-op deploy s':>15} {'dry run s':>10} "
-          f"{'ssh floor s':>12} {'no-op/floor':>12} {'no-op/1-host':>13}")
+    print(f"\n{'hosts':>5} {'fleet-up s':>11} {'first s':>8} {'no-op s':>8} {'dry run s':>10} {'ssh floor s':>12} "
+          f"{'no-op/floor':>12} {'no-op/1-host':>13}")
     one_host = rows[0][3]
-    for size, up_seconds, first_seconds, noop_seconds, dry, floor in rows:
-        print(f"{size:>5} {up_seconds:>11.1f} {first_seconds:>15.2f} {noop_seconds:>15.2f} {dry:>10.2f} {floor:>12.2f}"
-              f" {noop_seconds / floor:>12.1f} {noop_seconds / one_host:>13.2f}")
-    print(f"\n(medians of {REPEATS}; no-op = a rerun that changes nothing; fleet-up excludes the one-time base image build)")
+    for size, up_seconds, first_seconds, noop_seconds, dry, floor, _, _ in rows:
+        print(f"{size:>5} {up_seconds:>11.1f} {first_seconds:>8.2f} {noop_seconds:>8.2f} {dry:>10.2f} {floor:>12.2f} "
+              f"{noop_seconds / floor:>12.2f} {noop_seconds / one_host:>13.2f}")
+
+    print(f"\n{'hosts':>5} {'first: to host 1 MB':>20} {'to each other MB':>17} {'index MB':>9} {'mirror MB':>10} "
+          f"{'no-op: to a host kB':>20} {'index kB':>9} {'mirror kB':>10}")
+    for size, *_, first_bytes, noop_bytes in rows:
+        others = first_bytes.to_hosts[1:]
+        print(f"{size:>5} {first_bytes.to_hosts[0] / 1e6:>20.1f} "
+              f"{(statistics.median(others) / 1e6 if others else float('nan')):>17.1f} "
+              f"{first_bytes.served['index'] / 1e6:>9.1f} {first_bytes.served['hub'] / 1e6:>10.1f} "
+              f"{max(noop_bytes.to_hosts) / 1e3:>20.1f} {noop_bytes.served['index'] / 1e3:>9.1f} "
+              f"{noop_bytes.served['hub'] / 1e3:>10.1f}")
+    print(f"\n(times: medians of {REPEATS}; first = fresh control caches; no-op = a rerun that changes nothing; "
+          "host 1's engine is the builder, so its first-run bytes include the wheels; fleet-up excludes the "
+          "one-time base image build)")
 
 
 if __name__ == "__main__":

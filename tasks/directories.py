@@ -9,11 +9,10 @@ from __future__ import annotations
 import shlex
 from pathlib import PurePosixPath
 
-from pyinfra import host
 from pyinfra.api import OperationError, deploy, operation
 
 from tasks.config import DirectorySpec, HostConfig
-from tasks.facts import PathStates
+from tasks.facts import PathState
 
 
 def parents_to_create(specs: list[DirectorySpec]) -> dict[str, list[str]]:
@@ -33,7 +32,7 @@ def parents_to_create(specs: list[DirectorySpec]) -> dict[str, list[str]]:
 
 
 def watched_paths(specs: list[DirectorySpec]) -> tuple[str, ...]:
-    """Every configured directory and ancestor: one PathStates fact (one round trip) covers all."""
+    """Every configured directory and ancestor: what the `PathStates` fact is asked about."""
     paths = {spec.path for spec in specs}
     for spec in specs:
         paths.update(str(p) for p in PurePosixPath(spec.path).parents if str(p) != "/")
@@ -60,20 +59,20 @@ def directory_commands(spec: DirectorySpec, parents: list[str], states: dict) ->
 
 
 @operation()
-def owned_directory(spec: DirectorySpec, parents: list[str], watched: tuple[str, ...]):
+def owned_directory(spec: DirectorySpec, parents: list[str], states: dict[str, PathState]):
     """Ensure a directory exists with a numeric owner, group and mode (and its missing parents)."""
-    yield from directory_commands(spec, parents, host.get_fact(PathStates, paths=watched))
+    yield from directory_commands(spec, parents, states)
 
 
 @deploy("Host directories")
-def host_directories(config: HostConfig):
+def host_directories(config: HostConfig, states: dict[str, PathState]):
+    """STATES: every path of `watched_paths`, as the `PathStates` fact read them."""
     specs = config.directories()
     parents = parents_to_create(specs)
-    watched = watched_paths(specs)
     for spec in sorted(specs, key=lambda spec: spec.path):
         owned_directory(
             name=f"Directory {spec.setting} {spec.path} ({spec.uid}:{spec.gid} {spec.mode:04o})",
             spec=spec,
             parents=parents[spec.path],
-            watched=watched,
+            states=states,
         )

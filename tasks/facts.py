@@ -196,7 +196,7 @@ class ContainerState:
 
 @dataclass(frozen=True)
 class StackHostState:
-    image_id: str | None  # the slim image's id on the host, None when it lacks the tag
+    images: dict[str, str]  # "repository:tag" -> id, for the stack's image repository on the host
     containers: dict[str, ContainerState]  # compose service -> its container
     compose: str | None  # the docker-compose.yml in place
     digest: str | None  # .env.digest in place (key=hash lines: no secret)
@@ -206,13 +206,13 @@ CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlsta
 
 
 class StackState(FactBase):
-    """The compose project on the host: its files, its containers' state and mlstack labels, the image."""
+    """The compose project on the host: its files, its containers' state and mlstack labels, the stack's images."""
 
-    def command(self, compose_dir: str, project: str, image: str) -> str:
+    def command(self, compose_dir: str, project: str, repository: str) -> str:
         labels = "|".join(f'{{{{.Label "{label}"}}}}' for label in CONTAINER_LABELS)
         quoted = shlex.quote(compose_dir)
         return "\n".join([
-            f"echo \"image $(docker image inspect -f '{{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null)\"",
+            f"docker images --no-trunc --format 'image {{{{.Repository}}}}:{{{{.Tag}}}} {{{{.ID}}}}' {shlex.quote(repository)}",
             f"docker ps -a --filter label=com.docker.compose.project={shlex.quote(project)} "
             f"--format 'container {{{{.Label \"com.docker.compose.service\"}}}}|{{{{.State}}}}|{{{{.Status}}}}|{labels}'",
             f"if [ -f {quoted}/docker-compose.yml ]; then echo compose-begin; sed 's/^/| /' {quoted}/docker-compose.yml; fi",
@@ -221,10 +221,11 @@ class StackState(FactBase):
         ])
 
     def process(self, output: list[str]) -> StackHostState:
-        image, containers, texts, current = None, {}, {}, None
+        images, containers, texts, current = {}, {}, {}, None
         for line in output:
             if line.startswith("image "):
-                image = line[6:].strip() or None
+                tag, _, image_id = line[6:].partition(" ")
+                images[tag] = image_id.strip()
             elif line.startswith("container "):
                 service, state, status, *values = line[10:].split("|")
                 health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
@@ -235,8 +236,34 @@ class StackState(FactBase):
             elif current and line.startswith("|"):
                 texts[current].append(line[2:])
         return StackHostState(
-            image_id=image,
+            images=images,
             containers=containers,
             compose="".join(line + "\n" for line in texts["compose"]) if "compose" in texts else None,
             digest="".join(line + "\n" for line in texts["digest"]) if "digest" in texts else None,
         )
+
+
+PART = "@@mlstack-fact "  # frames each part's output; no fact above prints a line starting so
+
+
+class HostProbe(FactBase):
+    """Several facts in one round trip: each part's command runs in its own subshell, and the lines
+    it prints go to that fact's own process() (the facts above make sense of no lines at all).
+
+    PARTS: (name, fact class, keyword arguments) triples; the result maps name -> that fact's value.
+    """
+
+    def command(self, parts: tuple[tuple[str, type[FactBase], dict], ...]) -> str:
+        self.facts = {name: fact() for name, fact, _ in parts}
+        return "\n".join(f"echo '{PART}{name}'\n( {self.facts[name].command(**kwargs)}\n)"
+                         for name, _, kwargs in parts)
+
+    def process(self, output: list[str]) -> dict:
+        lines: dict[str, list[str]] = {}
+        current = None
+        for line in output:
+            if line.startswith(PART):
+                current = lines.setdefault(line[len(PART):], [])
+            elif current is not None:
+                current.append(line)
+        return {name: fact.process(lines.get(name, [])) for name, fact in self.facts.items()}

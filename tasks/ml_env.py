@@ -24,7 +24,7 @@ from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 from pyinfra.api.exceptions import PyinfraError
 
 from tasks.config import HostConfig, read_requirements
-from tasks.facts import MlEnvHostState, MlEnvState
+from tasks.facts import MlEnvHostState
 from tasks.hostops import RoomCheckedUpload, UploadProgress, once, refuse, room_problem
 from tasks.ml_env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id
 from tasks.ml_env_build import (BaseImage, BuilderError, artifact_paths, build_env, cached_manifest, connect, describe,
@@ -271,9 +271,8 @@ def host_problem(config: HostConfig, state: MlEnvHostState, base: BaseImage) -> 
 
 
 @deploy("ML env")
-def ml_env(config: HostConfig) -> EnvPlan | None:
+def ml_env(config: HostConfig, state: MlEnvHostState) -> EnvPlan | None:
     """Install and switch to the wanted env; returns the plan (the stack mounts `envs/<plan.wanted>`)."""
-    state = host.get_fact(MlEnvState, env_dir=config.ml_env_dir, image=config.ml_env_base_image)
     try:
         base = base_image(config, Path(config.ml_env_cache_dir).expanduser(), state.image_id)
         source = env_source(config, base)

@@ -35,7 +35,7 @@ from pyinfra.api.command import FileUploadCommand  # noqa: E402
 from pyinfra.api.exceptions import PyinfraError  # noqa: E402
 
 from tasks.config import HostConfig, ModelSpec  # noqa: E402
-from tasks.facts import ModelCacheHostState, ModelCacheState, RepoCacheState  # noqa: E402
+from tasks.facts import ModelCacheHostState, RepoCacheState  # noqa: E402
 from tasks.hostops import RoomCheckedUpload, UploadProgress, once, refuse, room_problem  # noqa: E402
 from tasks.ml_env import EnvPlan  # noqa: E402
 
@@ -376,16 +376,12 @@ def _room(state, host, needed: int, free: int) -> bool:
 
 
 @deploy("Models")
-def models(config: HostConfig, env: EnvPlan | None) -> list[Snapshot]:
+def models(config: HostConfig, env: EnvPlan | None, state: ModelCacheHostState) -> list[Snapshot]:
     """Resolve every model, then bring this host's cache to it; returns the snapshots (for the stack)."""
     try:
         snapshots = [resolved(config, index, spec) for index, spec in enumerate(config.models)]
     except ModelError as error:
         raise ModelError(f"{host.name}: {error}") from None
-    state: ModelCacheHostState = host.get_fact(
-        ModelCacheState, cache_dir=config.model_cache_dir,
-        folders=tuple(snapshot.spec.folder for snapshot in snapshots), hashes=config.model_verify_hashes,
-    )
     plans = [plan_model(snapshot, state.repos.get(snapshot.spec.folder)) for snapshot in snapshots]
     for plan in plans:
         host.log(plan.summary())

@@ -28,8 +28,8 @@ from pyinfra.api.command import FileUploadCommand
 from pyinfra.api.exceptions import PyinfraError
 
 from tasks.config import FILES, HostConfig
-from tasks.facts import StackHostState, StackState
-from tasks.gpu import Gpu, NvidiaGpus, device_reservation
+from tasks.facts import StackHostState
+from tasks.gpu import Gpu, device_reservation
 from tasks.hostops import RoomCheckedUpload, UploadProgress, once
 from tasks.ml_env import EnvPlan
 from tasks.ml_env_build import BaseImage, BuilderError, connect, describe, require_base, tar_of
@@ -51,6 +51,10 @@ class StackDef:
     dockerfile: str
     context: str | None
     services: dict = field(hash=False)
+
+    @property
+    def repository(self) -> str:
+        return f"mlstack-{self.name}"
 
     @classmethod
     def load(cls, name: str) -> StackDef:
@@ -81,7 +85,7 @@ def image_tag(stack: StackDef, base_id: str) -> str:
     digest = hashlib.sha256(base_id.encode())
     for name, data in stack.build_files().items():
         digest.update(f"\0{name}\0{len(data)}\0".encode() + data)
-    return f"mlstack-{stack.name}:{digest.hexdigest()[:16]}"
+    return f"{stack.repository}:{digest.hexdigest()[:16]}"
 
 
 def escape(value: str) -> str:
@@ -193,7 +197,7 @@ def plan_stack(state: StackHostState, rendered: Rendered, tag: str, profiles: li
         elif running.health not in ("", "healthy"):
             recreate[name] = f"{running.health}"
     push = state.compose != rendered.compose or state.digest != rendered.digest
-    return StackPlan(state.image_id is None, push, recreate, rendered)
+    return StackPlan(tag not in state.images, push, recreate, rendered)
 
 
 def control_secrets(config: HostConfig) -> dict[str, str]:
@@ -314,7 +318,8 @@ def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
 
 
 @deploy("Stack")
-def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot]) -> StackPlan | None:
+def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], state: StackHostState,
+          gpus: list[Gpu]) -> StackPlan | None:
     if env is None:
         return None  # the host failed its ML env check; it is reported there
     definition = StackDef.load(config.stack)
@@ -322,9 +327,7 @@ def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot]) ->
         tag = once(("tag", definition.name, env.base.id), lambda: image_tag(definition, env.base.id))
     except StackError as error:
         raise StackError(f"{host.name}: {error}") from None
-    gpus = host.get_fact(NvidiaGpus)
     rendered = render(definition, config, env, snapshots, tag, gpus, control_secrets(config))
-    state = host.get_fact(StackState, compose_dir=config.compose_project_dir, project=definition.project, image=tag)
     plan = plan_stack(state, rendered, tag, config.stack_profiles, definition)
     if not (plan.send_image or plan.converge):
         healthy = sum(c.state == "running" and c.health in ("", "healthy") for c in state.containers.values())

@@ -72,8 +72,8 @@ def test_reasons_name_what_changed_for_each_service():
         "reranker": ContainerState("running", "healthy", {**labels, "mlstack.config": "old", "mlstack.env-id": "env-old"}),
         "docs": ContainerState("running", "healthy", out.labels["docs"]),
     }
-    state = StackHostState("sha256:img", running, out.compose, out.digest)
+    state = StackHostState({"tag": "sha256:img"}, running, out.compose, out.digest)
     plan = plan_stack(state, out, "tag", [], StackDef.load("reranker"))
     assert plan.recreate == {"reranker": "env id env-old → env-0123456789abcdef"} and not plan.push
-    stopped = StackHostState("sha256:img", {"docs": ContainerState("exited", "", out.labels["docs"])}, None, None)
+    stopped = StackHostState({"tag": "sha256:img"}, {"docs": ContainerState("exited", "", out.labels["docs"])}, None, None)
     assert plan_stack(stopped, out, "tag", [], StackDef.load("reranker")).recreate == {"reranker": "not running", "docs": "exited"}
