@@ -95,6 +95,14 @@ def wait_for_upload(process: subprocess.Popen, log: list[str]) -> str:
     raise AssertionError("the deploy ended before its env upload began:\n" + "".join(log[-40:]))
 
 
+def wait_for_bytes(path: Path, timeout: float = 60) -> None:
+    """Until PATH (a host's file, seen from the control node) holds something."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size > 0):
+        assert time.monotonic() < deadline, f"{path} stayed empty"
+        time.sleep(0.05)
+
+
 def finish(process: subprocess.Popen, log: list[str]) -> str:
     log.extend(process.stderr)
     process.wait(timeout=300)
@@ -120,6 +128,7 @@ def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_and_the_rerun_conver
     with throttled(fleet, victim):
         process = start_deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
         new = wait_for_upload(process, log)
+        wait_for_bytes(fleet.fleet.host_dir(victim.name) / f"srv{ENV_DIR.removeprefix('/srv')}/incoming/{new}.tar.gz")
         for pid in ssh_sessions(fleet, victim):  # the connection dies on the host's side
             os.kill(pid, signal.SIGKILL)
         output = finish(process, log)

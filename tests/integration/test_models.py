@@ -192,3 +192,20 @@ def test_host_mode_downloads_on_each_host_and_a_branch_revision_gets_its_ref(fle
             f"print(snapshot_download(\"{hub.NESTED}\", revision=\"v1\"))"))
         assert loaded.strip() == f"/root/.cache/huggingface/hub/{NESTED_FOLDER}/snapshots/{v1}"
     assert not (control_cache / NESTED_FOLDER / "blobs").exists()  # the control node downloaded no file
+
+
+@pytest.mark.parametrize("path", ["../../../../../../tmp/mlstack-escape", "/tmp/mlstack-escape", "onnx/../../../mlstack-escape"])
+def test_a_tree_listing_a_path_outside_the_repo_is_refused_before_any_host_changes(fleet, control_cache, path):
+    # The deploy plans from what the mirror listed for the commit, kept as trees/<commit>.json in the
+    # control cache: a hostile listing planted there is what a malicious mirror would have sent.
+    assert deploy(fleet, control_cache, dry=True).returncode == 0
+    tree_file = control_cache / MINILM_FOLDER / "trees" / f"{MINILM_SHA}.json"
+    tree = json.loads(tree_file.read_text())
+    tree["files"][path] = {"size": 4, "blob_id": "0" * 40}
+    tree_file.write_text(json.dumps(tree))
+
+    run = deploy(fleet, control_cache)
+    assert run.returncode != 0
+    assert f"the endpoint lists a file {path!r} that would land outside the repo folder" in run.output, run.output[-2000:]
+    for record in fleet.hosts:
+        assert fleet.ssh(record, "ls -A /srv; find / -xdev -name mlstack-escape 2>/dev/null | head -3") == ""
