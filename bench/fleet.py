@@ -6,12 +6,14 @@ Prints tables; asserts only that each run did what it is timed as. Uses its own 
 removes it at the end.
 
 Bytes to a host: the control side of its veth (every byte the host received: SSH, and for the
-first host — the builder — the index's wheels too). Bytes served: what the package index and the HF
-mirror processes wrote (/proc/<pid>/io wchar: their sockets, plus a few log lines).
+first host — the builder — the index's wheels too). Bytes served: what left the package index's and
+the HF mirror's ports, counted by an nftables table of counters that exists only during the bench.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import statistics
 import subprocess
 import tempfile
@@ -20,11 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from rehearsal import hub, index
 from rehearsal.baseimage import ensure_archive
 from rehearsal.fleet import Fleet, HostRecord
 from tasks.runner import DeployRun, run_deploy
 
 SIZES = (1, 4, 8)
+NFT_TABLE = "mlstack_bench"
+ENDPOINTS = {"index": index.PORT, "mirror": hub.PORT}
 REPEATS = 3
 CACHES = ("ml_env_cache_dir", "hf_control_cache_dir", "image_cache_dir")
 
@@ -47,18 +52,33 @@ class Traffic:
 
 
 class Meter:
-    """Byte counters read before and after a run."""
+    """Byte counters read before and after a run; `with Meter(...)` adds the endpoint counters and removes them."""
 
     def __init__(self, fleet: Fleet, records: list[HostRecord]):
         self.fleet, self.records = fleet, records
+
+    def __enter__(self):
+        nft(f"add table inet {NFT_TABLE}")
+        try:
+            nft(f"add chain inet {NFT_TABLE} out {{ type filter hook output priority 0; policy accept; }}")
+            for name, port in ENDPOINTS.items():
+                nft(f"add counter inet {NFT_TABLE} served_{name}")
+                nft(f"add rule inet {NFT_TABLE} out tcp sport {port} counter name served_{name}")
+        except subprocess.CalledProcessError:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        nft(f"delete table inet {NFT_TABLE}")
 
     def read(self) -> Traffic:
         to_hosts = [int(Path(f"/sys/class/net/{self.fleet.veth(number)}/statistics/tx_bytes").read_text())
                     for number in range(1, len(self.records) + 1)]
         served = {}
-        for name, service in self.fleet.services().items():
-            io = dict(line.split(": ") for line in Path(f"/proc/{service.pid}/io").read_text().splitlines())
-            served[name] = int(io["wchar"])
+        for name in ENDPOINTS:
+            listing = json.loads(nft(f"-j list counter inet {NFT_TABLE} served_{name}"))["nftables"]
+            served[name] = next(item["counter"]["bytes"] for item in listing if "counter" in item)
         return Traffic(to_hosts, served)
 
     def during(self, run) -> tuple[DeployRun, Traffic]:
@@ -67,6 +87,10 @@ class Meter:
         after = self.read()
         return result, Traffic([b - a for a, b in zip(before.to_hosts, after.to_hosts)],
                                {name: after.served[name] - before.served[name] for name in after.served})
+
+
+def nft(command: str) -> str:
+    return subprocess.run(["nft", *shlex.split(command)], check=True, capture_output=True, text=True).stdout
 
 
 def deploy(*args: str, env: dict, caches: list[str]) -> DeployRun:
@@ -86,8 +110,7 @@ def main() -> None:
             started = time.monotonic()
             records = fleet.up(size)
             up_seconds = time.monotonic() - started
-            meter = Meter(fleet, records)
-            with tempfile.TemporaryDirectory(prefix="mlstack-bench-") as scratch:
+            with Meter(fleet, records) as meter, tempfile.TemporaryDirectory(prefix="mlstack-bench-") as scratch:
                 caches = [arg for key in CACHES for arg in ("--data", f"{key}={scratch}/{key}")]
                 first, first_bytes = meter.during(lambda: deploy("-y", env=env, caches=caches))
                 assert "building" in first.output  # fresh caches: the env and the image were built
@@ -115,9 +138,9 @@ def main() -> None:
         others = first_bytes.to_hosts[1:]
         print(f"{size:>5} {first_bytes.to_hosts[0] / 1e6:>20.1f} "
               f"{(statistics.median(others) / 1e6 if others else float('nan')):>17.1f} "
-              f"{first_bytes.served['index'] / 1e6:>9.1f} {first_bytes.served['hub'] / 1e6:>10.1f} "
+              f"{first_bytes.served['index'] / 1e6:>9.1f} {first_bytes.served['mirror'] / 1e6:>10.1f} "
               f"{max(noop_bytes.to_hosts) / 1e3:>20.1f} {noop_bytes.served['index'] / 1e3:>9.1f} "
-              f"{noop_bytes.served['hub'] / 1e3:>10.1f}")
+              f"{noop_bytes.served['mirror'] / 1e3:>10.1f}")
     print(f"\n(times: medians of {REPEATS}; first = fresh control caches; no-op = a rerun that changes nothing; "
           "host 1's engine is the builder, so its first-run bytes include the wheels; fleet-up excludes the "
           "one-time base image build)")

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 # git: the rehearsal hub builds its seed repos with it, and olah reads them through GitPython.
-APT_PACKAGES = ("docker.io", "openssh-server", "debootstrap", "iproute2", "sudo", "util-linux", "git")
+APT_PACKAGES = ("docker.io", "openssh-server", "debootstrap", "iproute2", "sudo", "util-linux", "git", "nftables")
 COMPOSE_PLUGIN = Path("/usr/libexec/docker/cli-plugins/docker-compose")
 # Compose v2 is not packaged for bookworm; trixie's plugin binary runs here (needs libc6 >= 2.34).
 COMPOSE_SUITE = "trixie"

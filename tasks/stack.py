@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -57,6 +58,7 @@ class StackDef:
         return f"mlstack-{self.name}"
 
     @classmethod
+    @cache  # read once per deploy, however many hosts (render copies what it changes)
     def load(cls, name: str) -> StackDef:
         data = yaml.safe_load((STACKS / name / "stack.yml").read_text())
         return cls(name, data["project"], data["dockerfile"], data.get("context"), data["services"])
