@@ -208,4 +208,4 @@ def test_a_tree_listing_a_path_outside_the_repo_is_refused_before_any_host_chang
     assert run.returncode != 0
     assert f"the endpoint lists a file {path!r} that would land outside the repo folder" in run.output, run.output[-2000:]
     for record in fleet.hosts:
-        assert fleet.ssh(record, "ls -A /srv; find / -xdev -name mlstack-escape 2>/dev/null | head -3") == ""
+        assert fleet.ssh(record, "ls -d /srv/mlstack 2>/dev/null; find / -xdev -name mlstack-escape 2>/dev/null | head -3") == ""
