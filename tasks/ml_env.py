@@ -27,8 +27,8 @@ from tasks.config import HostConfig, read_requirements
 from tasks.facts import MlEnvHostState
 from tasks.hostops import RoomCheckedUpload, UploadProgress, once, refuse, room_problem
 from tasks.ml_env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id
-from tasks.ml_env_build import (BaseImage, BuilderError, artifact_paths, build_env, cached_manifest, connect, describe,
-                                known_base_image, probe_base_image, require_base)
+from tasks.ml_env_build import (BaseImage, artifact_paths, build_env, builder_engine, cached_manifest, known_base_image,
+                                probe_base_image, require_base)
 
 MOUNT = "/root/.local"
 RUNTIME_PATH = f"{MOUNT}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -130,17 +130,10 @@ class EnvSource:
             return cached
         if self.base is None:
             raise ArtifactError(f"env {self.env} is in neither the host nor the control cache {self.cache_dir}")
-        client = connect(self.builder)
-        import docker.errors  # noqa: PLC0415 (loaded by connect)
-
-        try:
+        with builder_engine(self.builder, "the build failed") as client:
             require_base(client, self.builder, self.base)
             manifest = build_env(client, self.env, self.base.ref, read_requirements(self.requirements),
                                  dict(self.pip_options), self.cache_dir, log=sys.stderr)
-        except docker.errors.DockerException as error:
-            raise BuilderError(f"{describe(self.builder)}: the build failed: {error}") from None
-        finally:
-            client.close()
         if manifest.python != self.base.python:
             raise ArtifactError(f"env {self.env} has site-packages for {manifest.python}, "
                                 f"but {self.base.ref} runs {self.base.python}")
@@ -156,15 +149,8 @@ def base_image(config: HostConfig, cache_dir: Path, host_image: str | None) -> B
         return known
 
     def probe() -> BaseImage:
-        client = connect(config.ml_env_builder)
-        import docker.errors  # noqa: PLC0415 (loaded by connect)
-
-        try:
+        with builder_engine(config.ml_env_builder, f"cannot run {config.ml_env_base_image!r}") as client:
             return probe_base_image(client, config.ml_env_builder, config.ml_env_base_image, cache_dir)
-        except docker.errors.DockerException as error:
-            raise BuilderError(f"{describe(config.ml_env_builder)}: cannot run {config.ml_env_base_image!r}: {error}") from None
-        finally:
-            client.close()
 
     return once(("base", config.ml_env_builder, config.ml_env_base_image, cache_dir), probe)
 

@@ -11,6 +11,7 @@ import json
 import sys
 import tarfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,21 @@ def connect(builder: str) -> docker.DockerClient:
         raise BuilderError(f"{describe(builder)}: cannot reach the docker engine ({error}); start it, "
                            "or set ml_env_builder to an engine that can build (e.g. 'ssh://root@gpu-01')") from None
     return client
+
+
+@contextmanager
+def builder_engine(builder: str, failing: str):
+    """A client of BUILDER for the block, closed after it; a docker error inside becomes a BuilderError
+    that names the builder and says FAILING (what was being done)."""
+    client = connect(builder)
+    import docker.errors  # noqa: PLC0415 (loaded by connect)
+
+    try:
+        yield client
+    except docker.errors.DockerException as error:
+        raise BuilderError(f"{describe(builder)}: {failing}: {error}") from None
+    finally:
+        client.close()
 
 
 def _image_on_builder(client: docker.DockerClient, builder: str, ref: str):

@@ -33,7 +33,7 @@ from tasks.facts import StackHostState
 from tasks.gpu import Gpu, device_reservation
 from tasks.hostops import RoomCheckedUpload, UploadProgress, once
 from tasks.ml_env import EnvPlan
-from tasks.ml_env_build import BaseImage, BuilderError, connect, describe, require_base, tar_of
+from tasks.ml_env_build import BaseImage, BuilderError, builder_engine, describe, require_base, tar_of
 from tasks.models import Snapshot
 
 STACKS = FILES / "stacks"
@@ -215,10 +215,7 @@ def _build_and_save(stack: StackDef, tag: str, base: BaseImage, builder: str, ar
     if archive.exists():
         return archive
     buffer = io.BytesIO(tar_of(stack.build_files(), mode=0o644))
-    client = connect(builder)
-    import docker.errors  # noqa: PLC0415 (loaded by connect)
-
-    try:
+    with builder_engine(builder, f"building {tag} failed") as client:
         require_base(client, builder, base)
         print(f"image {tag}: building on {describe(builder)}", file=sys.stderr, flush=True)
         client.images.build(fileobj=buffer, custom_context=True, dockerfile=stack.dockerfile, tag=tag,
@@ -229,10 +226,6 @@ def _build_and_save(stack: StackDef, tag: str, base: BaseImage, builder: str, ar
             for chunk in client.images.get(tag).save(named=True):
                 out.write(chunk)
         partial.rename(archive)
-    except docker.errors.DockerException as error:
-        raise BuilderError(f"{describe(builder)}: building {tag} failed: {error}") from None
-    finally:
-        client.close()
     print(f"image {tag}: {archive.stat().st_size / 1e6:.1f} MB archive", file=sys.stderr, flush=True)
     return archive
 
