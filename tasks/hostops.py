@@ -58,16 +58,22 @@ class UploadProgress(io.RawIOBase):
 
 
 class RoomCheckedUpload(FileUploadCommand):
-    """An upload whose failure says how much room is left where it was writing: SFTP reports a full
-    disk as a bare "Failure" (and under sudo the file passes through the host's temp dir first)."""
+    """An upload whose failure fails only its host and says why: how much room is left where it was
+    writing (SFTP reports a full disk as a bare "Failure"; under sudo the file passes through the
+    host's temp dir first), or that the connection was lost."""
 
     def execute(self, state, host, connector_arguments) -> bool:
+        label = getattr(self.src, "label", self.dest)
         try:
             if super().execute(state, host, dict(connector_arguments)):
                 return True
             failure = "the upload failed"
         except OSError as error:
             failure = f"the upload failed ({error})"
+        except EOFError:  # paramiko's word for a dead connection; pyinfra would abort every host's run on it
+            host.log_styled(f"{label}: the connection was lost during the upload; nothing was installed, "
+                            "the next run sends it again", fg="red", log_func=logger.error)
+            return False
         places = {str(Path(self.dest).parent)}
         if any(connector_arguments.get(key) for key in ("_sudo", "_su_user", "_doas", "_dzdo")):
             places.add(str(Path(self.remote_temp_filename or self.dest).parent))
@@ -77,7 +83,6 @@ class RoomCheckedUpload(FileUploadCommand):
         for line in output.stdout_lines:
             free_kb, _, mount = line.partition(" ")
             room.append(f"No space left on device on {mount}" if int(free_kb) < 1024 else f"{int(free_kb) / 1e3:.0f} MB free on {mount}")
-        label = getattr(self.src, "label", self.dest)
         host.log_styled(f"{label}: {failure}: {', '.join(room) or 'free space unknown'}; nothing was installed, "
                         "the next run sends it again", fg="red", log_func=logger.error)
         return False

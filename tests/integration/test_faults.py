@@ -78,8 +78,8 @@ def throttled(fleet, record, rate: str = "12mbit"):
         subprocess.run(["tc", "qdisc", "del", "dev", device, "root"], check=True)
 
 
-def start_deploy(fleet, cache, *data: str, limit: str) -> subprocess.Popen:
-    argv = [PYINFRA, "inventory/rehearsal.py", "deploy.py", "-y", "--limit", limit,
+def start_deploy(fleet, cache, *data: str, limit: str | None = None) -> subprocess.Popen:
+    argv = [PYINFRA, "inventory/rehearsal.py", "deploy.py", "-y", *(("--limit", limit) if limit else ()),
             "--data", f"ml_env_cache_dir={cache}", *[arg for item in data for arg in ("--data", item)]]
     return subprocess.Popen(argv, cwd=REPO, env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -120,19 +120,22 @@ def ssh_sessions(fleet, record) -> list[int]:
     return [pid for pid, parent in sshd.items() if parent in sshd]
 
 
-def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_and_the_rerun_converges(fleet, cache, tmp_path):
-    victim = fleet.hosts[0]
+def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host_converges_and_the_rerun_too(
+        fleet, cache, tmp_path):
+    victim, other = fleet.hosts
     old = active(fleet, victim)
     old_files, old_containers = env_listing(fleet, victim, old), container_ids(fleet, victim)
     log: list[str] = []
     with throttled(fleet, victim):
-        process = start_deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
+        process = start_deploy(fleet, cache, new_requirements(tmp_path))
         new = wait_for_upload(process, log)
         wait_for_bytes(fleet.fleet.host_dir(victim.name) / f"srv{ENV_DIR.removeprefix('/srv')}/incoming/{new}.tar.gz")
         for pid in ssh_sessions(fleet, victim):  # the connection dies on the host's side
             os.kill(pid, signal.SIGKILL)
         output = finish(process, log)
     assert process.returncode != 0, output[-3000:]
+    assert f"[{victim.name}] ML env {new}: the connection was lost during the upload" in output, output[-3000:]
+    assert active(fleet, other) == new  # the run went on for the host that stayed reachable
 
     assert active(fleet, victim) == old
     assert env_listing(fleet, victim, old) == old_files
