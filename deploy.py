@@ -2,25 +2,28 @@
 
     pyinfra inventory/<fleet>.py deploy.py [--dry --diff] [--limit HOST]
 
-Each step is one concern in tasks/ and relies on the steps before it.
+Each step is one concern of tasks/host/ and relies on the steps before it; the control side
+(builds, downloads, caches) is in tasks/control/. With MLSTACK_REPORT=<file> in the environment,
+the run writes its per-host report there (tasks/report.py).
 """
 
 from pyinfra import host
 
 from tasks.config import host_config
-from tasks.directories import host_directories
-from tasks.host_state import read_host_state
-from tasks.lock import hold_deploy_lock
-from tasks.ml_env import ml_env, ml_env_cleanup
-from tasks.models import models
-from tasks.stack import stack
+from tasks.host import directories, gpus, ml_env, models, stack
+from tasks.host.lock import hold_deploy_lock
+from tasks.host.probe import probe_host
+from tasks.report import report
 
+report.start()
 config = host_config(host)  # validates every targeted host before anything changes
 
 if hold_deploy_lock():  # one deploy at a time per host, held until this run disconnects
-    state = read_host_state(config)  # every fact the steps below decide from, in one round trip
-    host_directories(config, state.paths)
-    env = ml_env(config, state.ml_env)
-    snapshots = models(config, env, state.models)
-    stack(config, env, snapshots, state.stack, state.gpus)
-    ml_env_cleanup(config, env)  # last: only once nothing uses the envs it removes
+    paths, env_dir, model_cache, host_gpus, stack_state = probe_host(  # every fact below, in one round trip
+        directories.probe_part(config), ml_env.probe_part(config), models.probe_part(config), gpus.probe_part(),
+        stack.probe_part(config))
+    directories.host_directories(config, paths)
+    env = ml_env.ml_env(config, env_dir)
+    snapshots = models.models(config, env, model_cache)
+    stack.stack(config, env, snapshots, stack_state, gpus.report_gpus(host_gpus))
+    ml_env.ml_env_cleanup(config, env)  # last: only once nothing uses the envs it removes

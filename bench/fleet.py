@@ -25,7 +25,7 @@ from pathlib import Path
 from rehearsal import hub, index
 from rehearsal.baseimage import ensure_archive
 from rehearsal.fleet import Fleet, HostRecord
-from tasks.runner import DeployRun, run_deploy
+from tasks.fleet.runner import DeployRun, run_deploy
 
 SIZES = (1, 4, 8)
 NFT_TABLE = "mlstack_bench"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from rehearsal.fleet import Fleet
-from tasks.runner import print_host_table, run_deploy
+from tasks.fleet.runner import print_host_table, run_deploy
 
 DEFAULT_HOSTS = 2
 

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Optional
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 
 from tasks import secrets
-from tasks.ml_env_artifact import ArtifactError, requirement_names
 
 MAX_ID = 4294967294  # 2**32 - 2: (uid_t)-1 means "unchanged" to chown(2)
 MAX_KEEP_ENVS = 20
@@ -80,6 +81,26 @@ def _control_path(value: Any) -> str:
     return value
 
 
+class RequirementsError(ValueError):
+    """A requirements file the ML env cannot be built from."""
+
+
+def requirement_names(requirements: str) -> list[str]:
+    """Canonical distribution names of the top-level requirements (options and comments skipped)."""
+    names = []
+    for number, raw in enumerate(requirements.splitlines(), start=1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        try:
+            names.append(canonicalize_name(Requirement(line).name))
+        except InvalidRequirement as error:
+            raise RequirementsError(f"requirements line {number}: {raw!r}: {error}") from None
+    if not names:
+        raise RequirementsError("the requirements file names no package: an empty ML env is certainly a mistake")
+    return names
+
+
 @cache
 def read_requirements(path: str) -> str:
     return Path(path).read_text()
@@ -94,7 +115,7 @@ def _requirements(value: Any) -> str:
         raise ValueError(f"expected a requirements file, but {path} does not exist")
     try:
         requirement_names(read_requirements(str(path)))
-    except ArtifactError as error:
+    except RequirementsError as error:
         raise ValueError(f"expected a usable requirements file: {path}: {error}") from None
     return str(path)
 

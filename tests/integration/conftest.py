@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rehearsal.fleet import Fleet, HostRecord
-from tasks.runner import DeployRun, run_deploy
+from tasks.fleet.runner import DeployRun, run_deploy
 
 # Its own bridge and subnet: a developer's `make rehearse` fleet is left alone. MLSTACK_TEST_FLEET
 # gives a second session on the same machine a fleet of its own.
@@ -47,7 +47,7 @@ class TestFleet:
                              f"rm -rf {paths}")
 
     def tool(self, module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        """`python -m MODULE inventory/rehearsal.py ARGS` (tasks.rollout, tasks.verify) against this fleet."""
+        """`python -m MODULE inventory/rehearsal.py ARGS` (tasks.fleet.rollout, tasks.fleet.verify) against this fleet."""
         return subprocess.run([sys.executable, "-m", module, "inventory/rehearsal.py", *args], cwd=REPO,
                               env={**os.environ, "MLSTACK_FLEET": self.fleet.name, **(env or {})},
                               capture_output=True, text=True, timeout=600)

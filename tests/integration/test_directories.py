@@ -104,7 +104,7 @@ def test_a_file_where_a_directory_belongs_fails_that_host_with_a_clear_error(fle
 
 @pytest.mark.parametrize("fleet_name", ["nofleet"])
 def test_the_inventory_says_to_bring_the_fleet_up_when_none_is(fleet_name):
-    from tasks.runner import run_deploy
+    from tasks.fleet.runner import run_deploy
 
     run = run_deploy("-y", env={"MLSTACK_FLEET": fleet_name})
     assert run.returncode != 0

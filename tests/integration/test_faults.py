@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.runner import PYINFRA, REPO
+from tasks.fleet.runner import PYINFRA, REPO
 
 ENV_DIR = "/srv/mlstack/ml-env"
 FILES = Path(__file__).parents[2] / "files"
@@ -155,7 +155,7 @@ def test_a_host_down_at_the_start_fails_the_run_names_it_and_the_others_converge
     device = veth(fleet, down)
     subprocess.run(["ip", "link", "set", device, "down"], check=True)
     try:
-        rollout = fleet.tool("tasks.rollout", "--data", f"ml_env_cache_dir={cache}", "--data", "rollout_canary=0",
+        rollout = fleet.tool("tasks.fleet.rollout", "--data", f"ml_env_cache_dir={cache}", "--data", "rollout_canary=0",
                              "--data", "rollout_batch=2", "--data", "compose_project_dir_mode=0700")
     finally:
         subprocess.run(["ip", "link", "set", device, "up"], check=True)

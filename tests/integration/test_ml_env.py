@@ -14,7 +14,7 @@ import pytest
 
 from rehearsal.baseimage import IMAGE_NAME
 from rehearsal.index import WHEELHOUSE, add_to_wheelhouse
-from tasks.ml_env import runtime_environment
+from tasks.host.ml_env import runtime_environment
 
 ENV_DIR = "/srv/mlstack/ml-env"
 FILES = Path(__file__).parents[2] / "files"

@@ -9,8 +9,8 @@ import docker
 import pytest
 
 from rehearsal.baseimage import IMAGE_NAME
-from tasks.ml_env_artifact import ArtifactError, env_id
-from tasks.ml_env_build import build_env
+from tasks.control.env_artifact import ArtifactError, env_id
+from tasks.control.env_build import build_env
 
 REQUIREMENTS = (Path(__file__).parents[2] / "files/requirements.rehearsal.txt").read_text()
 

@@ -13,7 +13,7 @@ import pytest
 
 from rehearsal import hub
 from rehearsal.baseimage import IMAGE_NAME
-from tasks.runner import PYINFRA, REPO
+from tasks.fleet.runner import PYINFRA, REPO
 
 CACHE = "/srv/mlstack/hf-cache"
 ENV_DIR = "/srv/mlstack/ml-env"

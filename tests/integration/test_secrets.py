@@ -80,7 +80,7 @@ def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped,
     with ArgvWatch([*SECRETS.values(), ROTATED]) as watch:
         first = fleet.deploy("-vvv", "--diff", *args, env=SECRETS)
         dry = fleet.deploy("--dry", "-vvv", "--diff", *args, env=rotated)
-        verify = fleet.tool("tasks.verify", "-vvv", *args, env=SECRETS)
+        verify = fleet.tool("tasks.fleet.verify", "-vvv", *args, env=SECRETS)
     assert first.returncode == 0, first.output[-3000:]
     assert "building" in first.output and "model file model.safetensors" in first.output  # the build and the download ran
     assert dry.returncode == 0 and "MLSTACK_API_KEY" in dry.output  # the rotation shows, by name only

@@ -140,7 +140,7 @@ def test_a_canary_failing_health_stops_the_rollout_and_the_report_names_the_serv
     # The canary's env loses a package behind the deploy's back: its reranker cannot start any more.
     fleet.ssh(canary, f"mv {site}/tokenizers /srv/tokenizers.saved")
     try:
-        result = fleet.tool("tasks.rollout", "--data", 'stack_env={"ROLLOUT": "2"}', "--data", "health_timeout=15")
+        result = fleet.tool("tasks.fleet.rollout", "--data", 'stack_env={"ROLLOUT": "2"}', "--data", "health_timeout=15")
     finally:
         fleet.ssh(canary, f"mv /srv/tokenizers.saved {site}/tokenizers")
     assert result.returncode != 0

@@ -1,4 +1,4 @@
-"""`python -m tasks.verify`: a read-only check of the fleet — it finds drift and changes nothing."""
+"""`python -m tasks.fleet.verify`: a read-only check of the fleet — it finds drift and changes nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ SNAPSHOT_STATE = ("find /srv/mlstack -printf '%p %m %u %g %s %T@\\n' | sort | md
 
 
 def verify(fleet, *args: str) -> subprocess.CompletedProcess:
-    return fleet.tool("tasks.verify", *args)
+    return fleet.tool("tasks.fleet.verify", *args)
 
 
 def host_row(result, name: str) -> str:

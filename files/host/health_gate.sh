@@ -1,0 +1,44 @@
+#!/bin/sh
+# Bring the compose project up and wait until every service is healthy, then ask each HTTP check.
+# On failure: every service's state and the failing services' last log lines go to stderr, for
+# people; stdout carries only `failing SERVICE` and `failing-check URL` lines, for the deploy's report (no log line of a
+# service can reach stdout, so none can pose as a record).
+# usage: health_gate.sh COMPOSE_DIR PROJECT TIMEOUT PROFILES URL...   (PROFILES: comma-separated)
+set -u
+compose_dir=$1
+project=$2
+timeout=$3
+profiles=$4
+shift 4
+
+compose() {
+    # shellcheck disable=SC2086  # PROFILE_ARGS is a list of words built below from validated names
+    docker compose -p "$project" --project-directory "$compose_dir" -f "$compose_dir/docker-compose.yml" $PROFILE_ARGS "$@"
+}
+PROFILE_ARGS=""
+old_ifs=$IFS
+IFS=,
+for profile in $profiles; do PROFILE_ARGS="$PROFILE_ARGS --profile $profile"; done
+IFS=$old_ifs
+
+checks_pass() {
+    retries=$((timeout / 2))
+    [ "$retries" -ge 1 ] || retries=1
+    for url in "$@"; do
+        curl -fsS -o /dev/null --max-time 5 --retry "$retries" --retry-delay 2 --retry-all-errors "$url" || { echo "failing-check $url"; return 1; }
+    done
+}
+
+if compose up -d --wait --wait-timeout "$timeout" --remove-orphans --quiet-pull && checks_pass "$@"; then
+    exit 0
+fi
+echo "stack $project: not healthy within ${timeout}s:" >&2
+compose ps -a --format '{{.Service}}: {{.State}} {{.Health}}' >&2
+compose ps -a --format '{{.Service}} {{.State}} {{.Health}}' |
+    awk '$2 != "running" || ($3 != "" && $3 != "healthy") {print $1}' |
+    while read -r service; do
+        echo "failing $service"
+        echo "last log lines of $service:" >&2
+        compose logs --no-color --no-log-prefix --tail 20 "$service" </dev/null >&2
+    done
+exit 1

@@ -1,0 +1,64 @@
+"""The control node's caches: files written whole or not at all, and values made once per deploy.
+
+Every file a control cache holds (env artifacts and manifests, base image records, model trees,
+image archives) is written through `atomic_file`: a temporary file of a unique name beside the
+target, flushed to disk, then renamed over it. A crash, a full disk or a second deploy on the same
+control node never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[BinaryIO]:
+    """A binary file object whose content becomes TARGET when the block ends without an error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(target: Path, data: bytes | str) -> None:
+    """TARGET holds DATA, written whole or not at all."""
+    with atomic_file(target) as out:
+        out.write(data.encode() if isinstance(data, str) else data)
+
+
+class Once:
+    """Each key's value is made once per deploy, however many hosts (greenlets) ask; a failure too,
+    so every host reports the same error instead of trying again."""
+
+    def __init__(self):
+        self.results: dict = {}
+        self.locks: dict = {}
+
+    def __call__(self, key, make: Callable):
+        lock = self.locks.setdefault(key, threading.Lock())  # gevent-patched under pyinfra
+        with lock:
+            if key not in self.results:
+                try:
+                    self.results[key] = (make(), None)
+                except Exception as error:  # noqa: BLE001 (re-raised below, to every caller)
+                    self.results[key] = (None, error)
+        value, error = self.results[key]
+        if error is not None:
+            raise error
+        return value
+
+
+once = Once()

@@ -1,0 +1,172 @@
+"""Models on the control side: each configured HF repo resolved to a commit and its file list, and
+the snapshot downloaded once per deploy into the control cache (`hf_control_cache_dir`).
+
+Everything the endpoint answers is checked here, at the boundary, before it is cached or used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # before huggingface_hub reads its constants
+
+from huggingface_hub.utils import filter_repo_objects  # noqa: E402 (light: HfApi and its HTTP stack load on first request)
+from pyinfra.api.exceptions import PyinfraError  # noqa: E402
+
+from tasks.config import HostConfig, ModelSpec  # noqa: E402
+from tasks.control.caches import atomic_write, once  # noqa: E402
+
+if TYPE_CHECKING:
+    from huggingface_hub.hf_api import RepoFile
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+TREE_FORMAT_VERSION = 1  # huggingface_hub's trees/<commit>.json format
+
+
+class ModelError(PyinfraError):
+    """A model cannot be planned; the message names the host, the setting, the value and the cause."""
+
+
+@dataclass(frozen=True)
+class RepoEntry:
+    """One file of a snapshot: where it goes and what its content hashes to."""
+
+    path: str
+    blob: str  # the blob's name: sha256 for LFS files, git blob sha1 for the others
+    size: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A model entry resolved: its commit, the files the patterns select, the full tree listing."""
+
+    spec: ModelSpec
+    commit: str
+    entries: tuple[RepoEntry, ...]
+    tree: str  # trees/<commit>.json as huggingface_hub writes it (all files, not only the selected ones)
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in {entry.blob: entry for entry in self.entries}.values())
+
+    def label(self) -> str:
+        return f"{self.spec.repo_id}@{self.spec.revision} ({self.commit[:12]})"
+
+
+def endpoint_of(config: HostConfig) -> str:
+    return config.hf_endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def tree_json(files: list[RepoFile]) -> str:
+    listing = {}
+    for item in files:
+        info = {"size": item.size, "blob_id": item.blob_id}
+        if item.lfs is not None:
+            info.update(lfs_sha256=item.lfs.sha256, lfs_size=item.lfs.size)
+        listing[item.path] = info
+    return json.dumps({"format_version": TREE_FORMAT_VERSION, "files": listing}, indent=2, sort_keys=True)
+
+
+def entries_of(tree: str, spec: ModelSpec) -> tuple[RepoEntry, ...]:
+    """The files SPEC's patterns select from a tree listing; paths that could escape the repo are refused."""
+    files = json.loads(tree)["files"]
+    entries = []
+    for path in filter_repo_objects(sorted(files), allow_patterns=spec.allow_patterns, ignore_patterns=spec.ignore_patterns):
+        parts = PurePosixPath(path).parts
+        if not parts or PurePosixPath(path).is_absolute() or ".." in parts or "\\" in path or "\n" in path:
+            raise ModelError(f"{spec}: the endpoint lists a file {path!r} that would land outside the repo folder")
+        info = files[path]
+        blob = info.get("lfs_sha256") or info["blob_id"]
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", blob):
+            raise ModelError(f"{spec}: the endpoint lists {path!r} with a malformed hash {blob!r}")
+        entries.append(RepoEntry(path, blob, int(info.get("lfs_size") or info["size"])))
+    return tuple(entries)
+
+
+def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapshot:
+    """SPEC's revision as a commit and its file list; no request when both are already in the control cache."""
+    trees = control_cache / spec.folder / "trees"
+    commit = spec.revision if COMMIT.fullmatch(spec.revision) else None
+    if commit is None or not (trees / f"{commit}.json").exists():
+        from huggingface_hub import HfApi  # noqa: PLC0415 (~0.25 s: only when the mirror must be asked)
+        from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415
+
+        api = HfApi(endpoint=endpoint)
+        if commit is None:
+            commit = api.repo_info(spec.repo_id, revision=spec.revision, repo_type=spec.repo_type).sha
+        if not (trees / f"{commit}.json").exists():
+            files = [item for item in api.list_repo_tree(spec.repo_id, revision=commit, repo_type=spec.repo_type,
+                                                         recursive=True) if isinstance(item, RepoFile)]
+            atomic_write(trees / f"{commit}.json", tree_json(files))
+    tree = (trees / f"{commit}.json").read_text()
+    return Snapshot(spec, commit, entries_of(tree, spec), tree)
+
+
+def repo_exists(spec: ModelSpec, endpoint: str) -> bool:
+    import httpx2  # noqa: PLC0415 (huggingface_hub's HTTP client)
+    from huggingface_hub import HfApi  # noqa: PLC0415
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError  # noqa: PLC0415
+
+    try:
+        HfApi(endpoint=endpoint).repo_info(spec.repo_id, repo_type=spec.repo_type)
+    except RepositoryNotFoundError:
+        return False
+    except (HfHubHTTPError, httpx2.HTTPError, OSError):
+        return True  # unreachable or failing: not proof that the repo is unknown
+    return True
+
+
+def resolve_model(config: HostConfig, index: int, spec: ModelSpec) -> Snapshot:
+    """`models[INDEX]` as a commit and its files, once per deploy; a missing repo or revision is a clear error
+    before any change."""
+    endpoint, control_cache = endpoint_of(config), Path(config.hf_control_cache_dir).expanduser()
+
+    unknown_revision = ModelError(f"models[{index}].revision = {spec.revision!r}: expected a branch, tag or commit of "
+                                  f"{spec.repo_id} on {endpoint}; it has none of that name")
+
+    def attempt() -> Snapshot:
+        try:
+            return ask_endpoint(spec, endpoint, control_cache)
+        except Exception as error:
+            import httpx2  # noqa: PLC0415 (loaded already: ask_endpoint asked the mirror)
+            from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError  # noqa: PLC0415
+
+            if isinstance(error, RevisionNotFoundError):
+                raise unknown_revision from None
+            if not isinstance(error, (HfHubHTTPError, httpx2.HTTPError, OSError)):
+                raise
+            # Mirrors answer an unknown revision as an unknown repo (olah: 401) or a server error: ask about the repo alone.
+            if not repo_exists(spec, endpoint):
+                raise ModelError(f"models[{index}].repo_id = {spec.repo_id!r}: expected a {spec.repo_type} repo on "
+                                 f"{endpoint}; it is unknown there (or private: set HF_TOKEN on the control node)") from None
+            if isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code < 500 \
+                    or isinstance(error, HfHubHTTPError) and COMMIT.fullmatch(spec.revision):
+                raise unknown_revision from None
+            raise ModelError(f"models[{index}] {spec}: cannot resolve it on {endpoint}: {type(error).__name__}: {error}") from None
+
+    return once(("model", endpoint, str(control_cache), spec), attempt)
+
+
+def download_snapshot(snapshot: Snapshot, endpoint: str, control_cache: Path) -> Path:
+    """SNAPSHOT's selected files in the control cache, downloaded once per deploy (huggingface_hub shows progress).
+
+    Keyed by the model entry itself: two entries for one commit with other patterns select other files.
+    """
+    def download() -> Path:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+        spec = snapshot.spec
+        return Path(snapshot_download(spec.repo_id, repo_type=spec.repo_type, revision=snapshot.commit,
+                                      cache_dir=control_cache, endpoint=endpoint,
+                                      allow_patterns=spec.allow_patterns, ignore_patterns=spec.ignore_patterns))
+
+    return once(("download", endpoint, str(control_cache), snapshot.spec, snapshot.commit), download)
+
+
+def control_file(control_cache: Path, snapshot: Snapshot, entry: RepoEntry) -> Path:
+    return control_cache / snapshot.spec.folder / "snapshots" / snapshot.commit / entry.path

@@ -1,0 +1,135 @@
+"""Roll the deploy out across a fleet: canary host(s) first, then batches, stopping once more hosts
+have failed than `rollout_max_failures` allows; hosts not yet reached are left untouched.
+
+    .venv/bin/python -m tasks.fleet.rollout inventory/<fleet>.py [pyinfra options, e.g. --limit 'gpu-*' --data k=v]
+
+Each batch is one `pyinfra ... deploy.py -y --limit <batch>` run (pyinfra's own --fail-percent
+applies only within a run, and only with -y). The end-of-run table shows, per host, the env, the
+models, the stack and the outcome, from the deploy's per-host report (tasks/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+
+from tasks.config import ConfigError, HostConfig, validate_host
+from tasks.fleet.runner import DeployRun, limit_args, run_deploy
+
+
+def batches(hosts: list[str], canary: int, batch: str) -> list[list[str]]:
+    """HOSTS in rollout order: the canary hosts alone, then batches of a count or a percentage of the fleet."""
+    size = max(1, math.ceil(len(hosts) * int(batch[:-1]) / 100)) if batch.endswith("%") else int(batch)
+    groups = [hosts[:canary]] if canary else []
+    rest = hosts[canary:]
+    groups += [rest[start:start + size] for start in range(0, len(rest), size)]
+    return [group for group in groups if group]
+
+
+@dataclass
+class HostOutcome:
+    """One row of the tables: what the deploy's report says of a host."""
+
+    env: str = ""
+    models: list[str] = field(default_factory=list)
+    stack: str = ""
+    result: str = "not reached"
+
+    @classmethod
+    def from_record(cls, record: dict) -> HostOutcome:
+        env = record.get("env")
+        env_text = "" if not env else (f"{env['before'] or 'none'} → {env['after']}" if env["action"] != "none"
+                                        else env["after"])
+        models = [f"{model['repo_id']}@{model['revision']} ({model['commit'][:12]})"
+                  + (f": {model['bytes_to_send'] / 1e6:.1f} MB sent" if model["action"] == "transfer" else "")
+                  for model in record.get("models", [])]
+        return cls(env_text, models, stack_text(record), "FAILED" if record.get("result") == "failed" else "ok")
+
+
+def stack_text(record: dict) -> str:
+    failure, stack = record.get("failure"), record.get("stack")
+    if failure and failure["cause"] in ("unreachable", "locked"):
+        return f"{failure['cause']}: {failure['message']}"
+    if not stack:
+        return f"failed at {failure['step']}: {failure['message']}" if failure else ""
+    changed = [f"{name} ({service['reason']})" for name, service in stack["services"].items() if service["action"] != "keep"]
+    text = f"{stack['project']}: " + (", ".join(changed) if changed else "no change")
+    if stack["health"] == "unhealthy":
+        text += "; unhealthy: " + (", ".join(stack["unhealthy"]) or "see the log")
+    elif failure:
+        text += f"; failed at {failure['step']}"
+    return text
+
+
+def failed_hosts(run: DeployRun, batch: list[str]) -> list[str]:
+    """Hosts of BATCH that failed, by the report; all of them when the run wrote none (it crashed)."""
+    if not run.report:
+        return list(batch) if run.returncode else []
+    return sorted(name for name in batch if run.report.get(name, {}).get("result") != "ok")
+
+
+def inventory_hosts(inventory: str, limit: list[str], pyinfra_args: list[str] = ()) -> tuple[list[str], HostConfig]:
+    """Host names in inventory order (narrowed by --limit patterns) and the first host's validated config,
+    with the `--data key=value` overrides among PYINFRA_ARGS applied as pyinfra applies them."""
+    from pyinfra.api import State  # noqa: PLC0415 (pyinfra's CLI machinery, only for this)
+    from pyinfra.context import ctx_state  # noqa: PLC0415
+    from pyinfra_cli.inventory import make_inventory  # noqa: PLC0415
+    from pyinfra_cli.util import parse_cli_arg  # noqa: PLC0415
+
+    pairs = [pyinfra_args[i + 1] for i, arg in enumerate(pyinfra_args[:-1]) if arg == "--data"]
+    overrides = {key: parse_cli_arg(value) for key, _, value in (pair.partition("=") for pair in pairs)}
+    with ctx_state.use(State()):
+        hosts = list(make_inventory(inventory, cwd=".", override_data=overrides))
+    names = [h.name for h in hosts if not limit or any(fnmatch(h.name, pattern) for pattern in limit)]
+    if not names:
+        raise SystemExit(f"rollout: no host of {inventory} matches --limit {' '.join(limit)}")
+    first = hosts[[h.name for h in hosts].index(names[0])]
+    config, problems = validate_host(first.name, first.data.dict())
+    if problems:
+        raise SystemExit(ConfigError(problems))
+    return names, config
+
+
+def print_table(order: list[str], outcomes: dict[str, HostOutcome]) -> None:
+    print(f"\n{'host':14} {'result':12} {'ML env':44} stack / models")
+    for name in order:
+        outcome = outcomes[name]
+        print(f"{name:14} {outcome.result:12} {outcome.env[:44]:44} {outcome.stack}")
+        for model in outcome.models:
+            print(f"{'':14} {'':12} {'':44} {model}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.fleet.rollout", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inventory")
+    parser.add_argument("--limit", action="append", default=[], help="host name patterns, as pyinfra's --limit")
+    options, pyinfra_args = parser.parse_known_args(argv)
+    order, config = inventory_hosts(options.inventory, options.limit, pyinfra_args)
+    canary, allowed = config.rollout_canary, config.rollout_max_failures
+    outcomes = {name: HostOutcome() for name in order}
+    failures: list[str] = []
+    plan = batches(order, canary, config.rollout_batch)
+    for number, group in enumerate(plan, start=1):
+        label = "canary" if number == 1 and canary else f"batch {number - (1 if canary else 0)}"
+        print(f"rollout: {label}: {', '.join(group)}", flush=True)
+        run = run_deploy("-y", *limit_args(group), *pyinfra_args, inventory=options.inventory, echo=True)
+        failed = failed_hosts(run, group)
+        for name in group:
+            outcomes[name] = HostOutcome.from_record(run.report[name]) if name in run.report else HostOutcome()
+            outcomes[name].result = "FAILED" if name in failed else "ok"
+        failures += failed
+        if len(failures) > allowed:
+            untouched = [name for later in plan[number:] for name in later]
+            print(f"rollout: stopped after {label}: {len(failures)} host(s) failed ({', '.join(failures)}), "
+                  f"more than rollout_max_failures={allowed}; not reached: {', '.join(untouched) or 'none'}",
+                  file=sys.stderr)
+            break
+    print_table(order, outcomes)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""One deploy at a time on a host.
+
+The lock is a `flock` held on the host by a process whose stdin is a channel of this deploy's own
+SSH connection: it lasts exactly as long as the connection, so a deploy that ends, crashes or is
+killed never leaves a stale lock behind, and no timeout has to guess whether a holder is alive.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+
+from pyinfra import host
+
+from tasks.host.failure import fail_host
+from tasks.host.programs import program
+from tasks.report import report
+
+LOCK_FILE = "/run/lock/mlstack-deploy.lock"
+LOCKED = "locked"
+HELD = "held by "
+
+_channels: dict[str, object] = {}  # host name -> the open channel that keeps its lock
+
+
+def holder() -> str:
+    """Who takes the lock, as the next deploy's error shows it (no secret: user, machine, pid, time)."""
+    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+
+
+def lock_command(who: str, sudo: bool) -> str:
+    """Take the lock without waiting (files/host/deploy_lock.sh): LOCKED, then held until stdin closes; or who holds it."""
+    return f"{'sudo -n ' if sudo else ''}{program('deploy_lock.sh', LOCK_FILE, who)}"
+
+
+def first_line(channel) -> str:
+    data = b""
+    while b"\n" not in data:
+        chunk = channel.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").partition("\n")[0].strip()
+
+
+def hold_deploy_lock() -> bool:
+    """Take this host's deploy lock for the rest of the run; when another deploy holds it, fail the
+    host with who holds it (its other operations are skipped) and return False."""
+    client = getattr(host.connector, "client", None)
+    if client is None:  # not an SSH connection (e.g. @local): nothing to tie the lock to
+        return True
+    channel = client.get_transport().open_session()
+    channel.exec_command(lock_command(holder(), bool(host.data.get("_sudo"))))
+    answer = first_line(channel)
+    if answer == LOCKED:
+        _channels[host.name] = channel  # closed with the connection: the holder's `cat` ends, the lock goes
+        return True
+    channel.close()
+    why = (f"another deploy holds this host's lock ({answer.removeprefix(HELD)}): wait for it to end, then run again"
+           if answer.startswith(HELD) else f"cannot take the deploy lock {LOCK_FILE}: {answer or 'no answer'}")
+    host.log(f"Deploy lock: {why}")
+    report[host.name].fail("locked", why)
+    fail_host(name="Deploy lock", message=f"{host.name}: {why}")
+    return False

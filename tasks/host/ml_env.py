@@ -1,0 +1,264 @@
+"""The ML env: built once per env id on the control side, installed on each host atomically,
+checked by importing it in the runtime image, then switched to; older envs are kept for rollback.
+
+On a host, below `ml_env_dir`:
+
+    envs/<id>/           a complete user site (what the stack mounts read-only at /root/.local)
+    envs/<id>.tmp/       an unpack in progress: never mounted, removed by the next run
+    incoming/<id>.tar.gz an upload in progress
+    active -> envs/<id>  the env the stack uses: switched (rename) only after the import check passed
+
+Decisions are made at plan time from this concern's part of the host probe (`MlEnvFact`); a dry
+run builds and changes nothing. The build itself (tasks/control/env_build.py) runs at execution
+time, once per env id for the whole fleet.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FactBase, FunctionCommand, operation
+
+from tasks.config import HostConfig
+from tasks.control.builder import BaseImage, BuilderError
+from tasks.control.env_artifact import ENV_INFO, ArtifactError
+from tasks.control.env_build import EnvSource, base_image, env_source
+from tasks.host.failure import HostProblem, fail_host, failed, step
+from tasks.host.probe import ProbePart
+from tasks.host.programs import program
+from tasks.host.transfer import RoomCheckedUpload, UploadProgress, room_problem
+from tasks.report import EnvOutcome, report
+
+MOUNT = "/root/.local"
+RUNTIME_PATH = f"{MOUNT}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+ENV_NAME = re.compile(r"^(envs/(env-[0-9a-f]{16})(\.tmp)?|incoming/(env-[0-9a-f]{16})\.tar\.gz)$")
+
+
+@dataclass(frozen=True)
+class MlEnvState:
+    active: str | None  # the env id `active` points at
+    envs: dict[str, int]  # complete envs: id -> mtime (activation time)
+    leftovers: tuple[str, ...]  # unfinished unpacks and uploads, relative to the env dir
+    free_bytes: int  # on the file system that holds (or will hold) the env dir
+    arch: str  # `uname -m`
+    image_id: str | None  # the runtime base image's id on this host
+
+
+class MlEnvFact(FactBase):
+    """What the ML env dir holds, the room left for it, and the host's copy of the runtime base image.
+
+    Only names this deploy writes are reported (`envs/env-<16 hex>[.tmp]`, `incoming/<id>.tar.gz`);
+    anything else in the directory is not ours to judge or remove.
+    """
+
+    def command(self, env_dir: str, image: str) -> str:
+        return program("ml_env_probe.sh", env_dir, image)
+
+    def process(self, output: list[str]) -> MlEnvState:
+        fields: dict[str, str] = {}
+        envs: dict[str, int] = {}
+        leftovers = []
+        for line in output:
+            key, _, value = line.partition(" ")
+            if key != "entry":
+                fields[key] = value.strip()
+                continue
+            mtime, _, name = value.partition(" ")
+            match = ENV_NAME.match(name)
+            if match and match.group(2) and not match.group(3):
+                envs[match.group(2)] = int(mtime)
+            elif match:
+                leftovers.append(name)
+        active = ENV_NAME.match(fields.get("active", ""))
+        return MlEnvState(
+            active=active.group(2) if active and not active.group(3) else None,
+            envs=envs,
+            leftovers=tuple(sorted(leftovers)),
+            free_bytes=int(fields.get("free") or 0) * 1024,
+            arch=fields.get("arch", ""),
+            image_id=fields.get("image") or None,
+        )
+
+
+def runtime_environment(python: str) -> dict[str, str]:
+    """What the stack's containers (and the import check) set so the mounted user site is found."""
+    return {"HOME": "/root", "PATH": RUNTIME_PATH, "PYTHONPATH": f"{MOUNT}/lib/{python}/site-packages"}
+
+
+@dataclass(frozen=True)
+class EnvPlan:
+    """What one host needs: the result of comparing its `MlEnvState` with the wanted env."""
+
+    wanted: str
+    current: str | None
+    upload: bool
+    activate: bool
+    remove: tuple[str, ...]  # paths relative to the env dir, removed once the stack uses `wanted`
+    base: BaseImage  # the runtime image the env is checked in (and the stack runs)
+
+    def environment(self) -> dict[str, str]:
+        return runtime_environment(self.base.python)
+
+    def summary(self, size: int | None) -> str:
+        if self.upload:
+            what = "to build once, then upload" if size is None else f"{size / 1e6:.1f} MB to upload"
+            return f"ML env: {self.current or 'none'} → {self.wanted} ({what})"
+        if self.activate:
+            return f"ML env: {self.current or 'none'} → {self.wanted} (on the host already)"
+        return f"ML env: {self.wanted} (no change)"
+
+
+def plan_env(state: MlEnvState, wanted: str, keep_envs: int, base: BaseImage) -> EnvPlan:
+    """Upload if the host lacks a complete copy, switch if it is not active, keep KEEP_ENVS previous envs."""
+    upload = wanted not in state.envs
+    activate = upload or state.active != wanted
+    others = sorted((env for env in state.envs if env != wanted), key=lambda env: -state.envs[env])
+    if activate and state.active in others:  # the env we switch away from is the newest previous one
+        others.remove(state.active)
+        others.insert(0, state.active)
+    remove = tuple(f"envs/{env}" for env in others[keep_envs:]) + state.leftovers
+    return EnvPlan(wanted, state.active, upload, activate, remove, base)
+
+
+def _ready_to_send(state, host, source: EnvSource, free_bytes: int) -> bool:
+    """Build (once per fleet) or check the artifact, and refuse a host without room for it."""
+    try:
+        manifest = source.ensure()
+    except (ArtifactError, BuilderError) as error:
+        return failed(host, f"ML env {source.env}: {error}")
+    problem = room_problem(free_bytes, manifest.size + manifest.unpacked_size, "artifact, unpacked env")
+    return failed(host, f"ML env {source.env}: {problem}") if problem else True
+
+
+def unpack_command(env_dir: str, env: str, sha256: str, uid: int, gid: int) -> str:
+    """Check the upload, unpack it under a temporary name, own it, then make it complete by a rename."""
+    incoming, tmp, final = f"incoming/{env}.tar.gz", f"envs/{env}.tmp", f"envs/{env}"
+    mismatch = f"ML env {env}: the uploaded artifact does not match its sha256; it was removed, run the deploy again"
+    return " && ".join([
+        f"cd {shlex.quote(env_dir)}",
+        f"{{ echo '{sha256}  {incoming}' | sha256sum --check --quiet --strict - "
+        f"|| {{ rm -f {incoming}; echo {shlex.quote(mismatch)} >&2; exit 1; }}; }}",
+        f"rm -rf {tmp}",
+        f"mkdir -m 0755 {tmp}",
+        f"tar -xzf {incoming} -C {tmp} --no-same-owner",
+        f"chown -R {uid}:{gid} {tmp}",
+        f"mv -T {tmp} {final}",
+        f"rm -f {incoming}",
+    ])
+
+
+@operation(is_idempotent=False)
+def install_env(env_dir: str, source: EnvSource, uid: int, gid: int, free_bytes: int):
+    """Send the env artifact to a host that lacks it and unpack it atomically into envs/<id>."""
+    # Runs at execution only: during change detection the generator stops at this first command.
+    yield FunctionCommand(_ready_to_send, (source, free_bytes), {})
+    manifest = source.ensure()
+    incoming = f"{env_dir}/incoming/{source.env}.tar.gz"
+    yield (f"install -d -m 0700 {shlex.quote(env_dir)}/incoming && "
+           f"install -d -m 0755 -o {uid} -g {gid} {shlex.quote(env_dir)}/envs")
+    yield RoomCheckedUpload(UploadProgress(source.artifact(), f"ML env {source.env}"), incoming,
+                            remote_temp_filename=host.get_temp_filename(incoming))
+    yield unpack_command(env_dir, source.env, manifest.sha256, uid, gid)
+
+
+def import_check_command(env_dir: str, env: str, image_id: str, python: str) -> str:
+    environment = " ".join(f"-e {key}={shlex.quote(value)}" for key, value in runtime_environment(python).items())
+    return (f"docker run --rm --network none -v {shlex.quote(f'{env_dir}/envs/{env}')}:{MOUNT}:ro {environment} "
+            f"--entrypoint '' {image_id} {program('import_check.py', MOUNT, ENV_INFO)}")
+
+
+class EnvImportCheckFact(FactBase):
+    """The import check of an installed env, run now: None when it passes, else what failed (read-only)."""
+
+    def command(self, env_dir: str, env: str, image_id: str, python: str) -> str:
+        return f"{import_check_command(env_dir, env, image_id, python)} 2>&1 >/dev/null | tail -5; true"
+
+    def process(self, output: list[str]) -> str | None:
+        return " / ".join(line.strip() for line in output if line.strip()) or None
+
+
+@operation(is_idempotent=False)
+def activate_env(env_dir: str, env: str, image_id: str, python: str):
+    """Import every requirement in the runtime image from the env; only then point `active` at it."""
+    yield import_check_command(env_dir, env, image_id, python)
+    yield (f"cd {shlex.quote(env_dir)} && ln -sfn envs/{env} active.new && mv -T active.new active "
+           f"&& touch envs/{env}")
+
+
+@operation(is_idempotent=False)
+def remove_old_envs(env_dir: str, paths: tuple[str, ...]):
+    """Remove envs beyond `keep_envs` and unfinished uploads or unpacks."""
+    yield f"cd {shlex.quote(env_dir)} && rm -rf -- " + " ".join(shlex.quote(path) for path in paths)
+
+
+def probe_part(config: HostConfig) -> ProbePart:
+    return ProbePart("ml_env", MlEnvFact, {"env_dir": config.ml_env_dir, "image": config.ml_env_base_image})
+
+
+def host_problem(config: HostConfig, state: MlEnvState, base: BaseImage) -> str | None:
+    """Why this host cannot run envs built on BASE, or None."""
+    image = config.ml_env_base_image
+    if state.image_id is None:
+        return (f"the runtime base image {image!r} is not on this host (the import check runs it): "
+                "load or pull it there first")
+    if state.image_id != base.id:
+        return (f"the runtime base image {image!r} is {state.image_id[:19]} on this host but {base.id[:19]} "
+                "on the builder: the env would be built for another image; make them the same")
+    arch = ARCHES.get(state.arch, state.arch)
+    if base.platform != f"linux/{arch}":
+        return f"this host is linux/{arch}, the env is built for {base.platform}"
+    return None
+
+
+@step("ML env")
+def ml_env(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
+    """Install and switch to the wanted env; returns the plan (the stack mounts `envs/<plan.wanted>`)."""
+    try:
+        base = base_image(config, Path(config.ml_env_cache_dir).expanduser(), state.image_id)
+        source = env_source(config, base)
+        cached = source.cached()
+    except (ArtifactError, BuilderError) as error:
+        raise HostProblem(error) from None
+    problem = host_problem(config, state, base)
+    if problem:
+        raise HostProblem(problem)
+    plan = plan_env(state, source.env, config.keep_envs, base)
+    if plan.upload and source.base is None and cached is None:
+        raise HostProblem(f"ml_env_id = {source.env!r}: this env is neither on the host nor in the control cache "
+                          f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")
+    host.log(plan.summary(cached.size if cached else None))
+    record = report[host.name]
+    record.env = EnvOutcome(plan.current, plan.wanted, "install" if plan.upload else "switch" if plan.activate else "none")
+    if plan.activate or plan.remove:
+        record.changed("ML env")
+    if config.ml_env_check_active and not plan.activate:
+        failure = host.get_fact(EnvImportCheckFact, env_dir=config.ml_env_dir, env=plan.wanted, image_id=base.id,
+                                python=base.python)
+        if failure:
+            host.log(f"ML env: the active env {plan.wanted} fails its import check: {failure}")
+            record.changed("ML env")
+            fail_host(name=f"Import check of the active env {plan.wanted}", message=f"{host.name}: {failure}")
+    if plan.upload:
+        install_env(
+            name=f"Upload and unpack {source.env}",
+            env_dir=config.ml_env_dir, source=source, uid=config.ml_env_dir_uid, gid=config.ml_env_dir_gid,
+            free_bytes=state.free_bytes,
+        )
+    if plan.activate:
+        activate_env(name=f"Import check, then switch to {source.env}",
+                     env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python)
+    return plan
+
+
+@step("ML env cleanup")
+def ml_env_cleanup(config: HostConfig, plan: EnvPlan | None):
+    """After the stack switched: remove envs beyond `keep_envs` and unfinished transfers."""
+    if plan is not None and plan.remove:
+        remove_old_envs(name=f"Remove {len(plan.remove)} old env(s) or unfinished transfer(s)",
+                        env_dir=config.ml_env_dir, paths=plan.remove)

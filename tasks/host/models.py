@@ -1,0 +1,335 @@
+"""Models: every configured HF repo, resolved to a commit, placed in each host's HF cache.
+
+On a host, `<model_cache_dir>/hub/<models--org--name>/` is the standard huggingface_hub layout:
+
+    blobs/<name>               file contents, named by their hash (sha256 for LFS files, git sha1 for others)
+    blobs/<name>.incoming      a transfer in progress: checked (size, hash) and renamed, never linked
+    trees/<commit>.json        the tree listing huggingface_hub checks an offline snapshot against
+    snapshots/<commit>/<path>  relative symlinks to ../../blobs/<name>; made as <commit>.tmp and
+                               renamed once every blob is in place, so a partial snapshot is never seen
+    refs/<revision>            the commit a branch or tag resolved to
+
+In "control" mode the control node downloads each snapshot once (huggingface_hub's
+`snapshot_download` into its own cache) and each host receives only the blobs it lacks. In
+"host" mode each host downloads for itself, in a container of the runtime image with the ML env
+mounted, into a staging cache next to the real one; the same checks and the same atomic
+publication then apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pyinfra import host
+from pyinfra.api import FactBase, FunctionCommand, operation
+from pyinfra.api.command import FileUploadCommand
+
+from tasks.config import HostConfig
+from tasks.control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
+from tasks.host.failure import HostProblem, failed, step
+from tasks.host.ml_env import EnvPlan
+from tasks.host.probe import ProbePart
+from tasks.host.programs import program
+from tasks.host.transfer import RoomCheckedUpload, UploadProgress, room_problem
+from tasks.report import ModelOutcome, report
+
+
+BLOB_NAME = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # git sha1 (regular files) or sha256 (LFS files)
+
+
+@dataclass(frozen=True)
+class RepoCacheState:
+    blobs: dict[str, int]  # complete blobs: name -> size
+    snapshots: frozenset[str]  # complete snapshot dirs (commit shas)
+    refs: dict[str, str]  # revision name -> commit sha
+    trees: frozenset[str]  # commit shas with a cached tree listing
+    hashes: dict[str, str]  # blob name -> its content hash as computed on the host (when asked)
+    leftovers: tuple[str, ...]  # unfinished transfers, relative to the repo folder
+
+
+@dataclass(frozen=True)
+class ModelCacheState:
+    repos: dict[str, RepoCacheState]  # repo folder (models--org--name) -> state; absent folders left out
+    free_bytes: int
+
+
+class ModelCacheFact(FactBase):
+    """The HF cache's repo folders this deploy manages (`<cache>/hub/<folder>`), and the room left.
+
+    With `hashes`, every blob is hashed on the host the way its name says: sha256 (LFS files,
+    64 hex) or git's blob sha1 (other files, 40 hex).
+    """
+
+    def command(self, cache_dir: str, folders: tuple[str, ...], hashes: bool = False) -> str:
+        return program("model_cache_probe.sh", cache_dir, int(hashes), *folders)
+
+    def process(self, output: list[str]) -> ModelCacheState:
+        free, repos, current = 0, {}, None
+        for line in output:
+            kind, _, rest = line.partition(" ")
+            if kind == "free":
+                free = int(rest or 0) * 1024
+            elif kind == "repo":
+                current = repos[rest] = {"blobs": {}, "snapshots": set(), "refs": {}, "trees": set(), "hashes": {}, "leftovers": []}
+            elif current is None:
+                continue
+            elif kind == "blob":
+                size, _, name = rest.partition(" ")
+                if BLOB_NAME.match(name):
+                    current["blobs"][name] = int(size)
+                else:
+                    current["leftovers"].append(f"blobs/{name}")
+            elif kind == "snapshot":
+                if re.fullmatch(r"[0-9a-f]{40}", rest):
+                    current["snapshots"].add(rest)
+                else:
+                    current["leftovers"].append(f"snapshots/{rest}")
+            elif kind == "tree" and re.fullmatch(r"[0-9a-f]{40}\.json", rest):
+                current["trees"].add(rest.removesuffix(".json"))
+            elif kind == "ref":
+                name, _, sha = rest.partition(" ")
+                current["refs"][name] = sha.strip()
+            elif kind == "hash":
+                name, _, computed = rest.partition(" ")
+                current["hashes"][name] = computed
+        return ModelCacheState(
+            repos={
+                folder: RepoCacheState(state["blobs"], frozenset(state["snapshots"]), state["refs"],
+                                       frozenset(state["trees"]), state["hashes"], tuple(sorted(state["leftovers"])))
+                for folder, state in repos.items()
+            },
+            free_bytes=free,
+        )
+
+
+def probe_part(config: HostConfig) -> ProbePart:
+    return ProbePart("models", ModelCacheFact, {"cache_dir": config.model_cache_dir, "hashes": config.model_verify_hashes,
+                                                "folders": tuple(spec.folder for spec in config.models)})
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What one host needs for one snapshot."""
+
+    snapshot: Snapshot
+    send: tuple[RepoEntry, ...]  # blobs the host lacks, or holds with the wrong size or hash
+    write_tree: bool
+    publish: bool  # the snapshot directory is missing
+    ref: bool  # refs/<revision> must be (re)written
+    leftovers: tuple[str, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry.size for entry in self.send)
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.send or self.write_tree or self.publish or self.ref or self.leftovers)
+
+    def summary(self) -> str:
+        if not self.changes:
+            return f"model {self.snapshot.label()}: no change"
+        if self.send:
+            return f"model {self.snapshot.label()}: {len(self.send)} file(s), {self.bytes / 1e6:.1f} MB to transfer"
+        return f"model {self.snapshot.label()}: 0 bytes to transfer, cache metadata to fix"
+
+
+def plan_model(snapshot: Snapshot, state: RepoCacheState | None) -> ModelPlan:
+    state = state or RepoCacheState({}, frozenset(), {}, frozenset(), {}, ())
+    send: dict[str, RepoEntry] = {}
+    for entry in snapshot.entries:
+        held = state.blobs.get(entry.blob)
+        if held != entry.size or state.hashes.get(entry.blob, entry.blob) != entry.blob:
+            send.setdefault(entry.blob, entry)
+    revision = snapshot.spec.revision
+    needs_ref = not COMMIT.fullmatch(revision) and state.refs.get(revision) != snapshot.commit
+    return ModelPlan(
+        snapshot=snapshot,
+        send=tuple(send.values()),
+        write_tree=snapshot.commit not in state.trees,
+        publish=snapshot.commit not in state.snapshots,
+        ref=needs_ref,
+        leftovers=state.leftovers,
+    )
+
+
+def link_target(path: str, blob: str) -> str:
+    """The relative symlink huggingface_hub makes from snapshots/<commit>/<path> to blobs/<blob>."""
+    depth = len(PurePosixPath(path).parts) - 1
+    return "../" * (2 + depth) + f"blobs/{blob}"
+
+
+def blob_check_command(incoming: str, entry: RepoEntry) -> str:
+    """Succeeds only if INCOMING has ENTRY's size and hash; otherwise removes it."""
+    quoted = shlex.quote(incoming)
+    if len(entry.blob) == 64:
+        hashed = f"echo '{entry.blob}  '{quoted} | sha256sum --check --quiet --strict -"
+    else:
+        hashed = (f"[ \"$( {{ printf 'blob %s\\000' {entry.size}; cat {quoted}; }} | sha1sum | cut -c1-40)\" "
+                  f"= {entry.blob} ]")
+    problem = shlex.quote(f"model file {entry.path}: the copy does not match its size or hash; removed, run again")
+    return (f"{{ [ \"$(stat -c %s {quoted})\" = {entry.size} ] && {hashed}; }} "
+            f"|| {{ rm -f {quoted}; echo {problem} >&2; exit 1; }}")
+
+
+def publish_commands(repo: str, plan: ModelPlan, owner: str) -> list[str]:
+    """Tree listing, snapshot (built under a temporary name, then renamed) and ref, in that order."""
+    snapshot, commands = plan.snapshot, []
+    q = shlex.quote
+    if plan.publish:
+        tmp = f"{repo}/snapshots/{snapshot.commit}.tmp"
+        dirs = sorted({str(PurePosixPath(entry.path).parent) for entry in snapshot.entries} - {"."})
+        steps = [f"rm -rf {q(tmp)}", f"mkdir -p {q(tmp)}"]
+        steps += [f"mkdir -p {q(f'{tmp}/{d}')}" for d in dirs]
+        steps += [f"ln -s {link_target(entry.path, entry.blob)} {q(f'{tmp}/{entry.path}')}" for entry in snapshot.entries]
+        steps += [f"chown -hR {owner} {q(tmp)}", f"mv -T {q(tmp)} {q(f'{repo}/snapshots/{snapshot.commit}')}"]
+        commands.append(" && ".join(steps))
+    if plan.ref:
+        ref = f"{repo}/refs/{snapshot.spec.revision}"
+        commands.append(f"mkdir -p {q(str(PurePosixPath(ref).parent))} && printf %s {snapshot.commit} > {q(ref + '.tmp')} "
+                        f"&& chown {owner} {q(ref + '.tmp')} && mv -T {q(ref + '.tmp')} {q(ref)}")
+    if plan.leftovers:
+        commands.append(f"cd {q(repo)} && rm -rf -- " + " ".join(q(path) for path in plan.leftovers))
+    return commands
+
+
+def repo_dirs_command(cache_dir: str, folder: str, owner: str, mode: str) -> str:
+    uid, gid = owner.split(":")
+    repo = f"{cache_dir}/hub/{folder}"
+    paths = [f"{cache_dir}/hub", repo, *(f"{repo}/{sub}" for sub in ("blobs", "snapshots", "refs", "trees"))]
+    return f"install -d -o {uid} -g {gid} -m {mode} " + " ".join(shlex.quote(path) for path in paths)
+
+
+def blob_in_place_command(repo: str, entry: RepoEntry, owner: str) -> str:
+    """blobs/<name>.incoming, once checked, becomes blobs/<name> (a rename: never seen half written)."""
+    incoming, final = shlex.quote(f"{repo}/blobs/{entry.blob}.incoming"), shlex.quote(f"{repo}/blobs/{entry.blob}")
+    return (f"{blob_check_command(f'{repo}/blobs/{entry.blob}.incoming', entry)} && chown {owner} {incoming} "
+            f"&& mv -f {incoming} {final}")
+
+
+def tree_commands(repo: str, plan: ModelPlan, control_cache: Path, owner: str):
+    tree = f"{repo}/trees/{plan.snapshot.commit}.json"
+    yield FileUploadCommand(str(control_cache / plan.snapshot.spec.folder / "trees" / f"{plan.snapshot.commit}.json"),
+                            tree + ".incoming", remote_temp_filename=host.get_temp_filename(tree))
+    yield f"chown {owner} {shlex.quote(tree + '.incoming')} && mv -f {shlex.quote(tree + '.incoming')} {shlex.quote(tree)}"
+
+
+def _downloaded(state, host, snapshot: Snapshot, endpoint: str, control_cache: Path) -> bool:
+    try:
+        download_snapshot(snapshot, endpoint, control_cache)
+    except Exception as error:  # noqa: BLE001 (huggingface_hub raises many kinds; each is reported the same way)
+        return failed(host, f"model {snapshot.label()}: download on the control node failed: {type(error).__name__}: {error}")
+    return True
+
+
+def control_file(control_cache: Path, snapshot: Snapshot, entry: RepoEntry) -> Path:
+    return control_cache / snapshot.spec.folder / "snapshots" / snapshot.commit / entry.path
+
+
+@operation(is_idempotent=False)
+def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: Path, owner: str, mode: str):
+    """Send the blobs a host lacks from the control cache (each checked, then renamed), then publish the snapshot."""
+    snapshot = plan.snapshot
+    repo = f"{cache_dir}/hub/{snapshot.spec.folder}"
+    if plan.send:
+        yield FunctionCommand(_downloaded, (snapshot, endpoint, control_cache), {})
+    yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
+    for entry in plan.send:
+        source = control_file(control_cache, snapshot, entry).resolve()
+        yield RoomCheckedUpload(UploadProgress(source, f"model file {entry.path}"), f"{repo}/blobs/{entry.blob}.incoming",
+                                remote_temp_filename=host.get_temp_filename(f"{repo}/blobs/{entry.blob}"))
+        yield blob_in_place_command(repo, entry, owner)
+    if plan.write_tree:
+        yield from tree_commands(repo, plan, control_cache, owner)
+    yield from publish_commands(repo, plan, owner)
+
+
+def host_download_command(staging: str, plan: ModelPlan, env: EnvPlan, env_dir: str, endpoint: str) -> str:
+    """Run snapshot_download on the host, in the runtime image with the ML env mounted, into STAGING.
+
+    No token goes along: HF_TOKEN never leaves the control node (gated repos need "control" mode).
+    """
+    spec, q = plan.snapshot.spec, shlex.quote
+    environment = {**env.environment(), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if os.environ.get("HF_HUB_DISABLE_XET"):
+        environment["HF_HUB_DISABLE_XET"] = os.environ["HF_HUB_DISABLE_XET"]
+    return (f"docker run --rm --network host -v {q(staging)}:/root/.cache/huggingface "
+            f"-v {q(f'{env_dir}/envs/{env.wanted}')}:/root/.local:ro "
+            + " ".join(f"-e {key}={q(value)}" for key, value in environment.items())
+            + f" --entrypoint '' {env.base.id} "
+            + program("download_snapshot.py", "/root/.cache/huggingface/hub", spec.repo_id, spec.repo_type,
+                      plan.snapshot.commit, json.dumps(spec.allow_patterns), json.dumps(spec.ignore_patterns)))
+
+
+@operation(is_idempotent=False)
+def download_model_on_host(cache_dir: str, plan: ModelPlan, env: EnvPlan, env_dir: str, endpoint: str,
+                           control_cache: Path, owner: str, mode: str):
+    """The host downloads the snapshot itself into a staging cache; what it lacks is then checked and moved in."""
+    snapshot, q = plan.snapshot, shlex.quote
+    repo = f"{cache_dir}/hub/{snapshot.spec.folder}"
+    staging = f"{cache_dir}/.staging-{snapshot.commit[:12]}"
+    yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
+    if plan.send:
+        yield f"rm -rf {q(staging)} && install -d -m 0700 {q(staging)}"
+        yield host_download_command(staging, plan, env, env_dir, endpoint)
+        staged = f"{staging}/hub/{snapshot.spec.folder}/snapshots/{snapshot.commit}"
+        for entry in plan.send:
+            yield (f"mv -f \"$(readlink -f {q(f'{staged}/{entry.path}')})\" {q(f'{repo}/blobs/{entry.blob}.incoming')} "
+                   f"&& {blob_in_place_command(repo, entry, owner)}")
+        yield f"rm -rf {q(staging)}"
+    if plan.write_tree:
+        yield from tree_commands(repo, plan, control_cache, owner)
+    yield from publish_commands(repo, plan, owner)
+
+
+def _room(state, host, needed: int, free: int) -> bool:
+    problem = room_problem(free, needed, "the files to transfer", where=" for the model cache")
+    return failed(host, f"models: {problem}") if problem else True
+
+
+@step("Models")
+def models(config: HostConfig, env: EnvPlan | None, state: ModelCacheState) -> list[Snapshot]:
+    """Resolve every model, then bring this host's cache to it; returns the snapshots (for the stack)."""
+    try:
+        snapshots = [resolve_model(config, index, spec) for index, spec in enumerate(config.models)]
+    except ModelError as error:  # input: every host would fail alike, so the run stops before any change
+        raise ModelError(f"{host.name}: {error}") from None
+    plans = [plan_model(snapshot, state.repos.get(snapshot.spec.folder)) for snapshot in snapshots]
+    record = report[host.name]
+    for plan in plans:
+        host.log(plan.summary())
+        spec = plan.snapshot.spec
+        action = "transfer" if plan.send else "repair" if plan.changes else "none"
+        record.models.append(ModelOutcome(spec.repo_id, spec.revision, plan.snapshot.commit, plan.bytes, action))
+        if plan.changes:
+            record.changed("models")
+    needed = sum(plan.bytes for plan in plans)
+    if needed:
+        check_room(name=f"Model cache room for {needed / 1e6:.1f} MB", needed=needed, free=state.free_bytes)
+    where = dict(cache_dir=config.model_cache_dir, endpoint=endpoint_of(config),
+                 control_cache=Path(config.hf_control_cache_dir).expanduser(),
+                 owner=f"{config.model_cache_dir_uid}:{config.model_cache_dir_gid}", mode=f"{config.model_cache_dir_mode:04o}")
+    for plan in plans:
+        if not plan.changes:
+            continue
+        if config.model_mode == "host" and plan.send:
+            if env is None:
+                raise HostProblem("model_mode = 'host' needs the ML env (its huggingface_hub runs the download), "
+                                  "which this host does not have")
+            download_model_on_host(name=f"Model {plan.snapshot.label()} (downloaded by the host)", plan=plan, env=env,
+                                   env_dir=config.ml_env_dir, **where)
+        else:
+            place_model(name=f"Model {plan.snapshot.label()}", plan=plan, **where)
+    return snapshots
+
+
+@operation(is_idempotent=False)
+def check_room(needed: int, free: int):
+    """Fail the host before any byte is sent if its cache has no room for what it lacks."""
+    yield FunctionCommand(_room, (needed, free), {})

@@ -1,0 +1,154 @@
+"""The deploy's report: one typed record per host, written as JSON to the file the caller names in
+`MLSTACK_REPORT`. The fleet tools (rollout, verify) read it; the human log is for people only.
+
+The deploy fills each record as it plans (env before/after, models and commits, services and why
+they change) and as it runs (health, the failure's cause: unreachable, locked or the step that
+failed). The file is written once, whole, when the pyinfra process ends.
+
+    {"version": 1, "hosts": {"gpu-01": {"result": "ok", "env": {...}, ...}, ...}}
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pyinfra.api.state import BaseStateCallback
+
+REPORT_FILE = "MLSTACK_REPORT"  # the environment variable naming the file
+VERSION = 1
+
+
+@dataclass
+class Failure:
+    cause: str  # "unreachable", "locked" or "step"
+    message: str
+    step: str = ""  # the operation that failed, for cause "step"
+
+
+@dataclass
+class EnvOutcome:
+    before: str | None  # the active env id before the run
+    after: str  # the env id this run makes active
+    action: str  # "install" (upload, check, switch), "switch" (on the host already), "none"
+
+
+@dataclass
+class ModelOutcome:
+    repo_id: str
+    revision: str
+    commit: str
+    bytes_to_send: int
+    action: str  # "transfer", "repair" (metadata only), "none"
+
+
+@dataclass
+class ServiceOutcome:
+    action: str  # "create", "recreate", "keep"
+    reason: str = ""
+
+
+@dataclass
+class StackOutcome:
+    project: str
+    image: str
+    services: dict[str, ServiceOutcome] = field(default_factory=dict)
+    health: str = "not checked"  # "healthy", "unhealthy", "not checked"
+    unhealthy: list[str] = field(default_factory=list)  # services the health gate found failing
+
+
+@dataclass
+class GpuOutcome:
+    index: int
+    uuid: str
+    name: str
+    memory_mib: int
+    driver: str
+
+
+@dataclass
+class HostRecord:
+    result: str = "not run"  # "ok", "failed", "not run" (outside --limit or stopped before planning)
+    failure: Failure | None = None
+    changes: list[str] = field(default_factory=list)  # concerns with planned changes: drift, in a dry run
+    env: EnvOutcome | None = None
+    models: list[ModelOutcome] = field(default_factory=list)
+    stack: StackOutcome | None = None
+    gpus: list[GpuOutcome] = field(default_factory=list)
+    gate: dict | None = None  # the GPU gate's checks and results, once a GPU gate runs
+    pending: str = field(default="", repr=False)  # the message of a failure not yet tied to its step
+
+    def changed(self, concern: str) -> None:
+        if concern not in self.changes:
+            self.changes.append(concern)
+
+    def fail(self, cause: str, message: str, step: str = "") -> None:
+        if self.failure is None:  # the first failure is the cause; what follows it is consequence
+            self.failure = Failure(cause, message, step)
+
+
+class Report:
+    """The records of this pyinfra run, written to $MLSTACK_REPORT when the process ends."""
+
+    def __init__(self):
+        self.records: dict[str, HostRecord] = {}
+        self.started = False
+
+    def __getitem__(self, host_name: str) -> HostRecord:
+        return self.records.setdefault(host_name, HostRecord())
+
+    def start(self) -> None:
+        """Follow this run's connections and operations; idempotent (deploy.py and the fleet tools' config both call it)."""
+        from pyinfra.context import ctx_state  # noqa: PLC0415 (only inside a pyinfra run)
+
+        if self.started or not os.environ.get(REPORT_FILE):
+            return
+        self.started = True
+        state = ctx_state.get()
+        state.add_callback_handler(_Callbacks())
+        atexit.register(self.write, Path(os.environ[REPORT_FILE]), state)
+
+    def write(self, path: Path, state) -> None:
+        for host in state.inventory:
+            if not state.is_host_in_limit(host):
+                continue
+            record = self[host.name]
+            if record.failure is None and not host.connected:
+                record.fail("unreachable", "pyinfra could not connect")
+            record.result = "failed" if record.failure else "ok" if host.connected else "not run"
+        hosts = {name: {key: value for key, value in asdict(record).items() if key != "pending"}
+                 for name, record in sorted(self.records.items())}
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        temporary.write_text(json.dumps({"version": VERSION, "hosts": hosts}, indent=2))
+        temporary.replace(path)
+
+
+report = Report()
+
+
+class _Callbacks(BaseStateCallback):
+    @staticmethod
+    def host_connect_error(state, host, error) -> None:
+        report[host.name].fail("unreachable", str(error.args[0] if error.args else error))
+
+    @staticmethod
+    def operation_host_error(state, host, op_hash, retry_count: int = 0, max_retries: int = 0) -> None:
+        if retry_count < max_retries:
+            return
+        record = report[host.name]
+        step = ", ".join(state.get_op_meta(op_hash).names) or "an operation"
+        record.fail("step", record.pending or f"{step} failed (its output is in the log)", step)
+
+
+def read_report(path: Path) -> dict[str, dict]:
+    """host -> its record, as the fleet tools read it back; {} when the run wrote none (it crashed)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if data.get("version") != VERSION:
+        return {}
+    return data["hosts"]

@@ -1,0 +1,165 @@
+"""ML env artifact: content ids, safe repack of a user site, import names from dist-info."""
+
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+import json
+
+from tasks.config import RequirementsError, requirement_names
+from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id, repack_user_site
+from tasks.secrets import public_url
+
+SITE = ".local/lib/python3.11/site-packages"
+REQUIREMENTS = "# ML env\npyyaml>=6\ntokenizers  # rust\n--index-url http://index/simple/\n"
+
+
+def user_site_tar(extra=(), chunk=1000) -> list[bytes]:
+    """A tar stream shaped like `container.get_archive('/root/.local')`, in chunks."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        def add(name, data=b"", **attrs):
+            info = tarfile.TarInfo(name)
+            for key, value in attrs.items():
+                setattr(info, key, value)
+            if info.isfile():
+                info.size = len(data)
+            archive.addfile(info, io.BytesIO(data) if info.isfile() else None)
+
+        add(".local", type=tarfile.DIRTYPE, mode=0o755)
+        add(f"{SITE}/yaml/__init__.py", b"x = 1\n")
+        add(f"{SITE}/_yaml/__init__.py", b"")
+        add(f"{SITE}/PyYAML-6.0.4.dist-info/METADATA", b"Metadata-Version: 2.1\nName: PyYAML\nVersion: 6.0.4\n")
+        add(f"{SITE}/PyYAML-6.0.4.dist-info/top_level.txt", b"_yaml\nyaml\n")
+        add(f"{SITE}/tokenizers/__init__.py", b"")
+        add(f"{SITE}/tokenizers-0.23.3.dist-info/METADATA", b"Name: tokenizers\nVersion: 0.23.3\n")
+        add(f"{SITE}/tokenizers-0.23.3.dist-info/RECORD",
+            b"tokenizers/__init__.py,sha256=x,1\ntokenizers-0.23.3.dist-info/RECORD,,\n../../../bin/tk,sha256=y,2\n")
+        add(".local/bin/yaml-tool", b"#!/bin/sh\n", mode=0o755, uid=1234)
+        add(".local/bin/tk", type=tarfile.SYMTYPE, linkname="yaml-tool")
+        for args in extra:
+            add(*args[:2], **args[2]) if len(args) == 3 else add(*args)
+    data = buffer.getvalue()
+    return [data[i:i + chunk] for i in range(0, len(data), chunk)]
+
+
+def test_env_id_is_stable_and_changes_with_each_input():
+    base = env_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"})
+    assert base == env_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"})
+    assert base.startswith("env-") and len(base) == 20
+    assert len({
+        base,
+        env_id(REQUIREMENTS + "openai\n", "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"}),
+        env_id(REQUIREMENTS, "sha256:bb", "linux/amd64", {"index_url": "http://i/simple/"}),
+        env_id(REQUIREMENTS, "sha256:aa", "linux/arm64", {"index_url": "http://i/simple/"}),
+        env_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://j/simple/"}),
+    }) == 5
+
+
+def test_index_credentials_change_neither_the_id_nor_what_is_shown():
+    with_token = {"index_url": "https://user:s3cret-token@pypi.corp:8443/simple/", "extra_index_urls": ["https://t0k@x.org/s/"]}
+    without = {"index_url": "https://pypi.corp:8443/simple/", "extra_index_urls": ["https://x.org/s/"]}
+    assert env_id("a\n", "b", "c", with_token) == env_id("a\n", "b", "c", without)
+    assert public_url("https://user:s3cret-token@pypi.corp:8443/simple/") == "https://pypi.corp:8443/simple/"
+
+
+def test_requirement_names_are_canonical_and_an_empty_file_is_refused():
+    assert requirement_names(REQUIREMENTS) == ["pyyaml", "tokenizers"]
+    assert requirement_names("Sentence_Transformers[train]>=4.1 ; python_version>'3'\n") == ["sentence-transformers"]
+    with pytest.raises(RequirementsError, match="names no package"):
+        requirement_names("# nothing\n\n")
+    with pytest.raises(RequirementsError, match=r"requirements line 2: 'torch>=>2'"):
+        requirement_names("numpy\ntorch>=>2\n")
+
+
+def test_repack_strips_the_root_normalises_owners_and_records_import_names(tmp_path):
+    target = tmp_path / "env-1.tar.gz"
+    manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
+    assert manifest.imports == {"pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}
+    manifest.write(tmp_path / "env-1.json")
+    assert Manifest.read(tmp_path / "env-1.json") == manifest
+    with tarfile.open(target) as archive:
+        members = {member.name: member for member in archive.getmembers()}
+    assert "lib/python3.11/site-packages/yaml/__init__.py" in members and ".local" not in members
+    assert members["bin/yaml-tool"].uid == 0 and members["bin/yaml-tool"].mode & 0o777 == 0o755
+    assert members["bin/tk"].linkname == "yaml-tool"
+    assert manifest.files == 8 and manifest.size == target.stat().st_size
+    assert manifest.sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def test_the_same_content_repacks_to_the_same_bytes(tmp_path):
+    first = repack_user_site(user_site_tar(), tmp_path / "a.tar.gz", "env-1", REQUIREMENTS)
+    second = repack_user_site(user_site_tar(chunk=77), tmp_path / "b.tar.gz", "env-1", REQUIREMENTS)
+    assert first.sha256 == second.sha256
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        ((".local/../../etc/cron.d/x", b"evil"), "archive member '.local/../../etc/cron.d/x' escapes the env directory"),
+        (("/etc/passwd", b"evil"), "archive member '/etc/passwd' escapes the env directory"),
+        (("other/file", b"x"), "archive member 'other/file' is outside .local/"),
+        ((".local/bin/sh", b"", {"type": tarfile.SYMTYPE, "linkname": "/bin/sh"}), "archive member '.local/bin/sh' rejected"),
+        ((".local/lib/up", b"", {"type": tarfile.SYMTYPE, "linkname": "../../../etc"}), "archive member '.local/lib/up' rejected"),
+        ((".local/dev", b"", {"type": tarfile.CHRTYPE}), "archive member '.local/dev' rejected"),
+    ],
+)
+def test_members_that_could_escape_the_target_are_rejected_and_nothing_is_left(tmp_path, member, message):
+    target = tmp_path / "env-1.tar.gz"
+    with pytest.raises(ArtifactError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        repack_user_site(user_site_tar(extra=[member]), target, "env-1", REQUIREMENTS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_requirement_the_build_did_not_install_is_an_error(tmp_path):
+    with pytest.raises(ArtifactError, match="the built env lacks openai"):
+        repack_user_site(user_site_tar(), tmp_path / "e.tar.gz", "env-1", REQUIREMENTS + "openai\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_artifact_says_which_python_it_is_for_and_carries_what_the_host_check_imports(tmp_path):
+    target = tmp_path / "env-1.tar.gz"
+    manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
+    assert manifest.python == "python3.11"
+    with tarfile.open(target) as archive:
+        info = json.loads(archive.extractfile(ENV_INFO).read())
+    assert info == {"env_id": "env-1", "python": "python3.11", "imports": {"pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}}
+    check_artifact(target, manifest)  # what the build wrote passes the check before upload
+
+
+def test_a_cached_artifact_that_was_changed_or_escapes_is_refused(tmp_path):
+    target = tmp_path / "env-1.tar.gz"
+    manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        check_artifact(target, Manifest(**{**manifest.__dict__, "sha256": "0" * 64}))
+
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as archive:
+        link = tarfile.TarInfo("lib/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        archive.addfile(link)
+    data = evil.read_bytes()
+    forged = Manifest("env-2", hashlib.sha256(data).hexdigest(), len(data), 0, 0, "python3.11")
+    with pytest.raises(ArtifactError, match="archive member 'lib/escape' rejected"):
+        check_artifact(evil, forged)
+
+
+def test_an_old_manifest_is_reported_with_what_to_do(tmp_path):
+    path = tmp_path / "env-1.json"
+    path.write_text('{"env_id": "env-1"}')
+    with pytest.raises(ArtifactError, match="not a manifest of this version.*remove it to rebuild"):
+        Manifest.read(path)
+
+
+def test_index_credentials_are_expanded_only_into_pips_config(monkeypatch):
+    from tasks.control.env_build import pip_conf
+
+    monkeypatch.setenv("PIP_TOKEN", "hunter2")
+    options = {"index_url": "https://ci:${PIP_TOKEN}@a.corp/simple/", "extra_index_urls": [], "find_links": [],
+               "trusted_hosts": ["a.corp", "b.corp"]}
+    assert pip_conf(options) == ("[global]\nindex-url = https://ci:hunter2@a.corp/simple/\n"
+                                 "trusted-host = a.corp\n    b.corp\n")
+    assert env_id("pyyaml\n", "sha256:x", "linux/amd64", options) == env_id(
+        "pyyaml\n", "sha256:x", "linux/amd64", {**options, "index_url": "https://a.corp/simple/"})

@@ -1,0 +1,61 @@
+"""Rollout order and the arguments that limit each pyinfra run to its batch."""
+
+import pytest
+
+from tasks.fleet.rollout import HostOutcome, batches, failed_hosts
+from tasks.fleet.runner import DeployRun, limit_args
+
+
+@pytest.mark.parametrize(("hosts", "canary", "batch", "expected"), [
+    (10, 1, "25%", [[0], [1, 2, 3], [4, 5, 6], [7, 8, 9]]),
+    (2, 1, "1", [[0], [1]]),
+    (3, 0, "2", [[0, 1], [2]]),
+    (3, 5, "1", [[0, 1, 2]]),
+    (1, 0, "1%", [[0]]),
+])
+def test_canary_first_then_batches_of_a_count_or_a_share(hosts, canary, batch, expected):
+    names = [f"h{i}" for i in range(hosts)]
+    assert batches(names, canary, batch) == [[f"h{i}" for i in group] for group in expected]
+
+
+def test_each_host_gets_its_own_limit_flag():
+    # pyinfra does not split --limit on commas: "a,b" would match no host at all.
+    assert limit_args(["gpu-01", "gpu-02"]) == ["--limit", "gpu-01", "--limit", "gpu-02"]
+
+
+RECORDS = {  # as tasks/report.py writes them
+    "gpu-01": {"result": "ok", "failure": None, "changes": ["ML env", "models", "stack"],
+               "env": {"before": "env-1111111111111111", "after": "env-44d10bd977d1ee58", "action": "install"},
+               "models": [{"repo_id": "org/model", "revision": "main", "commit": "c" * 40, "bytes_to_send": 93_000_000,
+                           "action": "transfer"}],
+               "stack": {"project": "mlstack", "image": "mlstack-reranker:0123", "health": "healthy", "unhealthy": [],
+                         "services": {"reranker": {"action": "recreate", "reason": "env id a → b"},
+                                      "docs": {"action": "keep", "reason": ""}}}},
+    "gpu-02": {"result": "failed", "failure": {"cause": "unreachable", "step": "",
+                                               "message": "Could not connect ([Errno None] Unable to connect to port 22)"}},
+    "gpu-03": {"result": "failed", "failure": {"cause": "locked", "step": "",
+                                               "message": "another deploy holds this host's lock (ci@ctl pid 7 since T)"}},
+    "gpu-04": {"result": "failed", "failure": {"cause": "step", "step": "Stack | Up and healthy: mlstack",
+                                               "message": "stack mlstack: not healthy within 20s: reranker"},
+               "env": {"before": "env-44d10bd977d1ee58", "after": "env-44d10bd977d1ee58", "action": "none"},
+               "stack": {"project": "mlstack", "image": "mlstack-reranker:0123", "health": "unhealthy",
+                         "unhealthy": ["reranker"], "services": {"reranker": {"action": "recreate", "reason": "exited"}}}},
+}
+
+
+def test_each_row_of_the_table_comes_from_the_report():
+    rows = {name: HostOutcome.from_record(record) for name, record in RECORDS.items()}
+    assert rows["gpu-01"].env == "env-1111111111111111 → env-44d10bd977d1ee58"
+    assert rows["gpu-01"].models == [f"org/model@main ({'c' * 12}): 93.0 MB sent"]
+    assert rows["gpu-01"].stack == "mlstack: reranker (env id a → b)" and rows["gpu-01"].result == "ok"
+    assert rows["gpu-02"].stack == "unreachable: Could not connect ([Errno None] Unable to connect to port 22)"
+    assert rows["gpu-03"].stack.startswith("locked: another deploy holds this host's lock (ci@ctl pid 7")
+    assert rows["gpu-04"].env == "env-44d10bd977d1ee58" and rows["gpu-04"].result == "FAILED"
+    assert rows["gpu-04"].stack == "mlstack: reranker (exited); unhealthy: reranker"
+
+
+def test_failed_hosts_are_read_from_the_report_and_a_run_without_one_fails_its_whole_batch():
+    batch = ["gpu-01", "gpu-02", "gpu-03", "gpu-04"]
+    assert failed_hosts(DeployRun(1, "", 0.0, report=RECORDS), batch) == ["gpu-02", "gpu-03", "gpu-04"]
+    assert failed_hosts(DeployRun(1, "[gpu-01] ... crashed", 0.0), batch) == batch
+    assert failed_hosts(DeployRun(0, "", 0.0, report={"gpu-01": RECORDS["gpu-01"]}), ["gpu-01"]) == []

@@ -1,0 +1,81 @@
+"""ML env planning from the host fact: upload, switch, keep, clean — pure logic, no host."""
+
+import pytest
+
+from tasks.host.ml_env import MlEnvFact, MlEnvState, plan_env, unpack_command
+from tasks.control.builder import BaseImage
+
+A, B, C, D = (f"env-{digit * 16}" for digit in "abcd")
+BASE = BaseImage("python:3.11-slim-bookworm", "sha256:img", "python3.11", "linux/amd64")
+
+
+def state(active=None, envs=None, leftovers=()):
+    return MlEnvState(active, envs or {}, tuple(leftovers), 10**12, "x86_64", "sha256:img")
+
+
+def test_the_fact_reports_only_names_this_deploy_writes():
+    output = [
+        "free 1048576", "arch x86_64", "image sha256:abc",
+        f"active envs/{B}",
+        f"entry 100 envs/{A}", f"entry 200 envs/{B}", f"entry 300 envs/{C}.tmp",
+        f"entry 400 incoming/{D}.tar.gz", "entry 500 envs/notes.txt", "entry 600 envs/env-XYZ",
+    ]
+    assert MlEnvFact().process(output) == MlEnvState(
+        active=B, envs={A: 100, B: 200}, leftovers=(f"envs/{C}.tmp", f"incoming/{D}.tar.gz"),
+        free_bytes=1024**3, arch="x86_64", image_id="sha256:abc",
+    )
+
+
+def test_a_host_with_nothing_reports_no_env_and_no_image():
+    assert MlEnvFact().process(["free 2048", "arch aarch64", "image "]) == MlEnvState(
+        None, {}, (), 2 * 1024**2, "aarch64", None)
+
+
+def test_an_active_link_to_an_unfinished_unpack_is_not_an_active_env():
+    assert MlEnvFact().process([f"active envs/{A}.tmp", "free 1"]).active is None
+
+
+def test_a_new_env_is_uploaded_and_switched_to_and_the_old_one_is_kept():
+    plan = plan_env(state(active=A, envs={A: 100}), B, keep_envs=2, base=BASE)
+    assert (plan.upload, plan.activate, plan.remove, plan.current) == (True, True, (), A)
+    assert plan.summary(46_100_000) == f"ML env: {A} → {B} (46.1 MB to upload)"
+    assert plan.summary(None) == f"ML env: {A} → {B} (to build once, then upload)"
+
+
+def test_nothing_to_do_when_the_wanted_env_is_active():
+    plan = plan_env(state(active=B, envs={A: 100, B: 200}), B, keep_envs=2, base=BASE)
+    assert (plan.upload, plan.activate, plan.remove) == (False, False, ())
+    assert plan.summary(None) == f"ML env: {B} (no change)"
+
+
+def test_keep_envs_counts_previous_envs_newest_first_and_the_one_switched_away_from_is_newest():
+    # C is active but oldest by mtime (it was pinned long ago); switching to D makes C the newest previous.
+    plan = plan_env(state(active=C, envs={A: 300, B: 200, C: 100}), D, keep_envs=1, base=BASE)
+    assert plan.remove == (f"envs/{A}", f"envs/{B}")
+    assert plan_env(state(active=C, envs={A: 300, B: 200, C: 100}), D, keep_envs=0, base=BASE).remove == (
+        f"envs/{C}", f"envs/{A}", f"envs/{B}")
+
+
+def test_a_rollback_to_an_env_on_the_host_switches_without_upload():
+    plan = plan_env(state(active=B, envs={A: 100, B: 200}), A, keep_envs=1, base=BASE)
+    assert (plan.upload, plan.activate, plan.remove) == (False, True, ())
+    assert plan.summary(None) == f"ML env: {B} → {A} (on the host already)"
+
+
+def test_unfinished_transfers_are_cleaned_up_even_without_a_switch():
+    plan = plan_env(state(active=A, envs={A: 1}, leftovers=[f"envs/{B}.tmp"]), A, keep_envs=2, base=BASE)
+    assert (plan.activate, plan.remove) == (False, (f"envs/{B}.tmp",))
+
+
+@pytest.mark.parametrize("keep", [0, 1, 5])
+def test_the_wanted_env_is_never_removed(keep):
+    plan = plan_env(state(active=A, envs={A: 1, B: 2, C: 3}), B, keep_envs=keep, base=BASE)
+    assert f"envs/{B}" not in plan.remove and len(plan.remove) == max(0, 2 - keep)
+
+
+def test_the_unpack_checks_the_sha_before_extracting_and_renames_last():
+    command = unpack_command("/srv/ml env", A, "ab" * 32, 1000, 1000)
+    steps = command.split(" && ")
+    assert steps[0] == "cd '/srv/ml env'"
+    assert "sha256sum --check" in steps[1]
+    assert steps[-2:] == [f"mv -T envs/{A}.tmp envs/{A}", f"rm -f incoming/{A}.tar.gz"]

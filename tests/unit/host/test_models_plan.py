@@ -1,0 +1,158 @@
+"""Model planning and the host-side commands, run here with /bin/sh on a scratch HF cache."""
+
+import hashlib
+import json
+import os
+import subprocess
+
+import pytest
+
+from tasks.config import ModelSpec
+from tasks.control.hub import ModelError, RepoEntry, Snapshot, entries_of
+from tasks.host.models import (ModelCacheFact, ModelPlan, RepoCacheState, blob_check_command, link_target, plan_model,
+                               publish_commands)
+
+COMMIT = "c0ffee" + "0" * 34
+README, WEIGHTS = b"# tiny\n", os.urandom(3000)
+
+
+def git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+TREE = json.dumps({"format_version": 1, "files": {
+    "README.md": {"size": len(README), "blob_id": git_sha1(README)},
+    "weights/deep/part.safetensors": {"size": 133, "blob_id": "ab" * 20, "lfs_sha256": hashlib.sha256(WEIGHTS).hexdigest(),
+                                      "lfs_size": len(WEIGHTS)},
+}})
+SPEC = ModelSpec(repo_id="mlstack-test/nested-tiny", revision="main")
+
+
+def snapshot(spec=SPEC) -> Snapshot:
+    return Snapshot(spec, COMMIT, entries_of(TREE, spec), TREE)
+
+
+def sh(command: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, cwd=cwd)
+
+
+def test_entries_name_blobs_as_huggingface_hub_does_and_patterns_select_files():
+    assert entries_of(TREE, SPEC) == (
+        RepoEntry("README.md", git_sha1(README), len(README)),
+        RepoEntry("weights/deep/part.safetensors", hashlib.sha256(WEIGHTS).hexdigest(), len(WEIGHTS)),
+    )
+    only_md = ModelSpec(repo_id="a/b", allow_patterns=["*.md"])
+    assert [entry.path for entry in entries_of(TREE, only_md)] == ["README.md"]
+
+
+@pytest.mark.parametrize("path", ["../escape", "/etc/passwd", "a/../../b"])
+def test_a_listed_path_that_escapes_the_repo_folder_is_refused(path):
+    tree = json.dumps({"format_version": 1, "files": {path: {"size": 1, "blob_id": "ab" * 20}}})
+    with pytest.raises(ModelError, match="would land outside the repo folder"):
+        entries_of(tree, SPEC)
+
+
+def test_a_host_without_the_repo_gets_everything():
+    plan = plan_model(snapshot(), None)
+    assert [entry.path for entry in plan.send] == ["README.md", "weights/deep/part.safetensors"]
+    assert (plan.write_tree, plan.publish, plan.ref, plan.bytes) == (True, True, True, len(README) + len(WEIGHTS))
+    assert plan.summary() == f"model mlstack-test/nested-tiny@main ({COMMIT[:12]}): 2 file(s), 0.0 MB to transfer"
+
+
+def complete_state(**changes) -> RepoCacheState:
+    base = dict(blobs={git_sha1(README): len(README), hashlib.sha256(WEIGHTS).hexdigest(): len(WEIGHTS)},
+                snapshots=frozenset({COMMIT}), refs={"main": COMMIT}, trees=frozenset({COMMIT}), hashes={}, leftovers=())
+    return RepoCacheState(**{**base, **changes})
+
+
+def test_a_complete_host_needs_nothing():
+    plan = plan_model(snapshot(), complete_state())
+    assert not plan.changes and plan.summary().endswith(": no change")
+
+
+def test_a_wrong_size_or_a_wrong_hash_resends_just_that_blob():
+    lfs = hashlib.sha256(WEIGHTS).hexdigest()
+    assert [e.path for e in plan_model(snapshot(), complete_state(blobs={git_sha1(README): 1, lfs: len(WEIGHTS)})).send] == ["README.md"]
+    corrupted = complete_state(hashes={lfs: "0" * 64, git_sha1(README): git_sha1(README)})
+    assert [e.path for e in plan_model(snapshot(), corrupted).send] == ["weights/deep/part.safetensors"]
+
+
+def test_a_moved_branch_rewrites_the_ref_and_a_sha_revision_needs_none():
+    assert plan_model(snapshot(), complete_state(refs={"main": "1" * 40})).ref
+    pinned = ModelSpec(repo_id="mlstack-test/nested-tiny", revision=COMMIT)
+    assert not plan_model(snapshot(pinned), complete_state(refs={})).ref
+
+
+def test_symlinks_are_relative_like_huggingface_hubs():
+    assert link_target("README.md", "x") == "../../blobs/x"
+    assert link_target("weights/deep/part.safetensors", "y") == "../../../../blobs/y"
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_the_blob_check_accepts_only_the_right_content(tmp_path, corrupt):
+    incoming = tmp_path / "blob.incoming"
+    incoming.write_bytes(WEIGHTS if not corrupt else bytes(len(WEIGHTS)))
+    entry = entries_of(TREE, SPEC)[1]
+    result = sh(blob_check_command(str(incoming), entry))
+    assert (result.returncode == 0) is not corrupt
+    assert incoming.exists() is not corrupt  # a bad copy is removed, never renamed
+    readme = tmp_path / "readme.incoming"
+    readme.write_bytes(README)
+    assert sh(blob_check_command(str(readme), entries_of(TREE, SPEC)[0])).returncode == 0
+
+
+def test_published_layout_loads_offline_with_huggingface_hub(tmp_path):
+    """The commands build a cache that huggingface_hub itself accepts offline (what the stack will do)."""
+    repo = tmp_path / "hub" / SPEC.folder
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "trees").mkdir()
+    for entry, data in zip(entries_of(TREE, SPEC), (README, WEIGHTS)):
+        (repo / "blobs" / entry.blob).write_bytes(data)
+    (repo / "trees" / f"{COMMIT}.json").write_text(TREE)
+    plan = ModelPlan(snapshot(), (), False, True, True, ("blobs/deadbeef.incoming",))
+    (repo / "blobs" / "deadbeef.incoming").write_bytes(b"partial")
+    owner = f"{os.getuid()}:{os.getgid()}"
+    for command in publish_commands(str(repo), plan, owner):
+        result = sh(command)
+        assert result.returncode == 0, result.stderr
+    assert not (repo / "blobs" / "deadbeef.incoming").exists()
+    assert (repo / "refs" / "main").read_text() == COMMIT
+    assert os.readlink(repo / "snapshots" / COMMIT / "weights/deep/part.safetensors").startswith("../../../../blobs/")
+    script = ("from huggingface_hub import snapshot_download; import sys; "
+              f"print(snapshot_download('{SPEC.repo_id}', revision=sys.argv[1], cache_dir='{tmp_path / 'hub'}'))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for revision in (COMMIT, "main"):
+        result = subprocess.run([os.sys.executable, "-c", script, revision], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str(repo / "snapshots" / COMMIT)
+    assert (repo / "snapshots" / COMMIT / "weights/deep/part.safetensors").read_bytes() == WEIGHTS
+
+
+def test_the_fact_reads_blobs_snapshots_refs_trees_hashes_and_leftovers():
+    lines = ["free 4", f"repo {SPEC.folder}", f"blob 7 {git_sha1(README)}", "blob 5 abc.incoming",
+             f"snapshot {COMMIT}", f"snapshot {COMMIT}.tmp", f"tree {COMMIT}.json", f"ref main {COMMIT}",
+             f"hash {git_sha1(README)} {git_sha1(README)}"]
+    state = ModelCacheFact().process(lines)
+    assert state.free_bytes == 4096
+    assert state.repos[SPEC.folder] == RepoCacheState(
+        {git_sha1(README): 7}, frozenset({COMMIT}), {"main": COMMIT}, frozenset({COMMIT}),
+        {git_sha1(README): git_sha1(README)}, ("blobs/abc.incoming", f"snapshots/{COMMIT}.tmp"))
+
+
+def test_the_fact_command_reports_a_scratch_cache_and_finds_a_corrupted_blob(tmp_path):
+    repo = tmp_path / "hub" / SPEC.folder
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    readme_blob, weights_blob = git_sha1(README), hashlib.sha256(WEIGHTS).hexdigest()
+    (repo / "blobs" / readme_blob).write_bytes(README)
+    (repo / "blobs" / weights_blob).write_bytes(bytes(len(WEIGHTS)))  # same size, wrong content
+    (repo / "refs" / "main").write_text(COMMIT)
+    command = ModelCacheFact().command(str(tmp_path), (SPEC.folder, "models--not--there"), hashes=True)
+    result = sh(command)
+    assert result.returncode == 0, result.stderr
+    state = ModelCacheFact().process(result.stdout.splitlines())
+    repo_state = state.repos[SPEC.folder]
+    assert list(state.repos) == [SPEC.folder] and state.free_bytes > 0
+    assert repo_state.refs == {"main": COMMIT}
+    assert repo_state.hashes == {readme_blob: readme_blob, weights_blob: hashlib.sha256(bytes(len(WEIGHTS))).hexdigest()}
+    assert [entry.path for entry in plan_model(snapshot(), repo_state).send] == ["weights/deep/part.safetensors"]
