@@ -7,14 +7,18 @@ N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test test-unit test-slow fleet-up fleet-down fleet-status bench prereqs venv
+.PHONY: rehearse test lint test-unit test-slow fleet-up fleet-down fleet-status bench prereqs venv
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
 	$(PY) -m rehearsal.rehearse
 
-test: prereqs venv  ## unit and fleet integration tests (slow ones excluded)
+test: prereqs venv lint  ## lint, then unit and fleet integration tests (slow ones excluded)
 	$(PY) -m pytest -m "not slow"
+
+lint: prereqs venv  ## ruff over the Python, shellcheck over the programs that run on hosts
+	$(VENV)/bin/ruff check .
+	shellcheck files/host/*.sh
 
 test-unit: venv  ## unit tests only: no root, no fleet, seconds
 	$(PY) -m pytest tests/unit

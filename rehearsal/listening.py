@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 
-def wait_until_listening(process: subprocess.Popen, address: str, port: int, seconds: float, name: str, log: Path) -> None:
+def wait_until_listening(process: subprocess.Popen, address: str, port: int, seconds: float, name: str,
+                         log: Path) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:

@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 
 # git: the rehearsal hub builds its seed repos with it, and olah reads them through GitPython.
-APT_PACKAGES = ("docker.io", "openssh-server", "debootstrap", "iproute2", "sudo", "util-linux", "git", "nftables")
+# shellcheck: `make lint` checks the programs that run on hosts (files/host/*.sh).
+APT_PACKAGES = ("docker.io", "openssh-server", "debootstrap", "iproute2", "sudo", "util-linux", "git", "nftables",
+                "shellcheck")
 COMPOSE_PLUGIN = Path("/usr/libexec/docker/cli-plugins/docker-compose")
 # Compose v2 is not packaged for bookworm; trixie's plugin binary runs here (needs libc6 >= 2.34).
 COMPOSE_SUITE = "trixie"

@@ -50,7 +50,8 @@ def check_health(fleet: Fleet) -> int:
             print(f"rehearse: {record.name}: the reranker does not answer: {result.stderr.strip()}", file=sys.stderr)
             continue
         health, work = (json.loads(line) for line in result.stdout.splitlines())
-        print(f"rehearse: {record.name}: healthy: env {health['env_id']}, model {health['model']}@{health['commit'][:12]}, "
+        print(f"rehearse: {record.name}: healthy: env {health['env_id']}, "
+              f"model {health['model']}@{health['commit'][:12]}, "
               f"python {health['python']}; tokens {work['tokens']}")
     return 1 if failed else 0
 

@@ -345,7 +345,8 @@ class HostConfig(BaseModel):
     image_cache_dir: ControlPath
     rollout_canary: Annotated[int, BeforeValidator(_int_in(0, 10000, "expected a number of canary hosts, 0 or more"))]
     rollout_batch: Annotated[str, BeforeValidator(_batch)]
-    rollout_max_failures: Annotated[int, BeforeValidator(_int_in(0, 10000, "expected a number of failed hosts, 0 or more"))]
+    rollout_max_failures: Annotated[int, BeforeValidator(_int_in(0, 10000,
+                                                                 "expected a number of failed hosts, 0 or more"))]
 
     def pip_options(self) -> dict:
         """pip's index settings, `${VAR}` references unexpanded (see tasks/secrets.py)."""
@@ -416,11 +417,13 @@ def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | No
             key, value = _located(ours, item["loc"])
             if item["type"] == "extra_forbidden":
                 known = HostConfig.model_fields if len(item["loc"]) == 1 else ModelSpec.model_fields
-                guess = difflib.get_close_matches(str(item["loc"][-1]), [*known, *(sorted(theirs) if len(item["loc"]) == 1 else [])], n=1)
+                guess = difflib.get_close_matches(str(item["loc"][-1]),
+                                                  [*known, *(sorted(theirs) if len(item["loc"]) == 1 else [])], n=1)
                 hint = f" (did you mean {guess[0]!r}?)" if guess else ""
                 problems.append(_problem(host_name, key, value, f"unknown setting{hint}"))
             elif item["type"] == "missing":
-                where = "defaults: inventory/group_data/all.py" if len(item["loc"]) == 1 else "see the README's models table"
+                where = ("defaults: inventory/group_data/all.py" if len(item["loc"]) == 1
+                         else "see the README's models table")
                 problems.append(_problem(host_name, key, _MISSING, f"a value is required ({where})"))
             else:
                 expected = item["msg"].removeprefix("Value error, ")
@@ -445,16 +448,19 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
     for variable, services in readers.items():
         if variable not in config.service_models:
             problems.append(_problem(host_name, "service_models", config.service_models,
-                                     f"an entry for {variable} (stack {config.stack!r}: read by {', '.join(services)})"))
+                                     f"an entry for {variable} "
+                                     f"(stack {config.stack!r}: read by {', '.join(services)})"))
     repo_ids = sorted({model.repo_id for model in config.models})
     for variable, repo_id in config.service_models.items():
         if repo_id not in repo_ids:
             problems.append(_problem(host_name, f"service_models.{variable}", repo_id,
-                                     f"a repo_id from models (the stack must use a model the deploy places: {', '.join(repo_ids) or 'none'})"))
+                                     "a repo_id from models (the stack must use a model the deploy places: "
+                                     f"{', '.join(repo_ids) or 'none'})"))
     seen: dict[str, str] = {}
     for spec in config.directories():
         if spec.path in seen:
-            problems.append(_problem(host_name, spec.setting, spec.path, f"a path of its own (it is also {seen[spec.path]})"))
+            problems.append(_problem(host_name, spec.setting, spec.path,
+                                     f"a path of its own (it is also {seen[spec.path]})"))
         seen[spec.path] = spec.setting
     return problems
 

@@ -101,24 +101,35 @@ class Report:
         return self.records.setdefault(host_name, HostRecord())
 
     def start(self) -> None:
-        """Follow this run's connections and operations; idempotent (deploy.py and the fleet tools' config both call it)."""
+        """Follow this run's operations (and connections, when called before pyinfra connects); idempotent:
+        deploy.py calls it, and so does tasks/fleet/report_hook.py, which pyinfra runs before connecting."""
         from pyinfra.context import ctx_state  # noqa: PLC0415 (only inside a pyinfra run)
 
         if self.started or not os.environ.get(REPORT_FILE):
             return
         self.started = True
         state = ctx_state.get()
-        state.add_callback_handler(_Callbacks())
         atexit.register(self.write, Path(os.environ[REPORT_FILE]), state)
+        if hasattr(state, "callback_handlers"):  # the state is initialised: we are past the connections
+            state.add_callback_handler(_Callbacks())
+            return
+        initialise = state.init  # pyinfra runs config files before State.init, which sets up the callbacks
+
+        def init_then_follow(*args, **kwargs):
+            initialise(*args, **kwargs)
+            state.add_callback_handler(_Callbacks())
+
+        state.init = init_then_follow
 
     def write(self, path: Path, state) -> None:
         for host in state.inventory:
             if not state.is_host_in_limit(host):
                 continue
             record = self[host.name]
-            if record.failure is None and not host.connected:
+            connected = host in state.activated_hosts  # `host.connected` is False again once the run disconnects
+            if record.failure is None and not connected:
                 record.fail("unreachable", "pyinfra could not connect")
-            record.result = "failed" if record.failure else "ok" if host.connected else "not run"
+            record.result = "failed" if record.failure else "ok" if connected else "not run"
         hosts = {name: {key: value for key, value in asdict(record).items() if key != "pending"}
                  for name, record in sorted(self.records.items())}
         temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")

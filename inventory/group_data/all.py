@@ -33,7 +33,7 @@ ml_env_requirements = "requirements.ml.txt"
 ml_env_id = None
 # Previous envs kept on each host besides the active one (rollback without a transfer).
 keep_envs = 2
-# Import-check the already active env on every run, not only when switching (`tasks.verify` turns it on).
+# Import-check the already active env on every run, not only when switching (`tasks.fleet.verify` turns it on).
 ml_env_check_active = False
 # The runtime base image: the ML env is built on it and checked in it (same Python and glibc as the stack).
 ml_env_base_image = "python:3.11-slim-bookworm"
@@ -75,7 +75,7 @@ stack_profiles = []
 health_timeout = 180
 # Where the control node keeps built server images (docker save archives, one per image key).
 image_cache_dir = "~/.cache/mlstack/images"
-# Rollout (`python -m tasks.rollout`): canary hosts first, then batches (a count or "25%"),
+# Rollout (`python -m tasks.fleet.rollout`): canary hosts first, then batches (a count or "25%"),
 # stopping once more than rollout_max_failures hosts have failed.
 rollout_canary = 1
 rollout_batch = "25%"

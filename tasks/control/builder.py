@@ -111,7 +111,8 @@ def known_base_image(ref: str, image_id: str, cache_dir: Path) -> BaseImage | No
 
 
 def require_base(client: docker.DockerClient, builder: str, base: BaseImage) -> None:
-    """Build only on the very image the hosts run: the builder's REF must be BASE's id, not whatever the tag names now."""
+    """Build only on the very image the hosts run: the builder's REF must be BASE's id,
+    not whatever the tag names now."""
     image = _image_on_builder(client, builder, base.ref)
     if image.id != base.id:
         raise BuilderError(f"{describe(builder)}: base image {base.ref!r} is {image.id[:19]} there but {base.id[:19]} "

@@ -31,7 +31,8 @@ class ArtifactError(Exception):
 def env_id(requirements: str, base_image_id: str, platform: str, pip_options: dict) -> str:
     """Same inputs, same id, on every run and every control node. Credentials do not count."""
     options = {
-        key: [public_url(v) for v in value] if isinstance(value, list) else public_url(value) if isinstance(value, str) else value
+        key: [public_url(v) for v in value] if isinstance(value, list)
+            else public_url(value) if isinstance(value, str) else value
         for key, value in sorted(pip_options.items())
     }
     recipe = {"requirements": requirements, "base_image": base_image_id, "platform": platform, "pip": options}
@@ -52,7 +53,8 @@ class Manifest:
     imports: dict[str, list[str]] = field(default_factory=dict)  # distribution -> import names
 
     def env_info(self) -> bytes:
-        return json.dumps({"env_id": self.env_id, "python": self.python, "imports": self.imports}, sort_keys=True).encode()
+        return json.dumps({"env_id": self.env_id, "python": self.python, "imports": self.imports},
+                          sort_keys=True).encode()
 
     def write(self, path: Path) -> None:
         atomic_write(path, json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -62,7 +64,8 @@ class Manifest:
         try:
             return cls(**json.loads(path.read_text()))
         except (TypeError, ValueError) as error:
-            raise ArtifactError(f"{path} is not a manifest of this version ({error}): remove it to rebuild the env") from None
+            raise ArtifactError(f"{path} is not a manifest of this version ({error}): "
+                                "remove it to rebuild the env") from None
 
 
 class _HashingWriter(io.RawIOBase):
@@ -123,7 +126,8 @@ def _checked(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo | None:
         raise ArtifactError(f"archive member {member.name!r} is outside {root}/")
     if len(path.parts) == 1:
         return None
-    renamed = member.replace(name=str(PurePosixPath(*path.parts[1:])), uid=0, gid=0, uname="root", gname="root", deep=False)
+    renamed = member.replace(name=str(PurePosixPath(*path.parts[1:])), uid=0, gid=0, uname="root", gname="root",
+                             deep=False)
     if renamed.name == ENV_INFO:
         raise ArtifactError(f"archive member {member.name!r} would hide the env's own {ENV_INFO}")
     _safe(renamed, member.name)
@@ -212,10 +216,13 @@ def _manifest(env: str, metadata: dict[str, dict[str, str]], wanted: set[str], p
         name_match = re.search(r"^Name:\s*(\S+)", found.get("METADATA", ""), flags=re.M)
         if name_match and canonicalize_name(name_match.group(1)) in wanted:
             top_level = found.get("top_level.txt", "").split() or _top_level_from_record(found.get("RECORD", ""))
-            imports[canonicalize_name(name_match.group(1))] = _import_names(canonicalize_name(name_match.group(1)), top_level)
+            imports[canonicalize_name(name_match.group(1))] = _import_names(canonicalize_name(name_match.group(1)),
+                                                                            top_level)
     missing = sorted(wanted - set(imports))
     if missing:
-        raise ArtifactError(f"the built env lacks {', '.join(missing)} (no dist-info found): the build did not install them")
+        raise ArtifactError(f"the built env lacks {', '.join(missing)} (no dist-info found): "
+                            "the build did not install them")
     if len(pythons) != 1:
-        raise ArtifactError(f"the built env has site-packages for {sorted(pythons) or 'no Python'}: expected exactly one lib/python3.X")
+        raise ArtifactError(f"the built env has site-packages for {sorted(pythons) or 'no Python'}: "
+                            "expected exactly one lib/python3.X")
     return Manifest(env, "", 0, unpacked, files, pythons.pop(), dict(sorted(imports.items())))

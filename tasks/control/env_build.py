@@ -32,7 +32,8 @@ def pip_conf(options: dict) -> str:
     lines = ["[global]"]
     if options.get("index_url"):
         lines.append(f"index-url = {secrets.expand(options['index_url'])}")
-    for key, pip_key in (("extra_index_urls", "extra-index-url"), ("find_links", "find-links"), ("trusted_hosts", "trusted-host")):
+    for key, pip_key in (("extra_index_urls", "extra-index-url"), ("find_links", "find-links"),
+                         ("trusted_hosts", "trusted-host")):
         if options.get(key):
             lines.append(f"{pip_key} = " + "\n    ".join(secrets.expand(value) for value in options[key]))
     return "\n".join(lines) + "\n"
@@ -146,4 +147,5 @@ def env_source(config: HostConfig, base: BaseImage) -> EnvSource:
     pip_options = config.pip_options()
     wanted = env_id(read_requirements(config.ml_env_requirements), base.id, base.platform, pip_options)
     return EnvSource(wanted, cache_dir, config.ml_env_builder, base, config.ml_env_requirements,
-                     tuple((key, tuple(value) if isinstance(value, list) else value) for key, value in pip_options.items()))
+                     tuple((key, tuple(value) if isinstance(value, list) else value)
+                           for key, value in pip_options.items()))

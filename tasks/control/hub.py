@@ -76,7 +76,8 @@ def entries_of(tree: str, spec: ModelSpec) -> tuple[RepoEntry, ...]:
     """The files SPEC's patterns select from a tree listing; paths that could escape the repo are refused."""
     files = json.loads(tree)["files"]
     entries = []
-    for path in filter_repo_objects(sorted(files), allow_patterns=spec.allow_patterns, ignore_patterns=spec.ignore_patterns):
+    for path in filter_repo_objects(sorted(files), allow_patterns=spec.allow_patterns,
+                                    ignore_patterns=spec.ignore_patterns):
         parts = PurePosixPath(path).parts
         if not parts or PurePosixPath(path).is_absolute() or ".." in parts or "\\" in path or "\n" in path:
             raise ModelError(f"{spec}: the endpoint lists a file {path!r} that would land outside the repo folder")
@@ -140,14 +141,17 @@ def resolve_model(config: HostConfig, index: int, spec: ModelSpec) -> Snapshot:
                 raise unknown_revision from None
             if not isinstance(error, (HfHubHTTPError, httpx2.HTTPError, OSError)):
                 raise
-            # Mirrors answer an unknown revision as an unknown repo (olah: 401) or a server error: ask about the repo alone.
+            # Mirrors answer an unknown revision as an unknown repo (olah: 401) or a server error:
+            # ask about the repo alone.
             if not repo_exists(spec, endpoint):
                 raise ModelError(f"models[{index}].repo_id = {spec.repo_id!r}: expected a {spec.repo_type} repo on "
-                                 f"{endpoint}; it is unknown there (or private: set HF_TOKEN on the control node)") from None
+                                 f"{endpoint}; it is unknown there "
+                                 "(or private: set HF_TOKEN on the control node)") from None
             if isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code < 500 \
                     or isinstance(error, HfHubHTTPError) and COMMIT.fullmatch(spec.revision):
                 raise unknown_revision from None
-            raise ModelError(f"models[{index}] {spec}: cannot resolve it on {endpoint}: {type(error).__name__}: {error}") from None
+            raise ModelError(f"models[{index}] {spec}: cannot resolve it on {endpoint}: "
+                             f"{type(error).__name__}: {error}") from None
 
     return once(("model", endpoint, str(control_cache), spec), attempt)
 

@@ -55,7 +55,8 @@ def stack_text(record: dict) -> str:
         return f"{failure['cause']}: {failure['message']}"
     if not stack:
         return f"failed at {failure['step']}: {failure['message']}" if failure else ""
-    changed = [f"{name} ({service['reason']})" for name, service in stack["services"].items() if service["action"] != "keep"]
+    changed = [f"{name} ({service['reason']})" for name, service in stack["services"].items()
+               if service["action"] != "keep"]
     text = f"{stack['project']}: " + (", ".join(changed) if changed else "no change")
     if stack["health"] == "unhealthy":
         text += "; unhealthy: " + (", ".join(stack["unhealthy"]) or "see the log")

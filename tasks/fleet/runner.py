@@ -52,7 +52,8 @@ def limit_args(hosts: list[str]) -> list[str]:
     return [arg for name in hosts for arg in ("--limit", name)]
 
 
-def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict | None = None, echo: bool = False) -> DeployRun:
+def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict | None = None,
+               echo: bool = False) -> DeployRun:
     """`pyinfra INVENTORY deploy.py ARGS --json`, with its report; ECHO streams pyinfra's log to our stderr."""
     with tempfile.TemporaryDirectory(prefix="mlstack-report-") as folder:
         report_file = Path(folder) / "report.json"

@@ -102,7 +102,7 @@ def owned_directory(commands: list[str]):
 
 
 @step("Host directories")
-def host_directories(config: HostConfig, states: dict[str, PathState]):
+def converge(config: HostConfig, states: dict[str, PathState]):
     """STATES: every path of `watched_paths`, as the `DirectoriesFact` read them."""
     specs = sorted(config.directories(), key=lambda spec: spec.path)
     parents = parents_to_create(specs)

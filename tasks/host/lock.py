@@ -27,11 +27,13 @@ _channels: dict[str, object] = {}  # host name -> the open channel that keeps it
 
 def holder() -> str:
     """Who takes the lock, as the next deploy's error shows it (no secret: user, machine, pid, time)."""
-    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+    return (f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} "
+            f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
 
 
 def lock_command(who: str, sudo: bool) -> str:
-    """Take the lock without waiting (files/host/deploy_lock.sh): LOCKED, then held until stdin closes; or who holds it."""
+    """Take the lock without waiting (files/host/deploy_lock.sh): LOCKED, then held until stdin closes;
+    or who holds it."""
     return f"{'sudo -n ' if sudo else ''}{program('deploy_lock.sh', LOCK_FILE, who)}"
 
 

@@ -217,7 +217,7 @@ def host_problem(config: HostConfig, state: MlEnvState, base: BaseImage) -> str 
 
 
 @step("ML env")
-def ml_env(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
+def converge(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
     """Install and switch to the wanted env; returns the plan (the stack mounts `envs/<plan.wanted>`)."""
     try:
         base = base_image(config, Path(config.ml_env_cache_dir).expanduser(), state.image_id)
@@ -234,7 +234,8 @@ def ml_env(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
                           f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")
     host.log(plan.summary(cached.size if cached else None))
     record = report[host.name]
-    record.env = EnvOutcome(plan.current, plan.wanted, "install" if plan.upload else "switch" if plan.activate else "none")
+    record.env = EnvOutcome(plan.current, plan.wanted,
+                            "install" if plan.upload else "switch" if plan.activate else "none")
     if plan.activate or plan.remove:
         record.changed("ML env")
     if config.ml_env_check_active and not plan.activate:
@@ -257,7 +258,7 @@ def ml_env(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
 
 
 @step("ML env cleanup")
-def ml_env_cleanup(config: HostConfig, plan: EnvPlan | None):
+def cleanup(config: HostConfig, plan: EnvPlan | None):
     """After the stack switched: remove envs beyond `keep_envs` and unfinished transfers."""
     if plan is not None and plan.remove:
         remove_old_envs(name=f"Remove {len(plan.remove)} old env(s) or unfinished transfer(s)",

@@ -38,7 +38,6 @@ from tasks.host.programs import program
 from tasks.host.transfer import RoomCheckedUpload, UploadProgress, room_problem
 from tasks.report import ModelOutcome, report
 
-
 BLOB_NAME = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # git sha1 (regular files) or sha256 (LFS files)
 
 
@@ -75,7 +74,8 @@ class ModelCacheFact(FactBase):
             if kind == "free":
                 free = int(rest or 0) * 1024
             elif kind == "repo":
-                current = repos[rest] = {"blobs": {}, "snapshots": set(), "refs": {}, "trees": set(), "hashes": {}, "leftovers": []}
+                current = repos[rest] = {"blobs": {}, "snapshots": set(), "refs": {}, "trees": set(), "hashes": {},
+                                         "leftovers": []}
             elif current is None:
                 continue
             elif kind == "blob":
@@ -108,7 +108,8 @@ class ModelCacheFact(FactBase):
 
 
 def probe_part(config: HostConfig) -> ProbePart:
-    return ProbePart("models", ModelCacheFact, {"cache_dir": config.model_cache_dir, "hashes": config.model_verify_hashes,
+    return ProbePart("models", ModelCacheFact, {"cache_dir": config.model_cache_dir,
+                                                "hashes": config.model_verify_hashes,
                                                 "folders": tuple(spec.folder for spec in config.models)})
 
 
@@ -186,12 +187,14 @@ def publish_commands(repo: str, plan: ModelPlan, owner: str) -> list[str]:
         dirs = sorted({str(PurePosixPath(entry.path).parent) for entry in snapshot.entries} - {"."})
         steps = [f"rm -rf {q(tmp)}", f"mkdir -p {q(tmp)}"]
         steps += [f"mkdir -p {q(f'{tmp}/{d}')}" for d in dirs]
-        steps += [f"ln -s {link_target(entry.path, entry.blob)} {q(f'{tmp}/{entry.path}')}" for entry in snapshot.entries]
+        steps += [f"ln -s {link_target(entry.path, entry.blob)} {q(f'{tmp}/{entry.path}')}"
+                  for entry in snapshot.entries]
         steps += [f"chown -hR {owner} {q(tmp)}", f"mv -T {q(tmp)} {q(f'{repo}/snapshots/{snapshot.commit}')}"]
         commands.append(" && ".join(steps))
     if plan.ref:
         ref = f"{repo}/refs/{snapshot.spec.revision}"
-        commands.append(f"mkdir -p {q(str(PurePosixPath(ref).parent))} && printf %s {snapshot.commit} > {q(ref + '.tmp')} "
+        commands.append(f"mkdir -p {q(str(PurePosixPath(ref).parent))} "
+                        f"&& printf %s {snapshot.commit} > {q(ref + '.tmp')} "
                         f"&& chown {owner} {q(ref + '.tmp')} && mv -T {q(ref + '.tmp')} {q(ref)}")
     if plan.leftovers:
         commands.append(f"cd {q(repo)} && rm -rf -- " + " ".join(q(path) for path in plan.leftovers))
@@ -216,14 +219,16 @@ def tree_commands(repo: str, plan: ModelPlan, control_cache: Path, owner: str):
     tree = f"{repo}/trees/{plan.snapshot.commit}.json"
     yield FileUploadCommand(str(control_cache / plan.snapshot.spec.folder / "trees" / f"{plan.snapshot.commit}.json"),
                             tree + ".incoming", remote_temp_filename=host.get_temp_filename(tree))
-    yield f"chown {owner} {shlex.quote(tree + '.incoming')} && mv -f {shlex.quote(tree + '.incoming')} {shlex.quote(tree)}"
+    yield (f"chown {owner} {shlex.quote(tree + '.incoming')} "
+           f"&& mv -f {shlex.quote(tree + '.incoming')} {shlex.quote(tree)}")
 
 
 def _downloaded(state, host, snapshot: Snapshot, endpoint: str, control_cache: Path) -> bool:
     try:
         download_snapshot(snapshot, endpoint, control_cache)
     except Exception as error:  # noqa: BLE001 (huggingface_hub raises many kinds; each is reported the same way)
-        return failed(host, f"model {snapshot.label()}: download on the control node failed: {type(error).__name__}: {error}")
+        return failed(host, f"model {snapshot.label()}: download on the control node failed: "
+                            f"{type(error).__name__}: {error}")
     return True
 
 
@@ -241,7 +246,8 @@ def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: P
     yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
     for entry in plan.send:
         source = control_file(control_cache, snapshot, entry).resolve()
-        yield RoomCheckedUpload(UploadProgress(source, f"model file {entry.path}"), f"{repo}/blobs/{entry.blob}.incoming",
+        yield RoomCheckedUpload(UploadProgress(source, f"model file {entry.path}"),
+                                f"{repo}/blobs/{entry.blob}.incoming",
                                 remote_temp_filename=host.get_temp_filename(f"{repo}/blobs/{entry.blob}"))
         yield blob_in_place_command(repo, entry, owner)
     if plan.write_tree:
@@ -294,7 +300,7 @@ def _room(state, host, needed: int, free: int) -> bool:
 
 
 @step("Models")
-def models(config: HostConfig, env: EnvPlan | None, state: ModelCacheState) -> list[Snapshot]:
+def converge(config: HostConfig, env: EnvPlan | None, state: ModelCacheState) -> list[Snapshot]:
     """Resolve every model, then bring this host's cache to it; returns the snapshots (for the stack)."""
     try:
         snapshots = [resolve_model(config, index, spec) for index, spec in enumerate(config.models)]
@@ -314,7 +320,8 @@ def models(config: HostConfig, env: EnvPlan | None, state: ModelCacheState) -> l
         check_room(name=f"Model cache room for {needed / 1e6:.1f} MB", needed=needed, free=state.free_bytes)
     where = dict(cache_dir=config.model_cache_dir, endpoint=endpoint_of(config),
                  control_cache=Path(config.hf_control_cache_dir).expanduser(),
-                 owner=f"{config.model_cache_dir_uid}:{config.model_cache_dir_gid}", mode=f"{config.model_cache_dir_mode:04o}")
+                 owner=f"{config.model_cache_dir_uid}:{config.model_cache_dir_gid}",
+                 mode=f"{config.model_cache_dir_mode:04o}")
     for plan in plans:
         if not plan.changes:
             continue

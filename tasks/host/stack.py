@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from pyinfra import host, state as pyinfra_state
+from pyinfra import host
+from pyinfra import state as pyinfra_state
 from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
 from pyinfra.api.command import FileUploadCommand
 
@@ -82,7 +83,8 @@ class StackFact(FactBase):
         return StackState(
             images=images,
             containers=containers,
-            compose="".join(line + "\n" for line in texts["docker-compose.yml"]) if "docker-compose.yml" in texts else None,
+            compose=("".join(line + "\n" for line in texts["docker-compose.yml"])
+                     if "docker-compose.yml" in texts else None),
             digest="".join(line + "\n" for line in texts[".env.digest"]) if ".env.digest" in texts else None,
         )
 
@@ -146,7 +148,8 @@ def render(stack: StackDef, config: HostConfig, env: EnvPlan, snapshots: list[Sn
             if gpus:
                 service.setdefault("deploy", {}).setdefault("resources", {})["reservations"] = device_reservation(gpus)
         if "models" in spec.get("mounts", []):
-            volumes.append({"type": "bind", "source": escape(config.model_cache_dir), "target": HF_HOME, "read_only": True})
+            volumes.append({"type": "bind", "source": escape(config.model_cache_dir), "target": HF_HOME,
+                            "read_only": True})
             environment.update({"HF_HOME": HF_HOME, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
             used = {var: config.service_models[var] for var in spec.get("models", [])}
             for var, repo_id in used.items():
@@ -179,12 +182,12 @@ class StackPlan:
 
 
 def _reason(old: dict, new: dict) -> str:
-    if old.get("mlstack.env-id") != new.get("mlstack.env-id"):
-        return f"env id {old.get('mlstack.env-id') or 'none'} → {new.get('mlstack.env-id')}"
-    if old.get("mlstack.models") != new.get("mlstack.models"):
-        return f"model commit {old.get('mlstack.models') or 'none'} → {new.get('mlstack.models')}"
-    if old.get("mlstack.image") != new.get("mlstack.image"):
-        return f"image {old.get('mlstack.image') or 'none'} → {new.get('mlstack.image')}"
+    """Why a running service's labels differ: the first of env, models, image that changed, else its config.
+    A label the service does not carry reads "" from docker and is absent from ours: both are none."""
+    for label, what in (("mlstack.env-id", "env id"), ("mlstack.models", "model commit"), ("mlstack.image", "image")):
+        before, after = old.get(label) or "none", new.get(label) or "none"
+        if before != after:
+            return f"{what} {before} → {after}"
     return "config"
 
 
@@ -230,7 +233,8 @@ def ship_image(stack: StackDef, tag: str, base: BaseImage, builder: str, archive
     """Build once for the fleet, then `docker load` on each host that lacks the tag."""
     yield FunctionCommand(_image_ready, (stack, tag, base, builder, archive), {})
     incoming = f"{compose_dir}/.image.tar.gz"
-    yield RoomCheckedUpload(UploadProgress(archive, f"image {tag}"), incoming, remote_temp_filename=host.get_temp_filename(incoming))
+    yield RoomCheckedUpload(UploadProgress(archive, f"image {tag}"), incoming,
+                            remote_temp_filename=host.get_temp_filename(incoming))
     yield f"docker load -q -i {shlex.quote(incoming)} && rm -f {shlex.quote(incoming)}"
 
 
@@ -259,7 +263,8 @@ def push_compose(project: str, compose_dir: str, rendered: Rendered, profiles: l
     yield from private_upload(rendered.dotenv.encode(), f"{staged}/.env")
     yield from private_upload(rendered.digest.encode(), f"{staged}/.env.digest")
     yield f"{compose_args(project, compose_dir, profiles, '.next')} config -q"
-    yield (f"cd {q(compose_dir)} && chmod 0640 .next/docker-compose.yml && mv -f .next/docker-compose.yml docker-compose.yml "
+    yield (f"cd {q(compose_dir)} && chmod 0640 .next/docker-compose.yml "
+           "&& mv -f .next/docker-compose.yml docker-compose.yml "
            "&& mv -f .next/.env .env && mv -f .next/.env.digest .env.digest && rmdir .next")
 
 
@@ -296,7 +301,8 @@ def converge_stack(project: str, compose_dir: str, profiles: list[str], timeout:
 
 
 def _diff(old: str | None, new: str, name: str) -> list[str]:
-    return list(difflib.unified_diff((old or "").splitlines(), new.splitlines(), f"{name} (host)", f"{name} (new)", lineterm=""))
+    return list(difflib.unified_diff((old or "").splitlines(), new.splitlines(), f"{name} (host)", f"{name} (new)",
+                                     lineterm=""))
 
 
 def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
@@ -310,7 +316,7 @@ def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
 
 
 @step("Stack")
-def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], state: StackState,
+def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], state: StackState,
           gpus: list[Gpu]) -> StackPlan | None:
     if env is None:
         return None  # the host failed its ML env check; it is reported there
@@ -329,7 +335,8 @@ def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], st
     report[host.name].stack = outcome
     if not (plan.send_image or plan.converge):
         healthy = sum(c.state == "running" and c.health in ("", "healthy") for c in state.containers.values())
-        host.log(f"stack {definition.project}: no change ({healthy}/{len(state.containers)} services running and healthy)")
+        host.log(f"stack {definition.project}: no change "
+                 f"({healthy}/{len(state.containers)} services running and healthy)")
         outcome.health = "healthy"  # a service that is not would be recreated
         return plan
     report[host.name].changed("stack")
@@ -337,10 +344,12 @@ def stack(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], st
     if plan.send_image:
         size = f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists() else "to build once, then send"
         host.log(f"stack {definition.project}: image {tag} ({size})")
-    host.log(f"stack {definition.project}: " + (", ".join(f"{service} ({why})" for service, why in plan.recreate.items())
-                                                 or "files only, no service recreated"))
+    host.log(f"stack {definition.project}: "
+             + (", ".join(f"{service} ({why})" for service, why in plan.recreate.items())
+                or "files only, no service recreated"))
     if pyinfra_state.config.DIFF:
-        for line in _diff(state.compose, rendered.compose, "docker-compose.yml") + masked_env_diff(state.digest, rendered.digest):
+        for line in (_diff(state.compose, rendered.compose, "docker-compose.yml")
+                     + masked_env_diff(state.digest, rendered.digest)):
             host.log(f"  {line}")
     if plan.send_image:
         ship_image(name=f"Image {tag}", stack=definition, tag=tag, base=env.base,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
+
 from pyinfra import host
 from pyinfra.api import StringCommand
 from pyinfra.api.command import FileUploadCommand
@@ -18,7 +19,8 @@ DISK_MARGIN = 256 * 2**20  # bytes a transfer leaves free on the host beyond wha
 
 
 def room_problem(free: int, needed: int, contents: str, where: str = "") -> str | None:
-    """Why a host with FREE bytes cannot take NEEDED more (plus the margin), or None: checked before any byte is sent."""
+    """Why a host with FREE bytes cannot take NEEDED more (plus the margin), or None:
+    checked before any byte is sent."""
     if free >= needed + DISK_MARGIN:
         return None
     return (f"not enough disk space{where}: {free / 1e6:.0f} MB free, {(needed + DISK_MARGIN) / 1e6:.0f} MB needed "
@@ -48,7 +50,8 @@ class UploadProgress(io.RawIOBase):
         now = time.monotonic()
         if data and self.total >= PROGRESS_FROM and (now - self.last >= PROGRESS_EVERY or self.sent == self.total):
             self.last = now
-            host.log(f"{self.label}: {self.sent / 1e6:.1f} / {self.total / 1e6:.1f} MB sent ({100 * self.sent // max(self.total, 1)}%)")
+            host.log(f"{self.label}: {self.sent / 1e6:.1f} / {self.total / 1e6:.1f} MB sent "
+                     f"({100 * self.sent // max(self.total, 1)}%)")
         return data
 
     def close(self) -> None:
@@ -76,11 +79,13 @@ class RoomCheckedUpload(FileUploadCommand):
         places = {str(Path(self.dest).parent)}
         if any(connector_arguments.get(key) for key in ("_sudo", "_su_user", "_doas", "_dzdo")):
             places.add(str(Path(self.remote_temp_filename or self.dest).parent))
-        _, output = host.run_shell_command(StringCommand(f"df -Pk {' '.join(sorted(places))} | awk 'NR > 1 {{print $4, $6}}'"),
+        _, output = host.run_shell_command(StringCommand(f"df -Pk {' '.join(sorted(places))} "
+                                                         f"| awk 'NR > 1 {{print $4, $6}}'"),
                                            **connector_arguments)
         room = []
         for line in output.stdout_lines:
             free_kb, _, mount = line.partition(" ")
-            room.append(f"No space left on device on {mount}" if int(free_kb) < 1024 else f"{int(free_kb) / 1e3:.0f} MB free on {mount}")
+            room.append(f"No space left on device on {mount}" if int(free_kb) < 1024
+                        else f"{int(free_kb) / 1e3:.0f} MB free on {mount}")
         return failed(host, f"{label}: {failure}: {', '.join(room) or 'free space unknown'}; nothing was installed, "
                             "the next run sends it again")

@@ -43,11 +43,13 @@ class TestFleet:
         """Every host as before any deploy: the stack's containers removed, /srv/mlstack (and EXTRA_PATHS) gone."""
         paths = " ".join(("/srv/mlstack", *extra_paths))
         for record in self.hosts:
-            self.ssh(record, "docker ps -aq --filter label=com.docker.compose.project | xargs -r docker rm -f >/dev/null; "
+            self.ssh(record, "docker ps -aq --filter label=com.docker.compose.project"
+                             " | xargs -r docker rm -f >/dev/null; "
                              f"rm -rf {paths}")
 
     def tool(self, module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        """`python -m MODULE inventory/rehearsal.py ARGS` (tasks.fleet.rollout, tasks.fleet.verify) against this fleet."""
+        """`python -m MODULE inventory/rehearsal.py ARGS` (tasks.fleet.rollout, tasks.fleet.verify) against
+        this fleet."""
         return subprocess.run([sys.executable, "-m", module, "inventory/rehearsal.py", *args], cwd=REPO,
                               env={**os.environ, "MLSTACK_FLEET": self.fleet.name, **(env or {})},
                               capture_output=True, text=True, timeout=600)

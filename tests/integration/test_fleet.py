@@ -16,8 +16,10 @@ def test_each_host_is_isolated_with_its_own_engine_and_identity(fleet):
     seen_keys, seen_hostnames = set(), set()
     base_id = "sha256:" + image_id_of(archive_path())
     for record in fleet.hosts:
-        report = fleet.ssh(record, "hostname; ip -4 route; docker network ls --format '{{.Name}}' | sort | tr '\\n' ' ';"
-                                   " echo; docker image inspect -f '{{.Id}}' mlstack-base:bookworm; docker compose version --short;"
+        report = fleet.ssh(record, "hostname; ip -4 route;"
+                                   " docker network ls --format '{{.Name}}' | sort | tr '\\n' ' ';"
+                                   " echo; docker image inspect -f '{{.Id}}' mlstack-base:bookworm;"
+                                   " docker compose version --short;"
                                    " findmnt -no TARGET /var/lib/docker")
         hostname, route, networks, image_id, compose, mountpoint = report.splitlines()
         assert hostname == record.name
@@ -99,5 +101,6 @@ def test_hosts_reach_the_fleet_package_index_and_nothing_beyond_it(fleet):
     listing = fleet.ssh(record, "curl -sf http://control:3141/simple/tokenizers/")
     assert "tokenizers-" in listing and ".whl" in listing
     # Unknown projects are not redirected to PyPI (fallback disabled).
-    status = fleet.ssh(record, "curl -s -o /dev/null -w '%{http_code}' http://control:3141/simple/no-such-project/", check=False)
+    status = fleet.ssh(record, "curl -s -o /dev/null -w '%{http_code}' http://control:3141/simple/no-such-project/",
+                       check=False)
     assert status == "404"

@@ -72,7 +72,8 @@ def test_branches_tags_and_shas_resolve_and_the_tree_lists_lfs_files(fleet, tmp_
         assert hf(fleet, tmp_path, op="info", repo=hub.NESTED, revision=revision) == {"result": sha}, revision
 
     tree = hf(fleet, tmp_path, op="tree", repo=hub.NESTED, revision=v1)["result"]
-    assert sorted(tree) == [".gitattributes", "README.md", "config.json", "sub/dir/deep.json", "weights/part.safetensors"]
+    assert sorted(tree) == [".gitattributes", "README.md", "config.json", "sub/dir/deep.json",
+                            "weights/part.safetensors"]
     expected = hub.expected_files(hub.NESTED, v1)
     assert tree["weights/part.safetensors"] == {"size": 2_500_000, "lfs": expected["weights/part.safetensors"]}
     assert tree["sub/dir/deep.json"]["lfs"] is None
@@ -118,7 +119,8 @@ def test_snapshot_download_fetches_both_repos_and_a_complete_cache_asks_nothing(
 
 
 def test_unknown_repos_and_revisions_fail_with_huggingface_hub_errors(fleet, tmp_path):
-    missing = hf(fleet, tmp_path, op="download", repo="mlstack-test/no-such-repo", revision="main", cache=str(tmp_path / "c"))
+    missing = hf(fleet, tmp_path, op="download", repo="mlstack-test/no-such-repo", revision="main",
+                 cache=str(tmp_path / "c"))
     assert missing["error"] == "RepositoryNotFoundError"
     assert "mlstack-test/no-such-repo" in missing["message"]
     # olah offline answers an unknown branch as an unknown repo (401 RepoNotFound), not as the Hub's RevisionNotFound.

@@ -73,10 +73,12 @@ def test_first_deploy_installs_the_env_everywhere_and_the_rerun_builds_and_sends
         # Every file of the env carries the configured numeric owner; nothing is left in flight.
         assert fleet.ssh(record, f"find {ENV_DIR}/envs/{env} ! -user 1234 -o ! -group 2345 | head -3") == ""
         assert fleet.ssh(record, f"ls -A {ENV_DIR}/incoming") == ""
-        output = fleet.ssh(record, f"docker run --rm --network none -v {ENV_DIR}/envs/{env}:/root/.local:ro {environment} "
-                                   f"{IMAGE_NAME} python3 -c 'import yaml, tokenizers, huggingface_hub; print(yaml.__file__)'")
+        output = fleet.ssh(record, f"docker run --rm --network none -v {ENV_DIR}/envs/{env}:/root/.local:ro "
+                                   f"{environment} {IMAGE_NAME} python3 -c "
+                                   "'import yaml, tokenizers, huggingface_hub; print(yaml.__file__)'")
         assert output.strip() == f"{site}/yaml/__init__.py"
-        before[record.name] = fleet.ssh(record, f"stat -c '%i %Y' {ENV_DIR}/envs/{env} {ENV_DIR}/envs/{env}/.mlstack-env.json")
+        before[record.name] = fleet.ssh(record, f"stat -c '%i %Y' {ENV_DIR}/envs/{env} "
+                                                f"{ENV_DIR}/envs/{env}/.mlstack-env.json")
     artifact = (cache / f"{env}.tar.gz").stat()
 
     second = deploy(fleet, cache, "ml_env_dir_uid=1234", "ml_env_dir_gid=2345")
@@ -85,7 +87,8 @@ def test_first_deploy_installs_the_env_everywhere_and_the_rerun_builds_and_sends
     assert "building" not in second.output and "MB sent" not in second.output
     assert f"[host1] ML env: {env} (no change)" in second.output
     for record in fleet.hosts:
-        assert fleet.ssh(record, f"stat -c '%i %Y' {ENV_DIR}/envs/{env} {ENV_DIR}/envs/{env}/.mlstack-env.json") == before[record.name]
+        assert fleet.ssh(record, f"stat -c '%i %Y' {ENV_DIR}/envs/{env} "
+                                 f"{ENV_DIR}/envs/{env}/.mlstack-env.json") == before[record.name]
     assert (cache / f"{env}.tar.gz").stat().st_ino == artifact.st_ino
     assert (cache / f"{env}.tar.gz").stat().st_mtime_ns == artifact.st_mtime_ns
 
@@ -94,7 +97,8 @@ def test_new_requirements_switch_every_host_keep_envs_bounds_the_rest_and_a_pin_
     a = deploy(fleet, cache, "keep_envs=1")
     (env_a,) = switched_to(a)
 
-    dry = fleet.deploy("--dry", "--data", f"ml_env_cache_dir={cache}", "--data", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
+    dry = fleet.deploy("--dry", "--data", f"ml_env_cache_dir={cache}",
+                       "--data", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
     assert dry.returncode == 0, dry.output[-3000:]
     (env_b,) = switched_to(dry)
     assert f"[host2] ML env: {env_a} → {env_b} (to build once, then upload)" in dry.output
@@ -126,8 +130,10 @@ def broken_wheel(path: Path) -> Path:
     wheel = path / "mlstack_broken_import-1.0-py3-none-any.whl"
     files = {
         "mlstack_broken_import/__init__.py": "raise ImportError('libcuda.so.1: cannot open shared object file')\n",
-        "mlstack_broken_import-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: mlstack-broken-import\nVersion: 1.0\n",
-        "mlstack_broken_import-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "mlstack_broken_import-1.0.dist-info/METADATA":
+            "Metadata-Version: 2.1\nName: mlstack-broken-import\nVersion: 1.0\n",
+        "mlstack_broken_import-1.0.dist-info/WHEEL":
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
         "mlstack_broken_import-1.0.dist-info/top_level.txt": "mlstack_broken_import\n",
     }
     record = "".join(f"{name},,\n" for name in files) + "mlstack_broken_import-1.0.dist-info/RECORD,,\n"
@@ -180,13 +186,15 @@ def test_an_artifact_with_an_escaping_member_is_refused_before_any_byte_is_sent(
     for record in fleet.hosts:
         assert active(fleet, record) == env_good
         assert envs_on(fleet, record) == [env_good]
-        assert fleet.ssh(record, f"ls -A {ENV_DIR}/incoming; ls /srv/evil /srv/mlstack/evil 2>&1 | grep -c 'No such'") == "2\n"
+        assert fleet.ssh(record, f"ls -A {ENV_DIR}/incoming;"
+                                 " ls /srv/evil /srv/mlstack/evil 2>&1 | grep -c 'No such'") == "2\n"
 
 
 def test_a_pin_to_an_unknown_env_fails_at_plan_time_and_changes_no_host(fleet, cache):
     run = deploy(fleet, cache, "ml_env_id=env-1111111111111111")
     assert run.returncode != 0
-    assert re.search(r"host\d: ml_env_id = 'env-1111111111111111': this env is neither on the host nor in the control cache",
+    assert re.search(r"host\d: ml_env_id = 'env-1111111111111111': "
+                     r"this env is neither on the host nor in the control cache",
                      run.output)
     for record in fleet.hosts:
         assert fleet.ssh(record, "ls /srv/mlstack 2>&1 || true").strip().endswith("No such file or directory")
@@ -203,8 +211,8 @@ def test_the_production_set_imports_sentence_transformers_from_the_mounted_env(f
     assert set(manifest["imports"]) == {"torch", "transformers", "sentence-transformers", "openai"}
     environment = " ".join(f"-e {key}={value}" for key, value in runtime_environment(manifest["python"]).items())
     for record in fleet.hosts:
-        output = fleet.ssh(record, f"docker run --rm --network none -v {ENV_DIR}/envs/{env}:/root/.local:ro {environment} "
-                                   f"{IMAGE_NAME} python3 -c 'import sentence_transformers, torch; "
+        output = fleet.ssh(record, f"docker run --rm --network none -v {ENV_DIR}/envs/{env}:/root/.local:ro "
+                                   f"{environment} {IMAGE_NAME} python3 -c 'import sentence_transformers, torch; "
                                    "print(torch.__version__, sentence_transformers.__file__)'")
         version, location = output.split()
         assert version.startswith("2.13.0") and location.startswith("/root/.local/lib/")

@@ -32,7 +32,8 @@ def test_the_env_is_built_once_and_imports_in_the_runtime_image(fleet, builder, 
     base_id = client.images.get(IMAGE_NAME).id
     env = env_id(REQUIREMENTS, base_id, "linux/amd64", pip_options(fleet))
     manifest = build_env(client, env, IMAGE_NAME, REQUIREMENTS, pip_options(fleet), tmp_path)
-    assert manifest.imports == {"huggingface-hub": ["huggingface_hub"], "pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}
+    assert manifest.imports == {"huggingface-hub": ["huggingface_hub"], "pyyaml": ["yaml"],
+                                "tokenizers": ["tokenizers"]}
     artifact = tmp_path / f"{env}.tar.gz"
     stat_before = artifact.stat()
     builds = {"label": "mlstack.env-build"}  # the bootstrap containers (a host may run the stack besides)
@@ -46,7 +47,8 @@ def test_the_env_is_built_once_and_imports_in_the_runtime_image(fleet, builder, 
     # Unpacked on a host and mounted read-only where the stack mounts it, the env imports offline.
     target = f"/srv/ml-env-build-test/{env}"
     with artifact.open("rb") as data:
-        subprocess.run([*fleet.fleet.ssh_argv(record), f"mkdir -p {target} && tar -xzf - -C {target}"], stdin=data, check=True)
+        subprocess.run([*fleet.fleet.ssh_argv(record), f"mkdir -p {target} && tar -xzf - -C {target}"],
+                       stdin=data, check=True)
     imports = ", ".join(name for names in manifest.imports.values() for name in names)
     output = fleet.ssh(record, f"docker run --rm --network none -v {target}:/root/.local:ro "
                                "-e PYTHONPATH=/root/.local/lib/python3.11/site-packages "

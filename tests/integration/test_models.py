@@ -63,7 +63,8 @@ def in_runtime_image(fleet, record, script: str) -> str:
                              f"{IMAGE_NAME} python3 -c '{script}'")
 
 
-def test_both_models_land_in_the_standard_layout_load_offline_and_the_rerun_asks_the_mirror_nothing(fleet, control_cache):
+def test_both_models_land_in_the_standard_layout_load_offline_and_the_rerun_asks_the_mirror_nothing(
+        fleet, control_cache):
     first = deploy(fleet, control_cache)
     assert first.returncode == 0, first.output[-3000:]
     assert f"[host1] model {hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]}):" in first.output
@@ -80,7 +81,8 @@ def test_both_models_land_in_the_standard_layout_load_offline_and_the_rerun_asks
             "print(path, tokenizer.encode(\"hello world\").ids)"))
         assert loaded.strip() == (f"/root/.cache/huggingface/hub/{MINILM_FOLDER}/snapshots/{MINILM_SHA} "
                                   "[101, 7592, 2088, 102]")
-    stamps = {record.name: fleet.ssh(record, f"find {CACHE}/hub -type f -printf '%i %T@ %p\\n' | sort") for record in fleet.hosts}
+    stamps = {record.name: fleet.ssh(record, f"find {CACHE}/hub -type f -printf '%i %T@ %p\\n' | sort")
+              for record in fleet.hosts}
 
     before = len(requests(fleet))
     second = deploy(fleet, control_cache)
@@ -96,7 +98,8 @@ def test_dry_run_lists_files_and_bytes_per_host_and_changes_nothing(fleet, contr
     run = deploy(fleet, control_cache, dry=True)
     assert run.returncode == 0, run.output[-3000:]
     for record in fleet.hosts:
-        line = re.search(rf"\[{record.name}\] model {hub.MINILM}@\w+ \(\w+\): (\d+) file\(s\), ([\d.]+) MB to transfer", run.output)
+        line = re.search(rf"\[{record.name}\] model {hub.MINILM}@\w+ \(\w+\): "
+                         r"(\d+) file\(s\), ([\d.]+) MB to transfer", run.output)
         assert line and int(line.group(1)) == len(hub.expected_files(hub.MINILM, MINILM_SHA))
         assert float(line.group(2)) > 90  # model.safetensors alone is 90.9 MB
         assert fleet.ssh(record, "ls /srv/mlstack 2>&1 || true").strip().endswith("No such file or directory")
@@ -114,7 +117,8 @@ def test_a_corrupted_blob_is_found_by_the_hash_check_and_repaired_on_that_host_o
 
     hashed = deploy(fleet, control_cache, "model_verify_hashes=true")
     assert hashed.returncode == 0, hashed.output[-3000:]
-    assert f"[{damaged.name}] model {hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]}): 1 file(s), 90.9 MB to transfer" in hashed.output
+    assert (f"[{damaged.name}] model {hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]}): 1 file(s), 90.9 MB to transfer"
+            in hashed.output)
     assert all(hosts == [damaged.name] for _, hosts in hashed.changed_operations())
     assert snapshot_hashes(fleet, damaged, MINILM_FOLDER, MINILM_SHA)["model.safetensors"] == \
         hub.expected_files(hub.MINILM, MINILM_SHA)["model.safetensors"]
@@ -138,10 +142,12 @@ def test_a_host_without_room_fails_the_preflight_and_receives_nothing(fleet, con
     ({"repo_id": "mlstack-test/no-such-repo"},
      "models[0].repo_id = 'mlstack-test/no-such-repo': expected a model repo on {hub}; it is unknown there"),
     ({"repo_id": hub.NESTED, "revision": "v9"},
-     f"models[0].revision = 'v9': expected a branch, tag or commit of {hub.NESTED} on {{hub}}; it has none of that name"),
+     f"models[0].revision = 'v9': expected a branch, tag or commit of {hub.NESTED} on {{hub}};"
+     " it has none of that name"),
 ])
 def test_an_unknown_repo_or_revision_fails_at_plan_time_and_no_host_changes(fleet, control_cache, entry, message):
-    run = deploy(fleet, control_cache, models_data(entry), "service_models=" + json.dumps({"RERANKING_MODEL": entry["repo_id"]}))
+    run = deploy(fleet, control_cache, models_data(entry),
+                 "service_models=" + json.dumps({"RERANKING_MODEL": entry["repo_id"]}))
     assert run.returncode != 0
     assert message.format(hub=fleet.fleet.hub_url) in run.output
     assert "Traceback" not in run.output
@@ -152,7 +158,8 @@ def test_an_unknown_repo_or_revision_fails_at_plan_time_and_no_host_changes(flee
 def test_a_transfer_killed_mid_blob_leaves_no_visible_snapshot_and_the_rerun_completes(fleet, control_cache):
     victim = fleet.hosts[0]
     assert deploy(fleet, control_cache, limit=victim.name).returncode == 0
-    fleet.ssh(victim, f"rm -rf {CACHE}/hub/{MINILM_FOLDER}")  # lost: the next run sends it again, and is killed doing so
+    # lost: the next run sends it again, and is killed doing so
+    fleet.ssh(victim, f"rm -rf {CACHE}/hub/{MINILM_FOLDER}")
     argv = [PYINFRA, "inventory/rehearsal.py", "deploy.py", "-y", "--limit", victim.name,
             "--data", f"hf_control_cache_dir={control_cache}"]
     process = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name},
@@ -194,7 +201,8 @@ def test_host_mode_downloads_on_each_host_and_a_branch_revision_gets_its_ref(fle
     assert not (control_cache / NESTED_FOLDER / "blobs").exists()  # the control node downloaded no file
 
 
-@pytest.mark.parametrize("path", ["../../../../../../tmp/mlstack-escape", "/tmp/mlstack-escape", "onnx/../../../mlstack-escape"])
+@pytest.mark.parametrize("path", ["../../../../../../tmp/mlstack-escape", "/tmp/mlstack-escape",
+                                  "onnx/../../../mlstack-escape"])
 def test_a_tree_listing_a_path_outside_the_repo_is_refused_before_any_host_changes(fleet, control_cache, path):
     # The deploy plans from what the mirror listed for the commit, kept as trees/<commit>.json in the
     # control cache: a hostile listing planted there is what a malicious mirror would have sent.
@@ -206,6 +214,8 @@ def test_a_tree_listing_a_path_outside_the_repo_is_refused_before_any_host_chang
 
     run = deploy(fleet, control_cache)
     assert run.returncode != 0
-    assert f"the endpoint lists a file {path!r} that would land outside the repo folder" in run.output, run.output[-2000:]
+    assert (f"the endpoint lists a file {path!r} that would land outside the repo folder"
+            in run.output), run.output[-2000:]
     for record in fleet.hosts:
-        assert fleet.ssh(record, "ls -d /srv/mlstack 2>/dev/null; find / -xdev -name mlstack-escape 2>/dev/null | head -3") == ""
+        assert fleet.ssh(record, "ls -d /srv/mlstack 2>/dev/null;"
+                                 " find / -xdev -name mlstack-escape 2>/dev/null | head -3") == ""

@@ -82,7 +82,8 @@ def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped,
         dry = fleet.deploy("--dry", "-vvv", "--diff", *args, env=rotated)
         verify = fleet.tool("tasks.fleet.verify", "-vvv", *args, env=SECRETS)
     assert first.returncode == 0, first.output[-3000:]
-    assert "building" in first.output and "model file model.safetensors" in first.output  # the build and the download ran
+    # the build and the download ran
+    assert "building" in first.output and "model file model.safetensors" in first.output
     assert dry.returncode == 0 and "MLSTACK_API_KEY" in dry.output  # the rotation shows, by name only
     assert verify.returncode == 0, verify.stdout + verify.stderr[-3000:]
 
@@ -104,7 +105,8 @@ def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped,
         env_file = f"srv{COMPOSE.removeprefix('/srv')}/.env"
         # docker keeps every container's environment in its own root-only state (`docker inspect` shows it):
         # the container config and containerd's metadata store.
-        docker_records = {path for path in held if path.startswith("docker/containers/") and path.endswith("/config.v2.json")}
+        docker_records = {path for path in held
+                          if path.startswith("docker/containers/") and path.endswith("/config.v2.json")}
         docker_records |= {path for path in held if path.endswith("io.containerd.metadata.v1.bolt/meta.db")}
         assert held == {env_file, *docker_records} and docker_records, held
         assert (root / env_file).stat().st_mode & 0o777 == 0o600

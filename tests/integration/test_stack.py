@@ -4,6 +4,8 @@ exactly what changed, exact values through compose, a health gate with logs, a s
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +27,10 @@ def stack_down_after(fleet):
 
 def containers(fleet, record) -> dict[str, str]:
     """service -> 'container id + start time': equal means not recreated."""
-    output = fleet.ssh(record, f"docker ps -q --filter label=com.docker.compose.project={PROJECT} | xargs -r docker inspect "
-                               "-f '{{index .Config.Labels \"com.docker.compose.service\"}} {{.Id}} {{.State.StartedAt}}'")
+    output = fleet.ssh(record, f"docker ps -q --filter label=com.docker.compose.project={PROJECT}"
+                               " | xargs -r docker inspect "
+                               "-f '{{index .Config.Labels \"com.docker.compose.service\"}}"
+                               " {{.Id}} {{.State.StartedAt}}'")
     return {line.split()[0]: " ".join(line.split()[1:]) for line in output.splitlines()}
 
 
@@ -55,8 +59,10 @@ def test_the_stack_is_healthy_everywhere_and_works_with_the_mounted_env_and_mode
         # The slim image: no torch, no ML library, no weights (they come from the mounts).
         image = fleet.ssh(record, f"docker inspect -f '{{{{.Config.Image}}}}' {PROJECT}-reranker-1").strip()
         probe = fleet.ssh(record, f"docker run --rm --network none {image} sh -c "
-                                  "'python3 -c \"import torch\" 2>&1 | tail -1; python3 -c \"import tokenizers\" 2>&1 | tail -1; "
-                                  "find / -xdev \\( -name \"*.safetensors\" -o -name \"*.bin\" -o -name \"torch\" \\) | wc -l'")
+                                  "'python3 -c \"import torch\" 2>&1 | tail -1;"
+                                  " python3 -c \"import tokenizers\" 2>&1 | tail -1; "
+                                  "find / -xdev \\( -name \"*.safetensors\" -o -name \"*.bin\""
+                                  " -o -name \"torch\" \\) | wc -l'")
         assert probe.splitlines() == ["ModuleNotFoundError: No module named 'torch'",
                                       "ModuleNotFoundError: No module named 'tokenizers'", "0"]
     before = {record.name: containers(fleet, record) for record in fleet.hosts}
@@ -73,7 +79,8 @@ def test_a_new_env_recreates_the_services_that_mount_it_and_nothing_else(fleet, 
     assert fleet.deploy().returncode == 0
     old_env = fleet.ssh(fleet.hosts[0], "readlink /srv/mlstack/ml-env/active").strip().removeprefix("envs/")
     before = {record.name: containers(fleet, record) for record in fleet.hosts}
-    new_requirements = requirements(tmp_path, "plus.txt", "huggingface_hub>=0.30\ntokenizers>=0.20\npyyaml>=6\npackaging\n")
+    new_requirements = requirements(tmp_path, "plus.txt",
+                                    "huggingface_hub>=0.30\ntokenizers>=0.20\npyyaml>=6\npackaging\n")
 
     dry = fleet.deploy("--dry", "--diff", "--data", new_requirements)
     assert dry.returncode == 0, dry.output[-3000:]
@@ -103,15 +110,18 @@ def test_values_with_compose_syntax_reach_the_container_exactly_and_secrets_stay
     assert "+ MLSTACK_TEST_TOKEN=***" in run.output and "+ GREETING=***" in run.output
     for record in fleet.hosts:
         values = fleet.ssh(record, f"docker exec {PROJECT}-reranker-1 python3 -c "
-                                   "'import os, json; print(json.dumps([os.environ[\"GREETING\"], os.environ[\"MLSTACK_TEST_TOKEN\"]]))'")
+                                   "'import os, json; print(json.dumps([os.environ[\"GREETING\"],"
+                                   " os.environ[\"MLSTACK_TEST_TOKEN\"]]))'")
         assert json.loads(values) == [SPECIAL, secret]
-        assert fleet.ssh(record, f"grep -rlF s3cr3t {COMPOSE} /srv/mlstack/ml-env/active/.mlstack-env.json || true").split() == \
+        assert fleet.ssh(record, f"grep -rlF s3cr3t {COMPOSE} /srv/mlstack/ml-env/active/.mlstack-env.json"
+                                 " || true").split() == \
             [f"{COMPOSE}/.env"]
         labels = fleet.ssh(record, f"docker inspect -f '{{{{json .Config.Labels}}}}' {PROJECT}-reranker-1")
         assert "s3cr3t" not in labels
 
 
-def test_a_service_failing_health_after_an_env_switch_fails_the_host_with_its_logs_and_a_rollback_recovers(fleet, tmp_path):
+def test_a_service_failing_health_after_an_env_switch_fails_the_host_with_its_logs_and_a_rollback_recovers(
+        fleet, tmp_path):
     good = fleet.deploy()
     assert good.returncode == 0, good.output[-3000:]
     good_env = fleet.ssh(fleet.hosts[0], "readlink /srv/mlstack/ml-env/active").strip().removeprefix("envs/")
@@ -120,11 +130,18 @@ def test_a_service_failing_health_after_an_env_switch_fails_the_host_with_its_lo
                        "--data", "health_timeout=20")
     assert bad.returncode != 0
     for record in fleet.hosts:
+        report = bad.report[record.name]
+        assert report["result"] == "failed" and report["failure"]["step"] == f"Stack | Up and healthy: {PROJECT}"
+        assert report["stack"]["health"] == "unhealthy"
+        assert report["stack"]["unhealthy"] == ["reranker"]  # healthy services are not blamed
         assert f"[{record.name}] stack {PROJECT}: not healthy within 20s:" in bad.output
-        assert f"[{record.name}] reranker: restarting" in bad.output or f"[{record.name}] reranker: running unhealthy" in bad.output
+        # The state as `compose ps` saw it: restarting, exited, or running but starting or unhealthy
+        # (docker resets health to "starting" each time the restart policy starts it again).
+        assert re.search(rf"^ *\[{record.name}\] reranker: (?!running healthy)\w+", bad.output,
+                         re.M), bad.output[-3000:]
         assert f"[{record.name}] last log lines of reranker:" in bad.output
         assert f"[{record.name}] ModuleNotFoundError: No module named 'tokenizers'" in bad.output
-        assert f"[{record.name}] last log lines of docs:" not in bad.output  # healthy services are not blamed
+        assert f"[{record.name}] last log lines of docs:" not in bad.output
 
     rollback = fleet.deploy("--data", f"ml_env_id={good_env}")
     assert rollback.returncode == 0, rollback.output[-3000:]
@@ -132,25 +149,70 @@ def test_a_service_failing_health_after_an_env_switch_fails_the_host_with_its_lo
         assert get(fleet, record, "/health")["env_id"] == good_env
 
 
-def test_a_canary_failing_health_stops_the_rollout_and_the_report_names_the_service(fleet):
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """host -> its row of the rollout table and the model lines under it."""
+    rows: dict[str, list[str]] = {}
+    table = stdout[stdout.index("\nhost "):].splitlines()[2:]
+    for line in table:
+        if line and not line.startswith(" "):
+            rows[line.split()[0]] = [line]
+        elif line.strip():
+            rows[list(rows)[-1]].append(line.strip())
+    return rows
+
+
+def test_a_rollout_that_uploads_everything_shows_each_host_from_the_report(fleet):
+    fleet.wipe()  # no env, model or stack on either host: everything is sent
+    result = fleet.tool("tasks.fleet.rollout", "--data", "rollout_canary=0", "--data", "rollout_batch=2")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert " MB sent (100%)" in result.stderr  # upload progress was in the log, where the old table read it
+    rows = table_rows(result.stdout)
+    for record in fleet.hosts:
+        env = fleet.ssh(record, "readlink /srv/mlstack/ml-env/active").strip().removeprefix("envs/")
+        row, *models = rows[record.name]
+        assert row.split(None, 2)[:2] == [record.name, "ok"]
+        assert f" none → {env} " in row
+        assert row.endswith(f"{PROJECT}: reranker (not running), docs (not running)"), row
+        assert len(models) == 2 and all(re.fullmatch(r"\S+@[0-9a-f]{40} \([0-9a-f]{12}\): \d+\.\d MB sent", m)
+                                        for m in models)
+        assert models[0].startswith(f"{hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]}): "), models
+        assert not any("%" in line for line in rows[record.name])
+
+
+# Lines a service prints that the old log-reading table took for the deploy's own.
+SPOOF = ["ML env: env-0000000000000000 (spoofed)", "model spoofed/model@main (spoofed): no change",
+         f"stack {PROJECT}: spoofed", "last log lines of docs:"]
+
+
+def test_a_canary_failing_health_stops_the_rollout_and_what_its_service_prints_cannot_spoof_the_table(fleet):
     assert fleet.deploy().returncode == 0
     canary, other = fleet.hosts
+    env = fleet.ssh(canary, "readlink /srv/mlstack/ml-env/active").strip().removeprefix("envs/")
     before = containers(fleet, other)
     site = fleet.ssh(canary, "echo /srv/mlstack/ml-env/active/lib/python3*/site-packages").strip()
-    # The canary's env loses a package behind the deploy's back: its reranker cannot start any more.
-    fleet.ssh(canary, f"mv {site}/tokenizers /srv/tokenizers.saved")
+    # Behind the deploy's back the canary's env changes: importing tokenizers prints lines shaped like the
+    # deploy's own and fails, so the reranker cannot start and the health gate prints its log.
+    spoofing = "; ".join(f"print({line!r})" for line in SPOOF) + "; raise SystemExit(3)"
+    fleet.ssh(canary, f"mv {site}/tokenizers /srv/tokenizers.saved && mkdir {site}/tokenizers && "
+                      f"echo {shlex.quote(spoofing)} > {site}/tokenizers/__init__.py")
     try:
-        result = fleet.tool("tasks.fleet.rollout", "--data", 'stack_env={"ROLLOUT": "2"}', "--data", "health_timeout=15")
+        result = fleet.tool("tasks.fleet.rollout", "--data", 'stack_env={"ROLLOUT": "2"}',
+                            "--data", "health_timeout=15")
     finally:
-        fleet.ssh(canary, f"mv /srv/tokenizers.saved {site}/tokenizers")
+        fleet.ssh(canary, f"rm -r {site}/tokenizers && mv /srv/tokenizers.saved {site}/tokenizers")
     assert result.returncode != 0
+    assert f"[{canary.name}] {SPOOF[0]}" in result.stderr  # the spoof reached the log
     assert (f"rollout: stopped after canary: 1 host(s) failed ({canary.name}), more than rollout_max_failures=0; "
             f"not reached: {other.name}") in result.stderr
     assert containers(fleet, other) == before
     assert "ROLLOUT" not in fleet.ssh(other, f"cat {COMPOSE}/.env.digest")
-    table = result.stdout.splitlines()
-    assert any(line.startswith(canary.name) and "FAILED" in line and "unhealthy: reranker" in line for line in table), table
-    assert any(line.startswith(other.name) and "not reached" in line for line in table), table
+    rows = table_rows(result.stdout)
+    assert "spoofed" not in result.stdout, result.stdout
+    row, *models = rows[canary.name]
+    assert row.split()[:3] == [canary.name, "FAILED", env]
+    assert row.endswith(f"{PROJECT}: reranker (config), docs (config); unhealthy: reranker"), row
+    assert models[0] == f"{hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]})" and len(models) == 2
+    assert rows[other.name][0].split()[:3] == [other.name, "not", "reached"]
     recovered = fleet.deploy()
     assert recovered.returncode == 0, recovered.output[-3000:]
 
@@ -166,8 +228,9 @@ def test_the_archon_stack_renders_and_passes_compose_config_on_a_host(fleet):
     fleet.ssh(record, f"rm -rf {target} && mkdir -p {target}")
     for name, text in (("docker-compose.yml", out.compose), (".env", out.dotenv)):
         subprocess.run([*fleet.fleet.ssh_argv(record), f"cat > {target}/{name}"], input=text, text=True, check=True)
-    result = subprocess.run([*fleet.fleet.ssh_argv(record), f"docker compose --project-directory {target} --profile agents "
-                             f"-f {target}/docker-compose.yml config -q"], capture_output=True, text=True)
+    result = subprocess.run([*fleet.fleet.ssh_argv(record), f"docker compose --project-directory {target} "
+                             f"--profile agents -f {target}/docker-compose.yml config -q"],
+                            capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (0, "")
     resolved = fleet.ssh(record, f"docker compose --project-directory {target} -f {target}/docker-compose.yml "
                                  "--profile agents config --format json")

@@ -26,7 +26,8 @@ def test_verify_passes_a_converged_fleet_and_finds_each_kind_of_drift_without_re
 
     first, second = fleet.hosts
     blob = "/srv/mlstack/hf-cache/hub/models--sentence-transformers--all-MiniLM-L6-v2/blobs"
-    fleet.ssh(first, f"f=$(ls -S {blob} | head -1); dd if=/dev/zero of={blob}/$f bs=1k count=1 conv=notrunc status=none")
+    fleet.ssh(first, f"f=$(ls -S {blob} | head -1);"
+                     f" dd if=/dev/zero of={blob}/$f bs=1k count=1 conv=notrunc status=none")
     site = fleet.ssh(second, "echo /srv/mlstack/ml-env/active/lib/python3*/site-packages").strip()
     fleet.ssh(second, f"chmod 0700 /srv/mlstack/ml-env && mv {site}/yaml /srv/yaml.saved")
     try:

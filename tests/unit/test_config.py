@@ -59,7 +59,8 @@ def test_each_bad_value_has_its_exact_message(key, value, message):
     assert problems_for(**{key: value}) == [f"gpu-01: {key} = {value!r}: {message}"]
 
 
-@pytest.mark.parametrize(("value", "mode"), [("0755", 0o755), ("755", 0o755), (755, 0o755), ("2775", 0o2775), ("02775", 0o2775)])
+@pytest.mark.parametrize(("value", "mode"),
+                         [("0755", 0o755), ("755", 0o755), (755, 0o755), ("2775", 0o2775), ("02775", 0o2775)])
 def test_modes_are_octal_text_or_pyinfra_style_digits(value, mode):
     config, problems = validate_host("gpu-01", {**DEFAULTS, "ml_env_dir_mode": value})
     assert problems == [] and config.ml_env_dir_mode == mode
@@ -128,7 +129,8 @@ def test_the_example_inventory_is_valid():
         ("ml_env_requirements", "no-such.txt", "expected a requirements file, but {files}/no-such.txt does not exist"),
         ("ml_env_requirements", "", "expected a requirements file: a name in files/ or a path on the control node"),
         ("ml_env_id", "env-123", "expected an env id such as 'env-0123456789abcdef' (as shown by a deploy), or None"),
-        ("ml_env_id", "../env-0123456789abcdef", "expected an env id such as 'env-0123456789abcdef' (as shown by a deploy), or None"),
+        ("ml_env_id", "../env-0123456789abcdef",
+         "expected an env id such as 'env-0123456789abcdef' (as shown by a deploy), or None"),
         ("keep_envs", -1, "expected a number of previous envs to keep, from 0 to 20"),
         ("keep_envs", "two", "expected a number of previous envs to keep, from 0 to 20"),
         ("ml_env_base_image", "Python 3.11", "expected a docker image reference such as 'python:3.11-slim-bookworm'"),
@@ -136,7 +138,8 @@ def test_the_example_inventory_is_valid():
                                     "such as 'ssh://root@gpu-01' or 'unix:///run/docker.sock'"),
         ("ml_env_cache_dir", "cache", "expected an absolute path on the control node, or one starting with '~/'"),
         ("pip_index_url", "pypi.corp/simple", "expected an http(s):// or file:// URL"),
-        ("pip_trusted_hosts", ["pypi.corp:8443", "bad host"], "expected host names such as 'pypi.corp' or 'pypi.corp:8443'"),
+        ("pip_trusted_hosts", ["pypi.corp:8443", "bad host"],
+         "expected host names such as 'pypi.corp' or 'pypi.corp:8443'"),
     ],
 )
 def test_each_bad_ml_env_value_has_its_exact_message(key, value, message):
@@ -156,7 +159,8 @@ def test_an_empty_requirements_file_is_refused(tmp_path):
 def test_index_credentials_are_masked_in_every_message(monkeypatch):
     monkeypatch.delenv("PIP_TOKEN", raising=False)
     assert problems_for(pip_index_url="https://ci:${PIP_TOKEN}@pypi.corp/simple/") == [
-        "gpu-01: pip_index_url = 'https://***@pypi.corp/simple/': expected ${PIP_TOKEN} to be set in the control node's environment"
+        "gpu-01: pip_index_url = 'https://***@pypi.corp/simple/': "
+        "expected ${PIP_TOKEN} to be set in the control node's environment"
     ]
     assert problems_for(pip_extra_index_urls=["https://ci:hunter2@pypi.corp/x", "ftp://y"]) == [
         "gpu-01: pip_extra_index_urls = ['https://***@pypi.corp/x', 'ftp://y']: expected an http(s):// or file:// URL"
@@ -181,7 +185,8 @@ def test_model_entries_get_defaults_and_their_cache_folder():
     ], "service_models": {"RERANKING_MODEL": "sentence-transformers/all-MiniLM-L6-v2"}})
     assert problems == []
     first, second = config.models
-    assert (first.revision, first.repo_type, first.folder) == ("main", "model", "models--sentence-transformers--all-MiniLM-L6-v2")
+    assert ((first.revision, first.repo_type, first.folder)
+            == ("main", "model", "models--sentence-transformers--all-MiniLM-L6-v2"))
     assert (second.folder, second.allow_patterns) == ("datasets--org--data", ["*.json"])
 
 
@@ -190,11 +195,12 @@ def test_model_entries_get_defaults_and_their_cache_folder():
     [
         ([{"repo_id": "../etc/passwd"}], "models[0].repo_id = '../etc/passwd': expected a HuggingFace repo id such as "
                                          "'sentence-transformers/all-MiniLM-L6-v2'"),
-        ([{"repo_id": "a/b", "revision": "main branch"}], "models[0].revision = 'main branch': expected a branch, tag or "
-                                                          "full commit sha such as 'main', 'v1.0' or 40 hex digits"),
+        ([{"repo_id": "a/b", "revision": "main branch"}], "models[0].revision = 'main branch': expected a branch, tag "
+                                                          "or full commit sha such as 'main', 'v1.0' or 40 hex digits"),
         ([{"repo_id": "a/b", "revision": "../../x"}], "models[0].revision = '../../x': expected a branch, tag or full "
                                                       "commit sha such as 'main', 'v1.0' or 40 hex digits"),
-        ([{"repo_id": "a/b", "repo_type": "space"}], "models[0].repo_type = 'space': expected one of 'model', 'dataset'"),
+        ([{"repo_id": "a/b", "repo_type": "space"}],
+         "models[0].repo_type = 'space': expected one of 'model', 'dataset'"),
         ([{"repo_id": "a/b", "revison": "v1"}], "models[0].revison = 'v1': unknown setting (did you mean 'revision'?)"),
         ([{"revision": "v1"}], "models[0].repo_id = (not set): a value is required (see the README's models table)"),
         ([{"repo_id": "a/b"}, {"repo_id": "a/b", "revision": "v2"}], "models[1].repo_id = 'a/b': each repo once "

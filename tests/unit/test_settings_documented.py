@@ -20,7 +20,8 @@ def test_defaults_cover_exactly_the_settings():
 
 
 def test_readme_table_lists_every_setting_with_its_default():
-    defaults = {k: v for k, v in runpy.run_path(str(REPO / "inventory/group_data/all.py")).items() if not k.startswith("_")}
+    defaults = {k: v for k, v in runpy.run_path(str(REPO / "inventory/group_data/all.py")).items()
+                if not k.startswith("_")}
     rows = readme_rows()
     assert set(rows) == set(HostConfig.model_fields)
     for key, value in defaults.items():

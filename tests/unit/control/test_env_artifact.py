@@ -2,11 +2,10 @@
 
 import hashlib
 import io
+import json
 import tarfile
 
 import pytest
-
-import json
 
 from tasks.config import RequirementsError, requirement_names
 from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id, repack_user_site
@@ -98,11 +97,14 @@ def test_the_same_content_repacks_to_the_same_bytes(tmp_path):
 @pytest.mark.parametrize(
     ("member", "message"),
     [
-        ((".local/../../etc/cron.d/x", b"evil"), "archive member '.local/../../etc/cron.d/x' escapes the env directory"),
+        ((".local/../../etc/cron.d/x", b"evil"),
+         "archive member '.local/../../etc/cron.d/x' escapes the env directory"),
         (("/etc/passwd", b"evil"), "archive member '/etc/passwd' escapes the env directory"),
         (("other/file", b"x"), "archive member 'other/file' is outside .local/"),
-        ((".local/bin/sh", b"", {"type": tarfile.SYMTYPE, "linkname": "/bin/sh"}), "archive member '.local/bin/sh' rejected"),
-        ((".local/lib/up", b"", {"type": tarfile.SYMTYPE, "linkname": "../../../etc"}), "archive member '.local/lib/up' rejected"),
+        ((".local/bin/sh", b"", {"type": tarfile.SYMTYPE, "linkname": "/bin/sh"}),
+         "archive member '.local/bin/sh' rejected"),
+        ((".local/lib/up", b"", {"type": tarfile.SYMTYPE, "linkname": "../../../etc"}),
+         "archive member '.local/lib/up' rejected"),
         ((".local/dev", b"", {"type": tarfile.CHRTYPE}), "archive member '.local/dev' rejected"),
     ],
 )
@@ -125,7 +127,8 @@ def test_the_artifact_says_which_python_it_is_for_and_carries_what_the_host_chec
     assert manifest.python == "python3.11"
     with tarfile.open(target) as archive:
         info = json.loads(archive.extractfile(ENV_INFO).read())
-    assert info == {"env_id": "env-1", "python": "python3.11", "imports": {"pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}}
+    assert info == {"env_id": "env-1", "python": "python3.11",
+                    "imports": {"pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}}
     check_artifact(target, manifest)  # what the build wrote passes the check before upload
 
 

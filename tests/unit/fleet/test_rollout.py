@@ -32,14 +32,17 @@ RECORDS = {  # as tasks/report.py writes them
                          "services": {"reranker": {"action": "recreate", "reason": "env id a → b"},
                                       "docs": {"action": "keep", "reason": ""}}}},
     "gpu-02": {"result": "failed", "failure": {"cause": "unreachable", "step": "",
-                                               "message": "Could not connect ([Errno None] Unable to connect to port 22)"}},
+                                               "message": "Could not connect "
+                                                          "([Errno None] Unable to connect to port 22)"}},
     "gpu-03": {"result": "failed", "failure": {"cause": "locked", "step": "",
-                                               "message": "another deploy holds this host's lock (ci@ctl pid 7 since T)"}},
+                                               "message": "another deploy holds this host's lock "
+                                                          "(ci@ctl pid 7 since T)"}},
     "gpu-04": {"result": "failed", "failure": {"cause": "step", "step": "Stack | Up and healthy: mlstack",
                                                "message": "stack mlstack: not healthy within 20s: reranker"},
                "env": {"before": "env-44d10bd977d1ee58", "after": "env-44d10bd977d1ee58", "action": "none"},
                "stack": {"project": "mlstack", "image": "mlstack-reranker:0123", "health": "unhealthy",
-                         "unhealthy": ["reranker"], "services": {"reranker": {"action": "recreate", "reason": "exited"}}}},
+                         "unhealthy": ["reranker"],
+                         "services": {"reranker": {"action": "recreate", "reason": "exited"}}}},
 }
 
 

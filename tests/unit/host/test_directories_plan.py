@@ -53,7 +53,8 @@ def test_existing_parents_are_never_touched_and_drift_is_repaired_precisely():
 
 def test_paths_are_shell_quoted():
     spec = DirectorySpec("stack_root", "/srv/my stack", 0, 0, 0o755)
-    assert directory_commands(spec, [], {"/srv/my stack": PathState(0, 0, 0o700, True)}) == ["chmod 0755 '/srv/my stack'"]
+    assert (directory_commands(spec, [], {"/srv/my stack": PathState(0, 0, 0o700, True)})
+            == ["chmod 0755 '/srv/my stack'"])
 
 
 def test_a_file_where_a_directory_belongs_is_an_error_naming_the_setting():

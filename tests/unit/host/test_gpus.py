@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.host.gpus import Gpu, GpuFactError, GpuFact, device_reservation
+from tasks.host.gpus import Gpu, GpuFact, GpuFactError, device_reservation
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -36,7 +36,8 @@ def test_two_gpu_host_keeps_names_with_spaces():
 
 def test_a_name_holding_the_separator_is_kept_whole():
     line = "3, GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4, Vendor X, Model 9, 1024, 550.54.15"
-    assert GpuFact().process([line]) == [Gpu(3, "GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4", "Vendor X, Model 9", 1024, "550.54.15")]
+    assert GpuFact().process([line]) == [Gpu(3, "GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4", "Vendor X, Model 9", 1024,
+                                             "550.54.15")]
 
 
 def test_gpus_come_sorted_by_index_and_blank_lines_are_skipped():
@@ -65,7 +66,8 @@ def test_a_malformed_line_fails_naming_the_line(line):
     with pytest.raises(GpuFactError) as error:
         GpuFact().process([good, line])
     message = str(error.value)
-    assert message.startswith(f"nvidia-smi line 2: {line!r}: expected 'index, uuid, name, memory.total (MiB), driver_version'")
+    assert message.startswith(f"nvidia-smi line 2: {line!r}: "
+                              "expected 'index, uuid, name, memory.total (MiB), driver_version'")
 
 
 def test_command_prints_nothing_and_succeeds_without_nvidia_smi(tmp_path):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.host.ml_env import MlEnvFact, MlEnvState, plan_env, unpack_command
 from tasks.control.builder import BaseImage
+from tasks.host.ml_env import MlEnvFact, MlEnvState, plan_env, unpack_command
 
 A, B, C, D = (f"env-{digit * 16}" for digit in "abcd")
 BASE = BaseImage("python:3.11-slim-bookworm", "sha256:img", "python3.11", "linux/amd64")

@@ -9,8 +9,15 @@ import pytest
 
 from tasks.config import ModelSpec
 from tasks.control.hub import ModelError, RepoEntry, Snapshot, entries_of
-from tasks.host.models import (ModelCacheFact, ModelPlan, RepoCacheState, blob_check_command, link_target, plan_model,
-                               publish_commands)
+from tasks.host.models import (
+    ModelCacheFact,
+    ModelPlan,
+    RepoCacheState,
+    blob_check_command,
+    link_target,
+    plan_model,
+    publish_commands,
+)
 
 COMMIT = "c0ffee" + "0" * 34
 README, WEIGHTS = b"# tiny\n", os.urandom(3000)
@@ -22,7 +29,8 @@ def git_sha1(data: bytes) -> str:
 
 TREE = json.dumps({"format_version": 1, "files": {
     "README.md": {"size": len(README), "blob_id": git_sha1(README)},
-    "weights/deep/part.safetensors": {"size": 133, "blob_id": "ab" * 20, "lfs_sha256": hashlib.sha256(WEIGHTS).hexdigest(),
+    "weights/deep/part.safetensors": {"size": 133, "blob_id": "ab" * 20,
+                                      "lfs_sha256": hashlib.sha256(WEIGHTS).hexdigest(),
                                       "lfs_size": len(WEIGHTS)},
 }})
 SPEC = ModelSpec(repo_id="mlstack-test/nested-tiny", revision="main")
@@ -61,7 +69,8 @@ def test_a_host_without_the_repo_gets_everything():
 
 def complete_state(**changes) -> RepoCacheState:
     base = dict(blobs={git_sha1(README): len(README), hashlib.sha256(WEIGHTS).hexdigest(): len(WEIGHTS)},
-                snapshots=frozenset({COMMIT}), refs={"main": COMMIT}, trees=frozenset({COMMIT}), hashes={}, leftovers=())
+                snapshots=frozenset({COMMIT}), refs={"main": COMMIT}, trees=frozenset({COMMIT}), hashes={},
+                leftovers=())
     return RepoCacheState(**{**base, **changes})
 
 
@@ -72,7 +81,8 @@ def test_a_complete_host_needs_nothing():
 
 def test_a_wrong_size_or_a_wrong_hash_resends_just_that_blob():
     lfs = hashlib.sha256(WEIGHTS).hexdigest()
-    assert [e.path for e in plan_model(snapshot(), complete_state(blobs={git_sha1(README): 1, lfs: len(WEIGHTS)})).send] == ["README.md"]
+    assert [e.path for e in plan_model(
+        snapshot(), complete_state(blobs={git_sha1(README): 1, lfs: len(WEIGHTS)})).send] == ["README.md"]
     corrupted = complete_state(hashes={lfs: "0" * 64, git_sha1(README): git_sha1(README)})
     assert [e.path for e in plan_model(snapshot(), corrupted).send] == ["weights/deep/part.safetensors"]
 
@@ -154,5 +164,6 @@ def test_the_fact_command_reports_a_scratch_cache_and_finds_a_corrupted_blob(tmp
     repo_state = state.repos[SPEC.folder]
     assert list(state.repos) == [SPEC.folder] and state.free_bytes > 0
     assert repo_state.refs == {"main": COMMIT}
-    assert repo_state.hashes == {readme_blob: readme_blob, weights_blob: hashlib.sha256(bytes(len(WEIGHTS))).hexdigest()}
+    assert repo_state.hashes == {readme_blob: readme_blob,
+                                 weights_blob: hashlib.sha256(bytes(len(WEIGHTS))).hexdigest()}
     assert [entry.path for entry in plan_model(snapshot(), repo_state).send] == ["weights/deep/part.safetensors"]

@@ -23,7 +23,8 @@ def test_each_part_is_what_its_fact_reads_alone(tmp_path):
         ProbePart("models", ModelCacheFact, {"cache_dir": str(tmp_path / "cache"), "folders": ("models--org--name",),
                                              "hashes": True}),
         ProbePart("gpus", GpuFact),
-        ProbePart("stack", StackFact, {"compose_dir": str(tmp_path / "none"), "project": "p", "repository": "mlstack-none"}),
+        ProbePart("stack", StackFact, {"compose_dir": str(tmp_path / "none"), "project": "p",
+                                       "repository": "mlstack-none"}),
     )
     probe = HostProbe()
     combined = probe.process(run(probe.command(parts=parts)))

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import validate_host
-from tasks.host.gpus import Gpu
-from tasks.host.ml_env import EnvPlan
+from tasks.config import ModelSpec, validate_host
 from tasks.control.builder import BaseImage
 from tasks.control.hub import Snapshot
-from tasks.config import ModelSpec
 from tasks.control.stack_project import StackDef
+from tasks.host.gpus import Gpu
+from tasks.host.ml_env import EnvPlan
 from tasks.host.stack import ContainerState, StackState, dotenv_line, masked_env_diff, plan_stack, render
 
 DEFAULTS = {k: v for k, v in runpy.run_path(str(Path(__file__).parents[3] / "inventory/group_data/all.py")).items()
@@ -39,7 +38,8 @@ def test_archon_services_get_the_env_the_model_and_gpus_only_where_they_mount_th
     assert {"type": "bind", "source": "/srv/ml $$env/envs/env-0123456789abcdef", "target": "/root/.local",
             "read_only": True} in server["volumes"]
     assert server["environment"]["PYTHONPATH"] == "/root/.local/lib/python3.11/site-packages"
-    assert (server["environment"]["RERANKING_MODEL"], server["environment"]["RERANKING_MODEL_REVISION"]) == (QWEN, COMMIT)
+    assert ((server["environment"]["RERANKING_MODEL"], server["environment"]["RERANKING_MODEL_REVISION"])
+            == (QWEN, COMMIT))
     assert server["environment"]["HF_HUB_OFFLINE"] == "1"
     assert server["labels"]["mlstack.env-id"] == "env-0123456789abcdef"
     assert server["labels"]["mlstack.models"] == f"{QWEN}@{COMMIT}"
@@ -69,11 +69,18 @@ def test_reasons_name_what_changed_for_each_service():
     config, out = rendered(stack="reranker", service_models={"RERANKING_MODEL": QWEN}, models=[{"repo_id": QWEN}])
     labels = out.labels["reranker"]
     running = {
-        "reranker": ContainerState("running", "healthy", {**labels, "mlstack.config": "old", "mlstack.env-id": "env-old"}),
+        "reranker": ContainerState("running", "healthy",
+                                   {**labels, "mlstack.config": "old", "mlstack.env-id": "env-old"}),
         "docs": ContainerState("running", "healthy", out.labels["docs"]),
     }
     state = StackState({"tag": "sha256:img"}, running, out.compose, out.digest)
     plan = plan_stack(state, out, "tag", [], StackDef.load("reranker"))
     assert plan.recreate == {"reranker": "env id env-old → env-0123456789abcdef"} and not plan.push
+    # docker reads a label a container lacks as "": the docs service (no env, no model) changed its config only.
+    as_docker_reads = {"mlstack.env-id": "", "mlstack.models": "", **out.labels["docs"], "mlstack.config": "old"}
+    docs = ContainerState("running", "healthy", as_docker_reads)
+    edited = StackState({"tag": "sha256:img"}, {**running, "docs": docs}, out.compose, out.digest)
+    assert plan_stack(edited, out, "tag", [], StackDef.load("reranker")).recreate["docs"] == "config"
     stopped = StackState({"tag": "sha256:img"}, {"docs": ContainerState("exited", "", out.labels["docs"])}, None, None)
-    assert plan_stack(stopped, out, "tag", [], StackDef.load("reranker")).recreate == {"reranker": "not running", "docs": "exited"}
+    assert (plan_stack(stopped, out, "tag", [], StackDef.load("reranker")).recreate
+            == {"reranker": "not running", "docs": "exited"})

@@ -38,7 +38,8 @@ def test_lfs_pointers_fit_what_olah_recognises():
         assert 120 < len(pointer) < 150  # olah only reads blobs of that size as LFS pointers
         assert hub.parse_lfs_pointer(pointer) == ("ab" * 32, size)
     assert hub.parse_lfs_pointer(b'{"hidden_size": 8}\n') is None
-    assert hub.is_lfs("model.safetensors", 10) and hub.is_lfs("onnx/model.onnx", 10) and hub.is_lfs("big.json", 11 << 20)
+    assert (hub.is_lfs("model.safetensors", 10) and hub.is_lfs("onnx/model.onnx", 10)
+            and hub.is_lfs("big.json", 11 << 20))
     assert not hub.is_lfs("tokenizer.json", 466_247)
 
 
@@ -64,8 +65,10 @@ def test_the_access_log_counts_every_answered_request(tmp_path):
     assert hub.access_log(tmp_path) == [] and hub.request_count(tmp_path) == 0
     hub.log_path(tmp_path).write_text(
         "2026-11-25 10:32:47 | ERROR | stderr | INFO:     Uvicorn running on http://10.213.7.1:8090\n"
-        '2026-11-25 10:32:50 | INFO | stdout | INFO:     10.213.7.1:57106 - "GET /api/models/a/b/revision/v1 HTTP/1.1" 200 OK\n'
-        '2026-11-25 10:32:51 | INFO | stdout | INFO:     10.213.7.11:5 - "HEAD /a/b/resolve/main/x%20y.json HTTP/1.1" 401 Unauthorized\n'
+        '2026-11-25 10:32:50 | INFO | stdout | INFO:     '
+        '10.213.7.1:57106 - "GET /api/models/a/b/revision/v1 HTTP/1.1" 200 OK\n'
+        '2026-11-25 10:32:51 | INFO | stdout | INFO:     '
+        '10.213.7.11:5 - "HEAD /a/b/resolve/main/x%20y.json HTTP/1.1" 401 Unauthorized\n'
     )
     assert hub.access_log(tmp_path) == [
         hub.Request("10.213.7.1:57106", "GET", "/api/models/a/b/revision/v1", 200),
