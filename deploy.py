@@ -28,3 +28,4 @@ if hold_deploy_lock():  # one deploy at a time per host, held until this run dis
     snapshots = models.converge(config, env, model_cache)
     stack.converge(config, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
     ml_env.cleanup(config, env)  # last: only once nothing uses the envs it removes
+    report[host.name].planned = True

@@ -5,7 +5,9 @@ The deploy fills each record as it plans (env before/after, models and commits, 
 they change) and as it runs (health, the failure's cause: unreachable, locked or the step that
 failed). The file is written once, whole, when the pyinfra process ends.
 
-    {"version": 1, "hosts": {"gpu-01": {"result": "ok", "env": {...}, ...}, ...}}
+    {"version": 1, "executed": true, "hosts": {"gpu-01": {"result": "ok", "env": {...}, ...}, ...}}
+
+`executed` is false when the run stopped after planning: a dry run, or a run that an error stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pyinfra.api.state import BaseStateCallback
+
+from tasks.control.caches import atomic_write
 
 REPORT_FILE = "MLSTACK_REPORT"  # the environment variable naming the file
 VERSION = 1
@@ -71,7 +75,7 @@ class GpuOutcome:
 
 @dataclass
 class HostRecord:
-    result: str = "not run"  # "ok", "failed", "not run" (outside --limit or stopped before planning)
+    result: str = "not run"  # "ok" (planned, and executed without failure if the run executed), "failed", "not run"
     failure: Failure | None = None
     changes: list[str] = field(default_factory=list)  # concerns with planned changes: drift, in a dry run
     env: EnvOutcome | None = None
@@ -79,6 +83,7 @@ class HostRecord:
     stack: StackOutcome | None = None
     gpus: list[GpuOutcome] = field(default_factory=list)
     gate: dict | None = None  # the GPU gate's checks and results, once a GPU gate runs
+    planned: bool = False  # the deploy planned every step for this host
     pending: str = field(default="", repr=False)  # the message of a failure not yet tied to its step
 
     def changed(self, concern: str) -> None:
@@ -122,6 +127,8 @@ class Report:
         state.init = init_then_follow
 
     def write(self, path: Path, state) -> None:
+        from pyinfra.api.state import StateStage  # noqa: PLC0415
+
         for host in state.inventory:
             if not state.is_host_in_limit(host):
                 continue
@@ -129,12 +136,13 @@ class Report:
             connected = host in state.activated_hosts  # `host.connected` is False again once the run disconnects
             if record.failure is None and not connected:
                 record.fail("unreachable", "pyinfra could not connect")
+            elif record.failure is None and not record.planned:
+                record.fail("step", "the run stopped before this host was planned (see the log)")
             record.result = "failed" if record.failure else "ok" if connected else "not run"
         hosts = {name: {key: value for key, value in asdict(record).items() if key != "pending"}
                  for name, record in sorted(self.records.items())}
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        temporary.write_text(json.dumps({"version": VERSION, "hosts": hosts}, indent=2))
-        temporary.replace(path)
+        executed = state.current_stage >= StateStage.Execute
+        atomic_write(path, json.dumps({"version": VERSION, "executed": executed, "hosts": hosts}, indent=2))
 
 
 report = Report()
@@ -154,12 +162,10 @@ class _Callbacks(BaseStateCallback):
         record.fail("step", record.pending or f"{step} failed (its output is in the log)", step)
 
 
-def read_report(path: Path) -> dict[str, dict]:
-    """host -> its record, as the fleet tools read it back; {} when the run wrote none (it crashed)."""
+def read_report(path: Path) -> dict:
+    """The report as the fleet tools read it back; {} when the run wrote none (it crashed)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if data.get("version") != VERSION:
-        return {}
-    return data["hosts"]
+    return data if data.get("version") == VERSION else {}

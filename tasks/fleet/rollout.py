@@ -66,9 +66,10 @@ def stack_text(record: dict) -> str:
 
 
 def failed_hosts(run: DeployRun, batch: list[str]) -> list[str]:
-    """Hosts of BATCH that failed, by the report; all of them when the run wrote none (it crashed)."""
-    if not run.report:
-        return list(batch) if run.returncode else []
+    """Hosts of BATCH that failed, by the report; all of them when the run wrote none (it crashed) or
+    stopped before executing (an error while planning)."""
+    if not run.report or not run.executed:
+        return list(batch)
     return sorted(name for name in batch if run.report.get(name, {}).get("result") != "ok")
 
 

@@ -28,6 +28,7 @@ class DeployRun:
     seconds: float
     payload: dict = field(default_factory=dict)
     report: dict[str, dict] = field(default_factory=dict)  # host -> its record (tasks/report.py)
+    executed: bool = False  # the run got past planning (not a dry run, not stopped by an error)
 
     @property
     def operations(self) -> list[dict]:
@@ -59,7 +60,8 @@ def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict 
         report_file = Path(folder) / "report.json"
         run = _run_pyinfra([PYINFRA, "--config", str(REPORT_HOOK), inventory, "deploy.py", *args, "--json"],
                            {**os.environ, **(env or {}), REPORT_FILE: str(report_file)}, echo)
-        run.report = read_report(report_file)
+        written = read_report(report_file)
+        run.report, run.executed = written.get("hosts", {}), written.get("executed", False)
     return run
 
 

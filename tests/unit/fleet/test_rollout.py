@@ -57,8 +57,10 @@ def test_each_row_of_the_table_comes_from_the_report():
     assert rows["gpu-04"].stack == "mlstack: reranker (exited); unhealthy: reranker"
 
 
-def test_failed_hosts_are_read_from_the_report_and_a_run_without_one_fails_its_whole_batch():
+def test_failed_hosts_are_read_from_the_report_and_a_run_that_did_not_execute_fails_its_whole_batch():
     batch = ["gpu-01", "gpu-02", "gpu-03", "gpu-04"]
-    assert failed_hosts(DeployRun(1, "", 0.0, report=RECORDS), batch) == ["gpu-02", "gpu-03", "gpu-04"]
+    assert failed_hosts(DeployRun(1, "", 0.0, report=RECORDS, executed=True), batch) == ["gpu-02", "gpu-03", "gpu-04"]
     assert failed_hosts(DeployRun(1, "[gpu-01] ... crashed", 0.0), batch) == batch
-    assert failed_hosts(DeployRun(0, "", 0.0, report={"gpu-01": RECORDS["gpu-01"]}), ["gpu-01"]) == []
+    assert failed_hosts(DeployRun(0, "", 0.0, report={"gpu-01": RECORDS["gpu-01"]}, executed=True), ["gpu-01"]) == []
+    # Planned but stopped before executing (an error while planning another host): nothing was deployed.
+    assert failed_hosts(DeployRun(1, "", 0.0, report={"gpu-01": RECORDS["gpu-01"]}), ["gpu-01"]) == ["gpu-01"]
