@@ -50,18 +50,19 @@ class HostOutcome:
 
 
 def stack_text(record: dict) -> str:
+    """The stack column: what changed and the health gate, then why the host failed if it did."""
     failure, stack = record.get("failure"), record.get("stack")
     if failure and failure["cause"] in ("unreachable", "locked"):
         return f"{failure['cause']}: {failure['message']}"
-    if not stack:
-        return f"failed at {failure['step']}: {failure['message']}" if failure else ""
-    changed = [f"{name} ({service['reason']})" for name, service in stack["services"].items()
-               if service["action"] != "keep"]
-    text = f"{stack['project']}: " + (", ".join(changed) if changed else "no change")
-    if stack["health"] == "unhealthy":
-        text += "; unhealthy: " + (", ".join(stack["unhealthy"]) or "see the log")
-    elif failure:
-        text += f"; failed at {failure['step']}"
+    text = ""
+    if stack:
+        changed = [f"{name} ({service['reason']})" for name, service in stack["services"].items()
+                   if service["action"] != "keep"]
+        text = f"{stack['project']}: " + (", ".join(changed) if changed else "no change")
+        if stack["health"] == "unhealthy":
+            return text + "; unhealthy: " + (", ".join(stack["unhealthy"]) or "see the log")
+    if failure:
+        text += ("; " if text else "") + f"failed at {failure['step']}: {failure['message']}"
     return text
 
 

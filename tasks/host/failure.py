@@ -3,8 +3,9 @@
 - Input the operator controls (inventory data, settings, what the endpoint says about a configured
   model) is checked before any host changes; a problem there raises (`ConfigError`, `ModelError`)
   and stops the whole run, since every host would fail alike.
-- A problem of one host found while planning: raise `HostProblem` inside a `@step`. That host
-  fails with the message (its remaining operations are skipped); the other hosts go on.
+- A problem of one host found while planning: raise `HostProblem` inside a `@step` (or call
+  `fail_host`). That host fails with the message before any of its operations runs, so nothing
+  on it changes; the other hosts go on.
 - A problem of one host found while executing (inside a function command or an upload):
   `return failed(host, message)`.
 
@@ -16,7 +17,8 @@ from __future__ import annotations
 import functools
 
 from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, deploy, operation
+from pyinfra.api import deploy
+from pyinfra.context import ctx_host, ctx_state
 
 from tasks.report import report
 
@@ -32,16 +34,13 @@ def failed(host, message: str) -> bool:
     return False
 
 
-def fail_host(name: str, message: str) -> None:
-    """Fail this host with MESSAGE: recorded now, at plan time (a dry run reports it too); the operation
-    NAME fails at execution, so the host's later operations are skipped."""
-    report[host.name].fail("step", message, name)
-    _fail(name=name, message=message)
-
-
-@operation(is_idempotent=False)
-def _fail(message: str):
-    yield FunctionCommand(lambda state, host: failed(host, message), (), {})
+def fail_host(step: str, message: str) -> None:
+    """Fail this host while planning: none of its operations will run (pyinfra's failed hosts are left
+    out of the execution), a dry run reports it too. If it was the last host left, pyinfra stops the
+    run ("No hosts remaining!") after each host's message was logged."""
+    host.log_styled(f"{host.name}: {message}", fg="red", log_func=logger.error)
+    report[host.name].fail("step", message, step)
+    ctx_state.get().fail_hosts({ctx_host.get()})
 
 
 def step(name: str):
@@ -54,9 +53,8 @@ def step(name: str):
             try:
                 return function(*args, **kwargs)
             except HostProblem as problem:
-                message = f"{host.name}: {problem}"
                 host.log(f"{name}: {problem}")
-                fail_host(f"{name} check", message)
+                fail_host(name, str(problem))
                 return None
 
         return deploy(name)(run)

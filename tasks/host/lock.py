@@ -64,5 +64,5 @@ def hold_deploy_lock() -> bool:
            if answer.startswith(HELD) else f"cannot take the deploy lock {LOCK_FILE}: {answer or 'no answer'}")
     host.log(f"Deploy lock: {why}")
     report[host.name].fail("locked", why)
-    fail_host(name="Deploy lock", message=f"{host.name}: {why}")
+    fail_host("Deploy lock", why)
     return False

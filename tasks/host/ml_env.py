@@ -244,7 +244,7 @@ def converge(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
         if failure:
             host.log(f"ML env: the active env {plan.wanted} fails its import check: {failure}")
             record.changed("ML env")
-            fail_host(name=f"Import check of the active env {plan.wanted}", message=f"{host.name}: {failure}")
+            fail_host("ML env", f"the active env {plan.wanted} fails its import check: {failure}")
     if plan.upload:
         install_env(
             name=f"Upload and unpack {source.env}",

@@ -43,6 +43,8 @@ RECORDS = {  # as tasks/report.py writes them
                "stack": {"project": "mlstack", "image": "mlstack-reranker:0123", "health": "unhealthy",
                          "unhealthy": ["reranker"],
                          "services": {"reranker": {"action": "recreate", "reason": "exited"}}}},
+    "gpu-05": {"result": "failed", "failure": {"cause": "step", "step": "ML env",
+                                               "message": "the runtime base image 'python:3.11' is not on this host"}},
 }
 
 
@@ -55,11 +57,13 @@ def test_each_row_of_the_table_comes_from_the_report():
     assert rows["gpu-03"].stack.startswith("locked: another deploy holds this host's lock (ci@ctl pid 7")
     assert rows["gpu-04"].env == "env-44d10bd977d1ee58" and rows["gpu-04"].result == "FAILED"
     assert rows["gpu-04"].stack == "mlstack: reranker (exited); unhealthy: reranker"
+    assert rows["gpu-05"].stack == "failed at ML env: the runtime base image 'python:3.11' is not on this host"
 
 
 def test_failed_hosts_are_read_from_the_report_and_a_run_that_did_not_execute_fails_its_whole_batch():
     batch = ["gpu-01", "gpu-02", "gpu-03", "gpu-04"]
-    assert failed_hosts(DeployRun(1, "", 0.0, report=RECORDS, executed=True), batch) == ["gpu-02", "gpu-03", "gpu-04"]
+    run = DeployRun(1, "", 0.0, report=RECORDS, executed=True)
+    assert failed_hosts(run, batch) == ["gpu-02", "gpu-03", "gpu-04"]
     assert failed_hosts(DeployRun(1, "[gpu-01] ... crashed", 0.0), batch) == batch
     assert failed_hosts(DeployRun(0, "", 0.0, report={"gpu-01": RECORDS["gpu-01"]}, executed=True), ["gpu-01"]) == []
     # Planned but stopped before executing (an error while planning another host): nothing was deployed.
