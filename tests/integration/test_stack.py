@@ -219,7 +219,7 @@ def test_a_canary_failing_health_stops_the_rollout_and_what_its_service_prints_c
 
 def test_the_archon_stack_renders_and_passes_compose_config_on_a_host(fleet):
     """Archon cannot start here (it needs Supabase and its own source); its project must still be valid compose."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "host"))
     from test_stack_render import GPUS, rendered  # noqa: PLC0415 (the unit tests' fixture of a full render)
 
     _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml env: #1")
