@@ -1,17 +1,24 @@
 #!/bin/sh
 # The ML env dir: room left for it, the host's arch and runtime base image, the active env, our entries.
+# Names holding a newline are skipped (the parser takes only the names this deploy writes), so no
+# name or link target can pose as a record.
 # usage: ml_env_probe.sh ENV_DIR BASE_IMAGE
 set -eu
 env_dir=$1
 image=$2
+nl='
+'
 place=$env_dir
 while [ ! -e "$place" ]; do place=$(dirname "$place"); done
-echo "free $(df -Pk "$place" | awk 'NR==2 {print $4}')"
+echo "free $(df -Pk -- "$place" | awk 'NR==2 {print $4}')"
 echo "arch $(uname -m)"
-echo "image $(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)"
+echo "image $(docker image inspect -f '{{.Id}}' -- "$image" 2>/dev/null || true)"
 cd "$env_dir" 2>/dev/null || exit 0
-echo "active $(readlink active || true)"
+active=$(readlink active || true)
+case $active in *"$nl"*) active="" ;; esac
+echo "active $active"
 for entry in envs/* incoming/*; do
-    [ -e "$entry" ] && echo "entry $(stat -c %Y "$entry") $entry"
+    case $entry in *"$nl"*) continue ;; esac
+    if [ -e "$entry" ]; then echo "entry $(stat -c %Y -- "$entry") $entry"; fi
 done
 exit 0

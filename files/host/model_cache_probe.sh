@@ -1,28 +1,42 @@
 #!/bin/sh
 # The HF cache's repo folders this deploy manages: blobs (size, name), snapshots, trees, refs, the room left.
 # With HASHES=1 every blob is hashed as its name says: sha256 (64 hex) or git's blob sha1 (40 hex).
+# The folders may belong to a non-root user: only regular files are read (a FIFO or device planted
+# as a blob cannot hang the probe, a symlink cannot redirect a read), names holding a newline are
+# skipped and a ref is printed only when it holds a commit (40 bytes of hex), so no content can
+# forge a record.
 # usage: model_cache_probe.sh CACHE_DIR HASHES FOLDER...
 set -eu
 cache_dir=$1
 hashes=$2
 shift 2
+nl='
+'
 place=$cache_dir
 while [ ! -e "$place" ]; do place=$(dirname "$place"); done
-echo "free $(df -Pk "$place" | awk 'NR==2 {print $4}')"
+echo "free $(df -Pk -- "$place" | awk 'NR==2 {print $4}')"
 cd "$cache_dir/hub" 2>/dev/null || exit 0
 for folder in "$@"; do
-    [ -d "$folder" ] || continue
+    if [ ! -d "$folder" ] || [ -L "$folder" ]; then continue; fi
     echo "repo $folder"
-    find "$folder/blobs" -mindepth 1 -maxdepth 1 -printf 'blob %s %f\n' 2>/dev/null || true
-    find "$folder/snapshots" -mindepth 1 -maxdepth 1 -printf 'snapshot %f\n' 2>/dev/null || true
-    find "$folder/trees" -mindepth 1 -maxdepth 1 -printf 'tree %f\n' 2>/dev/null || true
-    find "$folder/refs" -type f -printf 'ref %P ' -exec head -c 64 {} \; -printf '\n' 2>/dev/null || true
+    find "$folder/blobs/" -mindepth 1 -maxdepth 1 -type f ! -name "*$nl*" -printf 'blob %s %f\n' 2>/dev/null || true
+    find "$folder/snapshots/" -mindepth 1 -maxdepth 1 -type d ! -name "*$nl*" -printf 'snapshot %f\n' 2>/dev/null || true
+    find "$folder/trees/" -mindepth 1 -maxdepth 1 -type f ! -name "*$nl*" -printf 'tree %f\n' 2>/dev/null || true
+    find "$folder/refs/" -type f -size 40c ! -path "*$nl*" -printf '%P\n' 2>/dev/null | while read -r ref; do
+        commit=$(head -c 40 -- "$folder/refs/$ref" 2>/dev/null || true)
+        case $commit in
+            *[!0-9a-f]* | "") ;;
+            *) [ ${#commit} -eq 40 ] && echo "ref $ref $commit" ;;
+        esac
+    done
     [ "$hashes" = 1 ] || continue
     for blob in "$folder"/blobs/*; do
+        if [ ! -f "$blob" ] || [ -L "$blob" ]; then continue; fi
         name=${blob##*/}
+        case $name in *"$nl"*) continue ;; esac
         case ${#name} in
             64) echo "hash $name $(sha256sum < "$blob" | cut -c1-64)" ;;
-            40) echo "hash $name $( { printf 'blob %s\000' "$(stat -c %s "$blob")"; cat "$blob"; } | sha1sum | cut -c1-40)" ;;
+            40) echo "hash $name $( { printf 'blob %s\000' "$(stat -c %s -- "$blob")"; cat -- "$blob"; } | sha1sum | cut -c1-40)" ;;
         esac
     done
 done

@@ -72,21 +72,69 @@ def tree_json(files: list[RepoFile]) -> str:
     return json.dumps({"format_version": TREE_FORMAT_VERSION, "files": listing}, indent=2, sort_keys=True)
 
 
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")  # controls, bidi overrides
+MAX_PATH = 1024
+
+
+def listed_file_problem(path: object, info: object) -> str | None:
+    """Why one file of an endpoint's tree listing must not be used, or None. Every file is checked (not
+    only those the patterns select): a listing with any bad entry is not cached."""
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH or UNPRINTABLE.search(path):
+        return "a file name with control characters, or empty, or too long"
+    parts = PurePosixPath(path).parts
+    if PurePosixPath(path).is_absolute() or ".." in parts or "\\" in path or "//" in path:
+        return "a file that would land outside the repo folder"
+    if not isinstance(info, dict):
+        return "an entry that is not a mapping"
+    for key in ("size", "lfs_size") if "lfs_size" in info else ("size",):
+        if not _count(info.get(key)):
+            return f"a size that is not a byte count: {info.get(key)!r}"
+    if not isinstance(info.get("blob_id"), str) or not re.fullmatch(r"[0-9a-f]{40}", info["blob_id"]):
+        return f"a malformed blob id {info.get('blob_id')!r}"
+    if "lfs_sha256" in info and not (isinstance(info["lfs_sha256"], str)
+                                     and re.fullmatch(r"[0-9a-f]{64}", info["lfs_sha256"])):
+        return f"a malformed sha256 {info['lfs_sha256']!r}"
+    return None
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**50
+
+
+def checked_listing(tree: str, spec: ModelSpec) -> dict[str, dict]:
+    """The files of a tree listing (path -> info), every entry checked; ModelError names the first bad one."""
+    try:
+        files = json.loads(tree)["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelError(f"{spec}: the endpoint's tree listing is not a listing of files") from None
+    if not isinstance(files, dict):
+        raise ModelError(f"{spec}: the endpoint's tree listing is not a listing of files")
+    for path, info in files.items():
+        problem = listed_file_problem(path, info)
+        if problem:
+            raise ModelError(f"{spec}: the endpoint lists {path!r} with {problem}; refusing this revision "
+                             "(nothing was cached or sent)")
+    return files
+
+
 def entries_of(tree: str, spec: ModelSpec) -> tuple[RepoEntry, ...]:
-    """The files SPEC's patterns select from a tree listing; paths that could escape the repo are refused."""
-    files = json.loads(tree)["files"]
+    """The files SPEC's patterns select from a checked tree listing."""
+    files = checked_listing(tree, spec)
     entries = []
     for path in filter_repo_objects(sorted(files), allow_patterns=spec.allow_patterns,
                                     ignore_patterns=spec.ignore_patterns):
-        parts = PurePosixPath(path).parts
-        if not parts or PurePosixPath(path).is_absolute() or ".." in parts or "\\" in path or "\n" in path:
-            raise ModelError(f"{spec}: the endpoint lists a file {path!r} that would land outside the repo folder")
         info = files[path]
         blob = info.get("lfs_sha256") or info["blob_id"]
-        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", blob):
-            raise ModelError(f"{spec}: the endpoint lists {path!r} with a malformed hash {blob!r}")
-        entries.append(RepoEntry(path, blob, int(info.get("lfs_size") or info["size"])))
+        entries.append(RepoEntry(path, blob, info["lfs_size"] if "lfs_size" in info else info["size"]))
     return tuple(entries)
+
+
+def checked_commit(answer: object, spec: ModelSpec) -> str:
+    """The commit the endpoint resolved SPEC's revision to, if it is one (40 hex digits)."""
+    if not isinstance(answer, str) or not COMMIT.fullmatch(answer):
+        raise ModelError(f"{spec}: the endpoint resolved revision {spec.revision!r} to {answer!r}, which is not a "
+                         "commit (40 hex digits); refusing it (nothing was cached or sent)")
+    return answer
 
 
 def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapshot:
@@ -98,12 +146,19 @@ def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapsho
         from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415
 
         api = HfApi(endpoint=endpoint)
-        if commit is None:
-            commit = api.repo_info(spec.repo_id, revision=spec.revision, repo_type=spec.repo_type).sha
-        if not (trees / f"{commit}.json").exists():
-            files = [item for item in api.list_repo_tree(spec.repo_id, revision=commit, repo_type=spec.repo_type,
-                                                         recursive=True) if isinstance(item, RepoFile)]
-            atomic_write(trees / f"{commit}.json", tree_json(files))
+        try:
+            if commit is None:
+                info = api.repo_info(spec.repo_id, revision=spec.revision, repo_type=spec.repo_type)
+                commit = checked_commit(info.sha, spec)
+            if not (trees / f"{commit}.json").exists():
+                files = [item for item in api.list_repo_tree(spec.repo_id, revision=commit, repo_type=spec.repo_type,
+                                                             recursive=True) if isinstance(item, RepoFile)]
+                tree = tree_json(files)
+                checked_listing(tree, spec)  # before it is cached: a bad listing is never planned from again
+                atomic_write(trees / f"{commit}.json", tree)
+        except (KeyError, TypeError, AttributeError) as error:  # huggingface_hub parsing an answer of the wrong shape
+            raise ModelError(f"{spec}: the endpoint's answer is malformed ({type(error).__name__}: {error!r}); "
+                             "refusing it (nothing was cached or sent)") from None
     tree = (trees / f"{commit}.json").read_text()
     return Snapshot(spec, commit, entries_of(tree, spec), tree)
 

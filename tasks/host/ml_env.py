@@ -67,22 +67,25 @@ class MlEnvFact(FactBase):
         for line in output:
             key, _, value = line.partition(" ")
             if key != "entry":
-                fields[key] = value.strip()
+                fields.setdefault(key, value.strip())  # the first: the probe prints each field once
                 continue
             mtime, _, name = value.partition(" ")
             match = ENV_NAME.match(name)
-            if match and match.group(2) and not match.group(3):
+            if not match or not mtime.isdigit():
+                continue  # not a name this deploy writes: not ours to judge or remove
+            if match.group(2) and not match.group(3):
                 envs[match.group(2)] = int(mtime)
-            elif match:
+            else:
                 leftovers.append(name)
         active = ENV_NAME.match(fields.get("active", ""))
+        image = fields.get("image", "")
         return MlEnvState(
             active=active.group(2) if active and not active.group(3) else None,
             envs=envs,
             leftovers=tuple(sorted(leftovers)),
-            free_bytes=int(fields.get("free") or 0) * 1024,
+            free_bytes=int(fields["free"]) * 1024 if fields.get("free", "").isdigit() else 0,
             arch=fields.get("arch", ""),
-            image_id=fields.get("image") or None,
+            image_id=image if re.fullmatch(r"sha256:[0-9a-f]{64}", image) else None,
         )
 
 

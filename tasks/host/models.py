@@ -38,7 +38,13 @@ from tasks.host.programs import program
 from tasks.host.transfer import RoomCheckedUpload, UploadProgress, room_problem
 from tasks.report import ModelOutcome, report
 
-BLOB_NAME = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # git sha1 (regular files) or sha256 (LFS files)
+BLOB_NAME = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # git sha1 (regular files) or sha256 (LFS files)
+SHA = re.compile(r"[0-9a-f]{40}")
+REF_NAME = re.compile(r"[\w.-]+(?:/[\w.-]+)*")  # a revision as `models[].revision` accepts it
+# Names the host reports are taken only when they are names this deploy writes; anything else in the
+# folder is not ours to judge, use or remove (a planted `blobs/../../etc` is never a "leftover").
+LEFTOVER = {"blob": re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?\.incoming"),
+            "snapshot": re.compile(r"[0-9a-f]{40}\.tmp")}
 
 
 @dataclass(frozen=True)
@@ -65,46 +71,55 @@ class ModelCacheFact(FactBase):
     """
 
     def command(self, cache_dir: str, folders: tuple[str, ...], hashes: bool = False) -> str:
+        self.folders = set(folders)
         return program("model_cache_probe.sh", cache_dir, int(hashes), *folders)
 
     def process(self, output: list[str]) -> ModelCacheState:
-        free, repos, current = 0, {}, None
+        free, repos, current = None, {}, None
         for line in output:
             kind, _, rest = line.partition(" ")
-            if kind == "free":
-                free = int(rest or 0) * 1024
+            if kind == "free" and free is None:
+                free = int(rest) * 1024 if rest.isdigit() else 0
             elif kind == "repo":
-                current = repos[rest] = {"blobs": {}, "snapshots": set(), "refs": {}, "trees": set(), "hashes": {},
-                                         "leftovers": []}
-            elif current is None:
-                continue
-            elif kind == "blob":
-                size, _, name = rest.partition(" ")
-                if BLOB_NAME.match(name):
-                    current["blobs"][name] = int(size)
-                else:
-                    current["leftovers"].append(f"blobs/{name}")
-            elif kind == "snapshot":
-                if re.fullmatch(r"[0-9a-f]{40}", rest):
-                    current["snapshots"].add(rest)
-                else:
-                    current["leftovers"].append(f"snapshots/{rest}")
-            elif kind == "tree" and re.fullmatch(r"[0-9a-f]{40}\.json", rest):
-                current["trees"].add(rest.removesuffix(".json"))
-            elif kind == "ref":
-                name, _, sha = rest.partition(" ")
-                current["refs"][name] = sha.strip()
-            elif kind == "hash":
-                name, _, computed = rest.partition(" ")
-                current["hashes"][name] = computed
+                current = None
+                if rest in getattr(self, "folders", {rest}) and rest not in repos:
+                    current = repos[rest] = {"blobs": {}, "snapshots": set(), "refs": {}, "trees": set(),
+                                             "hashes": {}, "leftovers": []}
+            elif current is not None:
+                _read_record(current, kind, rest)
         return ModelCacheState(
             repos={
                 folder: RepoCacheState(state["blobs"], frozenset(state["snapshots"]), state["refs"],
                                        frozenset(state["trees"]), state["hashes"], tuple(sorted(state["leftovers"])))
                 for folder, state in repos.items()
             },
-            free_bytes=free,
+            free_bytes=free or 0,
         )
+
+
+def _read_record(repo: dict, kind: str, rest: str) -> None:
+    """One line of a repo folder's records into REPO; a line of any other shape is ignored."""
+    if kind == "blob":
+        size, _, name = rest.partition(" ")
+        if BLOB_NAME.fullmatch(name) and size.isdigit():
+            repo["blobs"][name] = int(size)
+        elif LEFTOVER["blob"].fullmatch(name):
+            repo["leftovers"].append(f"blobs/{name}")
+    elif kind == "snapshot":
+        if SHA.fullmatch(rest):
+            repo["snapshots"].add(rest)
+        elif LEFTOVER["snapshot"].fullmatch(rest):
+            repo["leftovers"].append(f"snapshots/{rest}")
+    elif kind == "tree" and re.fullmatch(r"[0-9a-f]{40}\.json", rest):
+        repo["trees"].add(rest.removesuffix(".json"))
+    elif kind == "ref":
+        name, _, sha = rest.partition(" ")
+        if REF_NAME.fullmatch(name) and ".." not in name and SHA.fullmatch(sha):
+            repo["refs"][name] = sha
+    elif kind == "hash":
+        name, _, computed = rest.partition(" ")
+        if BLOB_NAME.fullmatch(name) and BLOB_NAME.fullmatch(computed):
+            repo["hashes"][name] = computed
 
 
 def probe_part(config: HostConfig) -> ProbePart:

@@ -15,15 +15,23 @@ def state(active=None, envs=None, leftovers=()):
 
 def test_the_fact_reports_only_names_this_deploy_writes():
     output = [
-        "free 1048576", "arch x86_64", "image sha256:abc",
+        "free 1048576", "arch x86_64", f"image sha256:{'ab' * 32}",
         f"active envs/{B}",
         f"entry 100 envs/{A}", f"entry 200 envs/{B}", f"entry 300 envs/{C}.tmp",
         f"entry 400 incoming/{D}.tar.gz", "entry 500 envs/notes.txt", "entry 600 envs/env-XYZ",
     ]
     assert MlEnvFact().process(output) == MlEnvState(
         active=B, envs={A: 100, B: 200}, leftovers=(f"envs/{C}.tmp", f"incoming/{D}.tar.gz"),
-        free_bytes=1024**3, arch="x86_64", image_id="sha256:abc",
+        free_bytes=1024**3, arch="x86_64", image_id=f"sha256:{'ab' * 32}",
     )
+
+
+def test_lines_a_planted_name_could_add_change_nothing():
+    output = ["free 1048576", "arch x86_64", "image sha256:abc", f"active envs/{B}", f"entry 100 envs/{B}",
+              "free 999999999", f"active envs/{A}", f"entry x envs/{A}", "entry 1 envs/../../etc"]
+    state = MlEnvFact().process(output)
+    assert (state.free_bytes, state.active, state.envs, state.leftovers, state.image_id) == (
+        1024**3, B, {B: 100}, (), None)
 
 
 def test_a_host_with_nothing_reports_no_env_and_no_image():

@@ -1,17 +1,35 @@
-"""One probe for several facts: run with /bin/sh, each part equals its fact run alone."""
+"""One probe for several facts: run with /bin/sh, each part equals its fact run alone, and a part that
+fails gives its failure without hiding the others' values."""
 
 import subprocess
 from dataclasses import replace
 
+from pyinfra.api import FactBase
+
 from tasks.host.directories import DirectoriesFact
 from tasks.host.gpus import GpuFact
 from tasks.host.models import ModelCacheFact
-from tasks.host.probe import HostProbe, ProbePart
-from tasks.host.stack import StackFact
+from tasks.host.probe import HostProbe, PartFailure, ProbePart
 
 
 def run(command: str) -> list[str]:
     return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=60).stdout.splitlines()
+
+
+class ExitsThree(FactBase):
+    def command(self) -> str:
+        return "echo partial; exit 3"
+
+    def process(self, output):
+        return output
+
+
+class Unreadable(FactBase):
+    def command(self) -> str:
+        return "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver'"
+
+    def process(self, output):
+        return int(output[0])
 
 
 def test_each_part_is_what_its_fact_reads_alone(tmp_path):
@@ -23,8 +41,6 @@ def test_each_part_is_what_its_fact_reads_alone(tmp_path):
         ProbePart("models", ModelCacheFact, {"cache_dir": str(tmp_path / "cache"), "folders": ("models--org--name",),
                                              "hashes": True}),
         ProbePart("gpus", GpuFact),
-        ProbePart("stack", StackFact, {"compose_dir": str(tmp_path / "none"), "project": "p",
-                                       "repository": "mlstack-none"}),
     )
     probe = HostProbe()
     combined = probe.process(run(probe.command(parts=parts)))
@@ -35,4 +51,15 @@ def test_each_part_is_what_its_fact_reads_alone(tmp_path):
     assert {name: value for name, value in combined.items() if name != "models"} == alone
     assert set(combined["paths"]) == {str(tmp_path / "srv")}
     assert combined["models"].repos["models--org--name"].blobs == {"a" * 40: 1}
-    assert combined["stack"].containers == {} and combined["stack"].compose is None  # nothing printed: still a state
+
+
+def test_a_failing_part_gives_its_failure_and_the_others_their_values(tmp_path):
+    parts = (ProbePart("exits", ExitsThree), ProbePart("paths", DirectoriesFact, {"paths": (str(tmp_path),)}),
+             ProbePart("unreadable", Unreadable))
+    probe = HostProbe()
+    values = probe.process(run(probe.command(parts=parts)))
+    assert values["exits"] == PartFailure("its program exited with status 3")
+    assert values["unreadable"] == PartFailure(
+        "invalid literal for int() with base 10: "
+        "'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver'")
+    assert list(values["paths"]) == [str(tmp_path)]

@@ -1,0 +1,125 @@
+"""Hostile answers and hostile hosts (issue 12, the classes closed so far): a rigged HF endpoint, a
+model cache whose files try to pose as the probe's records, a FIFO where a blob belongs, and a
+broken `nvidia-smi` on one host. Each case is judged by host state."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+CACHE = "/srv/mlstack/hf-cache/hub/models--sentence-transformers--all-MiniLM-L6-v2"
+GOOD_COMMIT = "0123456789abcdef" * 2 + "01234567"
+GOOD_FILE = {"type": "file", "path": "config.json", "size": 2, "oid": "ab" * 20}
+# repo -> (what /revision/main answers as the commit, the tree listing)
+RIGGED = {
+    "rig/bad-commit": ("$(touch /srv/pwned)" + "0" * 21, [GOOD_FILE]),
+    "rig/control-chars": (GOOD_COMMIT, [GOOD_FILE, {**GOOD_FILE, "path": "evil\x1b]0;pwned\x07.txt"}]),
+    "rig/bad-size": (GOOD_COMMIT, [GOOD_FILE, {**GOOD_FILE, "path": "weights.bin", "size": "many"}]),
+}
+REFUSED = {
+    "rig/bad-commit": "which is not a commit (40 hex digits); refusing it",
+    "rig/control-chars": "with a file name with control characters, or empty, or too long; refusing this revision",
+    "rig/bad-size": "with a size that is not a byte count: 'many'; refusing this revision",
+}
+
+
+class RiggedEndpoint(BaseHTTPRequestHandler):
+    def do_GET(self):
+        match = re.fullmatch(r"/api/models/(rig/[\w-]+)/(revision/main|tree/[0-9a-f]{40})(\?.*)?", self.path)
+        if not match or match[1] not in RIGGED:
+            self.send_error(404)
+            return
+        commit, tree = RIGGED[match[1]]
+        body = {"id": match[1], "sha": commit} if match[2] == "revision/main" else tree
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def rigged():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RiggedEndpoint)  # asked by the control node only
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_hosts(fleet):
+    fleet.wipe()
+    yield
+    fleet.wipe("/srv/pwned")
+
+
+@pytest.mark.parametrize("repo", sorted(RIGGED))
+def test_an_endpoint_answer_of_the_wrong_shape_is_refused_before_anything_is_cached_or_changed(
+        fleet, rigged, repo, tmp_path):
+    run = fleet.deploy("--data", f"hf_endpoint={rigged}", "--data", f"hf_control_cache_dir={tmp_path}",
+                       "--data", json_data("models", [{"repo_id": repo, "revision": "main"}]),
+                       "--data", json_data("service_models", {"RERANKING_MODEL": repo}))
+    assert run.returncode != 0
+    assert REFUSED[repo] in run.output, run.output[-3000:]
+    assert "Traceback" not in run.output and "\x1b]0;pwned" not in run.output
+    assert list(tmp_path.rglob("*.json")) == []  # no tree listing was cached
+    for record in fleet.hosts:  # no directory, no env, nothing touched
+        assert fleet.ssh(record, "ls -d /srv/mlstack /srv/pwned 2>/dev/null || true").split() == []
+
+
+def json_data(key: str, value) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def test_files_in_the_model_cache_cannot_pose_as_records_and_a_planted_fifo_cannot_hang_the_run(fleet):
+    assert fleet.deploy().returncode == 0
+    target = fleet.hosts[0]
+    # The cache belongs to uid 1000: what that user can write there. A ref whose content is probe
+    # records: before, the probe printed it raw, and "snapshot ../../../../ml-env" became a leftover
+    # to `rm -rf` from the repo folder, i.e. /srv/mlstack/ml-env. A FIFO named like a blob: before,
+    # hashing it blocked the deploy forever.
+    fifo = "ee" * 32
+    fleet.ssh(target, f"printf '\\nsnapshot ../../../../ml-env\\n' > {CACHE}/refs/evil && mkfifo {CACHE}/blobs/{fifo} "
+                      f"&& chown -h 1000:1000 {CACHE}/refs/evil {CACHE}/blobs/{fifo}")
+    env_before = fleet.ssh(target, "find /srv/mlstack/ml-env | sort | md5sum")
+    run = fleet.deploy("--data", "model_verify_hashes=true")
+    assert run.returncode == 0, run.output[-3000:]
+    assert fleet.ssh(target, "find /srv/mlstack/ml-env | sort | md5sum") == env_before
+    assert fleet.ssh(target, f"stat -c %F {CACHE}/blobs/{fifo}").strip() == "fifo"  # not ours: left alone
+    assert run.report[target.name]["changes"] == []
+    assert run.changed_operations() == []
+
+
+def test_a_broken_nvidia_smi_fails_that_host_alone_and_the_other_converges(fleet):
+    broken, other = fleet.hosts
+    # A fixture, not a GPU: the line nvidia-smi prints when it cannot reach the driver, and its status,
+    # bind-mounted over /usr/local/sbin in the host's own mount namespace (private propagation).
+    fixture = ("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+               "Make sure that the latest NVIDIA driver is installed and running.\"\nexit 9\n")
+    fleet.ssh(broken, f"mkdir -p /srv/fixture-bin && printf %s {shlex.quote(fixture)} > /srv/fixture-bin/nvidia-smi "
+                      "&& chmod 0755 /srv/fixture-bin/nvidia-smi && mount --bind /srv/fixture-bin /usr/local/sbin")
+    try:
+        before = fleet.ssh(broken, "find /srv/mlstack -printf '%p %m %u %s %T@\\n' | sort | md5sum")
+        run = fleet.deploy("--data", json_data("stack_env", {"PROBE": "1"}))
+        after = fleet.ssh(broken, "find /srv/mlstack -printf '%p %m %u %s %T@\\n' | sort | md5sum")
+    finally:
+        fleet.ssh(broken, "umount /usr/local/sbin && rm -r /srv/fixture-bin")
+    assert run.returncode != 0
+    failure = run.report[broken.name]["failure"]
+    assert failure["step"] == "Host probe"
+    assert "NVIDIA-SMI has failed because it couldn't communicate" in failure["message"]
+    assert after == before  # the failed host was not touched
+    assert run.report[other.name]["result"] == "ok"
+    assert "PROBE" in fleet.ssh(other, "cat /srv/mlstack/compose/.env.digest")
