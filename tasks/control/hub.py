@@ -80,20 +80,20 @@ def listed_file_problem(path: object, info: object) -> str | None:
     """Why one file of an endpoint's tree listing must not be used, or None. Every file is checked (not
     only those the patterns select): a listing with any bad entry is not cached."""
     if not isinstance(path, str) or not path or len(path) > MAX_PATH or UNPRINTABLE.search(path):
-        return "a file name with control characters, or empty, or too long"
+        return "whose name has control characters, is empty or is too long"
     parts = PurePosixPath(path).parts
     if PurePosixPath(path).is_absolute() or ".." in parts or "\\" in path or "//" in path:
-        return "a file that would land outside the repo folder"
+        return "that would land outside the repo folder"
     if not isinstance(info, dict):
-        return "an entry that is not a mapping"
+        return "whose entry is not a mapping"
     for key in ("size", "lfs_size") if "lfs_size" in info else ("size",):
         if not _count(info.get(key)):
-            return f"a size that is not a byte count: {info.get(key)!r}"
+            return f"with a size that is not a byte count: {info.get(key)!r}"
     if not isinstance(info.get("blob_id"), str) or not re.fullmatch(r"[0-9a-f]{40}", info["blob_id"]):
-        return f"a malformed blob id {info.get('blob_id')!r}"
+        return f"with a malformed blob id {info.get('blob_id')!r}"
     if "lfs_sha256" in info and not (isinstance(info["lfs_sha256"], str)
                                      and re.fullmatch(r"[0-9a-f]{64}", info["lfs_sha256"])):
-        return f"a malformed sha256 {info['lfs_sha256']!r}"
+        return f"with a malformed sha256 {info['lfs_sha256']!r}"
     return None
 
 
@@ -112,7 +112,7 @@ def checked_listing(tree: str, spec: ModelSpec) -> dict[str, dict]:
     for path, info in files.items():
         problem = listed_file_problem(path, info)
         if problem:
-            raise ModelError(f"{spec}: the endpoint lists {path!r} with {problem}; refusing this revision "
+            raise ModelError(f"{spec}: the endpoint lists a file {path!r} {problem}; refusing this revision "
                              "(nothing was cached or sent)")
     return files
 

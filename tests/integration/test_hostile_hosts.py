@@ -23,8 +23,8 @@ RIGGED = {
 }
 REFUSED = {
     "rig/bad-commit": "which is not a commit (40 hex digits); refusing it",
-    "rig/control-chars": "with a file name with control characters, or empty, or too long; refusing this revision",
-    "rig/bad-size": "with a size that is not a byte count: 'many'; refusing this revision",
+    "rig/control-chars": "whose name has control characters, is empty or is too long; refusing this revision",
+    "rig/bad-size": "'weights.bin' with a size that is not a byte count: 'many'; refusing this revision",
 }
 
 
