@@ -180,8 +180,13 @@ def _repo_id(value: Any) -> str:
     return value
 
 
+def is_revision(value: Any) -> bool:
+    """A branch, tag or commit name as huggingface_hub takes it, with no `..` that could climb a path."""
+    return isinstance(value, str) and re.fullmatch(r"[\w.-]+(?:/[\w.-]+)*", value) is not None and ".." not in value
+
+
 def _revision(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[\w.-]+(?:/[\w.-]+)*", value) or ".." in value:
+    if not is_revision(value):
         raise ValueError("expected a branch, tag or full commit sha such as 'main', 'v1.0' or 40 hex digits")
     return value
 

@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pyinfra.api.state import BaseStateCallback
+from pyinfra.api.state import BaseStateCallback, StateStage
 
 from tasks.control.caches import atomic_write
 
@@ -65,15 +65,6 @@ class StackOutcome:
 
 
 @dataclass
-class GpuOutcome:
-    index: int
-    uuid: str
-    name: str
-    memory_mib: int
-    driver: str
-
-
-@dataclass
 class HostRecord:
     result: str = "not run"  # "ok" (planned, and executed without failure if the run executed), "failed", "not run"
     failure: Failure | None = None
@@ -81,7 +72,7 @@ class HostRecord:
     env: EnvOutcome | None = None
     models: list[ModelOutcome] = field(default_factory=list)
     stack: StackOutcome | None = None
-    gpus: list[GpuOutcome] = field(default_factory=list)
+    gpus: list[dict] = field(default_factory=list)  # as the probe read them (tasks/host/gpus.py `Gpu`)
     gate: dict | None = None  # the GPU gate's checks and results, once a GPU gate runs
     planned: bool = False  # the deploy planned every step for this host
     pending: str = field(default="", repr=False)  # the message of a failure not yet tied to its step
@@ -127,8 +118,6 @@ class Report:
         state.init = init_then_follow
 
     def write(self, path: Path, state) -> None:
-        from pyinfra.api.state import StateStage  # noqa: PLC0415
-
         for host in state.inventory:
             if not state.is_host_in_limit(host):
                 continue

@@ -53,7 +53,6 @@ def step(name: str):
             try:
                 return function(*args, **kwargs)
             except HostProblem as problem:
-                host.log(f"{name}: {problem}")
                 fail_host(name, str(problem))
                 return None
 

@@ -11,7 +11,7 @@ from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
 from tasks.host.probe import ProbePart
-from tasks.report import GpuOutcome, report
+from tasks.report import report
 
 QUERY = "index,uuid,name,memory.total,driver_version"
 FIELDS = "index, uuid, name, memory.total (MiB), driver_version"
@@ -80,7 +80,7 @@ def probe_part() -> ProbePart:
 
 def report_gpus(gpus: list[Gpu]) -> list[Gpu]:
     """GPUS, recorded in this host's report."""
-    report[host.name].gpus = [GpuOutcome(**asdict(gpu)) for gpu in gpus]
+    report[host.name].gpus = [asdict(gpu) for gpu in gpus]
     return gpus
 
 

@@ -245,7 +245,6 @@ def converge(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
         failure = host.get_fact(EnvImportCheckFact, env_dir=config.ml_env_dir, env=plan.wanted, image_id=base.id,
                                 python=base.python)
         if failure:
-            host.log(f"ML env: the active env {plan.wanted} fails its import check: {failure}")
             record.changed("ML env")
             fail_host("ML env", f"the active env {plan.wanted} fails its import check: {failure}")
     if plan.upload:

@@ -29,7 +29,7 @@ from pyinfra import host
 from pyinfra.api import FactBase, FunctionCommand, operation
 from pyinfra.api.command import FileUploadCommand
 
-from tasks.config import HostConfig
+from tasks.config import HostConfig, is_revision
 from tasks.control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
 from tasks.host.failure import HostProblem, failed, step
 from tasks.host.ml_env import EnvPlan
@@ -39,12 +39,9 @@ from tasks.host.transfer import RoomCheckedUpload, UploadProgress, room_problem
 from tasks.report import ModelOutcome, report
 
 BLOB_NAME = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # git sha1 (regular files) or sha256 (LFS files)
-SHA = re.compile(r"[0-9a-f]{40}")
-REF_NAME = re.compile(r"[\w.-]+(?:/[\w.-]+)*")  # a revision as `models[].revision` accepts it
 # Names the host reports are taken only when they are names this deploy writes; anything else in the
 # folder is not ours to judge, use or remove (a planted `blobs/../../etc` is never a "leftover").
-LEFTOVER = {"blob": re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?\.incoming"),
-            "snapshot": re.compile(r"[0-9a-f]{40}\.tmp")}
+LEFTOVER = {"blob": re.compile(BLOB_NAME.pattern + r"\.incoming"), "snapshot": re.compile(COMMIT.pattern + r"\.tmp")}
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,7 @@ def _read_record(repo: dict, kind: str, rest: str) -> None:
         elif LEFTOVER["blob"].fullmatch(name):
             repo["leftovers"].append(f"blobs/{name}")
     elif kind == "snapshot":
-        if SHA.fullmatch(rest):
+        if COMMIT.fullmatch(rest):
             repo["snapshots"].add(rest)
         elif LEFTOVER["snapshot"].fullmatch(rest):
             repo["leftovers"].append(f"snapshots/{rest}")
@@ -114,7 +111,7 @@ def _read_record(repo: dict, kind: str, rest: str) -> None:
         repo["trees"].add(rest.removesuffix(".json"))
     elif kind == "ref":
         name, _, sha = rest.partition(" ")
-        if REF_NAME.fullmatch(name) and ".." not in name and SHA.fullmatch(sha):
+        if is_revision(name) and COMMIT.fullmatch(sha):
             repo["refs"][name] = sha
     elif kind == "hash":
         name, _, computed = rest.partition(" ")

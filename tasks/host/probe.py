@@ -55,9 +55,8 @@ class HostProbe(FactBase):
 
 
 def _value(fact: FactBase, lines: list[str]) -> Any:
-    status = next((line[len(FAILED):] for line in lines if line.startswith(FAILED)), None)
-    if status is not None:
-        return PartFailure(f"its program exited with status {status}")
+    if lines and lines[-1].startswith(FAILED):  # printed after the part, so its own output cannot pose as it
+        return PartFailure(f"its program exited with status {lines[-1][len(FAILED):]}")
     try:
         return fact.process(lines)
     except Exception as error:  # noqa: BLE001 (whatever a fact makes of bad output, it is this host's problem)

@@ -63,7 +63,7 @@ class StackFact(FactBase):
     """The compose project on the host: its files, its containers' state and mlstack labels, the stack's images."""
 
     def command(self, compose_dir: str, project: str, repository: str) -> str:
-        return program("stack_probe.sh", compose_dir, project, repository)
+        return program("stack_probe.sh", compose_dir, project, repository, *CONTAINER_LABELS)
 
     def process(self, output: list[str]) -> StackState:
         images, containers, texts, current = {}, {}, {}, None

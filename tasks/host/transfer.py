@@ -4,6 +4,7 @@ that fails only that host and says why."""
 from __future__ import annotations
 
 import io
+import shlex
 import time
 from pathlib import Path
 
@@ -79,8 +80,8 @@ class RoomCheckedUpload(FileUploadCommand):
         places = {str(Path(self.dest).parent)}
         if any(connector_arguments.get(key) for key in ("_sudo", "_su_user", "_doas", "_dzdo")):
             places.add(str(Path(self.remote_temp_filename or self.dest).parent))
-        _, output = host.run_shell_command(StringCommand(f"df -Pk {' '.join(sorted(places))} "
-                                                         f"| awk 'NR > 1 {{print $4, $6}}'"),
+        quoted = " ".join(shlex.quote(place) for place in sorted(places))
+        _, output = host.run_shell_command(StringCommand(f"df -Pk -- {quoted} | awk 'NR > 1 {{print $4, $6}}'"),
                                            **connector_arguments)
         room = []
         for line in output.stdout_lines:
