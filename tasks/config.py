@@ -39,16 +39,48 @@ class ConfigError(PyinfraError):
         super().__init__("invalid inventory data, nothing was changed:\n  " + "\n  ".join(problems))
 
 
+# A configured directory holds only these characters: a ':' or ',' splits a `docker -v` / `--mount` spec, a '$'
+# is compose interpolation, and blanks, quotes, '#' or '\' change a shell word or a .env line.
+PATH_CHARACTERS = re.compile(r"[A-Za-z0-9._+@/-]+")
+_BREAKS = {":": "docker -v", ",": "docker --mount", "$": "compose", "#": "a .env line"}
+# No configured directory is, or lies below, one of these: the deploy chowns and chmods its directories (and
+# the parents it creates), which would hand a system directory to the configured owner.
+SYSTEM_TREES = ("/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+                "/libx32", "/root", "/run", "/var/run", "/var/lib/docker", "/var/lib/containerd", "/var/lib/dpkg",
+                "/var/lib/apt", "/var/log", "/snap", "/lost+found")
+# Nor below these world-writable temp dirs: any local user could plant the path (or a link on it) first.
+WORLD_WRITABLE_TREES = ("/tmp", "/var/tmp", "/dev/shm")
+# These may hold a deploy's directories below them, but are never one: it would chown all they hold.
+SHARED_PARENTS = ("/home", "/var", "/var/lib", "/srv", "/opt", "/mnt", "/media")
+
+
+def is_within(path: str, tree: str) -> bool:
+    """PATH is TREE or lies below it (both normalised)."""
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
 def _path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError("expected an absolute path such as '/srv/mlstack'")
-    if "\n" in value or "\0" in value:
-        raise ValueError("expected a path without newline or NUL characters")
+    bad = PATH_CHARACTERS.sub("", value)
+    if bad:
+        raise ValueError(f"expected a path of letters, digits and . _ - + @ / only "
+                         f"({bad[0]!r} would break {_BREAKS.get(bad[0], 'a shell word or a .env line')})")
     normal = os.path.normpath(value).replace("//", "/")
     if normal != value:
         raise ValueError(f"expected a normalised path (did you mean {normal!r}?)")
     if value == "/":
         raise ValueError("expected a directory below '/', not '/' itself")
+    for tree in WORLD_WRITABLE_TREES:
+        if is_within(value, tree):
+            raise ValueError(f"expected a directory outside {tree} (world-writable: a local user could plant "
+                             "the path first)")
+    for tree in SYSTEM_TREES:
+        if is_within(value, tree):
+            raise ValueError(f"expected a directory outside {tree} (a system location: the deploy would chown it)")
+    if value in SHARED_PARENTS:
+        raise ValueError(f"expected a directory of its own, such as '{value}/mlstack', not {value} itself "
+                         "(the deploy would chown it)")
     return value
 
 
@@ -167,22 +199,44 @@ def _optional_url(value: Any) -> str:
     return "" if value == "" else _url(value)
 
 
+def _endpoint(value: Any) -> str:
+    """`hf_endpoint`: '' or a URL whose credentials, if any, are `${VAR}` from the control node's environment."""
+    if value == "":
+        return ""
+    value = _url(value)
+    if secrets.literal_credentials(value):
+        raise ValueError("expected credentials as ${VAR} from the control node's environment, "
+                         "not written in the inventory")
+    return value
+
+
 def _host_name(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", value):
         raise ValueError("expected host names such as 'pypi.corp' or 'pypi.corp:8443'")
     return value
 
 
+# huggingface_hub's validate_repo_id: "name" or "namespace/name", each part 1 to 96 of [A-Za-z0-9_.-]
+# starting and ending with a word character (here: starting with a letter or digit), no "--" or "..", no ".git" end.
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = re.compile(rf"(?:{_REPO_PART}/)?{_REPO_PART}")
+MAX_REVISION = 255
+
+
 def _repo_id(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", value) \
-            or ".." in value or value.endswith((".git", "-", ".")):
+    if not isinstance(value, str) or not REPO_ID.fullmatch(value) or "--" in value or ".." in value \
+            or value.endswith(".git"):
         raise ValueError("expected a HuggingFace repo id such as 'sentence-transformers/all-MiniLM-L6-v2'")
     return value
 
 
 def is_revision(value: Any) -> bool:
-    """A branch, tag or commit name as huggingface_hub takes it, with no `..` that could climb a path."""
-    return isinstance(value, str) and re.fullmatch(r"[\w.-]+(?:/[\w.-]+)*", value) is not None and ".." not in value
+    """A branch, tag or commit name as huggingface_hub takes it: `/`-separated parts of [A-Za-z0-9_.-], none of
+    them `.` or `..` and no `..` anywhere (nothing that could climb a path), no leading `-` (an option to a
+    program), at most 255 characters."""
+    return (isinstance(value, str) and len(value) <= MAX_REVISION and not value.startswith("-")
+            and re.fullmatch(r"[\w.-]+(?:/[\w.-]+)*", value, flags=re.ASCII) is not None and ".." not in value
+            and "." not in value.split("/"))
 
 
 def _revision(value: Any) -> str:
@@ -191,20 +245,29 @@ def _revision(value: Any) -> str:
     return value
 
 
-def _patterns(value: Any) -> list[str] | None:
+def _patterns(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(item, str) and item for item in value):
         raise ValueError("expected None or a list of glob patterns such as ['*.json', '*.safetensors']")
-    return list(value)
+    return tuple(value)  # hashable: a spec keys the control node's once-per-deploy work
 
 
 def _env_name(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
         raise ValueError("expected an environment variable name such as 'RERANKING_MODEL'")
     return value
+
+
+def _dotenv_name(value: Any) -> str:
+    """A name for the stack's .env: docker compose reads that file for its own COMPOSE_* / DOCKER_* settings."""
+    name = _env_name(value)
+    if name.startswith(("COMPOSE_", "DOCKER_")):
+        raise ValueError("expected a variable compose itself does not read "
+                         "(COMPOSE_* and DOCKER_* change how docker compose runs)")
+    return name
 
 
 def _env_name_or_profile(value: Any) -> str:
@@ -254,7 +317,7 @@ def _env_map(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(item, (str, int, float)) and not isinstance(item, bool)
                                                for item in value.values()):
         raise ValueError("expected a mapping of environment variable names to text values")
-    return {_env_name(key): str(item) for key, item in value.items()}
+    return {_dotenv_name(key): str(item) for key, item in value.items()}
 
 
 AbsolutePath = Annotated[str, BeforeValidator(_path)]
@@ -267,11 +330,12 @@ KeepCount = Annotated[int, BeforeValidator(_keep)]
 ImageRef = Annotated[str, BeforeValidator(_image)]
 EngineUrl = Annotated[str, BeforeValidator(_engine)]
 IndexUrl = Annotated[str, BeforeValidator(_optional_url)]
+EndpointUrl = Annotated[str, BeforeValidator(_endpoint)]
 UrlList = Annotated[list[str], BeforeValidator(_list_of(_url))]
 HostList = Annotated[list[str], BeforeValidator(_list_of(_host_name))]
 RepoId = Annotated[str, BeforeValidator(_repo_id)]
 Revision = Annotated[str, BeforeValidator(_revision)]
-Patterns = Annotated[Optional[list[str]], BeforeValidator(_patterns)]
+Patterns = Annotated[Optional[tuple[str, ...]], BeforeValidator(_patterns)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
@@ -338,13 +402,14 @@ class HostConfig(BaseModel):
     pip_trusted_hosts: HostList
     models: list[ModelSpec]
     service_models: dict[Annotated[str, BeforeValidator(_env_name)], str]
-    hf_endpoint: IndexUrl
+    hf_endpoint: EndpointUrl
+    hf_token_over_http: Flag
     model_mode: Annotated[str, BeforeValidator(_choice("control", "host"))]
     model_verify_hashes: Flag
     hf_control_cache_dir: ControlPath
     stack: Annotated[str, BeforeValidator(_stack)]
     stack_env: Annotated[dict[str, str], BeforeValidator(_env_map)]
-    stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_env_name))]
+    stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_dotenv_name))]
     stack_profiles: Annotated[list[str], BeforeValidator(_list_of(_env_name_or_profile))]
     health_timeout: Annotated[int, BeforeValidator(_int_in(5, 3600, "expected seconds from 5 to 3600"))]
     image_cache_dir: ControlPath
@@ -467,6 +532,57 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
             problems.append(_problem(host_name, spec.setting, spec.path,
                                      f"a path of its own (it is also {seen[spec.path]})"))
         seen[spec.path] = spec.setting
+    problems += _nesting_problems(host_name, config)
+    problems += _ownership_problems(host_name, config)
+    endpoint = config.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
+    if config.model_mode == "host" and endpoint and secrets.has_credentials(endpoint):
+        where = "" if config.hf_endpoint else " ('' is $HF_ENDPOINT, which has them)"
+        problems.append(_problem(host_name, "hf_endpoint", config.hf_endpoint,
+                                 "model_mode 'host' sends the endpoint to every host; an endpoint with credentials "
+                                 f"needs model_mode 'control'{where}"))
+    return problems
+
+
+def _ownership_problems(host_name: str, config: HostConfig) -> list[str]:
+    """Root works only where root alone can write, or as the directory's non-root owner (tasks/host/transfer.py
+    `as_owner`); so no directory is writable by every user, none is root's yet writable by another group, and the
+    directories root itself must trust (the compose project docker compose reads, a stack_root holding the
+    others) belong to root."""
+    problems = []
+    holders = {spec.setting for spec in config.directories()
+               if any(other.setting != spec.setting and is_within(other.path, spec.path)
+                      for other in config.directories())}
+    for spec in config.directories():
+        if spec.mode & 0o002:
+            problems.append(_problem(host_name, f"{spec.setting}_mode", f"{spec.mode:04o}",
+                                     "a mode without write for others (every local user could plant links there)"))
+        elif spec.setting == "compose_project_dir" and spec.uid != 0:
+            problems.append(_problem(host_name, f"{spec.setting}_uid", spec.uid,
+                                     "0: docker compose runs as root and reads this directory, so its owner decides "
+                                     "what root runs (let a group read it with compose_project_dir_gid and mode 0750)"))
+        elif spec.setting in holders and spec.uid != 0:
+            problems.append(_problem(host_name, f"{spec.setting}_uid", spec.uid,
+                                     f"0: {spec.setting} holds other configured directories, which a non-root owner "
+                                     "could replace with links"))
+        elif spec.uid == 0 and spec.gid != 0 and spec.mode & 0o020:
+            problems.append(_problem(host_name, f"{spec.setting}_mode", f"{spec.mode:04o}",
+                                     f"a mode without group write while {spec.setting}_uid is 0: root works there and "
+                                     f"group {spec.gid} could plant links (or make a non-root user its owner: "
+                                     "the deploy then works there as that user)"))
+    return problems
+
+
+def _nesting_problems(host_name: str, config: HostConfig) -> list[str]:
+    """ml_env_dir, model_cache_dir and compose_project_dir may lie below stack_root, never inside one another
+    (each has its own owner, mode and cleanup); stack_root lies inside none of them."""
+    problems = []
+    own = [spec for spec in config.directories() if spec.setting != "stack_root"]
+    for spec in config.directories():
+        for other in own:
+            if other.setting != spec.setting and spec.path != other.path and is_within(spec.path, other.path):
+                problems.append(_problem(host_name, spec.setting, spec.path,
+                                         f"a directory outside {other.setting} ({other.path}), which has its own "
+                                         "owner, mode and cleanup"))
     return problems
 
 

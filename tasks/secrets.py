@@ -1,13 +1,15 @@
 """Secrets in settings: index URLs may carry credentials, best as `${VAR}` read from the control
-node's environment. Only `expand` sees the real value, and only where it is written for the tool
-that needs it (pip's config inside the build container); everything shown uses `masked`.
+node's environment (for `hf_endpoint`, only so). Only `expand` sees the real value, and only where
+the tool that needs it runs: pip's config inside the build container, the control node's own
+requests to the HF endpoint. Everything shown uses `masked` (or `scrubbed`, for an error text that
+may quote the expanded URL).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -41,3 +43,33 @@ def masked(url: str) -> str:
     if parts.username is None and parts.password is None:
         return url
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _userinfo(url: str) -> tuple[str | None, str | None]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None, None
+    return parts.username, parts.password
+
+
+def has_credentials(url: str) -> bool:
+    """URL carries a user:password (literal or `${VAR}`) or names any `${VAR}`."""
+    return _userinfo(url) != (None, None) or bool(references(url))
+
+
+def literal_credentials(url: str) -> bool:
+    """URL's secret (its password, or a user name given alone) is written out rather than a `${VAR}` reference."""
+    username, password = _userinfo(url)
+    secret = password if password is not None else username
+    return bool(secret) and REFERENCE.sub("", secret) != ""
+
+
+def scrubbed(text: str, template: str) -> str:
+    """TEXT with the control node's value of each `${VAR}` in TEMPLATE (as is or percent-encoded) shown as `***`."""
+    for name in references(template):
+        value = os.environ.get(name, "")
+        for form in {value, quote(value, safe="")}:
+            if form:
+                text = text.replace(form, "***")
+    return text

@@ -55,7 +55,10 @@ models = [{"repo_id": "Qwen/Qwen3-Reranker-0.6B", "revision": "main"}]
 # The stack's model settings (environment variable -> repo_id): each must be one of `models`.
 service_models = {"RERANKING_MODEL": "Qwen/Qwen3-Reranker-0.6B"}
 # The HF endpoint: "" is $HF_ENDPOINT or huggingface.co; a mirror such as "http://hf-mirror.corp:8090".
+# Credentials go in as ${VAR} from the control node's environment ("control" model_mode only).
 hf_endpoint = ""
+# Send the control node's HF_TOKEN to a plain http:// endpoint too (by default only to https://).
+hf_token_over_http = False
 # "control": the control node downloads once and sends hosts the files they lack; "host": each host downloads.
 model_mode = "control"
 # Hash every model file on the hosts on each run (files just transferred are always hashed).

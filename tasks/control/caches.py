@@ -8,6 +8,7 @@ control node never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -37,6 +38,11 @@ def atomic_write(target: Path, data: bytes | str) -> None:
     """TARGET holds DATA, written whole or not at all."""
     with atomic_file(target) as out:
         out.write(data.encode() if isinstance(data, str) else data)
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 class Once:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
+from urllib.parse import urlsplit
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # before huggingface_hub reads its constants
 
 from huggingface_hub.utils import filter_repo_objects  # noqa: E402 (light: HfApi and its HTTP stack load on first request)
 from pyinfra.api.exceptions import PyinfraError  # noqa: E402
 
+from tasks import secrets  # noqa: E402
 from tasks.config import HostConfig, ModelSpec  # noqa: E402
 from tasks.control.caches import atomic_write, once  # noqa: E402
 
@@ -49,6 +51,7 @@ class Snapshot:
     commit: str
     entries: tuple[RepoEntry, ...]
     tree: str  # trees/<commit>.json as huggingface_hub writes it (all files, not only the selected ones)
+    token_over_http: bool = field(default=False, compare=False)  # hf_token_over_http, for its download
 
     @property
     def size(self) -> int:
@@ -59,7 +62,42 @@ class Snapshot:
 
 
 def endpoint_of(config: HostConfig) -> str:
+    """The endpoint as configured: `${VAR}` credentials unexpanded. Shown only `secrets.masked`; expanded only
+    here, for the control node's own requests (`_client_endpoint`)."""
     return config.hf_endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def _client_endpoint(endpoint: str) -> str:
+    return secrets.expand(endpoint)
+
+
+def token_for(endpoint: str, allow_http: bool) -> bool | None:
+    """huggingface_hub's `token=` for requests to ENDPOINT: None lets it send the control node's HF_TOKEN (or
+    stored login); False sends none, which is the answer for a plain http:// endpoint unless ALLOW_HTTP
+    (`hf_token_over_http`) says otherwise: anyone on the path would read the token."""
+    try:
+        scheme = urlsplit(endpoint).scheme.lower()
+    except ValueError:
+        return False
+    return False if scheme == "http" and not allow_http else None
+
+
+T = TypeVar("T")
+
+
+def _scrubbing(endpoint: str, make: Callable[[], T]) -> Callable[[], T]:
+    """MAKE, any error it raises shown without the values of ENDPOINT's `${VAR}` credentials (huggingface_hub's
+    errors quote the URL it asked, which holds them)."""
+    def run() -> T:
+        try:
+            return make()
+        except Exception as error:
+            text = str(error)
+            clean = secrets.scrubbed(text, endpoint)
+            if clean == text:
+                raise
+            raise ModelError(clean if isinstance(error, ModelError) else f"{type(error).__name__}: {clean}") from None
+    return run
 
 
 def tree_json(files: list[RepoFile]) -> str:
@@ -137,7 +175,7 @@ def checked_commit(answer: object, spec: ModelSpec) -> str:
     return answer
 
 
-def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapshot:
+def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path, token_over_http: bool = False) -> Snapshot:
     """SPEC's revision as a commit and its file list; no request when both are already in the control cache."""
     trees = control_cache / spec.folder / "trees"
     commit = spec.revision if COMMIT.fullmatch(spec.revision) else None
@@ -145,7 +183,7 @@ def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapsho
         from huggingface_hub import HfApi  # noqa: PLC0415 (~0.25 s: only when the mirror must be asked)
         from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415
 
-        api = HfApi(endpoint=endpoint)
+        api = HfApi(endpoint=_client_endpoint(endpoint), token=token_for(endpoint, token_over_http))
         try:
             if commit is None:
                 info = api.repo_info(spec.repo_id, revision=spec.revision, repo_type=spec.repo_type)
@@ -160,16 +198,17 @@ def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path) -> Snapsho
             raise ModelError(f"{spec}: the endpoint's answer is malformed ({type(error).__name__}: {error!r}); "
                              "refusing it (nothing was cached or sent)") from None
     tree = (trees / f"{commit}.json").read_text()
-    return Snapshot(spec, commit, entries_of(tree, spec), tree)
+    return Snapshot(spec, commit, entries_of(tree, spec), tree, token_over_http)
 
 
-def repo_exists(spec: ModelSpec, endpoint: str) -> bool:
+def repo_exists(spec: ModelSpec, endpoint: str, token_over_http: bool = False) -> bool:
     import httpx2  # noqa: PLC0415 (huggingface_hub's HTTP client)
     from huggingface_hub import HfApi  # noqa: PLC0415
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError  # noqa: PLC0415
 
     try:
-        HfApi(endpoint=endpoint).repo_info(spec.repo_id, repo_type=spec.repo_type)
+        HfApi(endpoint=_client_endpoint(endpoint), token=token_for(endpoint, token_over_http)).repo_info(
+            spec.repo_id, repo_type=spec.repo_type)
     except RepositoryNotFoundError:
         return False
     except (HfHubHTTPError, httpx2.HTTPError, OSError):
@@ -181,13 +220,14 @@ def resolve_model(config: HostConfig, index: int, spec: ModelSpec) -> Snapshot:
     """`models[INDEX]` as a commit and its files, once per deploy; a missing repo or revision is a clear error
     before any change."""
     endpoint, control_cache = endpoint_of(config), Path(config.hf_control_cache_dir).expanduser()
+    shown, over_http = secrets.masked(endpoint), config.hf_token_over_http
 
     unknown_revision = ModelError(f"models[{index}].revision = {spec.revision!r}: expected a branch, tag or commit of "
-                                  f"{spec.repo_id} on {endpoint}; it has none of that name")
+                                  f"{spec.repo_id} on {shown}; it has none of that name")
 
     def attempt() -> Snapshot:
         try:
-            return ask_endpoint(spec, endpoint, control_cache)
+            return ask_endpoint(spec, endpoint, control_cache, over_http)
         except Exception as error:
             import httpx2  # noqa: PLC0415 (loaded already: ask_endpoint asked the mirror)
             from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError  # noqa: PLC0415
@@ -198,17 +238,19 @@ def resolve_model(config: HostConfig, index: int, spec: ModelSpec) -> Snapshot:
                 raise
             # Mirrors answer an unknown revision as an unknown repo (olah: 401) or a server error:
             # ask about the repo alone.
-            if not repo_exists(spec, endpoint):
+            if not repo_exists(spec, endpoint, over_http):
+                private = ("(or private: set HF_TOKEN on the control node)" if token_for(endpoint, over_http) is None
+                           else "(or private: HF_TOKEN is not sent to a plain http:// endpoint "
+                                "unless hf_token_over_http is True)")
                 raise ModelError(f"models[{index}].repo_id = {spec.repo_id!r}: expected a {spec.repo_type} repo on "
-                                 f"{endpoint}; it is unknown there "
-                                 "(or private: set HF_TOKEN on the control node)") from None
+                                 f"{shown}; it is unknown there {private}") from None
             if isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code < 500 \
                     or isinstance(error, HfHubHTTPError) and COMMIT.fullmatch(spec.revision):
                 raise unknown_revision from None
-            raise ModelError(f"models[{index}] {spec}: cannot resolve it on {endpoint}: "
+            raise ModelError(f"models[{index}] {spec}: cannot resolve it on {shown}: "
                              f"{type(error).__name__}: {error}") from None
 
-    return once(("model", endpoint, str(control_cache), spec), attempt)
+    return once(("model", endpoint, str(control_cache), spec, over_http), _scrubbing(endpoint, attempt))
 
 
 def download_snapshot(snapshot: Snapshot, endpoint: str, control_cache: Path) -> Path:
@@ -221,10 +263,12 @@ def download_snapshot(snapshot: Snapshot, endpoint: str, control_cache: Path) ->
 
         spec = snapshot.spec
         return Path(snapshot_download(spec.repo_id, repo_type=spec.repo_type, revision=snapshot.commit,
-                                      cache_dir=control_cache, endpoint=endpoint,
+                                      cache_dir=control_cache, endpoint=_client_endpoint(endpoint),
+                                      token=token_for(endpoint, snapshot.token_over_http),
                                       allow_patterns=spec.allow_patterns, ignore_patterns=spec.ignore_patterns))
 
-    return once(("download", endpoint, str(control_cache), snapshot.spec, snapshot.commit), download)
+    return once(("download", endpoint, str(control_cache), snapshot.spec, snapshot.commit, snapshot.token_over_http),
+                _scrubbing(endpoint, download))
 
 
 def control_file(control_cache: Path, snapshot: Snapshot, entry: RepoEntry) -> Path:

@@ -1,7 +1,8 @@
 """Host directories: the stack root, ML env, model cache and compose project, with numeric owners.
 
-Missing parents that the deploy creates take the owner, group and mode of the configured
-directory they lead to; parents that already exist are never touched.
+Missing parents that the deploy creates are root's (0:0 0755); parents that already exist are
+never touched, but must be root's alone: a parent another user can write lets that user swap what
+root then creates or chowns below it for a link.
 """
 
 from __future__ import annotations
@@ -76,13 +77,40 @@ def watched_paths(specs: list[DirectorySpec]) -> tuple[str, ...]:
     return tuple(sorted(paths))
 
 
+def writable_by_others(state: PathState) -> str | None:
+    """Who other than root can write a directory in STATE (and so plant links in it), or None."""
+    if state.uid != 0:
+        return f"owned by uid {state.uid}"
+    if state.mode & 0o002:
+        return "writable by every user"
+    if state.mode & 0o020 and state.gid != 0:
+        return f"writable by group {state.gid}"
+    return None
+
+
+def unsafe_ancestor(spec: DirectorySpec, states: dict[str, PathState]) -> str | None:
+    """Why an existing ancestor of SPEC is not root's alone, or None."""
+    for parent in PurePosixPath(spec.path).parents:
+        state = states.get(str(parent))
+        who = state and writable_by_others(state)
+        if who:
+            return (f"{parent}, which holds {spec.setting} {spec.path}, is {who}: root would follow the links "
+                    f"they can plant there; make it root's alone (chown 0:0, chmod go-w) or choose another path")
+    return None
+
+
 def directory_commands(spec: DirectorySpec, parents: list[str], states: dict) -> list[str]:
     """The commands that bring SPEC (and its missing PARENTS) to the wanted state: none if it is there."""
     owner, mode = f"{spec.uid}:{spec.gid}", f"{spec.mode:04o}"
+    problem = unsafe_ancestor(spec, states)
+    if problem:
+        raise HostProblem(problem)
     commands = []
     for path in [*parents, spec.path]:
         state, quoted = states.get(path), shlex.quote(path)
-        if state is None:
+        if state is None and path != spec.path:
+            commands.append(f"mkdir -m 0755 {quoted}")
+        elif state is None:
             # chmod after chown: chown may clear setgid bits.
             commands.append(f"mkdir -m {mode} {quoted} && chown {owner} {quoted} && chmod {mode} {quoted}")
         elif not state.is_dir:

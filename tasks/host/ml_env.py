@@ -29,11 +29,11 @@ from tasks.control.env_build import EnvSource, base_image, env_source
 from tasks.host.failure import HostProblem, fail_host, failed, step
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
-from tasks.host.transfer import RoomCheckedUpload, UploadProgress, room_problem
+from tasks.host.transfer import StreamedUpload, as_owner, room_problem
 from tasks.report import EnvOutcome, report
 
 MOUNT = "/root/.local"
-RUNTIME_PATH = f"{MOUNT}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
@@ -89,9 +89,9 @@ class MlEnvFact(FactBase):
         )
 
 
-def runtime_environment(python: str) -> dict[str, str]:
-    """What the stack's containers (and the import check) set so the mounted user site is found."""
-    return {"HOME": "/root", "PATH": RUNTIME_PATH, "PYTHONPATH": f"{MOUNT}/lib/{python}/site-packages"}
+def runtime_environment(python: str, mount: str = MOUNT) -> dict[str, str]:
+    """What the stack's containers (and the import check) set so the env mounted at MOUNT is found."""
+    return {"HOME": "/root", "PATH": f"{mount}/bin:{SYSTEM_PATH}", "PYTHONPATH": f"{mount}/lib/{python}/site-packages"}
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,9 @@ def _ready_to_send(state, host, source: EnvSource, free_bytes: int) -> bool:
     return failed(host, f"ML env {source.env}: {problem}") if problem else True
 
 
-def unpack_command(env_dir: str, env: str, sha256: str, uid: int, gid: int) -> str:
-    """Check the upload, unpack it under a temporary name, own it, then make it complete by a rename."""
+def unpack_command(env_dir: str, env: str, sha256: str) -> str:
+    """Check the upload, unpack it under a temporary name, then make it complete by a rename (run as
+    the env dir's owner, so what it unpacks is that user's)."""
     incoming, tmp, final = f"incoming/{env}.tar.gz", f"envs/{env}.tmp", f"envs/{env}"
     mismatch = f"ML env {env}: the uploaded artifact does not match its sha256; it was removed, run the deploy again"
     return " && ".join([
@@ -150,24 +151,21 @@ def unpack_command(env_dir: str, env: str, sha256: str, uid: int, gid: int) -> s
         f"rm -rf {tmp}",
         f"mkdir -m 0755 {tmp}",
         f"tar -xzf {incoming} -C {tmp} --no-same-owner",
-        f"chown -R {uid}:{gid} {tmp}",
         f"mv -T {tmp} {final}",
         f"rm -f {incoming}",
     ])
 
 
 @operation(is_idempotent=False)
-def install_env(env_dir: str, source: EnvSource, uid: int, gid: int, free_bytes: int):
+def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], free_bytes: int):
     """Send the env artifact to a host that lacks it and unpack it atomically into envs/<id>."""
     # Runs at execution only: during change detection the generator stops at this first command.
     yield FunctionCommand(_ready_to_send, (source, free_bytes), {})
     manifest = source.ensure()
-    incoming = f"{env_dir}/incoming/{source.env}.tar.gz"
-    yield (f"install -d -m 0700 {shlex.quote(env_dir)}/incoming && "
-           f"install -d -m 0755 -o {uid} -g {gid} {shlex.quote(env_dir)}/envs")
-    yield RoomCheckedUpload(UploadProgress(source.artifact(), f"ML env {source.env}"), incoming,
-                            remote_temp_filename=host.get_temp_filename(incoming))
-    yield unpack_command(env_dir, source.env, manifest.sha256, uid, gid)
+    quoted = shlex.quote(env_dir)
+    yield as_owner(*owner, f"install -d -m 0700 {quoted}/incoming && install -d -m 0755 {quoted}/envs")
+    yield StreamedUpload(source.artifact(), f"ML env {source.env}", f"{env_dir}/incoming/{source.env}.tar.gz", owner,
+                         then=unpack_command(env_dir, source.env, manifest.sha256))
 
 
 def import_check_command(env_dir: str, env: str, image_id: str, python: str) -> str:
@@ -187,17 +185,22 @@ class EnvImportCheckFact(FactBase):
 
 
 @operation(is_idempotent=False)
-def activate_env(env_dir: str, env: str, image_id: str, python: str):
+def activate_env(env_dir: str, env: str, image_id: str, python: str, owner: tuple[int, int]):
     """Import every requirement in the runtime image from the env; only then point `active` at it."""
     yield import_check_command(env_dir, env, image_id, python)
-    yield (f"cd {shlex.quote(env_dir)} && ln -sfn envs/{env} active.new && mv -T active.new active "
-           f"&& touch envs/{env}")
+    yield as_owner(*owner, f"cd {shlex.quote(env_dir)} && ln -sfn envs/{env} active.new && mv -T active.new active "
+                           f"&& touch envs/{env}")
 
 
 @operation(is_idempotent=False)
-def remove_old_envs(env_dir: str, paths: tuple[str, ...]):
+def remove_old_envs(env_dir: str, paths: tuple[str, ...], owner: tuple[int, int]):
     """Remove envs beyond `keep_envs` and unfinished uploads or unpacks."""
-    yield f"cd {shlex.quote(env_dir)} && rm -rf -- " + " ".join(shlex.quote(path) for path in paths)
+    yield as_owner(*owner, f"cd {shlex.quote(env_dir)} && rm -rf -- " + " ".join(shlex.quote(path) for path in paths))
+
+
+def env_owner(config: HostConfig) -> tuple[int, int]:
+    """Who works in the env dir: its owner, so that root never follows what that user plants there."""
+    return config.ml_env_dir_uid, config.ml_env_dir_gid
 
 
 def probe_part(config: HostConfig) -> ProbePart:
@@ -250,12 +253,12 @@ def converge(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
     if plan.upload:
         install_env(
             name=f"Upload and unpack {source.env}",
-            env_dir=config.ml_env_dir, source=source, uid=config.ml_env_dir_uid, gid=config.ml_env_dir_gid,
-            free_bytes=state.free_bytes,
+            env_dir=config.ml_env_dir, source=source, owner=env_owner(config), free_bytes=state.free_bytes,
         )
     if plan.activate:
         activate_env(name=f"Import check, then switch to {source.env}",
-                     env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python)
+                     env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,
+                     owner=env_owner(config))
     return plan
 
 
@@ -264,4 +267,4 @@ def cleanup(config: HostConfig, plan: EnvPlan | None):
     """After the stack switched: remove envs beyond `keep_envs` and unfinished transfers."""
     if plan is not None and plan.remove:
         remove_old_envs(name=f"Remove {len(plan.remove)} old env(s) or unfinished transfer(s)",
-                        env_dir=config.ml_env_dir, paths=plan.remove)
+                        env_dir=config.ml_env_dir, paths=plan.remove, owner=env_owner(config))

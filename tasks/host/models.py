@@ -27,27 +27,30 @@ from pathlib import Path, PurePosixPath
 
 from pyinfra import host
 from pyinfra.api import FactBase, FunctionCommand, operation
-from pyinfra.api.command import FileUploadCommand
 
 from tasks.config import HostConfig, is_revision
 from tasks.control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
 from tasks.host.failure import HostProblem, failed, step
-from tasks.host.ml_env import EnvPlan
+from tasks.host.ml_env import EnvPlan, runtime_environment
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
-from tasks.host.transfer import RoomCheckedUpload, UploadProgress, room_problem
+from tasks.host.transfer import StreamedUpload, as_owner, room_problem
 from tasks.report import ModelOutcome, report
 
 BLOB_NAME = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # git sha1 (regular files) or sha256 (LFS files)
 # Names the host reports are taken only when they are names this deploy writes; anything else in the
 # folder is not ours to judge, use or remove (a planted `blobs/../../etc` is never a "leftover").
+# Where the host-mode download container sees the staging cache and the ML env: not below /root,
+# which the image keeps to root, as the download runs as the cache's owner.
+HOST_DOWNLOAD_HF, HOST_DOWNLOAD_ENV = "/mlstack/hf", "/mlstack/env"
 LEFTOVER = {"blob": re.compile(BLOB_NAME.pattern + r"\.incoming"), "snapshot": re.compile(COMMIT.pattern + r"\.tmp")}
 
 
 @dataclass(frozen=True)
 class RepoCacheState:
     blobs: dict[str, int]  # complete blobs: name -> size
-    snapshots: frozenset[str]  # complete snapshot dirs (commit shas)
+    snapshots: frozenset[str]  # published snapshot dirs (commit shas)
+    links: dict[str, str]  # "<commit>/<path>" -> link target, for every link in a published snapshot
     refs: dict[str, str]  # revision name -> commit sha
     trees: frozenset[str]  # commit shas with a cached tree listing
     hashes: dict[str, str]  # blob name -> its content hash as computed on the host (when asked)
@@ -67,9 +70,9 @@ class ModelCacheFact(FactBase):
     64 hex) or git's blob sha1 (other files, 40 hex).
     """
 
-    def command(self, cache_dir: str, folders: tuple[str, ...], hashes: bool = False) -> str:
+    def command(self, cache_dir: str, owner: tuple[int, int], folders: tuple[str, ...], hashes: bool = False) -> str:
         self.folders = set(folders)
-        return program("model_cache_probe.sh", cache_dir, int(hashes), *folders)
+        return as_owner(*owner, program("model_cache_probe.sh", cache_dir, int(hashes), *folders))
 
     def process(self, output: list[str]) -> ModelCacheState:
         free, repos, current = None, {}, None
@@ -80,13 +83,13 @@ class ModelCacheFact(FactBase):
             elif kind == "repo":
                 current = None
                 if rest in getattr(self, "folders", {rest}) and rest not in repos:
-                    current = repos[rest] = {"blobs": {}, "snapshots": set(), "refs": {}, "trees": set(),
-                                             "hashes": {}, "leftovers": []}
+                    current = repos[rest] = {"blobs": {}, "snapshots": set(), "links": {}, "refs": {},
+                                             "trees": set(), "hashes": {}, "leftovers": []}
             elif current is not None:
                 _read_record(current, kind, rest)
         return ModelCacheState(
             repos={
-                folder: RepoCacheState(state["blobs"], frozenset(state["snapshots"]), state["refs"],
+                folder: RepoCacheState(state["blobs"], frozenset(state["snapshots"]), state["links"], state["refs"],
                                        frozenset(state["trees"]), state["hashes"], tuple(sorted(state["leftovers"])))
                 for folder, state in repos.items()
             },
@@ -107,6 +110,10 @@ def _read_record(repo: dict, kind: str, rest: str) -> None:
             repo["snapshots"].add(rest)
         elif LEFTOVER["snapshot"].fullmatch(rest):
             repo["leftovers"].append(f"snapshots/{rest}")
+    elif kind == "link":
+        target, _, path = rest.partition(" ")
+        if COMMIT.fullmatch(path.split("/", 1)[0]):
+            repo["links"][path] = target
     elif kind == "tree" and re.fullmatch(r"[0-9a-f]{40}\.json", rest):
         repo["trees"].add(rest.removesuffix(".json"))
     elif kind == "ref":
@@ -119,8 +126,13 @@ def _read_record(repo: dict, kind: str, rest: str) -> None:
             repo["hashes"][name] = computed
 
 
+def cache_owner(config: HostConfig) -> tuple[int, int]:
+    """Who works in the model cache: its owner, so that root never follows what that user plants there."""
+    return config.model_cache_dir_uid, config.model_cache_dir_gid
+
+
 def probe_part(config: HostConfig) -> ProbePart:
-    return ProbePart("models", ModelCacheFact, {"cache_dir": config.model_cache_dir,
+    return ProbePart("models", ModelCacheFact, {"cache_dir": config.model_cache_dir, "owner": cache_owner(config),
                                                 "hashes": config.model_verify_hashes,
                                                 "folders": tuple(spec.folder for spec in config.models)})
 
@@ -133,6 +145,7 @@ class ModelPlan:
     send: tuple[RepoEntry, ...]  # blobs the host lacks, or holds with the wrong size or hash
     write_tree: bool
     publish: bool  # the snapshot directory is missing
+    relink: tuple[RepoEntry, ...]  # files of a published snapshot whose link is missing or leads elsewhere
     ref: bool  # refs/<revision> must be (re)written
     leftovers: tuple[str, ...]
 
@@ -142,7 +155,7 @@ class ModelPlan:
 
     @property
     def changes(self) -> bool:
-        return bool(self.send or self.write_tree or self.publish or self.ref or self.leftovers)
+        return bool(self.send or self.write_tree or self.publish or self.relink or self.ref or self.leftovers)
 
     def summary(self) -> str:
         if not self.changes:
@@ -153,7 +166,7 @@ class ModelPlan:
 
 
 def plan_model(snapshot: Snapshot, state: RepoCacheState | None) -> ModelPlan:
-    state = state or RepoCacheState({}, frozenset(), {}, frozenset(), {}, ())
+    state = state or RepoCacheState({}, frozenset(), {}, {}, frozenset(), {}, ())
     send: dict[str, RepoEntry] = {}
     for entry in snapshot.entries:
         held = state.blobs.get(entry.blob)
@@ -161,11 +174,15 @@ def plan_model(snapshot: Snapshot, state: RepoCacheState | None) -> ModelPlan:
             send.setdefault(entry.blob, entry)
     revision = snapshot.spec.revision
     needs_ref = not COMMIT.fullmatch(revision) and state.refs.get(revision) != snapshot.commit
+    publish = snapshot.commit not in state.snapshots
     return ModelPlan(
         snapshot=snapshot,
         send=tuple(send.values()),
         write_tree=snapshot.commit not in state.trees,
-        publish=snapshot.commit not in state.snapshots,
+        publish=publish,
+        relink=() if publish else tuple(
+            entry for entry in snapshot.entries
+            if state.links.get(f"{snapshot.commit}/{entry.path}") != link_target(entry.path, entry.blob)),
         ref=needs_ref,
         leftovers=state.leftovers,
     )
@@ -178,20 +195,21 @@ def link_target(path: str, blob: str) -> str:
 
 
 def blob_check_command(incoming: str, entry: RepoEntry) -> str:
-    """Succeeds only if INCOMING has ENTRY's size and hash; otherwise removes it."""
+    """Succeeds only if INCOMING is a regular file with ENTRY's size and hash; otherwise removes it.
+    Read without following a link or blocking on a FIFO (`dd iflag=nofollow,nonblock`)."""
     quoted = shlex.quote(incoming)
+    read = f"dd if={quoted} iflag=nofollow,nonblock bs=1M status=none"
     if len(entry.blob) == 64:
-        hashed = f"echo '{entry.blob}  '{quoted} | sha256sum --check --quiet --strict -"
+        hashed = f"[ \"$({read} | sha256sum | cut -c1-64)\" = {entry.blob} ]"
     else:
-        hashed = (f"[ \"$( {{ printf 'blob %s\\000' {entry.size}; cat {quoted}; }} | sha1sum | cut -c1-40)\" "
-                  f"= {entry.blob} ]")
+        hashed = f"[ \"$( {{ printf 'blob %s\\000' {entry.size}; {read}; }} | sha1sum | cut -c1-40)\" = {entry.blob} ]"
     problem = shlex.quote(f"model file {entry.path}: the copy does not match its size or hash; removed, run again")
-    return (f"{{ [ \"$(stat -c %s {quoted})\" = {entry.size} ] && {hashed}; }} "
+    return (f"{{ [ -f {quoted} ] && [ ! -L {quoted} ] && [ \"$(stat -c %s {quoted})\" = {entry.size} ] && {hashed}; }} "
             f"|| {{ rm -f {quoted}; echo {problem} >&2; exit 1; }}")
 
 
-def publish_commands(repo: str, plan: ModelPlan, owner: str) -> list[str]:
-    """Tree listing, snapshot (built under a temporary name, then renamed) and ref, in that order."""
+def publish_commands(repo: str, plan: ModelPlan, owner: tuple[int, int]) -> list[str]:
+    """Snapshot (built under a temporary name, then renamed), ref and leftovers, as the cache's owner."""
     snapshot, commands = plan.snapshot, []
     q = shlex.quote
     if plan.publish:
@@ -201,38 +219,40 @@ def publish_commands(repo: str, plan: ModelPlan, owner: str) -> list[str]:
         steps += [f"mkdir -p {q(f'{tmp}/{d}')}" for d in dirs]
         steps += [f"ln -s {link_target(entry.path, entry.blob)} {q(f'{tmp}/{entry.path}')}"
                   for entry in snapshot.entries]
-        steps += [f"chown -hR {owner} {q(tmp)}", f"mv -T {q(tmp)} {q(f'{repo}/snapshots/{snapshot.commit}')}"]
+        steps += [f"mv -T {q(tmp)} {q(f'{repo}/snapshots/{snapshot.commit}')}"]
         commands.append(" && ".join(steps))
+    if plan.relink:  # a wider pattern set at the same commit, or a link removed: each link made whole in place
+        final = f"{repo}/snapshots/{snapshot.commit}"
+        commands.append(" && ".join(
+            f"mkdir -p {q(str(PurePosixPath(final, entry.path).parent))} "
+            f"&& ln -sfn {link_target(entry.path, entry.blob)} {q(f'{final}/{entry.path}')}" for entry in plan.relink))
     if plan.ref:
         ref = f"{repo}/refs/{snapshot.spec.revision}"
         commands.append(f"mkdir -p {q(str(PurePosixPath(ref).parent))} "
-                        f"&& printf %s {snapshot.commit} > {q(ref + '.tmp')} "
-                        f"&& chown {owner} {q(ref + '.tmp')} && mv -T {q(ref + '.tmp')} {q(ref)}")
+                        f"&& rm -f {q(ref + '.tmp')} && printf %s {snapshot.commit} > {q(ref + '.tmp')} "
+                        f"&& mv -T {q(ref + '.tmp')} {q(ref)}")
     if plan.leftovers:
         commands.append(f"cd {q(repo)} && rm -rf -- " + " ".join(q(path) for path in plan.leftovers))
-    return commands
+    return [as_owner(*owner, command) for command in commands]
 
 
-def repo_dirs_command(cache_dir: str, folder: str, owner: str, mode: str) -> str:
-    uid, gid = owner.split(":")
+def repo_dirs_command(cache_dir: str, folder: str, owner: tuple[int, int], mode: str) -> str:
     repo = f"{cache_dir}/hub/{folder}"
     paths = [f"{cache_dir}/hub", repo, *(f"{repo}/{sub}" for sub in ("blobs", "snapshots", "refs", "trees"))]
-    return f"install -d -o {uid} -g {gid} -m {mode} " + " ".join(shlex.quote(path) for path in paths)
+    return as_owner(*owner, f"install -d -m {mode} " + " ".join(shlex.quote(path) for path in paths))
 
 
-def blob_in_place_command(repo: str, entry: RepoEntry, owner: str) -> str:
+def blob_in_place_command(repo: str, entry: RepoEntry) -> str:
     """blobs/<name>.incoming, once checked, becomes blobs/<name> (a rename: never seen half written)."""
     incoming, final = shlex.quote(f"{repo}/blobs/{entry.blob}.incoming"), shlex.quote(f"{repo}/blobs/{entry.blob}")
-    return (f"{blob_check_command(f'{repo}/blobs/{entry.blob}.incoming', entry)} && chown {owner} {incoming} "
-            f"&& mv -f {incoming} {final}")
+    return f"{blob_check_command(f'{repo}/blobs/{entry.blob}.incoming', entry)} && mv -f {incoming} {final}"
 
 
-def tree_commands(repo: str, plan: ModelPlan, control_cache: Path, owner: str):
+def tree_upload(repo: str, plan: ModelPlan, control_cache: Path, owner: tuple[int, int]) -> StreamedUpload:
     tree = f"{repo}/trees/{plan.snapshot.commit}.json"
-    yield FileUploadCommand(str(control_cache / plan.snapshot.spec.folder / "trees" / f"{plan.snapshot.commit}.json"),
-                            tree + ".incoming", remote_temp_filename=host.get_temp_filename(tree))
-    yield (f"chown {owner} {shlex.quote(tree + '.incoming')} "
-           f"&& mv -f {shlex.quote(tree + '.incoming')} {shlex.quote(tree)}")
+    source = control_cache / plan.snapshot.spec.folder / "trees" / f"{plan.snapshot.commit}.json"
+    return StreamedUpload(source, f"tree listing of {plan.snapshot.label()}", tree + ".incoming", owner, 0o644,
+                          then=f"mv -f {shlex.quote(tree + '.incoming')} {shlex.quote(tree)}")
 
 
 def _downloaded(state, host, snapshot: Snapshot, endpoint: str, control_cache: Path) -> bool:
@@ -249,7 +269,8 @@ def control_file(control_cache: Path, snapshot: Snapshot, entry: RepoEntry) -> P
 
 
 @operation(is_idempotent=False)
-def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: Path, owner: str, mode: str):
+def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: Path, owner: tuple[int, int],
+                mode: str):
     """Send the blobs a host lacks from the control cache (each checked, then renamed), then publish the snapshot."""
     snapshot = plan.snapshot
     repo = f"{cache_dir}/hub/{snapshot.spec.folder}"
@@ -258,51 +279,55 @@ def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: P
     yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
     for entry in plan.send:
         source = control_file(control_cache, snapshot, entry).resolve()
-        yield RoomCheckedUpload(UploadProgress(source, f"model file {entry.path}"),
-                                f"{repo}/blobs/{entry.blob}.incoming",
-                                remote_temp_filename=host.get_temp_filename(f"{repo}/blobs/{entry.blob}"))
-        yield blob_in_place_command(repo, entry, owner)
+        yield StreamedUpload(source, f"model file {entry.path}", f"{repo}/blobs/{entry.blob}.incoming", owner,
+                             0o644, then=blob_in_place_command(repo, entry))
     if plan.write_tree:
-        yield from tree_commands(repo, plan, control_cache, owner)
+        yield tree_upload(repo, plan, control_cache, owner)
     yield from publish_commands(repo, plan, owner)
 
 
-def host_download_command(staging: str, plan: ModelPlan, env: EnvPlan, env_dir: str, endpoint: str) -> str:
-    """Run snapshot_download on the host, in the runtime image with the ML env mounted, into STAGING.
+def host_download_command(staging: str, plan: ModelPlan, env: EnvPlan, env_dir: str, endpoint: str,
+                          owner: tuple[int, int]) -> str:
+    """Run snapshot_download on the host, in the runtime image with the ML env mounted, into STAGING,
+    as the cache's owner (what the container writes is that user's, wherever a planted link points).
 
     No token goes along: HF_TOKEN never leaves the control node (gated repos need "control" mode).
     """
     spec, q = plan.snapshot.spec, shlex.quote
-    environment = {**env.environment(), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
+    environment = {**runtime_environment(env.base.python, HOST_DOWNLOAD_ENV), "HOME": HOST_DOWNLOAD_HF,
+                   "HF_HOME": HOST_DOWNLOAD_HF, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if os.environ.get("HF_HUB_DISABLE_XET"):
         environment["HF_HUB_DISABLE_XET"] = os.environ["HF_HUB_DISABLE_XET"]
-    return (f"docker run --rm --network host -v {q(staging)}:/root/.cache/huggingface "
-            f"-v {q(f'{env_dir}/envs/{env.wanted}')}:/root/.local:ro "
+    # --mount, not -v: a missing source is an error, not a directory docker creates as root
+    return (f"docker run --rm --network host --user {owner[0]}:{owner[1]} "
+            f"--mount {q(f'type=bind,source={staging},target={HOST_DOWNLOAD_HF}')} "
+            f"--mount {q(f'type=bind,source={env_dir}/envs/{env.wanted},target={HOST_DOWNLOAD_ENV},readonly')} "
             + " ".join(f"-e {key}={q(value)}" for key, value in environment.items())
             + f" --entrypoint '' {env.base.id} "
-            + program("download_snapshot.py", "/root/.cache/huggingface/hub", spec.repo_id, spec.repo_type,
+            + program("download_snapshot.py", f"{HOST_DOWNLOAD_HF}/hub", spec.repo_id, spec.repo_type,
                       plan.snapshot.commit, json.dumps(spec.allow_patterns), json.dumps(spec.ignore_patterns)))
 
 
 @operation(is_idempotent=False)
 def download_model_on_host(cache_dir: str, plan: ModelPlan, env: EnvPlan, env_dir: str, endpoint: str,
-                           control_cache: Path, owner: str, mode: str):
+                           control_cache: Path, owner: tuple[int, int], mode: str):
     """The host downloads the snapshot itself into a staging cache; what it lacks is then checked and moved in."""
     snapshot, q = plan.snapshot, shlex.quote
     repo = f"{cache_dir}/hub/{snapshot.spec.folder}"
     staging = f"{cache_dir}/.staging-{snapshot.commit[:12]}"
     yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
     if plan.send:
-        yield f"rm -rf {q(staging)} && install -d -m 0700 {q(staging)}"
-        yield host_download_command(staging, plan, env, env_dir, endpoint)
+        yield as_owner(*owner, f"rm -rf {q(staging)} && install -d -m 0700 {q(staging)}")
+        yield host_download_command(staging, plan, env, env_dir, endpoint, owner)
         staged = f"{staging}/hub/{snapshot.spec.folder}/snapshots/{snapshot.commit}"
         for entry in plan.send:
-            yield (f"mv -f \"$(readlink -f {q(f'{staged}/{entry.path}')})\" {q(f'{repo}/blobs/{entry.blob}.incoming')} "
-                   f"&& {blob_in_place_command(repo, entry, owner)}")
-        yield f"rm -rf {q(staging)}"
+            incoming = q(f"{repo}/blobs/{entry.blob}.incoming")
+            yield as_owner(*owner, f"mv -f \"$(readlink -f {q(f'{staged}/{entry.path}')})\" {incoming} "
+                                   f"&& {blob_in_place_command(repo, entry)}")
+        yield as_owner(*owner, f"rm -rf {q(staging)}")
     if plan.write_tree:
-        yield from tree_commands(repo, plan, control_cache, owner)
+        yield tree_upload(repo, plan, control_cache, owner)
     yield from publish_commands(repo, plan, owner)
 
 
@@ -332,7 +357,7 @@ def converge(config: HostConfig, env: EnvPlan | None, state: ModelCacheState) ->
         check_room(name=f"Model cache room for {needed / 1e6:.1f} MB", needed=needed, free=state.free_bytes)
     where = dict(cache_dir=config.model_cache_dir, endpoint=endpoint_of(config),
                  control_cache=Path(config.hf_control_cache_dir).expanduser(),
-                 owner=f"{config.model_cache_dir_uid}:{config.model_cache_dir_gid}",
+                 owner=cache_owner(config),
                  mode=f"{config.model_cache_dir_mode:04o}")
     for plan in plans:
         if not plan.changes:

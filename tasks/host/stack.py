@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import io
 import json
 import os
 import shlex
@@ -22,11 +21,10 @@ import yaml
 from pyinfra import host
 from pyinfra import state as pyinfra_state
 from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
-from pyinfra.api.command import FileUploadCommand
 
 from tasks.config import HostConfig
 from tasks.control.builder import BaseImage, BuilderError
-from tasks.control.caches import once
+from tasks.control.caches import file_sha256, once
 from tasks.control.hub import Snapshot
 from tasks.control.stack_project import StackDef, StackError, build_and_save, image_tag
 from tasks.host.failure import HostProblem, failed, step
@@ -34,7 +32,7 @@ from tasks.host.gpus import Gpu, device_reservation
 from tasks.host.ml_env import EnvPlan
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
-from tasks.host.transfer import RoomCheckedUpload, UploadProgress
+from tasks.host.transfer import StreamedUpload
 from tasks.report import ServiceOutcome, StackOutcome, report
 
 OUR_KEYS = ("mounts", "models", "http_checks")  # stack.yml keys the deploy consumes; the rest is compose's
@@ -232,10 +230,13 @@ def _image_ready(state, host, stack: StackDef, tag: str, base: BaseImage, builde
 def ship_image(stack: StackDef, tag: str, base: BaseImage, builder: str, archive: Path, compose_dir: str):
     """Build once for the fleet, then `docker load` on each host that lacks the tag."""
     yield FunctionCommand(_image_ready, (stack, tag, base, builder, archive), {})
-    incoming = f"{compose_dir}/.image.tar.gz"
-    yield RoomCheckedUpload(UploadProgress(archive, f"image {tag}"), incoming,
-                            remote_temp_filename=host.get_temp_filename(incoming))
-    yield f"docker load -q -i {shlex.quote(incoming)} && rm -f {shlex.quote(incoming)}"
+    incoming, q = f"{compose_dir}/.image.tar.gz", shlex.quote
+    sha256 = once(("sha256", archive), lambda: file_sha256(archive))
+    mismatch = q(f"image {tag}: the archive does not match its sha256; it was removed, run the deploy again")
+    yield StreamedUpload(archive, f"image {tag}", incoming, then=(
+        f"{{ echo {sha256}'  '{q(incoming)} | sha256sum --check --quiet --strict - "
+        f"|| {{ rm -f {q(incoming)}; echo {mismatch} >&2; exit 1; }}; }} "
+        f"&& docker load -q -i {q(incoming)} && rm -f {q(incoming)}"))
 
 
 def compose_args(project: str, compose_dir: str, profiles: list[str], subdir: str = "") -> str:
@@ -245,23 +246,15 @@ def compose_args(project: str, compose_dir: str, profiles: list[str], subdir: st
             + "".join(f" --profile {shlex.quote(profile)}" for profile in profiles))
 
 
-def private_upload(data: bytes, dest: str):
-    """Upload DATA so that it is never readable by others, also through sudo's temporary copy."""
-    temp = host.get_temp_filename(dest)
-    if (host.current_op_global_arguments or {}).get("_sudo"):  # sftp writes sudo's copy as the login user first
-        yield StringCommand(f"umask 077 && : > {shlex.quote(temp)}", _sudo=False)
-    yield f"install -m 0600 /dev/null {shlex.quote(dest)}"
-    yield FileUploadCommand(io.BytesIO(data), dest, remote_temp_filename=temp)
-
-
 @operation(is_idempotent=False)
 def push_compose(project: str, compose_dir: str, rendered: Rendered, profiles: list[str]):
     """Validate the new project on the host (`docker compose config -q`) before it replaces the old one."""
     q, staged = shlex.quote, f"{compose_dir}/.next"
     yield f"rm -rf {q(staged)} && install -d -m 0700 {q(staged)}"
-    yield from private_upload(rendered.compose.encode(), f"{staged}/docker-compose.yml")
-    yield from private_upload(rendered.dotenv.encode(), f"{staged}/.env")
-    yield from private_upload(rendered.digest.encode(), f"{staged}/.env.digest")
+    # streamed into files only root can read: the .env never passes through a temporary copy
+    yield StreamedUpload(rendered.compose.encode(), "compose file", f"{staged}/docker-compose.yml")
+    yield StreamedUpload(rendered.dotenv.encode(), ".env", f"{staged}/.env")
+    yield StreamedUpload(rendered.digest.encode(), ".env digest", f"{staged}/.env.digest")
     yield f"{compose_args(project, compose_dir, profiles, '.next')} config -q"
     yield (f"cd {q(compose_dir)} && chmod 0640 .next/docker-compose.yml "
            "&& mv -f .next/docker-compose.yml docker-compose.yml "

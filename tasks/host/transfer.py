@@ -1,22 +1,31 @@
-"""Large uploads to a host: progress the user sees, a room check before a byte is sent, and a failure
-that fails only that host and says why."""
+"""Uploads to a host: streamed over an exec channel of the deploy's own SSH connection into a
+program on the host (`files/host/receive_file.sh`), run with the deploy's sudo/su settings and, in
+a directory a non-root user owns, as that user (`as_owner`). No temporary copy at a predictable name,
+no second write on the host; progress the user sees; a room check before a byte is sent; and a
+failure that fails only that host and says why.
+"""
 
 from __future__ import annotations
 
 import io
 import shlex
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from pyinfra import host
+import paramiko
 from pyinfra.api import StringCommand
-from pyinfra.api.command import FileUploadCommand
+from pyinfra.api.command import PyinfraCommand
+from pyinfra.connectors.util import make_unix_command_for_host
 
 from tasks.host.failure import failed
+from tasks.host.programs import program
 
 PROGRESS_EVERY = 2.0  # seconds between upload progress lines
 PROGRESS_FROM = 1_000_000  # smaller files arrive too fast for progress to say anything
 DISK_MARGIN = 256 * 2**20  # bytes a transfer leaves free on the host beyond what it writes
+CHUNK = 1 << 20
+# pyinfra's arguments for how it runs a command itself (a pty, a timeout, stdin): not for a stream
+CHANNEL_ARGUMENTS = ("_get_pty", "_timeout", "_stdin", "_success_exit_codes")
 
 
 def room_problem(free: int, needed: int, contents: str, where: str = "") -> str | None:
@@ -28,65 +37,84 @@ def room_problem(free: int, needed: int, contents: str, where: str = "") -> str 
             f"({contents} and a margin); nothing was sent")
 
 
-class UploadProgress(io.RawIOBase):
-    """The artifact as a file object that logs how much of it the SFTP upload has read."""
-
-    def __init__(self, path: Path, label: str):
-        self.path, self.label, self.file = path, label, None
-        self.total = path.stat().st_size
-        self.sent, self.last = 0, 0.0
-
-    def readable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.file = self.file or self.path.open("rb")
-        self.sent = self.file.seek(offset, whence)
-        return self.sent
-
-    def read(self, size: int = -1) -> bytes:
-        self.file = self.file or self.path.open("rb")
-        data = self.file.read(size)
-        self.sent += len(data)
-        now = time.monotonic()
-        if data and self.total >= PROGRESS_FROM and (now - self.last >= PROGRESS_EVERY or self.sent == self.total):
-            self.last = now
-            host.log(f"{self.label}: {self.sent / 1e6:.1f} / {self.total / 1e6:.1f} MB sent "
-                     f"({100 * self.sent // max(self.total, 1)}%)")
-        return data
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        super().close()
+def as_owner(uid: int, gid: int, command: str) -> str:
+    """COMMAND run as uid:gid when that is not root: in a directory a user owns, root must not follow
+    the links that user can plant there; as that user, a link leads nowhere the user could not write."""
+    if uid == 0:
+        return command
+    return f"setpriv --reuid={uid} --regid={gid} --clear-groups -- sh -c {shlex.quote(command)}"
 
 
-class RoomCheckedUpload(FileUploadCommand):
-    """An upload whose failure fails only its host and says why: how much room is left where it was
-    writing (SFTP reports a full disk as a bare "Failure"; under sudo the file passes through the
-    host's temp dir first), or that the connection was lost."""
+class StreamedUpload(PyinfraCommand):
+    """Send SOURCE (a control-node file or bytes) to DEST on the host, written as a new file with MODE
+    by `files/host/receive_file.sh` as uid:gid (see `as_owner`); then THEN runs there (checks, a rename)."""
+
+    def __init__(self, source: Path | bytes, label: str, dest: str, owner: tuple[int, int] = (0, 0),
+                 mode: int = 0o600, then: str = ""):
+        super().__init__()
+        self.source, self.label, self.dest = source, label, dest
+        receive = program("receive_file.sh", dest, f"{mode:04o}")
+        self.receive = as_owner(*owner, f"{receive} && {then}" if then else receive)
+
+    def __repr__(self):  # op hashes and logs: never the data (bytes may be a .env)
+        return f"StreamedUpload({self.label}, {self.dest})"
+
+    def _open(self) -> tuple[io.BufferedIOBase, int]:
+        if isinstance(self.source, bytes):
+            return io.BytesIO(self.source), len(self.source)
+        return self.source.open("rb"), self.source.stat().st_size
 
     def execute(self, state, host, connector_arguments) -> bool:
-        label = getattr(self.src, "label", self.dest)
+        client = getattr(host.connector, "client", None)
+        if client is None:
+            return failed(host, f"{self.label}: uploads need an SSH connection to the host")
+        arguments = {key: value for key, value in connector_arguments.items() if key not in CHANNEL_ARGUMENTS}
+        command = make_unix_command_for_host(state, host, StringCommand(self.receive), **arguments)
         try:
-            if super().execute(state, host, dict(connector_arguments)):
-                return True
-            failure = "the upload failed"
+            source, total = self._open()
         except OSError as error:
-            failure = f"the upload failed ({error})"
-        except EOFError:  # paramiko's word for a dead connection; pyinfra would abort every host's run on it
-            return failed(host, f"{label}: the connection was lost during the upload; nothing was installed, "
-                                "the next run sends it again")
-        places = {str(Path(self.dest).parent)}
-        if any(connector_arguments.get(key) for key in ("_sudo", "_su_user", "_doas", "_dzdo")):
-            places.add(str(Path(self.remote_temp_filename or self.dest).parent))
-        quoted = " ".join(shlex.quote(place) for place in sorted(places))
-        _, output = host.run_shell_command(StringCommand(f"df -Pk -- {quoted} | awk 'NR > 1 {{print $4, $6}}'"),
+            return failed(host, f"{self.label}: cannot read it on the control node ({error}); nothing was sent")
+        channel = None
+        try:
+            with source:
+                channel = client.get_transport().open_session()
+                channel.exec_command(command.get_raw_value())
+                self._send(source, total, channel, host)
+            channel.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException) as error:
+            # paramiko's words for a dead connection (pyinfra would abort every host's run on them),
+            # unless the program on the host ended first and closed its end: then its status says why
+            if channel is None or not channel.exit_status_ready():
+                return failed(host, f"{self.label}: the connection was lost during the upload ({error}); "
+                                    "nothing was installed, the next run sends it again")
+        status = channel.recv_exit_status()
+        if status == 0:
+            return True
+        if status == -1:  # the channel closed without an exit status: the connection went away
+            return failed(host, f"{self.label}: the connection was lost during the upload; "
+                                "nothing was installed, the next run sends it again")
+        said = channel.recv_stderr(65536).decode(errors="replace").strip().splitlines()
+        return failed(host, f"{self.label}: the upload failed ({said[-1] if said else f'exit status {status}'}); "
+                            f"{self._room(state, host, connector_arguments)}nothing was installed, "
+                            "the next run sends it again")
+
+    def _send(self, source, total: int, channel, host) -> None:
+        sent, last = 0, time.monotonic()
+        while chunk := source.read(CHUNK):
+            channel.sendall(chunk)
+            sent += len(chunk)
+            if total >= PROGRESS_FROM and (time.monotonic() - last >= PROGRESS_EVERY or sent == total):
+                last = time.monotonic()
+                host.log(f"{self.label}: {sent / 1e6:.1f} / {total / 1e6:.1f} MB sent "
+                         f"({100 * sent // max(total, 1)}%)")
+
+    def _room(self, state, host, connector_arguments) -> str:
+        """How much room is left where DEST lives (a full disk is the usual cause of a failed upload)."""
+        where = shlex.quote(str(PurePosixPath(self.dest).parent))
+        _, output = host.run_shell_command(StringCommand(f"df -Pk -- {where} | awk 'NR > 1 {{print $4, $6}}'"),
                                            **connector_arguments)
-        room = []
         for line in output.stdout_lines:
             free_kb, _, mount = line.partition(" ")
-            room.append(f"No space left on device on {mount}" if int(free_kb) < 1024
-                        else f"{int(free_kb) / 1e3:.0f} MB free on {mount}")
-        return failed(host, f"{label}: {failure}: {', '.join(room) or 'free space unknown'}; nothing was installed, "
-                            "the next run sends it again")
+            if free_kb.isdigit():
+                return f"{int(free_kb) / 1e3:.0f} MB free on {mount}; "
+        return ""

@@ -54,13 +54,13 @@ def test_drift_on_one_host_is_repaired_there_only(fleet):
     assert stat_dirs(fleet, drifted, ["/srv/mlstack/hf-cache"])["/srv/mlstack/hf-cache"][0] == "1000:1000:2775"
 
 
-def test_sudo_login_creates_missing_parents_with_the_directory_rules(fleet):
+def test_sudo_login_creates_missing_parents_as_roots_and_the_directory_as_configured(fleet):
     data = [
         "--data", "stack_root=/srv/sudo-stack",
         "--data", "ml_env_dir=/srv/sudo-stack/env",
         "--data", "model_cache_dir=/srv/sudo-stack/cache",
         "--data", "compose_project_dir=/srv/deep/a/compose",
-        "--data", "compose_project_dir_uid=1000",
+        "--data", "compose_project_dir_gid=1000",
         "--data", "compose_project_dir_mode=0710",
     ]
     env = {"MLSTACK_FLEET_USER": "deploy"}
@@ -73,9 +73,9 @@ def test_sudo_login_creates_missing_parents_with_the_directory_rules(fleet):
         ).items()}
         assert owners == {
             "/srv": "0:0:755",  # existed: never touched
-            "/srv/deep": "1000:0:710",
-            "/srv/deep/a": "1000:0:710",
-            "/srv/deep/a/compose": "1000:0:710",
+            "/srv/deep": "0:0:755",  # missing parents are root's
+            "/srv/deep/a": "0:0:755",
+            "/srv/deep/a/compose": "0:1000:710",
             "/srv/sudo-stack/cache": "1000:1000:2775",
         }
     assert_no_change_anywhere(fleet.deploy(*data, env=env), fleet.hosts)

@@ -123,3 +123,56 @@ def test_a_broken_nvidia_smi_fails_that_host_alone_and_the_other_converges(fleet
     assert after == before  # the failed host was not touched
     assert run.report[other.name]["result"] == "ok"
     assert "PROBE" in fleet.ssh(other, "cat /srv/mlstack/compose/.env.digest")
+
+
+SYSTEM_LISTING = ("find /etc /root /usr -xdev -printf '%p %u:%g %m %s %T@ %l\\n' | sort; "
+                  "find /etc /root /usr -xdev -type f -exec md5sum {} + | sort")
+
+
+def as_cache_owner(command: str) -> str:
+    """COMMAND as uid 1000, the model cache's owner in the rehearsal (what that user can do there)."""
+    return f"cd {CACHE} && setpriv --reuid=1000 --regid=1000 --clear-groups sh -c {shlex.quote(command)}"
+
+
+def cache_problems(fleet, record) -> list[str]:
+    """Every snapshot link that does not lead to a regular blob of this repo with the content its name says."""
+    return fleet.ssh(record, f"cd {CACHE} && find snapshots -type l | while read -r link; do "
+                             "blob=$(readlink -f \"$link\"); name=${blob##*/}; "
+                             f"case $blob in {CACHE}/blobs/*) ;; *) echo \"$link leaves the repo\"; continue ;; esac; "
+                             "[ -f \"$blob\" ] && [ ! -L \"$blob\" ] || echo \"$link: no blob\"; "
+                             "[ ${#name} = 64 ] && [ \"$(sha256sum < \"$blob\" | cut -c1-64)\" != \"$name\" ] "
+                             "&& echo \"$link: wrong content\"; done; true").split("\n")[:-1]
+
+
+def assert_system_unchanged(before: str, after: str) -> None:
+    gone, new = set(before.splitlines()) - set(after.splitlines()), set(after.splitlines()) - set(before.splitlines())
+    assert not gone and not new, f"changed under /etc /root /usr: before {sorted(gone)[:10]}, after {sorted(new)[:10]}"
+
+
+@pytest.mark.parametrize("plant", ["hub-to-etc", "links-in-the-repo"])
+def test_links_the_cache_owner_plants_never_lead_root_outside_the_cache(fleet, plant):
+    first = fleet.deploy()
+    assert first.returncode == 0, first.output[-3000:]
+    target = fleet.hosts[0]
+    commit = next(model["commit"] for model in first.report[target.name]["models"]
+                  if model["repo_id"] == "sentence-transformers/all-MiniLM-L6-v2")
+    if plant == "hub-to-etc":  # the issue's example: before, `install -d -o 1000` chowned /etc to uid 1000
+        fleet.ssh(target, as_cache_owner("cd .. && mv hub hub.moved && ln -s /etc hub"))
+    else:  # before, root wrote through each of these links: a blob's upload, the tree's, the ref's
+        blob = fleet.ssh(target, f"ls -S {CACHE}/blobs | head -1").strip()
+        fleet.ssh(target, as_cache_owner(
+            f"rm blobs/{blob} && ln -s /etc/hostname blobs/{blob}.incoming "
+            f"&& rm trees/{commit}.json && ln -s /usr/lib/os-release trees/{commit}.json.incoming "
+            f"&& printf {'f' * 40} > refs/main && ln -s /root/.profile refs/main.tmp "
+            f"&& ln -s /etc snapshots/{commit}.tmp"))
+    before = fleet.ssh(target, SYSTEM_LISTING)
+    run = fleet.deploy()
+    after = fleet.ssh(target, SYSTEM_LISTING)
+    assert run.returncode == 0, run.output[-3000:]
+    assert_system_unchanged(before, after)
+    assert run.report[target.name]["changes"] == ["models"]
+    assert cache_problems(fleet, target) == []  # repaired: every file of the snapshot is there, intact
+    assert fleet.ssh(target, f"cat {CACHE}/refs/main") == commit
+    assert fleet.ssh(target, f"stat -c '%F %u' /srv/mlstack/hf-cache/hub {CACHE}/blobs").split("\n")[:-1] == [
+        "directory 1000", "directory 1000"]
+    assert fleet.deploy().changed_operations() == []

@@ -222,7 +222,7 @@ def test_the_archon_stack_renders_and_passes_compose_config_on_a_host(fleet):
     sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "host"))
     from test_stack_render import GPUS, rendered  # noqa: PLC0415 (the unit tests' fixture of a full render)
 
-    _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml env: #1")
+    _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml-env_1")
     record = fleet.hosts[0]
     target = "/srv/archon-check"
     fleet.ssh(record, f"rm -rf {target} && mkdir -p {target}")
@@ -235,7 +235,7 @@ def test_the_archon_stack_renders_and_passes_compose_config_on_a_host(fleet):
     resolved = fleet.ssh(record, f"docker compose --project-directory {target} -f {target}/docker-compose.yml "
                                  "--profile agents config --format json")
     server = json.loads(resolved)["services"]["archon-server"]
-    assert server["volumes"][0]["source"] == "/srv/ml env: #1/envs/env-0123456789abcdef"
+    assert server["volumes"][0]["source"] == "/srv/ml-env_1/envs/env-0123456789abcdef"
     # From .env; compose prints `$` doubled in its own output so that it reads back as one `$`.
     assert server["environment"]["SUPABASE_SERVICE_KEY"] == "k$$y"
     fleet.ssh(record, f"rm -rf {target}")

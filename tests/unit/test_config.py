@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks import secrets
 from tasks.config import ConfigError, HostConfig, validate_fleet, validate_host
+from tasks.control import hub
 
 DEFAULTS = {
     key: value
@@ -187,7 +189,7 @@ def test_model_entries_get_defaults_and_their_cache_folder():
     first, second = config.models
     assert ((first.revision, first.repo_type, first.folder)
             == ("main", "model", "models--sentence-transformers--all-MiniLM-L6-v2"))
-    assert (second.folder, second.allow_patterns) == ("datasets--org--data", ["*.json"])
+    assert (second.folder, second.allow_patterns) == ("datasets--org--data", ("*.json",))
 
 
 @pytest.mark.parametrize(
@@ -227,3 +229,281 @@ def test_a_stack_service_reading_a_model_setting_the_inventory_lacks_is_refused(
     assert problems_for(stack="reranker", service_models={}) == [
         "gpu-01: service_models = {}: an entry for RERANKING_MODEL (stack 'reranker': read by reranker)"
     ]
+
+
+# Configured host directories: characters, system locations, nesting.
+
+@pytest.mark.parametrize(("value", "shown", "breaks"), [
+    ("/srv/ml:env", "':'", "docker -v"),
+    ("/srv/ml,env", "','", "docker --mount"),
+    ("/srv/ml$env", "'$'", "compose"),
+    ("/srv/ml#1", "'#'", "a .env line"),
+    ("/srv/ml env", "' '", "a shell word or a .env line"),
+    ("/srv/ml\nenv", "'\\n'", "a shell word or a .env line"),
+    ("/srv/ml\0env", "'\\x00'", "a shell word or a .env line"),
+    ("/srv/ml'env", '"\'"', "a shell word or a .env line"),
+    ('/srv/ml"env', "'\"'", "a shell word or a .env line"),
+    ("/srv/ml\\env", "'\\\\'", "a shell word or a .env line"),
+    ("/srv/ml*", "'*'", "a shell word or a .env line"),
+    ("/srv/ml\u00e9", "'\u00e9'", "a shell word or a .env line"),
+])
+def test_a_directory_with_a_character_that_breaks_docker_compose_env_or_shell_is_refused(value, shown, breaks):
+    assert problems_for(ml_env_dir=value) == [
+        f"gpu-01: ml_env_dir = {value!r}: expected a path of letters, digits and . _ - + @ / only "
+        f"({shown} would break {breaks})"
+    ]
+
+
+def test_a_directory_of_letters_digits_and_dot_underscore_dash_plus_at_passes():
+    assert problems_for(ml_env_dir="/srv/ML-env_1.2+x@y") == []
+
+
+SYSTEM = ["/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+          "/root", "/run", "/var/run", "/var/lib/docker", "/var/lib/containerd", "/var/lib/dpkg", "/var/lib/apt",
+          "/var/log", "/snap", "/lost+found"]
+
+
+@pytest.mark.parametrize("tree", SYSTEM)
+@pytest.mark.parametrize("below", ["", "/mlstack"])
+def test_a_directory_in_a_system_location_is_refused(tree, below):
+    for key in ("stack_root", "model_cache_dir"):
+        value = tree + below
+        assert f"gpu-01: {key} = {value!r}: expected a directory outside {tree} (a system location: the deploy " \
+               "would chown it)" in problems_for(**{key: value})
+
+
+@pytest.mark.parametrize("tree", ["/tmp", "/var/tmp", "/dev/shm"])
+def test_a_directory_in_a_world_writable_temp_dir_is_refused(tree):
+    assert problems_for(compose_project_dir=f"{tree}/compose") == [
+        f"gpu-01: compose_project_dir = '{tree}/compose': expected a directory outside {tree} (world-writable: "
+        "a local user could plant the path first)"
+    ]
+
+
+@pytest.mark.parametrize("parent", ["/home", "/var", "/var/lib", "/srv", "/opt", "/mnt", "/media"])
+def test_a_shared_parent_may_hold_the_directories_but_not_be_one(parent):
+    assert problems_for(ml_env_dir=parent) == [
+        f"gpu-01: ml_env_dir = {parent!r}: expected a directory of its own, such as '{parent}/mlstack', "
+        f"not {parent} itself (the deploy would chown it)"
+    ]
+    assert problems_for(ml_env_dir=f"{parent}/ml-env") == []
+
+
+@pytest.mark.parametrize("value", ["/etcetera", "/usr-local-data/x", "/tmpfs/x", "/var/lib/docker-data",
+                                   "/var/logs", "/runner/x", "/home/ops/mlstack", "/data/etc", "/srv/root"])
+def test_neighbours_of_system_locations_pass(value):
+    assert problems_for(ml_env_dir=value) == []
+
+
+def test_directories_may_lie_below_stack_root_but_not_inside_one_another():
+    assert problems_for(model_cache_dir="/srv/mlstack/ml-env/cache") == [
+        "gpu-01: model_cache_dir = '/srv/mlstack/ml-env/cache': a directory outside ml_env_dir (/srv/mlstack/ml-env), "
+        "which has its own owner, mode and cleanup"
+    ]
+    assert problems_for(ml_env_dir="/srv/mlstack/compose/env") == [
+        "gpu-01: ml_env_dir = '/srv/mlstack/compose/env': a directory outside compose_project_dir "
+        "(/srv/mlstack/compose), which has its own owner, mode and cleanup"
+    ]
+    assert problems_for(stack_root="/srv/mlstack/hf-cache/root") == [
+        "gpu-01: stack_root = '/srv/mlstack/hf-cache/root': a directory outside model_cache_dir "
+        "(/srv/mlstack/hf-cache), which has its own owner, mode and cleanup"
+    ]
+    # a name that merely starts like a sibling is not inside it; stack_root may be anywhere else
+    assert problems_for(model_cache_dir="/srv/mlstack/ml-env2", stack_root="/srv/elsewhere") == []
+
+
+# Repo ids and revisions: what huggingface_hub refuses is refused here first.
+
+REPO_MESSAGE = "expected a HuggingFace repo id such as 'sentence-transformers/all-MiniLM-L6-v2'"
+REVISION_MESSAGE = "expected a branch, tag or full commit sha such as 'main', 'v1.0' or 40 hex digits"
+
+
+def model_problems(**entry):
+    return problems_for(models=[{"repo_id": "a/b", **entry}], service_models={"RERANKING_MODEL": entry.get(
+        "repo_id", "a/b")})
+
+
+@pytest.mark.parametrize("repo_id", [
+    "a--b", "org/a--b", "a..b", "org/a..b", "-a", "a-", ".a", "a.", "org/-a", "org/a.", "-org/a", "org./a",
+    "a" * 97, "org/" + "a" * 97, "o" * 97 + "/a", "a/b/c", "datasets/org/x", "a.git", "org/a.git", "", "/a", "a/",
+    "a b", "caf\u00e9", "\u6587\u4ef6", "a/b\n", "a\\b", "a$b",
+])
+def test_repo_ids_huggingface_hub_refuses_are_refused(repo_id):
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    with pytest.raises(HFValidationError):
+        validate_repo_id(repo_id)
+    assert model_problems(repo_id=repo_id) == [f"gpu-01: models[0].repo_id = {repo_id!r}: {REPO_MESSAGE}"]
+
+
+@pytest.mark.parametrize("repo_id", ["a", "a/b", "Org-1/Model_2.0", "a_", "org_/x_", "a" * 96,
+                                     "o" * 96 + "/" + "a" * 96, "a-b.c_d/e-f.g"])
+def test_repo_ids_huggingface_hub_takes_pass(repo_id):
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+    assert model_problems(repo_id=repo_id) == []
+
+
+@pytest.mark.parametrize("revision", [".", "..", "a/.", "./a", "a/./b", "a/..", "v1..2", "-main", "--upload-pack=x",
+                                      "x" * 256, "a//b", "/a", "a/", "main branch", "v\u00e9", ""])
+def test_revisions_that_could_climb_a_path_or_read_as_an_option_are_refused(revision):
+    assert model_problems(revision=revision) == [f"gpu-01: models[0].revision = {revision!r}: {REVISION_MESSAGE}"]
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "refs/pr/1", "a-b", "x" * 255, "0" * 40, ".hidden/a", "a.b/c-"])
+def test_revisions_huggingface_hub_takes_pass(revision):
+    assert model_problems(revision=revision) == []
+
+
+# The stack's .env: no variable that docker compose reads for itself.
+
+COMPOSE_MESSAGE = ("expected a variable compose itself does not read "
+                   "(COMPOSE_* and DOCKER_* change how docker compose runs)")
+
+
+@pytest.mark.parametrize("name", ["COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "DOCKER_HOST", "DOCKER_CONFIG",
+                                  "COMPOSE_", "DOCKER_"])
+def test_stack_env_and_secrets_cannot_set_what_compose_reads(name):
+    assert problems_for(stack_env={name: "x"}) == [f"gpu-01: stack_env = {{{name!r}: 'x'}}: {COMPOSE_MESSAGE}"]
+    assert problems_for(stack_secrets=[name]) == [f"gpu-01: stack_secrets = [{name!r}]: {COMPOSE_MESSAGE}"]
+
+
+def test_names_that_only_look_like_compose_settings_pass():
+    names = ["MY_COMPOSE_FILE", "DOCKERFILE", "COMPOSEX", "DOCKER", "ARCHON_DOCKER_HOST"]
+    assert problems_for(stack_env={name: "1" for name in names}, stack_secrets=names) == []
+    # service_models variables go to the container's environment, not to .env
+    assert problems_for(service_models={"RERANKING_MODEL": "Qwen/Qwen3-Reranker-0.6B",
+                                        "DOCKER_MODEL": "Qwen/Qwen3-Reranker-0.6B"}) == []
+
+
+# The HF endpoint's credentials, and HF_TOKEN over plain http.
+
+LITERAL = "expected credentials as ${VAR} from the control node's environment, not written in the inventory"
+
+
+@pytest.mark.parametrize("endpoint", ["https://ci:hunter2@hf.corp", "https://hf_sEcReT@hf.corp:8443/",
+                                      "http://ci:pre${HF_PW}@hf.corp", "https://${HF_USER}:x@hf.corp"])
+def test_an_endpoint_with_a_literal_password_is_refused(monkeypatch, endpoint):
+    monkeypatch.setenv("HF_PW", "pw")
+    monkeypatch.setenv("HF_USER", "ci")
+    problems = problems_for(hf_endpoint=endpoint)
+    assert problems == [f"gpu-01: hf_endpoint = {secrets.masked(endpoint)!r}: {LITERAL}"]
+    assert "hunter2" not in problems[0] and "sEcReT" not in problems[0]
+
+
+@pytest.mark.parametrize("endpoint", ["https://ci:${HF_PW}@hf.corp", "https://${HF_USER}:${HF_PW}@hf.corp/",
+                                      "https://${HF_PW}@hf.corp", "http://hf.corp:8090"])
+def test_an_endpoint_with_credentials_from_the_environment_passes(monkeypatch, endpoint):
+    monkeypatch.setenv("HF_PW", "pw")
+    monkeypatch.setenv("HF_USER", "ci")
+    assert problems_for(hf_endpoint=endpoint) == []
+
+
+def test_an_endpoint_credential_must_be_set_on_the_control_node(monkeypatch):
+    monkeypatch.delenv("HF_PW", raising=False)
+    assert problems_for(hf_endpoint="https://ci:${HF_PW}@hf.corp") == [
+        "gpu-01: hf_endpoint = 'https://***@hf.corp': expected ${HF_PW} to be set in the control node's environment"
+    ]
+
+
+HOST_MODE = ("model_mode 'host' sends the endpoint to every host; an endpoint with credentials needs "
+             "model_mode 'control'")
+
+
+def test_host_mode_refuses_an_endpoint_with_credentials(monkeypatch):
+    monkeypatch.setenv("HF_PW", "pw")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert problems_for(model_mode="host", hf_endpoint="https://ci:${HF_PW}@hf.corp") == [
+        f"gpu-01: hf_endpoint = 'https://***@hf.corp': {HOST_MODE}"
+    ]
+    assert problems_for(model_mode="host", hf_endpoint="https://hf.corp/${HF_PW}") == [
+        f"gpu-01: hf_endpoint = 'https://hf.corp/${{HF_PW}}': {HOST_MODE}"
+    ]
+    assert problems_for(model_mode="host", hf_endpoint="http://hf.corp:8090") == []
+    assert problems_for(model_mode="control", hf_endpoint="https://ci:${HF_PW}@hf.corp") == []
+    assert problems_for(model_mode="host") == []
+    monkeypatch.setenv("HF_ENDPOINT", "https://ci:pw@hf.corp")  # "" is $HF_ENDPOINT: it goes to the hosts then
+    assert problems_for(model_mode="host") == [
+        f"gpu-01: hf_endpoint = '': {HOST_MODE} ('' is $HF_ENDPOINT, which has them)"
+    ]
+
+
+def test_hf_token_over_http_is_a_flag_off_by_default():
+    assert HostConfig(**DEFAULTS).hf_token_over_http is False
+    assert problems_for(hf_token_over_http="yes") == ["gpu-01: hf_token_over_http = 'yes': expected True or False"]
+    config, problems = validate_host("gpu-01", {**DEFAULTS, "hf_token_over_http": "true"})
+    assert problems == [] and config.hf_token_over_http is True
+
+
+@pytest.mark.parametrize(("endpoint", "allow_http", "token"), [
+    ("http://hf-mirror.corp:8090", False, False),
+    ("HTTP://hf-mirror.corp", False, False),
+    ("http://ci:${HF_PW}@hf-mirror.corp", False, False),
+    ("http://hf-mirror.corp:8090", True, None),
+    ("https://huggingface.co", False, None),
+    ("https://hf-mirror.corp", True, None),
+])
+def test_hf_token_goes_to_a_plain_http_endpoint_only_when_allowed(endpoint, allow_http, token):
+    assert hub.token_for(endpoint, allow_http) is token  # False: huggingface_hub sends no token at all
+
+
+def test_the_endpoint_is_expanded_only_for_the_control_nodes_request_and_shown_masked(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_PW", "s3cr3t-pw")
+    asked = []
+
+    class Api:
+        def __init__(self, endpoint, token):
+            asked.append((endpoint, token))
+
+        def repo_info(self, repo_id, **_):
+            raise ValueError(f"cannot reach {asked[-1][0]}/api/models/{repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    config, problems = validate_host("gpu-01", {**DEFAULTS, "hf_endpoint": "http://ci:${HF_PW}@hf.corp",
+                                                "hf_control_cache_dir": str(tmp_path)})
+    assert problems == [] and hub.endpoint_of(config) == "http://ci:${HF_PW}@hf.corp"
+    with pytest.raises(hub.ModelError) as refused:
+        hub.resolve_model(config, 0, config.models[0])
+    assert asked == [("http://ci:s3cr3t-pw@hf.corp", False)]
+    assert "s3cr3t-pw" not in str(refused.value)
+    assert str(refused.value) == ("ValueError: cannot reach http://ci:***@hf.corp/api/models/"
+                                  "Qwen/Qwen3-Reranker-0.6B")
+
+
+def test_secrets_in_an_error_are_scrubbed_as_is_and_percent_encoded(monkeypatch):
+    monkeypatch.setenv("HF_PW", "p@ss/word")
+    text = "GET https://ci:p%40ss%2Fword@hf.corp failed; also p@ss/word"
+    assert secrets.scrubbed(text, "https://ci:${HF_PW}@hf.corp") == "GET https://ci:***@hf.corp failed; also ***"
+    assert secrets.scrubbed(text, "https://hf.corp") == text
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    ({"model_cache_dir_mode": "0777"},
+     "model_cache_dir_mode = '0777': a mode without write for others (every local user could plant links there)"),
+    ({"compose_project_dir_uid": 1000},
+     "compose_project_dir_uid = 1000: 0: docker compose runs as root and reads this directory, so its owner decides "
+     "what root runs"),
+    ({"stack_root_uid": 1000},
+     "stack_root_uid = 1000: 0: stack_root holds other configured directories, which a non-root owner could "
+     "replace with links"),
+    ({"model_cache_dir_gid": 1000, "model_cache_dir_mode": "2775"},
+     "model_cache_dir_mode = '2775': a mode without group write while model_cache_dir_uid is 0: root works there "
+     "and group 1000 could plant links"),
+])
+def test_directories_root_works_in_are_roots_alone(overrides, problem):
+    problems = problems_for(**overrides)
+    assert len(problems) == 1 and problems[0].startswith(f"gpu-01: {problem}"), problems
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model_cache_dir_uid": 1000, "model_cache_dir_gid": 1000, "model_cache_dir_mode": "2775"},  # worked as uid 1000
+    {"ml_env_dir_uid": 1234, "ml_env_dir_gid": 2345},
+    {"compose_project_dir_gid": 1000, "compose_project_dir_mode": "0750"},  # a group may read the project
+    {"stack_root": "/srv/alone", "stack_root_uid": 1000},  # holds nothing else: may be a user's
+])
+def test_non_root_owners_where_the_deploy_works_as_them_are_valid(overrides):
+    assert problems_for(**overrides) == []

@@ -29,13 +29,31 @@ def test_one_fact_watches_every_directory_and_ancestor():
     )
 
 
-def test_missing_directory_and_parents_are_created_with_its_numeric_owner_and_mode():
+def test_missing_parents_are_roots_and_the_directory_gets_its_numeric_owner_and_mode():
     states = {"/data": PathState(0, 0, 0o755, True)}
-    assert directory_commands(DEEP, ["/data", "/data/a", "/data/a/b"], states) == [
-        "mkdir -m 0750 /data/a && chown 0:0 /data/a && chmod 0750 /data/a",
-        "mkdir -m 0750 /data/a/b && chown 0:0 /data/a/b && chmod 0750 /data/a/b",
-        "mkdir -m 0750 /data/a/b/compose && chown 0:0 /data/a/b/compose && chmod 0750 /data/a/b/compose",
+    deep_cache = DirectorySpec("model_cache_dir", "/data/a/b/cache", 1000, 1000, 0o2775)
+    assert directory_commands(deep_cache, ["/data", "/data/a", "/data/a/b"], states) == [
+        "mkdir -m 0755 /data/a",
+        "mkdir -m 0755 /data/a/b",
+        "mkdir -m 2775 /data/a/b/cache && chown 1000:1000 /data/a/b/cache && chmod 2775 /data/a/b/cache",
     ]
+
+
+@pytest.mark.parametrize("parent, who", [
+    (PathState(1000, 0, 0o755, True), "owned by uid 1000"),
+    (PathState(0, 0, 0o1777, True), "writable by every user"),
+    (PathState(0, 1000, 0o775, True), "writable by group 1000"),
+])
+def test_a_parent_another_user_can_write_fails_the_host_before_anything_is_created(parent, who):
+    with pytest.raises(HostProblem, match=rf"^/srv, which holds model_cache_dir /srv/mlstack/hf-cache, is {who}: "
+                                          "root would follow the links they can plant there"):
+        directory_commands(CACHE, [], {"/srv": parent, "/srv/mlstack": PathState(0, 0, 0o755, True)})
+
+
+def test_a_parent_writable_by_the_root_group_only_is_roots():
+    assert directory_commands(CACHE, [], {"/srv": PathState(0, 0, 0o775, True)}) == [
+        "mkdir -m 2775 /srv/mlstack/hf-cache && chown 1000:1000 /srv/mlstack/hf-cache "
+        "&& chmod 2775 /srv/mlstack/hf-cache"]
 
 
 def test_a_directory_in_place_with_a_uid_that_has_no_passwd_entry_needs_nothing():
@@ -44,7 +62,7 @@ def test_a_directory_in_place_with_a_uid_that_has_no_passwd_entry_needs_nothing(
 
 
 def test_existing_parents_are_never_touched_and_drift_is_repaired_precisely():
-    states = {"/srv": PathState(5, 5, 0o700, True), "/srv/mlstack/hf-cache": PathState(1000, 0, 0o775, True)}
+    states = {"/srv": PathState(0, 0, 0o700, True), "/srv/mlstack/hf-cache": PathState(1000, 0, 0o775, True)}
     assert directory_commands(CACHE, ["/srv"], states) == [
         "chown 1000:1000 /srv/mlstack/hf-cache",
         "chmod 2775 /srv/mlstack/hf-cache",

@@ -82,8 +82,8 @@ def test_the_wanted_env_is_never_removed(keep):
 
 
 def test_the_unpack_checks_the_sha_before_extracting_and_renames_last():
-    command = unpack_command("/srv/ml env", A, "ab" * 32, 1000, 1000)
+    command = unpack_command("/srv/ml-env", A, "ab" * 32)
     steps = command.split(" && ")
-    assert steps[0] == "cd '/srv/ml env'"
+    assert steps[0] == "cd /srv/ml-env"
     assert "sha256sum --check" in steps[1]
     assert steps[-2:] == [f"mv -T envs/{A}.tmp envs/{A}", f"rm -f incoming/{A}.tar.gz"]

@@ -61,9 +61,10 @@ def test_a_host_without_the_repo_gets_everything():
 
 
 def complete_state(**changes) -> RepoCacheState:
+    links = {f"{COMMIT}/{entry.path}": link_target(entry.path, entry.blob) for entry in entries_of(TREE, SPEC)}
     base = dict(blobs={git_sha1(README): len(README), hashlib.sha256(WEIGHTS).hexdigest(): len(WEIGHTS)},
-                snapshots=frozenset({COMMIT}), refs={"main": COMMIT}, trees=frozenset({COMMIT}), hashes={},
-                leftovers=())
+                snapshots=frozenset({COMMIT}), links=links, refs={"main": COMMIT}, trees=frozenset({COMMIT}),
+                hashes={}, leftovers=())
     return RepoCacheState(**{**base, **changes})
 
 
@@ -78,6 +79,16 @@ def test_a_wrong_size_or_a_wrong_hash_resends_just_that_blob():
         snapshot(), complete_state(blobs={git_sha1(README): 1, lfs: len(WEIGHTS)})).send] == ["README.md"]
     corrupted = complete_state(hashes={lfs: "0" * 64, git_sha1(README): git_sha1(README)})
     assert [e.path for e in plan_model(snapshot(), corrupted).send] == ["weights/deep/part.safetensors"]
+
+
+def test_a_published_snapshot_missing_a_file_of_the_patterns_or_with_a_wrong_link_is_relinked():
+    narrow = ModelSpec(repo_id="mlstack-test/nested-tiny", allow_patterns=["*.md"])
+    readme_only = complete_state(links={f"{COMMIT}/README.md": link_target("README.md", git_sha1(README))})
+    assert not plan_model(snapshot(narrow), readme_only).changes
+    widened = plan_model(snapshot(), readme_only)  # the same commit, all files now
+    assert [entry.path for entry in widened.relink] == ["weights/deep/part.safetensors"] and not widened.publish
+    diverted = complete_state(links={**complete_state().links, f"{COMMIT}/README.md": "/etc/passwd"})
+    assert [entry.path for entry in plan_model(snapshot(), diverted).relink] == ["README.md"]
 
 
 def test_a_moved_branch_rewrites_the_ref_and_a_sha_revision_needs_none():
@@ -112,10 +123,9 @@ def test_published_layout_loads_offline_with_huggingface_hub(tmp_path):
     for entry, data in zip(entries_of(TREE, SPEC), (README, WEIGHTS)):
         (repo / "blobs" / entry.blob).write_bytes(data)
     (repo / "trees" / f"{COMMIT}.json").write_text(TREE)
-    plan = ModelPlan(snapshot(), (), False, True, True, ("blobs/deadbeef.incoming",))
+    plan = ModelPlan(snapshot(), (), False, True, (), True, ("blobs/deadbeef.incoming",))
     (repo / "blobs" / "deadbeef.incoming").write_bytes(b"partial")
-    owner = f"{os.getuid()}:{os.getgid()}"
-    for command in publish_commands(str(repo), plan, owner):
+    for command in publish_commands(str(repo), plan, (os.getuid(), os.getgid())):
         result = sh(command)
         assert result.returncode == 0, result.stderr
     assert not (repo / "blobs" / "deadbeef.incoming").exists()
@@ -129,17 +139,28 @@ def test_published_layout_loads_offline_with_huggingface_hub(tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == str(repo / "snapshots" / COMMIT)
     assert (repo / "snapshots" / COMMIT / "weights/deep/part.safetensors").read_bytes() == WEIGHTS
+    # one link lost, one diverted: relinked in place
+    (repo / "snapshots" / COMMIT / "weights/deep/part.safetensors").unlink()
+    (repo / "snapshots" / COMMIT / "README.md").unlink()
+    (repo / "snapshots" / COMMIT / "README.md").symlink_to("/etc/hostname")
+    relink = ModelPlan(snapshot(), (), False, False, entries_of(TREE, SPEC), False, ())
+    for command in publish_commands(str(repo), relink, (os.getuid(), os.getgid())):
+        assert sh(command).returncode == 0
+    assert (repo / "snapshots" / COMMIT / "weights/deep/part.safetensors").read_bytes() == WEIGHTS
+    assert (repo / "snapshots" / COMMIT / "README.md").read_bytes() == README
 
 
 def test_the_fact_reads_blobs_snapshots_refs_trees_hashes_and_leftovers():
     incoming = f"{'ab' * 20}.incoming"
     lines = ["free 4", f"repo {SPEC.folder}", f"blob 7 {git_sha1(README)}", f"blob 5 {incoming}",
-             f"snapshot {COMMIT}", f"snapshot {COMMIT}.tmp", f"tree {COMMIT}.json", f"ref main {COMMIT}",
+             f"snapshot {COMMIT}", f"snapshot {COMMIT}.tmp", f"link ../../blobs/x {COMMIT}/README.md",
+             f"link /etc {COMMIT}.tmp/a", f"tree {COMMIT}.json", f"ref main {COMMIT}",
              f"hash {git_sha1(README)} {git_sha1(README)}"]
     state = ModelCacheFact().process(lines)
     assert state.free_bytes == 4096
     assert state.repos[SPEC.folder] == RepoCacheState(
-        {git_sha1(README): 7}, frozenset({COMMIT}), {"main": COMMIT}, frozenset({COMMIT}),
+        {git_sha1(README): 7}, frozenset({COMMIT}), {f"{COMMIT}/README.md": "../../blobs/x"}, {"main": COMMIT},
+        frozenset({COMMIT}),
         {git_sha1(README): git_sha1(README)}, (f"blobs/{incoming}", f"snapshots/{COMMIT}.tmp"))
 
 
@@ -148,10 +169,10 @@ def test_records_of_any_other_shape_are_ignored_so_nothing_planted_is_used_or_re
              "snapshot ../../../../etc", "snapshot ..", f"ref main {COMMIT}extra", "ref ../../x " + COMMIT,
              f"hash {'ab' * 20} $(reboot)", "repo models--not--asked", f"blob 1 {'cd' * 20}"]
     command = ModelCacheFact()
-    command.command("/srv/cache", (SPEC.folder,))
+    command.command("/srv/cache", (0, 0), (SPEC.folder,))
     state = command.process(lines)
     assert state.free_bytes == 4096 and list(state.repos) == [SPEC.folder]
-    assert state.repos[SPEC.folder] == RepoCacheState({}, frozenset(), {}, frozenset(), {}, ())
+    assert state.repos[SPEC.folder] == RepoCacheState({}, frozenset(), {}, {}, frozenset(), {}, ())
 
 
 def test_the_fact_command_reports_a_scratch_cache_and_finds_a_corrupted_blob(tmp_path):
@@ -162,7 +183,7 @@ def test_the_fact_command_reports_a_scratch_cache_and_finds_a_corrupted_blob(tmp
     (repo / "blobs" / readme_blob).write_bytes(README)
     (repo / "blobs" / weights_blob).write_bytes(bytes(len(WEIGHTS)))  # same size, wrong content
     (repo / "refs" / "main").write_text(COMMIT)
-    command = ModelCacheFact().command(str(tmp_path), (SPEC.folder, "models--not--there"), hashes=True)
+    command = ModelCacheFact().command(str(tmp_path), (0, 0), (SPEC.folder, "models--not--there"), hashes=True)
     result = sh(command)
     assert result.returncode == 0, result.stderr
     state = ModelCacheFact().process(result.stdout.splitlines())
@@ -184,7 +205,7 @@ def test_the_probe_reads_a_hostile_cache_without_hanging_following_links_or_forg
     (repo / "snapshots" / f"{COMMIT}\nref main {'0' * 40}").mkdir()
     (repo / "refs" / "main").write_text(f"{COMMIT}\nrepo {SPEC.folder}\nblob 1 {'bb' * 20}\n")  # content as records
     (repo / "refs" / "v1").write_text(COMMIT)
-    command = ModelCacheFact().command(str(tmp_path), (SPEC.folder,), hashes=True)
+    command = ModelCacheFact().command(str(tmp_path), (0, 0), (SPEC.folder,), hashes=True)
     result = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=20)
     assert result.returncode == 0, result.stderr
     assert not any("\n" in name for name in os.listdir(repo / "refs"))

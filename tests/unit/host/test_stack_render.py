@@ -11,7 +11,7 @@ from tasks.control.hub import Snapshot
 from tasks.control.stack_project import StackDef
 from tasks.host.gpus import Gpu
 from tasks.host.ml_env import EnvPlan
-from tasks.host.stack import ContainerState, StackState, dotenv_line, masked_env_diff, plan_stack, render
+from tasks.host.stack import ContainerState, StackState, dotenv_line, escape, masked_env_diff, plan_stack, render
 
 DEFAULTS = {k: v for k, v in runpy.run_path(str(Path(__file__).parents[3] / "inventory/group_data/all.py")).items()
             if not k.startswith("_")}
@@ -31,11 +31,11 @@ def rendered(stack="archon", gpus=(), **overrides):
 
 
 def test_archon_services_get_the_env_the_model_and_gpus_only_where_they_mount_them():
-    _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml $env")
+    _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml-env_1")
     services = yaml.safe_load(out.compose)["services"]
     server = services["archon-server"]
     assert server["image"] == "mlstack-archon:0123" and server["network_mode"] == "host"
-    assert {"type": "bind", "source": "/srv/ml $$env/envs/env-0123456789abcdef", "target": "/root/.local",
+    assert {"type": "bind", "source": "/srv/ml-env_1/envs/env-0123456789abcdef", "target": "/root/.local",
             "read_only": True} in server["volumes"]
     assert server["environment"]["PYTHONPATH"] == "/root/.local/lib/python3.11/site-packages"
     assert ((server["environment"]["RERANKING_MODEL"], server["environment"]["RERANKING_MODEL_REVISION"])
@@ -54,6 +54,11 @@ def test_archon_services_get_the_env_the_model_and_gpus_only_where_they_mount_th
 def test_no_gpu_no_reservation():
     _, out = rendered()
     assert "deploy" not in yaml.safe_load(out.compose)["services"]["archon-server"]
+
+
+def test_values_injected_into_compose_keep_a_dollar_literal():
+    # Configured paths cannot hold a `$` (tasks/config.py refuses it); what render injects is escaped all the same.
+    assert escape("/srv/ml $env ${X}") == "/srv/ml $$env $${X}"
 
 
 def test_dotenv_lines_escape_what_compose_would_interpret():
