@@ -22,7 +22,7 @@ for folder in "$@"; do
     if [ ! -d "$folder" ] || [ -L "$folder" ]; then continue; fi
     echo "repo $folder"
     find "$folder/blobs/" -mindepth 1 -maxdepth 1 -type f ! -name "*$nl*" -printf 'blob %s %f\n' 2>/dev/null || true
-    find "$folder/snapshots/" -mindepth 1 -maxdepth 1 -type d ! -name "*$nl*" -printf 'snapshot %f\n' 2>/dev/null || true
+    find "$folder/snapshots/" -mindepth 1 -maxdepth 1 ! -name "*$nl*" -printf 'snapshot %y %f\n' 2>/dev/null || true
     find "$folder/snapshots/" -mindepth 2 -type l ! -path "*$nl*" -printf 'link %l %P\n' 2>/dev/null || true
     find "$folder/trees/" -mindepth 1 -maxdepth 1 -type f ! -name "*$nl*" -printf 'tree %f\n' 2>/dev/null || true
     find "$folder/refs/" -type f -size 40c ! -path "*$nl*" -printf '%P\n' 2>/dev/null | while read -r ref; do

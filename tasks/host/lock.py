@@ -2,7 +2,9 @@
 
 The lock is a `flock` held on the host by a process whose stdin is a channel of this deploy's own
 SSH connection: it lasts exactly as long as the connection, so a deploy that ends, crashes or is
-killed never leaves a stale lock behind, and no timeout has to guess whether a holder is alive.
+killed never leaves a stale lock behind, and no timeout has to guess whether a holder is alive. It is
+taken with the deploy's own privilege (`--sudo`, `_sudo_user`, `_su_user`), in a directory only that
+user can write (`files/host/deploy_lock.sh`), so no other local user can hold it.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import os
 import socket
 import time
 
-from pyinfra import host
+from pyinfra import host, state
 
+from tasks.host.channel import open_channel
 from tasks.host.failure import fail_host
 from tasks.host.programs import program
 from tasks.report import report
 
-LOCK_FILE = "/run/lock/mlstack-deploy.lock"
+LOCK_DIR = "/run/mlstack"  # /run: root's alone, and gone at reboot with every holder
 LOCKED = "locked"
 HELD = "held by "
+ANSWER_TIMEOUT = 60  # seconds: a host that does not answer the lock program fails instead of hanging the run
 
 _channels: dict[str, object] = {}  # host name -> the open channel that keeps its lock
 
@@ -31,10 +35,10 @@ def holder() -> str:
             f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
 
 
-def lock_command(who: str, sudo: bool) -> str:
+def lock_command(who: str) -> str:
     """Take the lock without waiting (files/host/deploy_lock.sh): LOCKED, then held until stdin closes;
     or who holds it."""
-    return f"{'sudo -n ' if sudo else ''}{program('deploy_lock.sh', LOCK_FILE, who)}"
+    return program("deploy_lock.sh", LOCK_DIR, who)
 
 
 def first_line(channel) -> str:
@@ -50,18 +54,20 @@ def first_line(channel) -> str:
 def hold_deploy_lock() -> bool:
     """Take this host's deploy lock for the rest of the run; when another deploy holds it, fail the
     host with who holds it (its other operations are skipped) and return False."""
-    client = getattr(host.connector, "client", None)
-    if client is None:  # not an SSH connection (e.g. @local): nothing to tie the lock to
+    channel = open_channel(state, host, lock_command(holder()))
+    if channel is None:  # not an SSH connection (e.g. @local): nothing to tie the lock to
         return True
-    channel = client.get_transport().open_session()
-    channel.exec_command(lock_command(holder(), bool(host.data.get("_sudo"))))
-    answer = first_line(channel)
+    channel.settimeout(ANSWER_TIMEOUT)
+    try:
+        answer = first_line(channel)
+    except TimeoutError:
+        answer = f"no answer within {ANSWER_TIMEOUT}s"
     if answer == LOCKED:
         _channels[host.name] = channel  # closed with the connection: the holder's `cat` ends, the lock goes
         return True
     channel.close()
     why = (f"another deploy holds this host's lock ({answer.removeprefix(HELD)}): wait for it to end, then run again"
-           if answer.startswith(HELD) else f"cannot take the deploy lock {LOCK_FILE}: {answer or 'no answer'}")
+           if answer.startswith(HELD) else f"cannot take the deploy lock in {LOCK_DIR}: {answer or 'no answer'}")
     host.log(f"Deploy lock: {why}")
     report[host.name].fail("locked", why)
     fail_host("Deploy lock", why)

@@ -105,11 +105,12 @@ def _read_record(repo: dict, kind: str, rest: str) -> None:
             repo["blobs"][name] = int(size)
         elif LEFTOVER["blob"].fullmatch(name):
             repo["leftovers"].append(f"blobs/{name}")
-    elif kind == "snapshot":
-        if COMMIT.fullmatch(rest):
-            repo["snapshots"].add(rest)
-        elif LEFTOVER["snapshot"].fullmatch(rest):
-            repo["leftovers"].append(f"snapshots/{rest}")
+    elif kind == "snapshot":  # "d <commit>" is published; anything else named as ours is in the way
+        file_type, _, name = rest.partition(" ")
+        if file_type == "d" and COMMIT.fullmatch(name):
+            repo["snapshots"].add(name)
+        elif COMMIT.fullmatch(name) or LEFTOVER["snapshot"].fullmatch(name):
+            repo["leftovers"].append(f"snapshots/{name}")
     elif kind == "link":
         target, _, path = rest.partition(" ")
         if COMMIT.fullmatch(path.split("/", 1)[0]):
@@ -209,9 +210,12 @@ def blob_check_command(incoming: str, entry: RepoEntry) -> str:
 
 
 def publish_commands(repo: str, plan: ModelPlan, owner: tuple[int, int]) -> list[str]:
-    """Snapshot (built under a temporary name, then renamed), ref and leftovers, as the cache's owner."""
+    """Leftovers (and whatever stands where the snapshot goes) removed, then the snapshot (built under a
+    temporary name, then renamed) and the ref, as the cache's owner."""
     snapshot, commands = plan.snapshot, []
     q = shlex.quote
+    if plan.leftovers:
+        commands.append(f"cd {q(repo)} && rm -rf -- " + " ".join(q(path) for path in plan.leftovers))
     if plan.publish:
         tmp = f"{repo}/snapshots/{snapshot.commit}.tmp"
         dirs = sorted({str(PurePosixPath(entry.path).parent) for entry in snapshot.entries} - {"."})
@@ -231,15 +235,13 @@ def publish_commands(repo: str, plan: ModelPlan, owner: tuple[int, int]) -> list
         commands.append(f"mkdir -p {q(str(PurePosixPath(ref).parent))} "
                         f"&& rm -f {q(ref + '.tmp')} && printf %s {snapshot.commit} > {q(ref + '.tmp')} "
                         f"&& mv -T {q(ref + '.tmp')} {q(ref)}")
-    if plan.leftovers:
-        commands.append(f"cd {q(repo)} && rm -rf -- " + " ".join(q(path) for path in plan.leftovers))
     return [as_owner(*owner, command) for command in commands]
 
 
 def repo_dirs_command(cache_dir: str, folder: str, owner: tuple[int, int], mode: str) -> str:
     repo = f"{cache_dir}/hub/{folder}"
     paths = [f"{cache_dir}/hub", repo, *(f"{repo}/{sub}" for sub in ("blobs", "snapshots", "refs", "trees"))]
-    return as_owner(*owner, f"install -d -m {mode} " + " ".join(shlex.quote(path) for path in paths))
+    return as_owner(*owner, program("cache_dirs.sh", mode, *paths))
 
 
 def blob_in_place_command(repo: str, entry: RepoEntry) -> str:

@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 import paramiko
 from pyinfra.api import StringCommand
 from pyinfra.api.command import PyinfraCommand
-from pyinfra.connectors.util import make_unix_command_for_host
 
+from tasks.host.channel import open_channel
 from tasks.host.failure import failed
 from tasks.host.programs import program
 
@@ -24,8 +24,6 @@ PROGRESS_EVERY = 2.0  # seconds between upload progress lines
 PROGRESS_FROM = 1_000_000  # smaller files arrive too fast for progress to say anything
 DISK_MARGIN = 256 * 2**20  # bytes a transfer leaves free on the host beyond what it writes
 CHUNK = 1 << 20
-# pyinfra's arguments for how it runs a command itself (a pty, a timeout, stdin): not for a stream
-CHANNEL_ARGUMENTS = ("_get_pty", "_timeout", "_stdin", "_success_exit_codes")
 
 
 def room_problem(free: int, needed: int, contents: str, where: str = "") -> str | None:
@@ -65,11 +63,6 @@ class StreamedUpload(PyinfraCommand):
         return self.source.open("rb"), self.source.stat().st_size
 
     def execute(self, state, host, connector_arguments) -> bool:
-        client = getattr(host.connector, "client", None)
-        if client is None:
-            return failed(host, f"{self.label}: uploads need an SSH connection to the host")
-        arguments = {key: value for key, value in connector_arguments.items() if key not in CHANNEL_ARGUMENTS}
-        command = make_unix_command_for_host(state, host, StringCommand(self.receive), **arguments)
         try:
             source, total = self._open()
         except OSError as error:
@@ -77,8 +70,9 @@ class StreamedUpload(PyinfraCommand):
         channel = None
         try:
             with source:
-                channel = client.get_transport().open_session()
-                channel.exec_command(command.get_raw_value())
+                channel = open_channel(state, host, self.receive, dict(connector_arguments))
+                if channel is None:
+                    return failed(host, f"{self.label}: uploads need an SSH connection to the host")
                 self._send(source, total, channel, host)
             channel.shutdown_write()
         except (OSError, EOFError, paramiko.SSHException) as error:
@@ -116,5 +110,6 @@ class StreamedUpload(PyinfraCommand):
         for line in output.stdout_lines:
             free_kb, _, mount = line.partition(" ")
             if free_kb.isdigit():
-                return f"{int(free_kb) / 1e3:.0f} MB free on {mount}; "
+                return (f"No space left on device on {mount}; " if int(free_kb) < 1024
+                        else f"{int(free_kb) / 1e3:.0f} MB free on {mount}; ")
         return ""

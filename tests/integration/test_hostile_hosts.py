@@ -151,13 +151,15 @@ def assert_system_unchanged(before: str, after: str) -> None:
 
 @pytest.mark.parametrize("plant", ["hub-to-etc", "links-in-the-repo"])
 def test_links_the_cache_owner_plants_never_lead_root_outside_the_cache(fleet, plant):
-    first = fleet.deploy()
+    by_branch = ("--data", json_data("models", [{"repo_id": repo, "revision": "main"} for repo in (
+        "sentence-transformers/all-MiniLM-L6-v2", "mlstack-test/nested-tiny")]))
+    first = fleet.deploy(*by_branch)  # a branch, so the deploy writes refs/main
     assert first.returncode == 0, first.output[-3000:]
     target = fleet.hosts[0]
     commit = next(model["commit"] for model in first.report[target.name]["models"]
                   if model["repo_id"] == "sentence-transformers/all-MiniLM-L6-v2")
     if plant == "hub-to-etc":  # the example: before, `install -d -o 1000` chowned /etc to uid 1000
-        fleet.ssh(target, as_cache_owner("cd .. && mv hub hub.moved && ln -s /etc hub"))
+        fleet.ssh(target, as_cache_owner("cd ../.. && mv hub hub.moved && ln -s /etc hub"))
     else:  # before, root wrote through each of these links: a blob's upload, the tree's, the ref's
         blob = fleet.ssh(target, f"ls -S {CACHE}/blobs | head -1").strip()
         fleet.ssh(target, as_cache_owner(
@@ -166,7 +168,7 @@ def test_links_the_cache_owner_plants_never_lead_root_outside_the_cache(fleet, p
             f"&& printf {'f' * 40} > refs/main && ln -s /root/.profile refs/main.tmp "
             f"&& ln -s /etc snapshots/{commit}.tmp"))
     before = fleet.ssh(target, SYSTEM_LISTING)
-    run = fleet.deploy()
+    run = fleet.deploy(*by_branch)
     after = fleet.ssh(target, SYSTEM_LISTING)
     assert run.returncode == 0, run.output[-3000:]
     assert_system_unchanged(before, after)
@@ -175,4 +177,22 @@ def test_links_the_cache_owner_plants_never_lead_root_outside_the_cache(fleet, p
     assert fleet.ssh(target, f"cat {CACHE}/refs/main") == commit
     assert fleet.ssh(target, f"stat -c '%F %u' /srv/mlstack/hf-cache/hub {CACHE}/blobs").split("\n")[:-1] == [
         "directory 1000", "directory 1000"]
-    assert fleet.deploy().changed_operations() == []
+    assert fleet.deploy(*by_branch).changed_operations() == []
+
+
+def test_a_lock_a_local_user_holds_does_not_block_the_deploy(fleet):
+    target = fleet.hosts[0]
+    # uid 1000 holds a flock on the lock's old place (world-writable /run/lock): before, this blocked every deploy
+    fleet.ssh(target, "mkdir -p -m 1777 /run/lock")
+    holder = fleet.ssh(target, "setpriv --reuid=1000 --regid=1000 --clear-groups "
+                               "sh -c 'exec 9>/run/lock/mlstack-deploy.lock; flock 9; exec sleep 600' "
+                               "</dev/null >/dev/null 2>&1 & echo $!").strip()
+    try:
+        held = "for i in $(seq 50); do flock -n /run/lock/mlstack-deploy.lock true || exit 0; sleep 0.1; done; exit 1"
+        fleet.ssh(target, held)  # the user does hold it
+        run = fleet.deploy()
+    finally:
+        fleet.ssh(target, f"kill {int(holder)}")
+    assert run.returncode == 0, run.output[-3000:]
+    assert run.report[target.name]["result"] == "ok"
+    assert fleet.ssh(target, "stat -c '%u %a %F' /run/mlstack").strip() == "0 700 directory"

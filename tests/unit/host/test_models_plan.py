@@ -153,20 +153,21 @@ def test_published_layout_loads_offline_with_huggingface_hub(tmp_path):
 def test_the_fact_reads_blobs_snapshots_refs_trees_hashes_and_leftovers():
     incoming = f"{'ab' * 20}.incoming"
     lines = ["free 4", f"repo {SPEC.folder}", f"blob 7 {git_sha1(README)}", f"blob 5 {incoming}",
-             f"snapshot {COMMIT}", f"snapshot {COMMIT}.tmp", f"link ../../blobs/x {COMMIT}/README.md",
-             f"link /etc {COMMIT}.tmp/a", f"tree {COMMIT}.json", f"ref main {COMMIT}",
+             f"snapshot d {COMMIT}", f"snapshot d {COMMIT}.tmp", f"link ../../blobs/x {COMMIT}/README.md",
+             f"link /etc {COMMIT}.tmp/a", f"snapshot l {'9' * 40}", f"tree {COMMIT}.json", f"ref main {COMMIT}",
              f"hash {git_sha1(README)} {git_sha1(README)}"]
     state = ModelCacheFact().process(lines)
     assert state.free_bytes == 4096
     assert state.repos[SPEC.folder] == RepoCacheState(
         {git_sha1(README): 7}, frozenset({COMMIT}), {f"{COMMIT}/README.md": "../../blobs/x"}, {"main": COMMIT},
         frozenset({COMMIT}),
-        {git_sha1(README): git_sha1(README)}, (f"blobs/{incoming}", f"snapshots/{COMMIT}.tmp"))
+        {git_sha1(README): git_sha1(README)}, (f"blobs/{incoming}", f"snapshots/{'9' * 40}", f"snapshots/{COMMIT}.tmp"))
 
 
 def test_records_of_any_other_shape_are_ignored_so_nothing_planted_is_used_or_removed():
     lines = ["free 4", "free 99999999", f"repo {SPEC.folder}", "blob 5 abc.incoming", "blob x " + "ab" * 20,
-             "snapshot ../../../../etc", "snapshot ..", f"ref main {COMMIT}extra", "ref ../../x " + COMMIT,
+             "snapshot d ../../../../etc", "snapshot d ..", f"snapshot {COMMIT}", f"ref main {COMMIT}extra",
+             "ref ../../x " + COMMIT,
              f"hash {'ab' * 20} $(reboot)", "repo models--not--asked", f"blob 1 {'cd' * 20}"]
     command = ModelCacheFact()
     command.command("/srv/cache", (0, 0), (SPEC.folder,))
