@@ -4,8 +4,8 @@ checked by importing it in the runtime image, then switched to; older envs are k
 On a host, below `ml_env_dir`:
 
     envs/<id>/           a complete user site (what the stack mounts read-only at /root/.local)
-    envs/<id>.tmp/       an unpack in progress: never mounted, removed by the next run
-    incoming/<id>.tar.gz an upload in progress
+    envs/<id>.tmp-<mark>/       an unpack in progress: never mounted, removed by the next run
+    incoming/<id>.tar.gz-<mark> an upload in progress (<mark>: the run's, tasks/host/transfer.py RUN_MARK)
     active -> envs/<id>  the env the stack uses: switched (rename) only after the import check passed
 
 Decisions are made at plan time from this concern's part of the host probe (`MlEnvFact`); a dry
@@ -29,7 +29,7 @@ from tasks.control.env_build import EnvSource, base_image, env_source
 from tasks.host.failure import HostProblem, fail_host, failed, step
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
-from tasks.host.transfer import StreamedUpload, as_owner, room_problem
+from tasks.host.transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
 from tasks.report import EnvOutcome, report
 
 MOUNT = "/root/.local"
@@ -37,7 +37,7 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
-ENV_NAME = re.compile(r"^(envs/(env-[0-9a-f]{16})(\.tmp)?|incoming/(env-[0-9a-f]{16})\.tar\.gz)$")
+ENV_NAME = re.compile(rf"^(envs/(env-[0-9a-f]{{16}})(\.tmp{MARKED})?|incoming/(env-[0-9a-f]{{16}})\.tar\.gz{MARKED})$")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class MlEnvState:
 class MlEnvFact(FactBase):
     """What the ML env dir holds, the room left for it, and the host's copy of the runtime base image.
 
-    Only names this deploy writes are reported (`envs/env-<16 hex>[.tmp]`, `incoming/<id>.tar.gz`);
+    Only names this deploy writes are reported (`envs/env-<16 hex>[.tmp-<mark>]`, `incoming/<id>.tar.gz-<mark>`);
     anything else in the directory is not ours to judge or remove.
     """
 
@@ -139,10 +139,14 @@ def _ready_to_send(state, host, source: EnvSource, free_bytes: int) -> bool:
     return failed(host, f"ML env {source.env}: {problem}") if problem else True
 
 
+def incoming_name(env: str) -> str:
+    return f"incoming/{env}.tar.gz-{RUN_MARK}"
+
+
 def unpack_command(env_dir: str, env: str, sha256: str) -> str:
     """Check the upload, unpack it under a temporary name, then make it complete by a rename (run as
     the env dir's owner, so what it unpacks is that user's)."""
-    incoming, tmp, final = f"incoming/{env}.tar.gz", f"envs/{env}.tmp", f"envs/{env}"
+    incoming, tmp, final = incoming_name(env), f"envs/{env}.tmp-{RUN_MARK}", f"envs/{env}"
     mismatch = f"ML env {env}: the uploaded artifact does not match its sha256; it was removed, run the deploy again"
     return " && ".join([
         f"cd {shlex.quote(env_dir)}",
@@ -151,7 +155,7 @@ def unpack_command(env_dir: str, env: str, sha256: str) -> str:
         f"rm -rf {tmp}",
         f"mkdir -m 0755 {tmp}",
         f"tar -xzf {incoming} -C {tmp} --no-same-owner",
-        f"mv -T {tmp} {final}",
+        f"{{ mv -T {tmp} {final} || {{ [ -d {final} ] && rm -rf {tmp}; }}; }}",  # a run before ours finished it
         f"rm -f {incoming}",
     ])
 
@@ -164,7 +168,7 @@ def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], free_by
     manifest = source.ensure()
     quoted = shlex.quote(env_dir)
     yield as_owner(*owner, f"install -d -m 0700 {quoted}/incoming && install -d -m 0755 {quoted}/envs")
-    yield StreamedUpload(source.artifact(), f"ML env {source.env}", f"{env_dir}/incoming/{source.env}.tar.gz", owner,
+    yield StreamedUpload(source.artifact(), f"ML env {source.env}", f"{env_dir}/{incoming_name(source.env)}", owner,
                          then=unpack_command(env_dir, source.env, manifest.sha256))
 
 

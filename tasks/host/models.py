@@ -3,9 +3,10 @@
 On a host, `<model_cache_dir>/hub/<models--org--name>/` is the standard huggingface_hub layout:
 
     blobs/<name>               file contents, named by their hash (sha256 for LFS files, git sha1 for others)
-    blobs/<name>.incoming      a transfer in progress: checked (size, hash) and renamed, never linked
+    blobs/<name>.incoming-<mark>  a transfer in progress: checked (size, hash) and renamed, never linked
+                               (<mark>: the run's, tasks/host/transfer.py RUN_MARK)
     trees/<commit>.json        the tree listing huggingface_hub checks an offline snapshot against
-    snapshots/<commit>/<path>  relative symlinks to ../../blobs/<name>; made as <commit>.tmp and
+    snapshots/<commit>/<path>  relative symlinks to ../../blobs/<name>; made as <commit>.tmp-<mark> and
                                renamed once every blob is in place, so a partial snapshot is never seen
     refs/<revision>            the commit a branch or tag resolved to
 
@@ -34,7 +35,7 @@ from tasks.host.failure import HostProblem, failed, step
 from tasks.host.ml_env import EnvPlan, runtime_environment
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
-from tasks.host.transfer import StreamedUpload, as_owner, room_problem
+from tasks.host.transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
 from tasks.report import ModelOutcome, report
 
 BLOB_NAME = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # git sha1 (regular files) or sha256 (LFS files)
@@ -43,7 +44,8 @@ BLOB_NAME = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # git sha1 (regular fi
 # Where the host-mode download container sees the staging cache and the ML env: not below /root,
 # which the image keeps to root, as the download runs as the cache's owner.
 HOST_DOWNLOAD_HF, HOST_DOWNLOAD_ENV = "/mlstack/hf", "/mlstack/env"
-LEFTOVER = {"blob": re.compile(BLOB_NAME.pattern + r"\.incoming"), "snapshot": re.compile(COMMIT.pattern + r"\.tmp")}
+LEFTOVER = {"blob": re.compile(BLOB_NAME.pattern + r"\.incoming" + MARKED),
+            "snapshot": re.compile(COMMIT.pattern + r"\.tmp" + MARKED)}
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,9 @@ class ModelCacheFact(FactBase):
     64 hex) or git's blob sha1 (other files, 40 hex).
     """
 
-    def command(self, cache_dir: str, owner: tuple[int, int], folders: tuple[str, ...], hashes: bool = False) -> str:
+    def command(self, cache_dir: str, folders: tuple[str, ...], hashes: bool = False) -> str:
         self.folders = set(folders)
-        return as_owner(*owner, program("model_cache_probe.sh", cache_dir, int(hashes), *folders))
+        return program("model_cache_probe.sh", cache_dir, int(hashes), *folders)
 
     def process(self, output: list[str]) -> ModelCacheState:
         free, repos, current = None, {}, None
@@ -133,7 +135,7 @@ def cache_owner(config: HostConfig) -> tuple[int, int]:
 
 
 def probe_part(config: HostConfig) -> ProbePart:
-    return ProbePart("models", ModelCacheFact, {"cache_dir": config.model_cache_dir, "owner": cache_owner(config),
+    return ProbePart("models", ModelCacheFact, {"cache_dir": config.model_cache_dir,
                                                 "hashes": config.model_verify_hashes,
                                                 "folders": tuple(spec.folder for spec in config.models)})
 
@@ -217,7 +219,7 @@ def publish_commands(repo: str, plan: ModelPlan, owner: tuple[int, int]) -> list
     if plan.leftovers:
         commands.append(f"cd {q(repo)} && rm -rf -- " + " ".join(q(path) for path in plan.leftovers))
     if plan.publish:
-        tmp = f"{repo}/snapshots/{snapshot.commit}.tmp"
+        tmp = f"{repo}/snapshots/{snapshot.commit}.tmp-{RUN_MARK}"
         dirs = sorted({str(PurePosixPath(entry.path).parent) for entry in snapshot.entries} - {"."})
         steps = [f"rm -rf {q(tmp)}", f"mkdir -p {q(tmp)}"]
         steps += [f"mkdir -p {q(f'{tmp}/{d}')}" for d in dirs]
@@ -245,9 +247,13 @@ def repo_dirs_command(cache_dir: str, folder: str, owner: tuple[int, int], mode:
 
 
 def blob_in_place_command(repo: str, entry: RepoEntry) -> str:
-    """blobs/<name>.incoming, once checked, becomes blobs/<name> (a rename: never seen half written)."""
-    incoming, final = shlex.quote(f"{repo}/blobs/{entry.blob}.incoming"), shlex.quote(f"{repo}/blobs/{entry.blob}")
-    return f"{blob_check_command(f'{repo}/blobs/{entry.blob}.incoming', entry)} && mv -f {incoming} {final}"
+    """blobs/<name>.incoming-<mark>, once checked, becomes blobs/<name> (a rename: never seen half written)."""
+    incoming, final = incoming_blob(repo, entry), shlex.quote(f"{repo}/blobs/{entry.blob}")
+    return f"{blob_check_command(incoming, entry)} && mv -f {shlex.quote(incoming)} {final}"
+
+
+def incoming_blob(repo: str, entry: RepoEntry) -> str:
+    return f"{repo}/blobs/{entry.blob}.incoming-{RUN_MARK}"
 
 
 def tree_upload(repo: str, plan: ModelPlan, control_cache: Path, owner: tuple[int, int]) -> StreamedUpload:
@@ -281,7 +287,7 @@ def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: P
     yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
     for entry in plan.send:
         source = control_file(control_cache, snapshot, entry).resolve()
-        yield StreamedUpload(source, f"model file {entry.path}", f"{repo}/blobs/{entry.blob}.incoming", owner,
+        yield StreamedUpload(source, f"model file {entry.path}", incoming_blob(repo, entry), owner,
                              0o644, then=blob_in_place_command(repo, entry))
     if plan.write_tree:
         yield tree_upload(repo, plan, control_cache, owner)
@@ -324,7 +330,7 @@ def download_model_on_host(cache_dir: str, plan: ModelPlan, env: EnvPlan, env_di
         yield host_download_command(staging, plan, env, env_dir, endpoint, owner)
         staged = f"{staging}/hub/{snapshot.spec.folder}/snapshots/{snapshot.commit}"
         for entry in plan.send:
-            incoming = q(f"{repo}/blobs/{entry.blob}.incoming")
+            incoming = q(incoming_blob(repo, entry))
             yield as_owner(*owner, f"mv -f \"$(readlink -f {q(f'{staged}/{entry.path}')})\" {incoming} "
                                    f"&& {blob_in_place_command(repo, entry)}")
         yield as_owner(*owner, f"rm -rf {q(staging)}")

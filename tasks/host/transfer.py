@@ -8,6 +8,7 @@ failure that fails only that host and says why.
 from __future__ import annotations
 
 import io
+import os
 import shlex
 import time
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,11 @@ PROGRESS_EVERY = 2.0  # seconds between upload progress lines
 PROGRESS_FROM = 1_000_000  # smaller files arrive too fast for progress to say anything
 DISK_MARGIN = 256 * 2**20  # bytes a transfer leaves free on the host beyond what it writes
 CHUNK = 1 << 20
+# This run's mark on the temporary names it writes on hosts (`NAME-<mark>`): a chain of commands that a
+# killed connection left running on a host (still unpacking, still checking) keeps to its own names, so it
+# can never rename the next run's half-written file into place. MARKED matches the mark, or none (older runs).
+RUN_MARK = os.urandom(4).hex()
+MARKED = r"(?:-[0-9a-f]{8})?"
 
 
 def room_problem(free: int, needed: int, contents: str, where: str = "") -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -38,6 +39,17 @@ class TestFleet:
         if check and result.returncode != 0:
             raise AssertionError(f"{record.name}: {command!r} failed ({result.returncode}): {result.stderr}")
         return result.stdout
+
+    @contextlib.contextmanager
+    def throttled(self, record: HostRecord, rate: str = "12mbit"):
+        """Traffic to RECORD slowed down, so that a transfer lasts long enough to be interrupted."""
+        device = self.fleet.veth(int(record.name.removeprefix("host")))
+        subprocess.run(["tc", "qdisc", "add", "dev", device, "root", "tbf", "rate", rate, "burst", "64kb",
+                        "latency", "500ms"], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["tc", "qdisc", "del", "dev", device, "root"], check=True)
 
     def wipe(self, *extra_paths: str) -> None:
         """Every host as before any deploy: the stack's containers removed, /srv/mlstack (and EXTRA_PATHS) gone."""

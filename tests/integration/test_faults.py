@@ -66,18 +66,6 @@ def veth(fleet, record) -> str:
     return fleet.fleet.veth(int(record.name.removeprefix("host")))
 
 
-@contextlib.contextmanager
-def throttled(fleet, record, rate: str = "12mbit"):
-    """Traffic to RECORD slowed down, so that a transfer lasts long enough to be interrupted."""
-    device = veth(fleet, record)
-    subprocess.run(["tc", "qdisc", "add", "dev", device, "root", "tbf", "rate", rate, "burst", "64kb",
-                    "latency", "500ms"], check=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["tc", "qdisc", "del", "dev", device, "root"], check=True)
-
-
 def start_deploy(fleet, cache, *data: str, limit: str | None = None) -> subprocess.Popen:
     argv = [PYINFRA, "inventory/rehearsal.py", "deploy.py", "-y", *(("--limit", limit) if limit else ()),
             "--data", f"ml_env_cache_dir={cache}", *[arg for item in data for arg in ("--data", item)]]
@@ -102,11 +90,11 @@ def wait_until(condition, what: str, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
-def wait_for_bytes(path: Path, timeout: float = 60) -> None:
-    """Until PATH (a host's file, seen from the control node) holds something."""
+def wait_for_bytes(folder: Path, pattern: str, timeout: float = 60) -> None:
+    """Until a file of FOLDER (a host's, seen from the control node) named like PATTERN holds something."""
     deadline = time.monotonic() + timeout
-    while not (path.exists() and path.stat().st_size > 0):
-        assert time.monotonic() < deadline, f"{path} stayed empty"
+    while not any(path.stat().st_size > 0 for path in folder.glob(pattern)):
+        assert time.monotonic() < deadline, f"no {pattern} in {folder} received anything"
         time.sleep(0.05)
 
 
@@ -133,10 +121,11 @@ def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host
     old = active(fleet, victim)
     old_files, old_containers = env_listing(fleet, victim, old), container_ids(fleet, victim)
     log: list[str] = []
-    with throttled(fleet, victim):
+    with fleet.throttled(victim):
         process = start_deploy(fleet, cache, new_requirements(tmp_path))
         new = wait_for_upload(process, log)
-        wait_for_bytes(fleet.fleet.host_dir(victim.name) / f"srv{ENV_DIR.removeprefix('/srv')}/incoming/{new}.tar.gz")
+        wait_for_bytes(fleet.fleet.host_dir(victim.name) / f"srv{ENV_DIR.removeprefix('/srv')}/incoming",
+                       f"{new}.tar.gz-*")
         for pid in ssh_sessions(fleet, victim):  # the connection dies on the host's side
             os.kill(pid, signal.SIGKILL)
         output = finish(process, log)
@@ -184,13 +173,13 @@ def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_in
     victim = fleet.hosts[1]
     fleet.wipe()
     # /srv is a 600 MB tmpfs: room enough for the preflight; then another process takes it all mid upload.
-    fleet.ssh(victim, "mount -t tmpfs -o size=600m tmpfs /srv")
+    fleet.ssh(victim, "mount -t tmpfs -o size=600m,mode=0755 tmpfs /srv")  # root's alone, as /srv is
     filler = ""
     try:
-        filler = fleet.ssh(victim, f"mkdir -p {ENV_DIR}/incoming; sh -c 'while [ ! -s {ENV_DIR}/incoming/*.tar.gz ]; "
+        filler = fleet.ssh(victim, f"mkdir -p {ENV_DIR}/incoming; sh -c 'while [ ! -s {ENV_DIR}/incoming/*.tar.gz-* ]; "
                                    "do sleep 0.05; done; dd if=/dev/zero of=/srv/filler bs=1M'"
                                    " </dev/null >/dev/null 2>&1 & echo $!").strip()
-        with throttled(fleet, victim):
+        with fleet.throttled(victim):
             run = deploy(fleet, cache, limit=victim.name)
         assert run.returncode != 0
         assert re.search(r"ML env env-[0-9a-f]{16}: the upload failed \(dd: error writing .*: No space left on "
@@ -198,7 +187,7 @@ def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_in
                          r"again", run.output), run.output[-3000:]
         assert fleet.ssh(victim, "ls /srv/filler")  # the filler did fill it
         assert fleet.ssh(victim, f"readlink {ENV_DIR}/active || echo none").strip() == "none"
-        assert fleet.ssh(victim, f"ls {ENV_DIR}/envs 2>/dev/null | grep -v '[.]tmp$' || true") == ""
+        assert fleet.ssh(victim, f"ls {ENV_DIR}/envs 2>/dev/null | grep -v '[.]tmp' || true") == ""
         assert fleet.ssh(victim, "docker ps -aq") == ""  # the stack never started
 
         fleet.ssh(victim, "rm /srv/filler")  # the operator frees the disk
@@ -215,7 +204,7 @@ def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_in
 def test_a_second_deploy_during_a_first_fails_clearly_and_leaves_the_first_to_finish(fleet, cache, tmp_path):
     victim = fleet.hosts[0]
     log: list[str] = []
-    with throttled(fleet, victim):
+    with fleet.throttled(victim):
         first = start_deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
         new = wait_for_upload(first, log)
         second = deploy(fleet, cache, limit=victim.name)  # the old requirements: it would switch back

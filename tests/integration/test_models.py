@@ -73,7 +73,7 @@ def test_both_models_land_in_the_standard_layout_load_offline_and_the_rerun_asks
         assert snapshot_hashes(fleet, record, NESTED_FOLDER, NESTED_SHA) == hub.expected_files(hub.NESTED, NESTED_SHA)
         # Relative links (the cache works wherever it is mounted), the container's numeric owner, nothing in flight.
         assert fleet.ssh(record, f"find {CACHE}/hub -type l -lname '/*'; find {CACHE}/hub ! -user 1000; "
-                                 f"find {CACHE}/hub -name '*.incoming' -o -name '*.tmp'") == ""
+                                 f"find {CACHE}/hub -name '*.incoming*' -o -name '*.tmp*'") == ""
         loaded = in_runtime_image(fleet, record, (
             "from huggingface_hub import snapshot_download; import tokenizers; "
             f"path = snapshot_download(\"{hub.MINILM}\", revision=\"{MINILM_SHA}\"); "
@@ -126,7 +126,7 @@ def test_a_corrupted_blob_is_found_by_the_hash_check_and_repaired_on_that_host_o
 
 def test_a_host_without_room_fails_the_preflight_and_receives_nothing(fleet, control_cache):
     small, roomy = fleet.hosts
-    fleet.ssh(small, "mkdir -p /srv/small && mount -t tmpfs -o size=64m tmpfs /srv/small")
+    fleet.ssh(small, "mkdir -p /srv/small && mount -t tmpfs -o size=64m,mode=0755 tmpfs /srv/small")
     try:
         run = deploy(fleet, control_cache, "model_cache_dir=/srv/small/hf-cache")
         assert run.returncode != 0
@@ -164,22 +164,29 @@ def test_a_transfer_killed_mid_blob_leaves_no_visible_snapshot_and_the_rerun_com
             "--data", f"hf_control_cache_dir={control_cache}"]
     process = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        for line in process.stderr:
-            if "model file model.safetensors:" in line and "(100%)" not in line:
-                break
-        os.killpg(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
+    with fleet.throttled(victim):  # a stream at link speed would be over before a progress line
+        try:
+            for line in process.stderr:
+                if "model file model.safetensors:" in line and "(100%)" not in line:
+                    break
+            else:
+                raise AssertionError("the deploy ended before the model file was under way")
+            os.killpg(process.pid, signal.SIGKILL)
+        finally:
+            process.wait(timeout=30)
     time.sleep(0.5)
     repo = f"{CACHE}/hub/{MINILM_FOLDER}"
     assert fleet.ssh(victim, f"ls {repo}/snapshots").split() == []  # nothing huggingface_hub could pick up
-    assert fleet.ssh(victim, f"ls {repo}/blobs | grep -c incoming || true").strip() == "1"
+    # the host's end saw the stream end early: its check refused the partial blob and removed it
+    deadline = time.monotonic() + 30
+    while fleet.ssh(victim, f"ls {repo}/blobs | grep -c incoming || true").strip() != "0":
+        assert time.monotonic() < deadline, "the partial blob was not removed"
+        time.sleep(0.2)
 
     rerun = deploy(fleet, control_cache, limit=victim.name)
     assert rerun.returncode == 0, rerun.output[-3000:]
     assert snapshot_hashes(fleet, victim, MINILM_FOLDER, MINILM_SHA) == hub.expected_files(hub.MINILM, MINILM_SHA)
-    assert fleet.ssh(victim, f"find {repo} -name '*.incoming'") == ""
+    assert fleet.ssh(victim, f"find {repo} -name '*.incoming*'") == ""
 
 
 def test_host_mode_downloads_on_each_host_and_a_branch_revision_gets_its_ref(fleet, control_cache):
@@ -219,3 +226,28 @@ def test_a_tree_listing_a_path_outside_the_repo_is_refused_before_any_host_chang
     for record in fleet.hosts:
         assert fleet.ssh(record, "ls -d /srv/mlstack 2>/dev/null;"
                                  " find / -xdev -name mlstack-escape 2>/dev/null | head -3") == ""
+
+
+def test_widening_the_patterns_at_one_commit_publishes_the_new_files_and_verify_sees_a_lost_link(
+        fleet, control_cache):
+    minilm = {"repo_id": hub.MINILM, "revision": MINILM_SHA}
+    nested = {"repo_id": hub.NESTED, "revision": NESTED_SHA}
+    expected = hub.expected_files(hub.NESTED, NESTED_SHA)
+    narrow = deploy(fleet, control_cache, models_data(minilm, {**nested, "allow_patterns": ["*.json"]}))
+    assert narrow.returncode == 0, narrow.output[-3000:]
+    json_only = {path: digest for path, digest in expected.items() if path.endswith(".json")}
+    assert 0 < len(json_only) < len(expected)
+    wide = deploy(fleet, control_cache, models_data(minilm, nested))  # the same commit, every file
+    assert wide.returncode == 0, wide.output[-3000:]
+    for record in fleet.hosts:
+        assert snapshot_hashes(fleet, record, NESTED_FOLDER, NESTED_SHA) == expected
+    lost = sorted(expected)[0]
+    fleet.ssh(fleet.hosts[0], f"rm {CACHE}/hub/{NESTED_FOLDER}/snapshots/{NESTED_SHA}/{lost}")
+    verify = fleet.tool("tasks.fleet.verify", "--data", models_data(minilm, nested),
+                        "--data", f"hf_control_cache_dir={control_cache}")
+    assert verify.returncode == 1, verify.stdout + verify.stderr[-3000:]
+    row = next(line for line in verify.stdout.splitlines() if line.startswith(fleet.hosts[0].name + " "))
+    assert "DRIFT" in row and "models" in row
+    repaired = deploy(fleet, control_cache, models_data(minilm, nested))
+    assert snapshot_hashes(fleet, fleet.hosts[0], NESTED_FOLDER, NESTED_SHA) == expected
+    assert repaired.report[fleet.hosts[0].name]["models"][1]["action"] == "repair"  # no byte sent: a link made

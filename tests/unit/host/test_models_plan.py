@@ -151,7 +151,7 @@ def test_published_layout_loads_offline_with_huggingface_hub(tmp_path):
 
 
 def test_the_fact_reads_blobs_snapshots_refs_trees_hashes_and_leftovers():
-    incoming = f"{'ab' * 20}.incoming"
+    incoming = f"{'ab' * 20}.incoming-0123abcd"
     lines = ["free 4", f"repo {SPEC.folder}", f"blob 7 {git_sha1(README)}", f"blob 5 {incoming}",
              f"snapshot d {COMMIT}", f"snapshot d {COMMIT}.tmp", f"link ../../blobs/x {COMMIT}/README.md",
              f"link /etc {COMMIT}.tmp/a", f"snapshot l {'9' * 40}", f"tree {COMMIT}.json", f"ref main {COMMIT}",
@@ -170,7 +170,7 @@ def test_records_of_any_other_shape_are_ignored_so_nothing_planted_is_used_or_re
              "ref ../../x " + COMMIT,
              f"hash {'ab' * 20} $(reboot)", "repo models--not--asked", f"blob 1 {'cd' * 20}"]
     command = ModelCacheFact()
-    command.command("/srv/cache", (0, 0), (SPEC.folder,))
+    command.command("/srv/cache", (SPEC.folder,))
     state = command.process(lines)
     assert state.free_bytes == 4096 and list(state.repos) == [SPEC.folder]
     assert state.repos[SPEC.folder] == RepoCacheState({}, frozenset(), {}, {}, frozenset(), {}, ())
@@ -184,7 +184,7 @@ def test_the_fact_command_reports_a_scratch_cache_and_finds_a_corrupted_blob(tmp
     (repo / "blobs" / readme_blob).write_bytes(README)
     (repo / "blobs" / weights_blob).write_bytes(bytes(len(WEIGHTS)))  # same size, wrong content
     (repo / "refs" / "main").write_text(COMMIT)
-    command = ModelCacheFact().command(str(tmp_path), (0, 0), (SPEC.folder, "models--not--there"), hashes=True)
+    command = ModelCacheFact().command(str(tmp_path), (SPEC.folder, "models--not--there"), hashes=True)
     result = sh(command)
     assert result.returncode == 0, result.stderr
     state = ModelCacheFact().process(result.stdout.splitlines())
@@ -206,10 +206,18 @@ def test_the_probe_reads_a_hostile_cache_without_hanging_following_links_or_forg
     (repo / "snapshots" / f"{COMMIT}\nref main {'0' * 40}").mkdir()
     (repo / "refs" / "main").write_text(f"{COMMIT}\nrepo {SPEC.folder}\nblob 1 {'bb' * 20}\n")  # content as records
     (repo / "refs" / "v1").write_text(COMMIT)
-    command = ModelCacheFact().command(str(tmp_path), (0, 0), (SPEC.folder,), hashes=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ("cc" * 32)).write_text("not the cache's")
+    linked = tmp_path / "hub" / "models--org--linked"
+    linked.mkdir()
+    (linked / "blobs").symlink_to(elsewhere)  # a folder of ours made a link: not entered
+    command = ModelCacheFact().command(str(tmp_path), (SPEC.folder, "models--org--linked"), hashes=True)
     result = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=20)
     assert result.returncode == 0, result.stderr
     assert not any("\n" in name for name in os.listdir(repo / "refs"))
     state = ModelCacheFact().process(result.stdout.splitlines()).repos[SPEC.folder]
     assert state.blobs == {} and state.hashes == {} and state.snapshots == frozenset()
     assert state.refs == {"v1": COMMIT} and state.leftovers == ()
+    linked_state = ModelCacheFact().process(result.stdout.splitlines()).repos["models--org--linked"]
+    assert linked_state.blobs == {} and linked_state.hashes == {}

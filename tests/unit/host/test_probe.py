@@ -38,8 +38,7 @@ def test_each_part_is_what_its_fact_reads_alone(tmp_path):
     (tmp_path / "cache" / "hub" / "models--org--name" / "blobs" / ("a" * 40)).write_text("x")
     parts = (
         ProbePart("paths", DirectoriesFact, {"paths": (str(tmp_path / "srv"), str(tmp_path / "absent"))}),
-        ProbePart("models", ModelCacheFact, {"cache_dir": str(tmp_path / "cache"), "owner": (0, 0),
-                                             "folders": ("models--org--name",),
+        ProbePart("models", ModelCacheFact, {"cache_dir": str(tmp_path / "cache"), "folders": ("models--org--name",),
                                              "hashes": True}),
         ProbePart("gpus", GpuFact),
     )
