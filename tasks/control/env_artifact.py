@@ -118,7 +118,8 @@ def _safe(member: tarfile.TarInfo, shown: str) -> tarfile.TarInfo:
 
 
 def _checked(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo | None:
-    """MEMBER renamed relative to the user site, or an ArtifactError if it could escape it."""
+    """MEMBER renamed relative to the user site, owned by root, with the tar data filter's modes (no setuid,
+    setgid or sticky bit, no group or other write); or an ArtifactError if it could escape it."""
     path = PurePosixPath(member.name)
     if _escapes(member.name):
         raise ArtifactError(f"archive member {member.name!r} escapes the env directory")
@@ -130,8 +131,11 @@ def _checked(member: tarfile.TarInfo, root: str) -> tarfile.TarInfo | None:
                              deep=False)
     if renamed.name == ENV_INFO:
         raise ArtifactError(f"archive member {member.name!r} would hide the env's own {ENV_INFO}")
-    _safe(renamed, member.name)
-    return renamed
+    # The filter also drops ownership (root's, in the artifact) and leaves the modes of directories and links
+    # unset: a directory gets the same rule as a file (no special bits, no group or other write).
+    filtered = _safe(renamed, member.name)
+    mode = renamed.mode & 0o755 if filtered.mode is None else filtered.mode
+    return filtered.replace(uid=0, gid=0, uname="root", gname="root", mode=mode, deep=False)
 
 
 def check_artifact(path: Path, manifest: Manifest) -> None:
@@ -203,7 +207,7 @@ def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requiremen
                     pythons.update(re.findall(r"^lib/(python3\.\d+)/", renamed.name))
                 manifest = _manifest(env, metadata, wanted, pythons, unpacked, files)
                 info = tarfile.TarInfo(ENV_INFO)
-                info.size, info.mode = len(manifest.env_info()), 0o644
+                info.size, info.mode, info.uname, info.gname = len(manifest.env_info()), 0o644, "root", "root"
                 out.addfile(info, io.BytesIO(manifest.env_info()))
         manifest.size, manifest.sha256 = hashing.size, hashing.digest.hexdigest()
     return manifest

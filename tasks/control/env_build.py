@@ -39,6 +39,15 @@ def pip_conf(options: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown_pip_line(text: str, options: dict) -> str:
+    """A line of pip's output as it may be shown: the value of every `${VAR}` of the index settings masked
+    wherever pip prints it (pip masks a URL's password itself, but not a token in its path or query)."""
+    for template in [options.get("index_url") or "", *(options.get("extra_index_urls") or ()),
+                     *(options.get("find_links") or ())]:
+        text = secrets.scrubbed(text, template)
+    return text
+
+
 def artifact_paths(cache_dir: Path, env: str) -> tuple[Path, Path]:
     return cache_dir / f"{env}.tar.gz", cache_dir / f"{env}.json"
 
@@ -69,7 +78,7 @@ def build_env(client: docker.DockerClient, env: str, base_image: str, requiremen
         container.start()
         tail: list[str] = []
         for line in container.logs(stream=True, follow=True):
-            text = line.decode("utf-8", "replace").rstrip()
+            text = shown_pip_line(line.decode("utf-8", "replace").rstrip(), pip_options)
             tail = (tail + [text])[-LOG_TAIL:]
             print(f"  {text}", file=log, flush=True)
         status = container.wait()["StatusCode"]

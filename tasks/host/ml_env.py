@@ -26,6 +26,7 @@ from tasks.config import HostConfig
 from tasks.control.builder import BaseImage, BuilderError
 from tasks.control.env_artifact import ENV_INFO, ArtifactError
 from tasks.control.env_build import EnvSource, base_image, env_source
+from tasks.control.stack_project import StackDef
 from tasks.host.failure import HostProblem, fail_host, failed, step
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
@@ -48,6 +49,8 @@ class MlEnvState:
     free_bytes: int  # on the file system that holds (or will hold) the env dir
     arch: str  # `uname -m`
     image_id: str | None  # the runtime base image's id on this host
+    # (envs/<id>…, compose project or "") for every mount of one by a container on the host
+    mounted: frozenset[tuple[str, str]] = frozenset()
 
 
 class MlEnvFact(FactBase):
@@ -63,9 +66,14 @@ class MlEnvFact(FactBase):
     def process(self, output: list[str]) -> MlEnvState:
         fields: dict[str, str] = {}
         envs: dict[str, int] = {}
-        leftovers = []
+        leftovers, mounted = [], set()
         for line in output:
             key, _, value = line.partition(" ")
+            if key == "mounted":
+                path, _, project = value.partition(" ")
+                if ENV_NAME.match(path):
+                    mounted.add((path, project))
+                continue
             if key != "entry":
                 fields.setdefault(key, value.strip())  # the first: the probe prints each field once
                 continue
@@ -86,6 +94,7 @@ class MlEnvFact(FactBase):
             free_bytes=int(fields["free"]) * 1024 if fields.get("free", "").isdigit() else 0,
             arch=fields.get("arch", ""),
             image_id=image if re.fullmatch(r"sha256:[0-9a-f]{64}", image) else None,
+            mounted=frozenset(mounted),
         )
 
 
@@ -117,15 +126,19 @@ class EnvPlan:
         return f"ML env: {self.wanted} (no change)"
 
 
-def plan_env(state: MlEnvState, wanted: str, keep_envs: int, base: BaseImage) -> EnvPlan:
-    """Upload if the host lacks a complete copy, switch if it is not active, keep KEEP_ENVS previous envs."""
+def plan_env(state: MlEnvState, wanted: str, keep_envs: int, base: BaseImage, project: str) -> EnvPlan:
+    """Upload if the host lacks a complete copy, switch if it is not active, keep KEEP_ENVS previous envs,
+    and any env a container of another compose PROJECT (or none) mounts: the stack's own containers
+    are switched to WANTED before the cleanup runs."""
     upload = wanted not in state.envs
     activate = upload or state.active != wanted
     others = sorted((env for env in state.envs if env != wanted), key=lambda env: -state.envs[env])
     if activate and state.active in others:  # the env we switch away from is the newest previous one
         others.remove(state.active)
         others.insert(0, state.active)
-    remove = tuple(f"envs/{env}" for env in others[keep_envs:]) + state.leftovers
+    in_use = {path for path, by in state.mounted if by != project}
+    remove = tuple(path for path in (*(f"envs/{env}" for env in others[keep_envs:]), *state.leftovers)
+                   if path not in in_use)
     return EnvPlan(wanted, state.active, upload, activate, remove, base)
 
 
@@ -238,7 +251,7 @@ def converge(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
     problem = host_problem(config, state, base)
     if problem:
         raise HostProblem(problem)
-    plan = plan_env(state, source.env, config.keep_envs, base)
+    plan = plan_env(state, source.env, config.keep_envs, base, StackDef.load(config.stack).project)
     if plan.upload and source.base is None and cached is None:
         raise HostProblem(f"ml_env_id = {source.env!r}: this env is neither on the host nor in the control cache "
                           f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")

@@ -216,3 +216,24 @@ def test_the_production_set_imports_sentence_transformers_from_the_mounted_env(f
                                    "print(torch.__version__, sentence_transformers.__file__)'")
         version, location = output.split()
         assert version.startswith("2.13.0") and location.startswith("/root/.local/lib/")
+
+
+def test_an_env_a_container_of_another_project_mounts_outlives_keep_envs(fleet, cache, tmp_path):
+    a = deploy(fleet, cache, "keep_envs=0")
+    assert a.returncode == 0, a.output[-3000:]
+    (env_a,) = switched_to(a)
+    holder, other = fleet.hosts
+    # Not the stack's: a container of its own (no compose project) that mounts env A read-only.
+    fleet.ssh(holder, f"docker run -d --name other-team --network none -v {ENV_DIR}/envs/{env_a}:/env:ro "
+                      f"--entrypoint '' {IMAGE_NAME} sleep 600 >/dev/null")
+    try:
+        b = deploy(fleet, cache, "keep_envs=0", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
+        assert b.returncode == 0, b.output[-3000:]
+        (env_b,) = switched_to(b)
+        assert sorted(envs_on(fleet, holder)) == sorted([env_a, env_b])  # still mounted: kept
+        assert envs_on(fleet, other) == [env_b]
+    finally:
+        fleet.ssh(holder, "docker rm -f other-team >/dev/null")
+    again = deploy(fleet, cache, "keep_envs=0", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
+    assert again.returncode == 0, again.output[-3000:]
+    assert envs_on(fleet, holder) == [env_b]  # no longer mounted: removed

@@ -9,6 +9,7 @@ import pytest
 
 from tasks.config import RequirementsError, requirement_names
 from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id, repack_user_site
+from tasks.control.env_build import shown_pip_line
 from tasks.secrets import public_url
 
 SITE = ".local/lib/python3.11/site-packages"
@@ -86,6 +87,17 @@ def test_repack_strips_the_root_normalises_owners_and_records_import_names(tmp_p
     assert members["bin/tk"].linkname == "yaml-tool"
     assert manifest.files == 8 and manifest.size == target.stat().st_size
     assert manifest.sha256 == hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def test_repack_applies_the_data_filters_modes(tmp_path):
+    extra = [(f"{SITE}/yaml/setuid-tool", b"x", {"mode": 0o4777}), (f"{SITE}/shared", b"", {"mode": 0o666}),
+             (f"{SITE}/open-dir", b"", {"type": tarfile.DIRTYPE, "mode": 0o3777})]
+    repack_user_site(user_site_tar(extra), tmp_path / "env.tar.gz", "env-1", REQUIREMENTS)
+    with tarfile.open(tmp_path / "env.tar.gz") as archive:
+        modes = {member.name.rsplit("/", 1)[-1]: member.mode for member in archive.getmembers()}
+        owners = {(member.uid, member.gid, member.uname, member.gname) for member in archive.getmembers()}
+    assert (modes["setuid-tool"], modes["shared"], modes["open-dir"]) == (0o755, 0o644, 0o755)
+    assert owners == {(0, 0, "root", "root")}
 
 
 def test_the_same_content_repacks_to_the_same_bytes(tmp_path):
@@ -166,3 +178,13 @@ def test_index_credentials_are_expanded_only_into_pips_config(monkeypatch):
                                  "trusted-host = a.corp\n    b.corp\n")
     assert env_id("pyyaml\n", "sha256:x", "linux/amd64", options) == env_id(
         "pyyaml\n", "sha256:x", "linux/amd64", {**options, "index_url": "https://a.corp/simple/"})
+
+
+def test_pip_lines_show_no_index_token_in_a_url_path_or_query(monkeypatch):
+    monkeypatch.setenv("INDEX_TOKEN", "t0k/en+1")
+    options = {"index_url": "https://pypi.corp/t/${INDEX_TOKEN}/simple/",
+               "find_links": ["https://files.corp/wheels/?auth=${INDEX_TOKEN}"]}
+    line = ("Looking in indexes: https://pypi.corp/t/t0k/en+1/simple/ ; "
+            "links: https://files.corp/wheels/?auth=t0k%2Fen%2B1")
+    assert shown_pip_line(line, options) == ("Looking in indexes: https://pypi.corp/t/***/simple/ ; "
+                                             "links: https://files.corp/wheels/?auth=***")
