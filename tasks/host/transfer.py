@@ -42,9 +42,10 @@ def room_problem(free: int, needed: int, contents: str, where: str = "") -> str 
 
 
 def as_owner(uid: int, gid: int, command: str) -> str:
-    """COMMAND run as uid:gid when that is not root: in a directory a user owns, root must not follow
-    the links that user can plant there; as that user, a link leads nowhere the user could not write."""
-    if uid == 0:
+    """COMMAND run as uid:gid when that is not root's: in a directory a user owns, root must not follow
+    the links that user can plant there; as that user, a link leads nowhere the user could not write.
+    A root owner with another group keeps root's rights, and what it creates gets that group."""
+    if (uid, gid) == (0, 0):
         return command
     return f"setpriv --reuid={uid} --regid={gid} --clear-groups -- sh -c {shlex.quote(command)}"
 
@@ -88,12 +89,13 @@ class StreamedUpload(PyinfraCommand):
                 return failed(host, f"{self.label}: the connection was lost during the upload ({error}); "
                                     "nothing was installed, the next run sends it again")
         status = channel.recv_exit_status()
+        said = channel.recv_stderr(65536).decode(errors="replace").strip().splitlines()
+        channel.close()  # not left open until the connection ends
         if status == 0:
             return True
         if status == -1:  # the channel closed without an exit status: the connection went away
             return failed(host, f"{self.label}: the connection was lost during the upload; "
                                 "nothing was installed, the next run sends it again")
-        said = channel.recv_stderr(65536).decode(errors="replace").strip().splitlines()
         return failed(host, f"{self.label}: the upload failed ({said[-1] if said else f'exit status {status}'}); "
                             f"{self._room(state, host, connector_arguments)}nothing was installed, "
                             "the next run sends it again")
