@@ -16,9 +16,9 @@ rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second ru
 test: prereqs venv lint  ## lint, then unit and fleet integration tests (slow ones excluded)
 	$(PY) -m pytest -m "not slow"
 
-lint: prereqs venv  ## ruff over the Python, shellcheck over the programs that run on hosts
+lint: prereqs venv  ## ruff over the Python, shellcheck over the shell programs
 	$(VENV)/bin/ruff check .
-	shellcheck files/host/*.sh
+	shellcheck files/*.sh files/host/*.sh tests/real_gpu/*.sh
 
 test-unit: venv  ## unit tests only: no root, no fleet, seconds
 	$(PY) -m pytest tests/unit

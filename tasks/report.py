@@ -72,7 +72,8 @@ class HostRecord:
     env: EnvOutcome | None = None
     models: list[ModelOutcome] = field(default_factory=list)
     stack: StackOutcome | None = None
-    gpus: list[dict] = field(default_factory=list)  # as the probe read them (tasks/host/gpus.py `Gpu`)
+    gpus: list[dict] = field(default_factory=list)  # as the probe read them (tasks/host/gpu_checks.py `Gpu`)
+    docker_gpus: str = ""  # how the host's docker gives containers GPUs: "runtime", "cdi" or ""
     gate: dict | None = None  # the GPU gate's checks and results, once a GPU gate runs
     planned: bool = False  # the deploy planned every step for this host
     pending: str = field(default="", repr=False)  # the message of a failure not yet tied to its step

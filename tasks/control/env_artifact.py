@@ -13,7 +13,7 @@ import io
 import json
 import re
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable
 
@@ -40,6 +40,8 @@ def env_id(requirements: str, base_image_id: str, platform: str, pip_options: di
 
 
 ENV_INFO = ".mlstack-env.json"  # inside every env: what the on-host check imports, for which Python
+CUDA_RUNTIME = re.compile(r"nvidia-cuda-runtime(-cu\d+)?")  # the CUDA runtime wheel, by canonical name
+TORCH_ARCH = re.compile(r"(sm|compute)_\d+[af]?")
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Manifest:
     unpacked_size: int
     files: int
     python: str  # "python3.11": the lib/ directory of the user site
+    cuda_runtime: str  # the nvidia-cuda-runtime distribution's version ("12.8.90"); "" without one
+    torch: dict  # {"version", "cuda", "archs"} as the built torch reports them (TORCH_INFO); {} without torch
     imports: dict[str, list[str]] = field(default_factory=dict)  # distribution -> import names
 
     def env_info(self) -> bytes:
@@ -58,6 +62,18 @@ class Manifest:
 
     def write(self, path: Path) -> None:
         atomic_write(path, json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    def with_torch(self, info: dict) -> Manifest:
+        """This manifest with what the build's files/torch_info.py printed, checked: {} or {version, cuda, archs}."""
+        if info:
+            version, cuda, archs = info.get("version"), info.get("cuda"), info.get("archs")
+            if not (isinstance(version, str) and re.fullmatch(r"[0-9A-Za-z.+_-]{1,64}", version)
+                    and (cuda is None or isinstance(cuda, str) and re.fullmatch(r"\d+\.\d+", cuda))
+                    and isinstance(archs, list) and all(isinstance(a, str) and TORCH_ARCH.fullmatch(a) for a in archs)):
+                raise ArtifactError(f"env {self.env_id}: torch reported {info!r}, expected "
+                                    "{'version': '2.11.0', 'cuda': '13.0' or None, 'archs': ['sm_90', …]}")
+            info = {"version": version, "cuda": cuda, "archs": archs}
+        return replace(self, torch=info)
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
@@ -215,9 +231,12 @@ def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requiremen
 
 def _manifest(env: str, metadata: dict[str, dict[str, str]], wanted: set[str], pythons: set[str],
               unpacked: int, files: int) -> Manifest:
-    imports = {}
+    imports, cuda_runtime = {}, ""
     for found in metadata.values():
         name_match = re.search(r"^Name:\s*(\S+)", found.get("METADATA", ""), flags=re.M)
+        version_match = re.search(r"^Version:\s*(\d+(\.\d+)+)\s*$", found.get("METADATA", ""), flags=re.M)
+        if name_match and version_match and CUDA_RUNTIME.fullmatch(canonicalize_name(name_match.group(1))):
+            cuda_runtime = version_match.group(1)
         if name_match and canonicalize_name(name_match.group(1)) in wanted:
             top_level = found.get("top_level.txt", "").split() or _top_level_from_record(found.get("RECORD", ""))
             imports[canonicalize_name(name_match.group(1))] = _import_names(canonicalize_name(name_match.group(1)),
@@ -229,4 +248,4 @@ def _manifest(env: str, metadata: dict[str, dict[str, str]], wanted: set[str], p
     if len(pythons) != 1:
         raise ArtifactError(f"the built env has site-packages for {sorted(pythons) or 'no Python'}: "
                             "expected exactly one lib/python3.X")
-    return Manifest(env, "", 0, unpacked, files, pythons.pop(), dict(sorted(imports.items())))
+    return Manifest(env, "", 0, unpacked, files, pythons.pop(), cuda_runtime, {}, dict(sorted(imports.items())))

@@ -8,7 +8,9 @@ A cached artifact whose manifest is present is never rebuilt. Hosts are told whi
 from __future__ import annotations
 
 import io
+import json
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     import docker
 
 BOOTSTRAP_DOCKERFILE = "Dockerfile.server.bootstrap"
+BUILD_PROGRAMS = ("env_build.sh", "torch_info.py")  # what the bootstrap container runs (files/)
 LOG_TAIL = 20
 
 
@@ -57,6 +60,21 @@ def cached_manifest(cache_dir: Path, env: str) -> Manifest | None:
     return Manifest.read(manifest) if artifact.exists() and manifest.exists() else None
 
 
+def _read_torch_info(container, env: str) -> dict:
+    """What files/torch_info.py wrote in the finished build container: {} or torch's version, CUDA and archs."""
+    chunks, _ = container.get_archive("/build/torch.json")
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
+        member = archive.next()
+        data = archive.extractfile(member).read() if member is not None and member.isfile() else b""
+    try:
+        info = json.loads(data)
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise ArtifactError(f"ML env {env}: the build's torch report is not a JSON object: {data[:200]!r}")
+    return info
+
+
 def build_env(client: docker.DockerClient, env: str, base_image: str, requirements: str, pip_options: dict,
               cache_dir: Path, log=sys.stderr) -> Manifest:
     """The artifact of ENV from CACHE_DIR, built first if it is not there (progress goes to LOG)."""
@@ -73,8 +91,9 @@ def build_env(client: docker.DockerClient, env: str, base_image: str, requiremen
     )
     container = client.containers.create(image.id, network_mode="host", labels={"mlstack.env-build": env})
     try:
+        programs = {f"build/{name}": (FILES / name).read_bytes() for name in BUILD_PROGRAMS}
         container.put_archive("/", tar_of({"etc/pip.conf": pip_conf(pip_options).encode(),
-                                            "build/requirements.txt": requirements.encode()}))
+                                            "build/requirements.txt": requirements.encode(), **programs}))
         container.start()
         tail: list[str] = []
         for line in container.logs(stream=True, follow=True):
@@ -84,9 +103,10 @@ def build_env(client: docker.DockerClient, env: str, base_image: str, requiremen
         status = container.wait()["StatusCode"]
         if status != 0:
             raise ArtifactError(f"ML env {env}: pip install failed (exit {status}):\n  " + "\n  ".join(tail))
+        torch_info = _read_torch_info(container, env)
         chunks, _ = container.get_archive("/root/.local")
         artifact, manifest_path = artifact_paths(cache_dir, env)
-        manifest = repack_user_site(chunks, artifact, env, requirements)
+        manifest = repack_user_site(chunks, artifact, env, requirements).with_torch(torch_info)
         manifest.write(manifest_path)  # last: a manifest means the artifact is complete
     finally:
         container.remove(force=True)

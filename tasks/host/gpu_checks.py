@@ -38,7 +38,7 @@ class Gpu:
     name: str
     memory_mib: int
     driver: str
-    capability: str  # "9.0"; "" when the driver is too old to report it
+    capability: str = ""  # "9.0"; "" when the driver is too old to report it
     mig: bool | None = None  # MIG mode; None on a GPU without MIG
 
 

@@ -144,6 +144,29 @@ def test_the_artifact_says_which_python_it_is_for_and_carries_what_the_host_chec
     check_artifact(target, manifest)  # what the build wrote passes the check before upload
 
 
+def test_the_cuda_runtime_version_comes_from_its_dist_info(tmp_path):
+    assert repack_user_site(user_site_tar(), tmp_path / "cpu.tar.gz", "env-1", REQUIREMENTS).cuda_runtime == ""
+    # the METADATA of PyPI's nvidia-cuda-runtime-cu12 12.8.90 wheel, first lines; installed as a dependency
+    runtime = [(f"{SITE}/nvidia_cuda_runtime_cu12-12.8.90.dist-info/METADATA",
+                b"Metadata-Version: 2.1\nName: nvidia-cuda-runtime-cu12\nVersion: 12.8.90\nSummary: CUDA Runtime\n")]
+    manifest = repack_user_site(user_site_tar(runtime), tmp_path / "cuda.tar.gz", "env-1", REQUIREMENTS)
+    assert manifest.cuda_runtime == "12.8.90"
+    assert "nvidia-cuda-runtime-cu12" not in manifest.imports  # not a requirement: nothing to import-check
+
+
+def test_what_torch_reports_is_checked_before_it_enters_the_manifest(tmp_path):
+    manifest = repack_user_site(user_site_tar(), tmp_path / "env.tar.gz", "env-1", REQUIREMENTS)
+    # what files/torch_info.py printed on the lent H100 (torch 2.11.0+cu130)
+    h100 = {"version": "2.11.0+cu130", "cuda": "13.0", "archs": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]}
+    assert manifest.with_torch(h100).torch == h100
+    assert manifest.with_torch({}).torch == {}
+    assert manifest.with_torch({"version": "2.13.0+cpu", "cuda": None, "archs": []}).torch["cuda"] is None
+    for bad in ({"version": "2.11", "cuda": "13.0", "archs": ["sm_90; rm -rf /"]}, {"version": 2, "archs": []},
+                {"version": "2.11", "cuda": "thirteen", "archs": []}, {"version": "2.11", "cuda": "13.0"}):
+        with pytest.raises(ArtifactError, match="torch reported"):
+            manifest.with_torch(bad)
+
+
 def test_a_cached_artifact_that_was_changed_or_escapes_is_refused(tmp_path):
     target = tmp_path / "env-1.tar.gz"
     manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
@@ -156,7 +179,7 @@ def test_a_cached_artifact_that_was_changed_or_escapes_is_refused(tmp_path):
         link.type, link.linkname = tarfile.SYMTYPE, "/etc"
         archive.addfile(link)
     data = evil.read_bytes()
-    forged = Manifest("env-2", hashlib.sha256(data).hexdigest(), len(data), 0, 0, "python3.11")
+    forged = Manifest("env-2", hashlib.sha256(data).hexdigest(), len(data), 0, 0, "python3.11", "", {})
     with pytest.raises(ArtifactError, match="archive member 'lib/escape' rejected"):
         check_artifact(evil, forged)
 
