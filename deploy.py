@@ -25,7 +25,7 @@ if hold_deploy_lock():  # one deploy at a time per host, held until this run dis
     if on_host:  # None: a part of the probe failed, and so did this host
         paths, env_dir, model_cache, host_gpus, compose_project = on_host
         directories.converge(config, paths)
-        env = ml_env.converge(config, env_dir)
+        env = ml_env.converge(config, env_dir, host_gpus)
         snapshots = models.converge(config, env, model_cache)
         stack.converge(config, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
         ml_env.cleanup(config, env)  # last: only once nothing uses the envs it removes

@@ -6,18 +6,25 @@ usage: gpu_smoke.py DEVICES   (DEVICES: "N" exactly N devices, "N+" at least N)
 Exit status 0 when every check passes, else 1 with the check that failed.
 """
 
+import importlib.util
 import sys
 import time
 
-import torch
-
 SIZE = 1024
+
+if importlib.util.find_spec("torch") is None:
+    print("GPU smoke test: the container started with the GPUs given; the env has no torch, nothing more to run")
+    sys.exit(0)
+import torch  # noqa: E402
 
 expected = sys.argv[1] if len(sys.argv) > 1 else "1+"
 at_least = expected.endswith("+")
 wanted = int(expected.rstrip("+"))
 print("torch %s, CUDA runtime %s, arch list %s" % (torch.__version__, torch.version.cuda,
                                                    " ".join(torch.cuda.get_arch_list()) or "none"))
+if torch.version.cuda is None:
+    sys.exit("GPU smoke test: the env's torch %s is a CPU build, on a host with GPUs: deploy a CUDA env here "
+             "(requirements.ml.txt)" % torch.__version__)
 if not torch.cuda.is_available():
     sys.exit("GPU smoke test: torch.cuda.is_available() is False (torch %s, CUDA %s): the container sees no "
              "usable GPU" % (torch.__version__, torch.version.cuda))

@@ -24,10 +24,12 @@ from pyinfra.api import FactBase, FunctionCommand, operation
 
 from tasks.config import HostConfig
 from tasks.control.builder import BaseImage, BuilderError
-from tasks.control.env_artifact import ENV_INFO, ArtifactError
+from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest
 from tasks.control.env_build import EnvSource, base_image, env_source
 from tasks.control.stack_project import StackDef
 from tasks.host.failure import HostProblem, fail_host, failed, step
+from tasks.host.gpu_checks import CudaEnv, gate_problems, smoke_devices
+from tasks.host.gpus import GpuState
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
 from tasks.host.transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
@@ -35,6 +37,7 @@ from tasks.report import EnvOutcome, report
 
 MOUNT = "/root/.local"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DOCKER_GPU_FLAGS = {"runtime": "--gpus all", "cdi": "--device nvidia.com/gpu=all"}  # by GpuState.docker_gpus
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
@@ -185,10 +188,47 @@ def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], free_by
                          then=unpack_command(env_dir, source.env, manifest.sha256))
 
 
-def import_check_command(env_dir: str, env: str, image_id: str, python: str) -> str:
+def in_runtime_image(env_dir: str, env: str, image_id: str, python: str, command: str, options: str = "") -> str:
+    """COMMAND run in the runtime image with envs/ENV mounted read-only where the stack mounts it."""
     environment = " ".join(f"-e {key}={shlex.quote(value)}" for key, value in runtime_environment(python).items())
-    return (f"docker run --rm --network none -v {shlex.quote(f'{env_dir}/envs/{env}')}:{MOUNT}:ro {environment} "
-            f"--entrypoint '' {image_id} {program('import_check.py', MOUNT, ENV_INFO)}")
+    return (f"docker run --rm --network none {options}{' ' if options else ''}"
+            f"-v {shlex.quote(f'{env_dir}/envs/{env}')}:{MOUNT}:ro {environment} --entrypoint '' {image_id} {command}")
+
+
+def import_check_command(env_dir: str, env: str, image_id: str, python: str) -> str:
+    return in_runtime_image(env_dir, env, image_id, python, program("import_check.py", MOUNT, ENV_INFO))
+
+
+def cuda_env(manifest: Manifest) -> CudaEnv | None:
+    """What the GPU gate checks an env against: its CUDA runtime (the runtime wheel's, else torch's) and
+    torch's arch list; None for an env without CUDA."""
+    runtime = manifest.cuda_runtime or manifest.torch.get("cuda") or ""
+    return CudaEnv(runtime, tuple(manifest.torch.get("archs") or ())) if runtime else None
+
+
+def gate_problem(gpus: GpuState, manifest: Manifest) -> str | None:
+    """Why the plan-time checks of the GPU gate refuse MANIFEST's env on this host, or None."""
+    problems = gate_problems(list(gpus.gpus), gpus.docker_gpus, cuda_env(manifest))
+    if not problems:
+        return None
+    return f"GPU gate, {manifest.env_id}: " + "; ".join(problems) + " (the active env stays)"
+
+
+def _gate_passes(state, host, source: EnvSource, gpus: GpuState) -> bool:
+    """The gate's plan-time checks, run at execution when the env was built in this run."""
+    try:
+        manifest = source.ensure()
+    except (ArtifactError, BuilderError):
+        host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
+        return True
+    problem = gate_problem(gpus, manifest)
+    return failed(host, problem) if problem else True
+
+
+def smoke_command(env_dir: str, env: str, image_id: str, python: str, gpus: GpuState) -> str:
+    """The GPU smoke test in the runtime image, with the env mounted and every GPU of the host given."""
+    return in_runtime_image(env_dir, env, image_id, python, program("gpu_smoke.py", smoke_devices(list(gpus.gpus))),
+                            DOCKER_GPU_FLAGS.get(gpus.docker_gpus, ""))
 
 
 class EnvImportCheckFact(FactBase):
@@ -202,9 +242,16 @@ class EnvImportCheckFact(FactBase):
 
 
 @operation(is_idempotent=False)
-def activate_env(env_dir: str, env: str, image_id: str, python: str, owner: tuple[int, int]):
-    """Import every requirement in the runtime image from the env; only then point `active` at it."""
+def activate_env(env_dir: str, env: str, image_id: str, python: str, owner: tuple[int, int],
+                 gpu_gate: tuple[EnvSource, GpuState] | None = None, checked: bool = False):
+    """Import every requirement in the runtime image from the env; on a GPU host (GPU_GATE: the env's source
+    and the host's GPUs) pass the GPU gate too, its plan-time checks here unless already CHECKED; only then
+    point `active` at it."""
+    if gpu_gate and not checked:
+        yield FunctionCommand(_gate_passes, gpu_gate, {})
     yield import_check_command(env_dir, env, image_id, python)
+    if gpu_gate:
+        yield smoke_command(env_dir, env, image_id, python, gpu_gate[1])
     yield as_owner(*owner, f"cd {shlex.quote(env_dir)} && ln -sfn envs/{env} active.new && mv -T active.new active "
                            f"&& touch envs/{env}")
 
@@ -240,8 +287,9 @@ def host_problem(config: HostConfig, state: MlEnvState, base: BaseImage) -> str 
 
 
 @step("ML env")
-def converge(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
-    """Install and switch to the wanted env; returns the plan (the stack mounts `envs/<plan.wanted>`)."""
+def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan | None:
+    """Install and switch to the wanted env, through the GPU gate on a GPU host; returns the plan (the stack
+    mounts `envs/<plan.wanted>`)."""
     try:
         base = base_image(config, Path(config.ml_env_cache_dir).expanduser(), state.image_id)
         source = env_source(config, base)
@@ -257,6 +305,12 @@ def converge(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
                           f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")
     host.log(plan.summary(cached.size if cached else None))
     record = report[host.name]
+    gated = plan.activate and bool(gpus.gpus)
+    if gated and cached is not None:  # the plan-time checks, before anything changes; else at execution
+        problem = gate_problem(gpus, cached)
+        record.gate = {"env": plan.wanted, "result": "refused" if problem else "checked", "problem": problem or ""}
+        if problem:
+            raise HostProblem(problem)
     record.env = EnvOutcome(plan.current, plan.wanted,
                             "install" if plan.upload else "switch" if plan.activate else "none")
     if plan.activate or plan.remove:
@@ -273,9 +327,9 @@ def converge(config: HostConfig, state: MlEnvState) -> EnvPlan | None:
             env_dir=config.ml_env_dir, source=source, owner=env_owner(config), free_bytes=state.free_bytes,
         )
     if plan.activate:
-        activate_env(name=f"Import check, then switch to {source.env}",
+        activate_env(name=f"Import check{', GPU gate' if gated else ''}, then switch to {source.env}",
                      env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,
-                     owner=env_owner(config))
+                     owner=env_owner(config), gpu_gate=(source, gpus) if gated else None, checked=cached is not None)
     return plan
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,25 @@ class TestFleet:
             yield
         finally:
             subprocess.run(["tc", "qdisc", "del", "dev", device, "root"], check=True)
+
+    @contextlib.contextmanager
+    def gpu_shaped(self, record: HostRecord, gpu_lines: list[str], hook: bool = True):
+        """RECORD made GPU-shaped by fixtures, not by a GPU: an `nvidia-smi` that answers any query with
+        GPU_LINES (lines of real captures, tests/unit/host/fixtures/) and, with HOOK, the
+        `nvidia-container-runtime-hook` the NVIDIA Container Toolkit installs, which here refuses to run
+        (there is no GPU behind it). Both are bind-mounted over /usr/local/sbin in the host's own mount
+        namespace; the host's docker, sshd and everything else are the host's own."""
+        smi = "#!/bin/sh\ncat <<'EOF'\n" + "\n".join(gpu_lines) + "\nEOF\n"
+        refuse = ("#!/bin/sh\necho 'nvidia-container-runtime-hook (fixture): no GPU on this rehearsal host' >&2\n"
+                  "exit 1\n")
+        programs = {"nvidia-smi": smi, **({"nvidia-container-runtime-hook": refuse} if hook else {})}
+        self.ssh(record, "mkdir -p /srv/fixture-gpu && " + " && ".join(
+            f"printf %s {shlex.quote(text)} > /srv/fixture-gpu/{name} && chmod 0755 /srv/fixture-gpu/{name}"
+            for name, text in programs.items()) + " && mount --bind /srv/fixture-gpu /usr/local/sbin")
+        try:
+            yield
+        finally:
+            self.ssh(record, "umount /usr/local/sbin && rm -r /srv/fixture-gpu")
 
     def wipe(self, *extra_paths: str) -> None:
         """Every host as before any deploy: the stack's containers removed, /srv/mlstack (and EXTRA_PATHS) gone."""

@@ -157,7 +157,8 @@ def test_the_cuda_runtime_version_comes_from_its_dist_info(tmp_path):
 def test_what_torch_reports_is_checked_before_it_enters_the_manifest(tmp_path):
     manifest = repack_user_site(user_site_tar(), tmp_path / "env.tar.gz", "env-1", REQUIREMENTS)
     # what files/torch_info.py printed on the lent H100 (torch 2.11.0+cu130)
-    h100 = {"version": "2.11.0+cu130", "cuda": "13.0", "archs": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]}
+    h100 = {"version": "2.11.0+cu130", "cuda": "13.0",
+            "archs": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]}
     assert manifest.with_torch(h100).torch == h100
     assert manifest.with_torch({}).torch == {}
     assert manifest.with_torch({"version": "2.13.0+cpu", "cuda": None, "archs": []}).torch["cuda"] is None

@@ -101,7 +101,8 @@ def test_gate_on_the_real_h100_passes():
 
 def test_gate_lists_every_problem():
     problems = gate_problems([gpu("9.0", "470.82.01"), gpu("3.7", "470.82.01", 1)], "", CudaEnv("12.8.90"))
-    assert [problem.split(" ")[0:2] for problem in problems] == [["driver", "470.82.01"], ["GPU", "1"], ["docker", "cannot"]]
+    assert [problem.split(" ")[0:2] for problem in problems] == [
+        ["driver", "470.82.01"], ["GPU", "1"], ["docker", "cannot"]]
 
 
 def test_no_gpu_or_no_cuda_in_the_env_is_nothing_to_check():

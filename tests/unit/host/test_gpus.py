@@ -114,13 +114,14 @@ def test_an_old_driver_is_asked_the_basic_query(tmp_path):
     old = (f"#!/bin/sh\ncase $1 in *compute_cap*) printf %s '{unknown}'; exit 2 ;; esac\n"
            "echo '0, GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4, Tesla K80, 11441, 470.82.01'\n")
     result = run_probe(tmp_path, old, "#!/bin/sh\nexit 1\n")
-    assert result.stdout.splitlines() == ["gpu 0, GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4, Tesla K80, 11441, 470.82.01",
-                                          "docker none"]
+    assert result.stdout.splitlines() == [
+        "gpu 0, GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4, Tesla K80, 11441, 470.82.01", "docker none"]
     assert BASIC_QUERY in QUERY
 
 
 def test_a_broken_driver_is_passed_on_for_the_parser_to_quote(tmp_path):
-    broken = "#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\nexit 9\n"
+    broken = ("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\n"
+              "exit 9\n")
     result = run_probe(tmp_path, broken)
     with pytest.raises(GpuFactError, match="couldn't communicate with the NVIDIA driver"):
         GpuFact().process(result.stdout.splitlines())
