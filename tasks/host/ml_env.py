@@ -221,8 +221,14 @@ def _gate_passes(state, host, source: EnvSource, gpus: GpuState) -> bool:
     except (ArtifactError, BuilderError):
         host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
         return True
-    problem = gate_problem(gpus, manifest)
+    problem = record_gate(host.name, source.env, gate_problem(gpus, manifest))
     return failed(host, problem) if problem else True
+
+
+def record_gate(host_name: str, env: str, problem: str | None) -> str | None:
+    """The outcome of the gate's plan-time checks in the host's report; returns PROBLEM."""
+    report[host_name].gate = {"env": env, "result": "refused" if problem else "checked", "problem": problem or ""}
+    return problem
 
 
 def smoke_command(env_dir: str, env: str, image_id: str, python: str, gpus: GpuState) -> str:
@@ -307,8 +313,7 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
     record = report[host.name]
     gated = plan.activate and bool(gpus.gpus)
     if gated and cached is not None:  # the plan-time checks, before anything changes; else at execution
-        problem = gate_problem(gpus, cached)
-        record.gate = {"env": plan.wanted, "result": "refused" if problem else "checked", "problem": problem or ""}
+        problem = record_gate(host.name, plan.wanted, gate_problem(gpus, cached))
         if problem:
             raise HostProblem(problem)
     record.env = EnvOutcome(plan.current, plan.wanted,
@@ -327,7 +332,7 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
             env_dir=config.ml_env_dir, source=source, owner=env_owner(config), free_bytes=state.free_bytes,
         )
     if plan.activate:
-        activate_env(name=f"Import check{', GPU gate' if gated else ''}, then switch to {source.env}",
+        activate_env(name=f"Import check, then switch to {source.env}",  # one name on every host: one operation
                      env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,
                      owner=env_owner(config), gpu_gate=(source, gpus) if gated else None, checked=cached is not None)
     return plan

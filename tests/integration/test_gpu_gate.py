@@ -109,7 +109,11 @@ def test_a_host_that_passes_the_checks_still_needs_the_smoke_test_in_a_container
     assert run.returncode != 0
     assert run.report[gpu_host.name]["gate"]["result"] == "checked"
     # No GPU behind the fixtures: docker cannot start the smoke test's container with the GPUs given
-    assert run.report[gpu_host.name]["failure"]["step"] == "ML env"
+    failure = run.report[gpu_host.name]["failure"]
+    (new,) = set(envs) - {on_first_env}  # uploaded and unpacked, but not switched to
+    assert failure["step"] == f"ML env | Import check, then switch to {new}"
+    # the import check passed; the smoke test's container could not be given GPUs
+    assert f'[{gpu_host.name}] docker: Error response from daemon: could not select device driver "" with ' \
+           'capabilities: [[gpu]]' in run.output
     assert active(fleet, gpu_host) == on_first_env
-    assert len(envs) == 2  # uploaded and unpacked, but not switched to
     assert run.report[cpu_host.name]["result"] == "ok"

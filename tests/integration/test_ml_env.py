@@ -172,7 +172,7 @@ def evil_artifact(cache: Path, env: str) -> None:
     (cache / f"{env}.tar.gz").write_bytes(data)
     (cache / f"{env}.json").write_text(json.dumps({
         "env_id": env, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "unpacked_size": 6,
-        "files": 2, "python": "python3.11", "imports": {},
+        "files": 2, "python": "python3.11", "cuda_runtime": "", "torch": {}, "imports": {},
     }))
 
 
