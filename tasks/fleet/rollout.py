@@ -37,6 +37,7 @@ class HostOutcome:
     models: list[str] = field(default_factory=list)
     stack: str = ""
     result: str = "not reached"
+    gpus: str = ""  # "GPUs: 1× NVIDIA H100 80GB HBM3, driver 580.159.04; gate checked: env-… (CUDA 13.0)"; "" without
 
     @classmethod
     def from_record(cls, record: dict) -> HostOutcome:
@@ -46,7 +47,24 @@ class HostOutcome:
         models = [f"{model['repo_id']}@{model['revision']} ({model['commit'][:12]})"
                   + (f": {model['bytes_to_send'] / 1e6:.1f} MB sent" if model["action"] == "transfer" else "")
                   for model in record.get("models", [])]
-        return cls(env_text, models, stack_text(record), "FAILED" if record.get("result") == "failed" else "ok")
+        return cls(env_text, models, stack_text(record), "FAILED" if record.get("result") == "failed" else "ok",
+                   gpu_text(record))
+
+    def details(self) -> list[str]:
+        """The lines under the host's row: its GPUs and the gate, then its models."""
+        return ([self.gpus] if self.gpus else []) + self.models
+
+
+def gpu_text(record: dict) -> str:
+    """The host's GPUs (count, models, driver) and the GPU gate's last result; "" on a CPU host."""
+    gpus = record.get("gpus") or []
+    if not gpus:
+        return ""
+    text = f"GPUs: {len(gpus)}× {', '.join(sorted({gpu['name'] for gpu in gpus}))}, driver {gpus[0]['driver']}"
+    gate = record.get("gate")
+    if gate:
+        text += f"; gate {gate['result']}: {gate['env']} (CUDA {gate['cuda'] or 'none'})"
+    return text
 
 
 def stack_text(record: dict) -> str:
@@ -101,8 +119,8 @@ def print_table(order: list[str], outcomes: dict[str, HostOutcome]) -> None:
     for name in order:
         outcome = outcomes[name]
         print(f"{name:14} {outcome.result:12} {outcome.env[:44]:44} {outcome.stack}")
-        for model in outcome.models:
-            print(f"{'':14} {'':12} {'':44} {model}")
+        for line in outcome.details():
+            print(f"{'':14} {'':12} {'':44} {line}")
 
 
 def main(argv: list[str] | None = None) -> int:

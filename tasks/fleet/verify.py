@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         state = "DRIFT" if drift[name] else "ok"
         outcome = outcomes[name]
         print(f"{name:14} {state:8} {', '.join(drift[name]) or '-':28} {outcome.env:44} {outcome.stack}")
-        for model in outcome.models:
-            print(f"{'':14} {'':8} {'':28} {'':44} {model}")
+        for line in outcome.details():
+            print(f"{'':14} {'':8} {'':28} {'':44} {line}")
     drifted = [name for name in hosts if drift[name]]
     print(f"\nverify: {len(hosts) - len(drifted)}/{len(hosts)} host(s) match"
           + (f"; drift on {', '.join(drifted)}" if drifted else ""))

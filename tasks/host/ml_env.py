@@ -221,13 +221,15 @@ def _gate_passes(state, host, source: EnvSource, gpus: GpuState) -> bool:
     except (ArtifactError, BuilderError):
         host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
         return True
-    problem = record_gate(host.name, source.env, gate_problem(gpus, manifest))
+    problem = record_gate(host.name, manifest, gate_problem(gpus, manifest))
     return failed(host, problem) if problem else True
 
 
-def record_gate(host_name: str, env: str, problem: str | None) -> str | None:
+def record_gate(host_name: str, manifest: Manifest, problem: str | None) -> str | None:
     """The outcome of the gate's plan-time checks in the host's report; returns PROBLEM."""
-    report[host_name].gate = {"env": env, "result": "refused" if problem else "checked", "problem": problem or ""}
+    cuda = cuda_env(manifest)
+    report[host_name].gate = {"env": manifest.env_id, "cuda": cuda.major_minor if cuda else "",
+                              "result": "refused" if problem else "checked", "problem": problem or ""}
     return problem
 
 
@@ -313,7 +315,7 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
     record = report[host.name]
     gated = plan.activate and bool(gpus.gpus)
     if gated and cached is not None:  # the plan-time checks, before anything changes; else at execution
-        problem = record_gate(host.name, plan.wanted, gate_problem(gpus, cached))
+        problem = record_gate(host.name, cached, gate_problem(gpus, cached))
         if problem:
             raise HostProblem(problem)
     record.env = EnvOutcome(plan.current, plan.wanted,

@@ -45,6 +45,11 @@ RECORDS = {  # as tasks/report.py writes them
                          "services": {"reranker": {"action": "recreate", "reason": "exited"}}}},
     "gpu-05": {"result": "failed", "failure": {"cause": "step", "step": "ML env",
                                                "message": "the runtime base image 'python:3.11' is not on this host"}},
+    "gpu-06": {"result": "failed", "failure": {"cause": "step", "step": "ML env",
+                                               "message": "GPU gate, env-44d10bd977d1ee58: driver 570.124.06 is older"},
+               "gpus": [{"index": i, "uuid": f"GPU-{i}", "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559,
+                         "driver": "570.124.06", "capability": "9.0", "mig": False} for i in range(8)],
+               "gate": {"env": "env-44d10bd977d1ee58", "cuda": "13.0", "result": "refused", "problem": "driver …"}},
 }
 
 
@@ -58,6 +63,9 @@ def test_each_row_of_the_table_comes_from_the_report():
     assert rows["gpu-04"].env == "env-44d10bd977d1ee58" and rows["gpu-04"].result == "FAILED"
     assert rows["gpu-04"].stack == "mlstack: reranker (exited); unhealthy: reranker"
     assert rows["gpu-05"].stack == "failed at ML env: the runtime base image 'python:3.11' is not on this host"
+    assert rows["gpu-01"].gpus == "" and rows["gpu-01"].details() == rows["gpu-01"].models  # a CPU host
+    assert rows["gpu-06"].details() == [
+        "GPUs: 8× NVIDIA H100 80GB HBM3, driver 570.124.06; gate refused: env-44d10bd977d1ee58 (CUDA 13.0)"]
 
 
 def test_failed_hosts_are_read_from_the_report_and_a_run_that_did_not_execute_fails_its_whole_batch():
