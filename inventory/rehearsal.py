@@ -52,6 +52,7 @@ rehearsal = (
             {"repo_id": hub.NESTED, "revision": _commits[hub.NESTED]["main"]},
         ],
         "service_models": {"RERANKING_MODEL": hub.MINILM},
+        "service_gpus": {"reranker": "all"},
         "stack": "reranker",
         "stack_secrets": [],
         "health_timeout": 60,

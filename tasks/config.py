@@ -306,6 +306,36 @@ def stack_model_settings(stack: str) -> dict[str, list[str]]:
     return {name: list(spec.get("models", [])) for name, spec in services.items()}
 
 
+GPU_REQUEST = ("expected 'all', a number of GPUs from 1 to 64, or a list of distinct GPU indices such as [0, 1]")
+
+
+def _gpu_request(value: Any) -> str | int | tuple[int, ...]:
+    """One service's GPUs: "all" of the host's, a count (the lowest indices), or these indices."""
+    if value == "all":
+        return value
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 64 for i in value) \
+                and len(set(value)) == len(value):
+            return tuple(value)
+        raise ValueError(GPU_REQUEST)
+    return _int_in(1, 64, GPU_REQUEST)(value)
+
+
+def _gpu_requests(value: Any) -> dict[str, str | int | tuple[int, ...]]:
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ValueError("expected a mapping of stack service -> 'all', a GPU count or a list of GPU indices")
+    problems = []
+    requests = {}
+    for service, request in value.items():
+        try:
+            requests[service] = _gpu_request(request)
+        except ValueError as error:
+            problems.append(f"{service}: {request!r}: {error}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return requests
+
+
 def _batch(value: Any) -> str:
     text = str(value)
     if isinstance(value, bool) or not re.fullmatch(r"[1-9]\d*|([1-9]\d?|100)%", text):
@@ -402,6 +432,7 @@ class HostConfig(BaseModel):
     pip_trusted_hosts: HostList
     models: list[ModelSpec]
     service_models: dict[Annotated[str, BeforeValidator(_env_name)], str]
+    service_gpus: Annotated[dict, BeforeValidator(_gpu_requests)]
     hf_endpoint: EndpointUrl
     hf_token_over_http: Flag
     model_mode: Annotated[str, BeforeValidator(_choice("control", "host"))]
@@ -526,6 +557,11 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
             problems.append(_problem(host_name, f"service_models.{variable}", repo_id,
                                      "a repo_id from models (the stack must use a model the deploy places: "
                                      f"{', '.join(repo_ids) or 'none'})"))
+    services = stack_model_settings(config.stack)
+    for service in config.service_gpus:
+        if service not in services:
+            problems.append(_problem(host_name, f"service_gpus.{service}", config.service_gpus[service],
+                                     f"a service of stack {config.stack!r}: {', '.join(services)}"))
     seen: dict[str, str] = {}
     for spec in config.directories():
         if spec.path in seen:

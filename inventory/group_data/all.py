@@ -54,6 +54,9 @@ pip_trusted_hosts = []
 models = [{"repo_id": "Qwen/Qwen3-Reranker-0.6B", "revision": "main"}]
 # The stack's model settings (environment variable -> repo_id): each must be one of `models`.
 service_models = {"RERANKING_MODEL": "Qwen/Qwen3-Reranker-0.6B"}
+# The GPUs each stack service gets (service -> "all", a count or a list of indices), reserved by UUID;
+# services not named get none. A host with fewer GPUs than a service asks for fails before it changes.
+service_gpus = {"archon-server": "all"}
 # The HF endpoint: "" is $HF_ENDPOINT or huggingface.co; a mirror such as "http://hf-mirror.corp:8090".
 # Credentials go in as ${VAR} from the control node's environment ("control" model_mode only).
 hf_endpoint = ""

@@ -153,3 +153,26 @@ def smoke_devices(gpus: list[Gpu]) -> str:
     "N" exactly, or "N+" at least when a GPU is in MIG mode (CUDA then sees MIG instances, not that GPU)."""
     plain = sum(1 for gpu in gpus if not gpu.mig)
     return f"{plain + 1}+" if any(gpu.mig for gpu in gpus) else str(plain)
+
+
+def assign_gpus(gpus: list[Gpu], service: str, request: str | int | tuple[int, ...]) -> list[Gpu]:
+    """The GPUs SERVICE gets on a host with GPUS: "all" of them (none on a CPU host), the COUNT lowest
+    indices, or exactly the indices asked for; a GpuRequestError when the host has too few."""
+    ordered = sorted(gpus, key=lambda gpu: gpu.index)
+    if request == "all":
+        return ordered
+    if isinstance(request, int):
+        if request > len(ordered):
+            raise GpuRequestError(f"service_gpus.{service} = {request}: this host has {len(ordered)} GPU(s)")
+        return ordered[:request]
+    by_index = {gpu.index: gpu for gpu in ordered}
+    missing = [index for index in request if index not in by_index]
+    if missing:
+        have = ", ".join(str(index) for index in by_index) or "none"
+        raise GpuRequestError(f"service_gpus.{service} = {list(request)}: this host has no GPU {missing[0]} "
+                              f"(its GPUs: {have})")
+    return [by_index[index] for index in request]
+
+
+class GpuRequestError(ValueError):
+    """A service asks for GPUs the host does not have."""

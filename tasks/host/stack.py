@@ -28,7 +28,8 @@ from tasks.control.caches import file_sha256, once
 from tasks.control.hub import Snapshot
 from tasks.control.stack_project import StackDef, StackError, build_and_save, image_tag
 from tasks.host.failure import HostProblem, failed, step
-from tasks.host.gpus import Gpu, device_reservation
+from tasks.host.gpu_checks import Gpu, GpuRequestError, assign_gpus
+from tasks.host.gpus import device_reservation
 from tasks.host.ml_env import EnvPlan
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
@@ -143,8 +144,9 @@ def render(stack: StackDef, config: HostConfig, env: EnvPlan, snapshots: list[Sn
                             "target": "/root/.local", "read_only": True})
             environment.update({key: escape(value) for key, value in env.environment().items()})
             ours["mlstack.env-id"] = env.wanted
-            if gpus:
-                service.setdefault("deploy", {}).setdefault("resources", {})["reservations"] = device_reservation(gpus)
+        given = assign_gpus(gpus, name, config.service_gpus[name]) if name in config.service_gpus else []
+        if given:
+            service.setdefault("deploy", {}).setdefault("resources", {})["reservations"] = device_reservation(given)
         if "models" in spec.get("mounts", []):
             volumes.append({"type": "bind", "source": escape(config.model_cache_dir), "target": HF_HOME,
                             "read_only": True})
@@ -318,7 +320,10 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
         tag = once(("tag", definition.name, env.base.id), lambda: image_tag(definition, env.base.id))
     except StackError as error:
         raise HostProblem(error) from None
-    rendered = render(definition, config, env, snapshots, tag, gpus, control_secrets(config))
+    try:
+        rendered = render(definition, config, env, snapshots, tag, gpus, control_secrets(config))
+    except GpuRequestError as error:
+        raise HostProblem(error) from None
     plan = plan_stack(state, rendered, tag, config.stack_profiles, definition)
     services = active_services(definition, config.stack_profiles)
     outcome = StackOutcome(definition.project, tag, {

@@ -5,6 +5,7 @@ a mixed fleet converging. The rehearsal env carries the real CUDA runtime wheel 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,19 @@ def test_a_host_that_passes_the_checks_still_needs_the_smoke_test_in_a_container
            'capabilities: [[gpu]]' in run.output
     assert active(fleet, gpu_host) == on_first_env
     assert run.report[cpu_host.name]["result"] == "ok"
+
+
+def test_a_service_asking_for_more_gpus_than_a_host_has_fails_that_host_before_it_changes(fleet, cache,
+                                                                                          on_first_env):
+    gpu_host, cpu_host = fleet.hosts
+    with fleet.gpu_shaped(gpu_host, [H100]):
+        before = {record.name: fleet.ssh(record, "find /srv/mlstack -printf '%p %m %s %T@\\n' | sort")
+                  for record in fleet.hosts}
+        run = deploy(fleet, cache, f"service_gpus={json.dumps({'reranker': 2})}",
+                     f"stack_env={json.dumps({'CHANGED': '1'})}")
+        after = {record.name: fleet.ssh(record, "find /srv/mlstack -printf '%p %m %s %T@\\n' | sort")
+                 for record in fleet.hosts}
+    assert run.returncode != 0
+    assert message(run, gpu_host) == "service_gpus.reranker = 2: this host has 1 GPU(s)"
+    assert message(run, cpu_host) == "service_gpus.reranker = 2: this host has 0 GPU(s)"
+    assert after == before  # the .env change was planned, and not made

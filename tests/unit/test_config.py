@@ -226,7 +226,7 @@ def test_a_service_naming_a_model_the_deploy_does_not_place_is_refused():
 
 
 def test_a_stack_service_reading_a_model_setting_the_inventory_lacks_is_refused():
-    assert problems_for(stack="reranker", service_models={}) == [
+    assert problems_for(stack="reranker", service_models={}, service_gpus={}) == [
         "gpu-01: service_models = {}: an entry for RERANKING_MODEL (stack 'reranker': read by reranker)"
     ]
 
@@ -507,3 +507,15 @@ def test_directories_root_works_in_are_roots_alone(overrides, problem):
 ])
 def test_non_root_owners_where_the_deploy_works_as_them_are_valid(overrides):
     assert problems_for(**overrides) == []
+
+
+def test_service_gpus_are_checked_against_the_stack_and_their_shape():
+    assert problems_for(service_gpus={"archon-server": [0, 1], "archon-mcp": 2, "archon-agents": "all"}) == []
+    assert problems_for(service_gpus={"archon-srever": "all"}) == [
+        "gpu-01: service_gpus.archon-srever = 'all': a service of stack 'archon': "
+        "archon-server, archon-mcp, archon-agents, archon-ui"]
+    for bad in ({"archon-server": 0}, {"archon-server": [0, 0]}, {"archon-server": []}, {"archon-server": "any"},
+                {"archon-server": True}, {"archon-server": [-1]}):
+        (problem,) = problems_for(service_gpus=bad)
+        assert problem.startswith("gpu-01: service_gpus = ") and problem.endswith(
+            "expected 'all', a number of GPUs from 1 to 64, or a list of distinct GPU indices such as [0, 1]"), problem

@@ -3,13 +3,14 @@
 import runpy
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tasks.config import ModelSpec, validate_host
 from tasks.control.builder import BaseImage
 from tasks.control.hub import Snapshot
 from tasks.control.stack_project import StackDef
-from tasks.host.gpus import Gpu
+from tasks.host.gpu_checks import Gpu, GpuRequestError
 from tasks.host.ml_env import EnvPlan
 from tasks.host.stack import ContainerState, StackState, dotenv_line, escape, masked_env_diff, plan_stack, render
 
@@ -51,6 +52,43 @@ def test_archon_services_get_the_env_the_model_and_gpus_only_where_they_mount_th
     assert out.dotenv == 'SUPABASE_URL="https://x.supabase.co"\nSUPABASE_SERVICE_KEY="k\\$y"\n'
 
 
+EIGHT = [Gpu(i, f"GPU-5a7f8c3e-1b2d-4e6f-9a8b-0c1d2e3f4a{i:02x}", "NVIDIA H100 80GB HBM3", 81559, "580.159.04", "9.0")
+         for i in range(8)]
+
+
+def reservation(out, service) -> list[str] | None:
+    spec = yaml.safe_load(out.compose)["services"][service]
+    return spec["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] if "deploy" in spec else None
+
+
+def test_each_service_gets_the_gpus_assigned_to_it_by_uuid_and_the_others_none():
+    _, out = rendered(gpus=EIGHT, service_gpus={"archon-server": [6, 7], "archon-mcp": 2, "archon-agents": "all"},
+                      stack_profiles=["agents"])
+    assert reservation(out, "archon-server") == [EIGHT[6].uuid, EIGHT[7].uuid]
+    assert reservation(out, "archon-mcp") == [EIGHT[0].uuid, EIGHT[1].uuid]
+    assert reservation(out, "archon-agents") == [gpu.uuid for gpu in EIGHT]
+    assert reservation(out, "archon-ui") is None  # not assigned: no GPU
+    _, none = rendered(gpus=EIGHT, service_gpus={})
+    assert reservation(none, "archon-server") is None
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    (9, "service_gpus.archon-server = 9: this host has 8 GPU(s)"),
+    ([7, 8], "service_gpus.archon-server = [7, 8]: this host has no GPU 8 (its GPUs: 0, 1, 2, 3, 4, 5, 6, 7)"),
+])
+def test_a_host_with_fewer_gpus_than_asked_for_is_refused(request_, message):
+    with pytest.raises(GpuRequestError) as error:
+        rendered(gpus=EIGHT, service_gpus={"archon-server": request_})
+    assert str(error.value) == message
+
+
+def test_all_on_a_cpu_host_is_no_gpu_but_a_count_is_refused():
+    _, out = rendered(gpus=[], service_gpus={"archon-server": "all"})
+    assert reservation(out, "archon-server") is None
+    with pytest.raises(GpuRequestError, match="service_gpus.archon-server = 1: this host has 0 GPU"):
+        rendered(gpus=[], service_gpus={"archon-server": 1})
+
+
 def test_no_gpu_no_reservation():
     _, out = rendered()
     assert "deploy" not in yaml.safe_load(out.compose)["services"]["archon-server"]
@@ -71,7 +109,8 @@ def test_the_env_diff_names_keys_never_values():
 
 
 def test_reasons_name_what_changed_for_each_service():
-    config, out = rendered(stack="reranker", service_models={"RERANKING_MODEL": QWEN}, models=[{"repo_id": QWEN}])
+    config, out = rendered(stack="reranker", service_models={"RERANKING_MODEL": QWEN}, models=[{"repo_id": QWEN}],
+                           service_gpus={})
     labels = out.labels["reranker"]
     running = {
         "reranker": ContainerState("running", "healthy",
