@@ -78,10 +78,18 @@ class Manifest:
     @classmethod
     def read(cls, path: Path) -> Manifest:
         try:
-            return cls(**json.loads(path.read_text()))
-        except (TypeError, ValueError) as error:
-            raise ArtifactError(f"{path} is not a manifest of this version ({error}): "
+            fields = json.loads(path.read_text())
+        except ValueError as error:
+            raise ArtifactError(f"{path} is not a manifest ({error}): remove it to rebuild the env") from None
+        try:
+            return cls(**fields)
+        except TypeError as error:
+            raise StaleManifest(f"{path} is not a manifest of this version ({error}): "
                                 "remove it to rebuild the env") from None
+
+
+class StaleManifest(ArtifactError):
+    """A manifest an older (or newer) version of the deploy wrote: it lacks what this one records."""
 
 
 class _HashingWriter(io.RawIOBase):

@@ -20,7 +20,14 @@ from tasks import secrets
 from tasks.config import FILES, HostConfig, read_requirements
 from tasks.control.builder import BaseImage, builder_engine, known_base_image, probe_base_image, require_base, tar_of
 from tasks.control.caches import once
-from tasks.control.env_artifact import ArtifactError, Manifest, check_artifact, env_id, repack_user_site
+from tasks.control.env_artifact import (
+    ArtifactError,
+    Manifest,
+    StaleManifest,
+    check_artifact,
+    env_id,
+    repack_user_site,
+)
 
 if TYPE_CHECKING:
     import docker
@@ -56,8 +63,15 @@ def artifact_paths(cache_dir: Path, env: str) -> tuple[Path, Path]:
 
 
 def cached_manifest(cache_dir: Path, env: str) -> Manifest | None:
+    """ENV's manifest in the control cache, or None. One another version of the deploy wrote counts as
+    absent: the env is built again (from its recipe) and gets what this version records, such as its CUDA."""
     artifact, manifest = artifact_paths(cache_dir, env)
-    return Manifest.read(manifest) if artifact.exists() and manifest.exists() else None
+    if not (artifact.exists() and manifest.exists()):
+        return None
+    try:
+        return Manifest.read(manifest)
+    except StaleManifest:
+        return None
 
 
 def _read_torch_info(container, env: str) -> dict:

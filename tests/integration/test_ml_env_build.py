@@ -32,8 +32,9 @@ def test_the_env_is_built_once_and_imports_in_the_runtime_image(fleet, builder, 
     base_id = client.images.get(IMAGE_NAME).id
     env = env_id(REQUIREMENTS, base_id, "linux/amd64", pip_options(fleet))
     manifest = build_env(client, env, IMAGE_NAME, REQUIREMENTS, pip_options(fleet), tmp_path)
-    assert manifest.imports == {"huggingface-hub": ["huggingface_hub"], "pyyaml": ["yaml"],
-                                "tokenizers": ["tokenizers"]}
+    assert manifest.imports == {"huggingface-hub": ["huggingface_hub"], "nvidia-cuda-runtime": ["nvidia"],
+                                "pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}
+    assert (manifest.cuda_runtime, manifest.torch) == ("13.0.96", {})  # the runtime wheel's dist-info; no torch
     artifact = tmp_path / f"{env}.tar.gz"
     stat_before = artifact.stat()
     builds = {"label": "mlstack.env-build"}  # the bootstrap containers (a host may run the stack besides)

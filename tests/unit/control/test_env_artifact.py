@@ -192,6 +192,18 @@ def test_an_old_manifest_is_reported_with_what_to_do(tmp_path):
         Manifest.read(path)
 
 
+def test_a_manifest_of_another_version_counts_as_not_cached_so_the_env_is_built_again(tmp_path):
+    from tasks.control.env_build import cached_manifest
+
+    (tmp_path / "env-1.tar.gz").write_bytes(b"x")
+    (tmp_path / "env-1.json").write_text('{"env_id": "env-1", "sha256": "", "size": 1, "unpacked_size": 1, '
+                                         '"files": 1, "python": "python3.11", "imports": {}}')  # before `cuda_runtime`
+    assert cached_manifest(tmp_path, "env-1") is None
+    (tmp_path / "env-1.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="is not a manifest .*remove it to rebuild"):
+        cached_manifest(tmp_path, "env-1")
+
+
 def test_index_credentials_are_expanded_only_into_pips_config(monkeypatch):
     from tasks.control.env_build import pip_conf
 
