@@ -145,14 +145,18 @@ def plan_env(state: MlEnvState, wanted: str, keep_envs: int, base: BaseImage, pr
     return EnvPlan(wanted, state.active, upload, activate, remove, base)
 
 
-def _ready_to_send(state, host, source: EnvSource, free_bytes: int) -> bool:
-    """Build (once per fleet) or check the artifact, and refuse a host without room for it."""
+def _ready_to_send(state, host, source: EnvSource, free_bytes: int, gpus: GpuState | None) -> bool:
+    """Build (once per fleet) or check the artifact; refuse a host without room for it, and a GPU host
+    (GPUS) the gate's plan-time checks refuse: those could not run before the build."""
     try:
         manifest = source.ensure()
     except (ArtifactError, BuilderError) as error:
         return failed(host, f"ML env {source.env}: {error}")
     problem = room_problem(free_bytes, manifest.size + manifest.unpacked_size, "artifact, unpacked env")
-    return failed(host, f"ML env {source.env}: {problem}") if problem else True
+    if problem:
+        return failed(host, f"ML env {source.env}: {problem}")
+    refused = record_gate(host.name, manifest, gate_problem(gpus, manifest)) if gpus else None
+    return failed(host, refused) if refused else True
 
 
 def incoming_name(env: str) -> str:
@@ -177,10 +181,11 @@ def unpack_command(env_dir: str, env: str, sha256: str) -> str:
 
 
 @operation(is_idempotent=False)
-def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], free_bytes: int):
+def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], free_bytes: int,
+                gpus: GpuState | None = None):
     """Send the env artifact to a host that lacks it and unpack it atomically into envs/<id>."""
     # Runs at execution only: during change detection the generator stops at this first command.
-    yield FunctionCommand(_ready_to_send, (source, free_bytes), {})
+    yield FunctionCommand(_ready_to_send, (source, free_bytes, gpus), {})
     manifest = source.ensure()
     quoted = shlex.quote(env_dir)
     yield as_owner(*owner, f"install -d -m 0700 {quoted}/incoming && install -d -m 0755 {quoted}/envs")
@@ -214,17 +219,6 @@ def gate_problem(gpus: GpuState, manifest: Manifest) -> str | None:
     return f"GPU gate, {manifest.env_id}: " + "; ".join(problems) + " (the active env stays)"
 
 
-def _gate_passes(state, host, source: EnvSource, gpus: GpuState) -> bool:
-    """The gate's plan-time checks, run at execution when the env was built in this run."""
-    try:
-        manifest = source.ensure()
-    except (ArtifactError, BuilderError):
-        host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
-        return True
-    problem = record_gate(host.name, manifest, gate_problem(gpus, manifest))
-    return failed(host, problem) if problem else True
-
-
 def record_gate(host_name: str, manifest: Manifest, problem: str | None) -> str | None:
     """The outcome of the gate's plan-time checks in the host's report; returns PROBLEM."""
     cuda = cuda_env(manifest)
@@ -251,15 +245,12 @@ class EnvImportCheckFact(FactBase):
 
 @operation(is_idempotent=False)
 def activate_env(env_dir: str, env: str, image_id: str, python: str, owner: tuple[int, int],
-                 gpu_gate: tuple[EnvSource, GpuState] | None = None, checked: bool = False):
-    """Import every requirement in the runtime image from the env; on a GPU host (GPU_GATE: the env's source
-    and the host's GPUs) pass the GPU gate too, its plan-time checks here unless already CHECKED; only then
-    point `active` at it."""
-    if gpu_gate and not checked:
-        yield FunctionCommand(_gate_passes, gpu_gate, {})
+                 gpus: GpuState | None = None):
+    """Import every requirement in the runtime image from the env; on a GPU host (GPUS) run the GPU smoke
+    test too; only then point `active` at it."""
     yield import_check_command(env_dir, env, image_id, python)
-    if gpu_gate:
-        yield smoke_command(env_dir, env, image_id, python, gpu_gate[1])
+    if gpus:
+        yield smoke_command(env_dir, env, image_id, python, gpus)
     yield as_owner(*owner, f"cd {shlex.quote(env_dir)} && ln -sfn envs/{env} active.new && mv -T active.new active "
                            f"&& touch envs/{env}")
 
@@ -313,11 +304,13 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
                           f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")
     host.log(plan.summary(cached.size if cached else None))
     record = report[host.name]
-    gated = plan.activate and bool(gpus.gpus)
-    if gated and cached is not None:  # the plan-time checks, before anything changes; else at execution
-        problem = record_gate(host.name, cached, gate_problem(gpus, cached))
+    gate = gpus if plan.activate and gpus.gpus else None
+    if gate and cached is not None:  # the plan-time checks, before anything changes
+        problem = record_gate(host.name, cached, gate_problem(gate, cached))
         if problem:
             raise HostProblem(problem)
+    elif gate and not plan.upload:  # only on the host: nothing to check against but the host itself
+        host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
     record.env = EnvOutcome(plan.current, plan.wanted,
                             "install" if plan.upload else "switch" if plan.activate else "none")
     if plan.activate or plan.remove:
@@ -332,11 +325,12 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
         install_env(
             name=f"Upload and unpack {source.env}",
             env_dir=config.ml_env_dir, source=source, owner=env_owner(config), free_bytes=state.free_bytes,
+            gpus=gate if cached is None else None,  # not built yet: the plan-time checks run once it is
         )
     if plan.activate:
         activate_env(name=f"Import check, then switch to {source.env}",  # one name on every host: one operation
                      env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,
-                     owner=env_owner(config), gpu_gate=(source, gpus) if gated else None, checked=cached is not None)
+                     owner=env_owner(config), gpus=gate)
     return plan
 
 

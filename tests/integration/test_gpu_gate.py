@@ -41,8 +41,8 @@ def active(fleet, record) -> str:
     return fleet.ssh(record, f"readlink {ENV_DIR}/active || true").strip().removeprefix("envs/")
 
 
-def listing(fleet, record) -> str:
-    return fleet.ssh(record, f"find {ENV_DIR} -printf '%p %T@\\n' | sort")
+def listing(fleet, record, path: str = ENV_DIR) -> str:
+    return fleet.ssh(record, f"find {path} -printf '%p %m %s %T@\\n' | sort")
 
 
 def envs_on(fleet, record) -> list[str]:
@@ -67,7 +67,7 @@ def message(run, record) -> str:
 def test_old_driver_and_unsupported_gpu_are_refused_before_the_switch(fleet, cache, second_env, on_first_env):
     old_driver, volta = fleet.hosts
     with fleet.gpu_shaped(old_driver, [H100_R570]), fleet.gpu_shaped(volta, [V100]):
-        # The second env is not built yet: the checks run at execution, once it is, before the switch.
+        # The second env is not built yet: the checks run at execution, once it is, before it is sent.
         built = deploy(fleet, cache, f"ml_env_requirements={second_env}")
         after_build = {record.name: (active(fleet, record), envs_on(fleet, record)) for record in fleet.hosts}
         # Now it is in the control cache: the checks run at plan time, and nothing changes on either host.
@@ -81,7 +81,7 @@ def test_old_driver_and_unsupported_gpu_are_refused_before_the_switch(fleet, cac
         assert ("GPU 0 (Tesla V100-SXM2-32GB) has compute capability 7.0, below 7.5, the lowest CUDA 13.0 supports"
                 in message(run, volta))
     for record in fleet.hosts:
-        assert after_build[record.name][0] == on_first_env  # the previous env stays active
+        assert after_build[record.name] == (on_first_env, [on_first_env])  # still active; the new one never sent
         assert planned.report[record.name]["failure"]["step"] == "ML env"
         assert planned.report[record.name]["gate"]["result"] == "refused"
     assert after == before  # refused at plan time: not a byte sent, nothing switched
@@ -124,12 +124,10 @@ def test_a_service_asking_for_more_gpus_than_a_host_has_fails_that_host_before_i
                                                                                           on_first_env):
     gpu_host, cpu_host = fleet.hosts
     with fleet.gpu_shaped(gpu_host, [H100]):
-        before = {record.name: fleet.ssh(record, "find /srv/mlstack -printf '%p %m %s %T@\\n' | sort")
-                  for record in fleet.hosts}
+        before = {record.name: listing(fleet, record, "/srv/mlstack") for record in fleet.hosts}
         run = deploy(fleet, cache, f"service_gpus={json.dumps({'reranker': 2})}",
                      f"stack_env={json.dumps({'CHANGED': '1'})}")
-        after = {record.name: fleet.ssh(record, "find /srv/mlstack -printf '%p %m %s %T@\\n' | sort")
-                 for record in fleet.hosts}
+        after = {record.name: listing(fleet, record, "/srv/mlstack") for record in fleet.hosts}
     assert run.returncode != 0
     assert message(run, gpu_host) == "service_gpus.reranker = 2: this host has 1 GPU(s)"
     assert message(run, cpu_host) == "service_gpus.reranker = 2: this host has 0 GPU(s)"

@@ -51,7 +51,7 @@ cuda = CudaEnv(runtime, tuple((flags or "").split()))
 docker_gpus = ("runtime" if shutil.which("nvidia-container-runtime") or shutil.which("nvidia-container-runtime-hook")
                else "cdi" if any(Path(d).is_dir() and any(Path(d).iterdir()) for d in ("/etc/cdi", "/var/run/cdi"))
                else "")
-print("docker GPU support seen from here:", repr(docker_gpus) or "none")
+print("docker GPU support seen from here:", docker_gpus or "none")
 print("gate_problems(this host, this torch):", gate_problems(gpus, docker_gpus or "runtime", cuda) or "none")
 print("gate_problems(this host, CUDA 13.0 env):", gate_problems(gpus, "runtime", CudaEnv("13.0.48")))
 print("gate_problems(this host, torch built for sm_80 sm_86 only):",
