@@ -1,7 +1,7 @@
 """The GPU fact: gpu_probe.sh's lines parsed, and the compose device reservation made from it.
 
-`nvidia-smi-h100.txt` and `nvidia-smi-unknown-field.txt` are real captures from an H100 host (driver
-580.159.04; tests/real_gpu/h100-run.log). The other fixtures follow nvidia-smi's format for the same
+`nvidia-smi-h100.txt`, `nvidia-smi-h200.txt` and `nvidia-smi-unknown-field.txt` are real captures from
+an H100 and an H200 host (driver 580.159.04; tests/real_gpu/h100-run.log, h200-run.log). The other fixtures follow nvidia-smi's format for the same
 query: fields joined by ", ", no header, no units; their UUIDs are made up.
 """
 
@@ -27,6 +27,11 @@ def probe_lines(name: str, docker: str = "runtime") -> list[str]:
 
 def test_a_real_h100_capture():
     assert GpuFact().process(probe_lines("nvidia-smi-h100.txt")) == GpuState((H100,), "runtime")
+
+
+def test_a_real_h200_capture():
+    assert GpuFact().process(probe_lines("nvidia-smi-h200.txt", "none")) == GpuState((Gpu(
+        0, "GPU-1d688dec-27c5-8d5e-6547-5e555adc48a6", "NVIDIA H200", 143771, "580.159.04", "9.0", False),), "")
 
 
 def test_eight_a100_host():
