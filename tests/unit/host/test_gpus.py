@@ -1,8 +1,9 @@
 """The GPU fact: gpu_probe.sh's lines parsed, and the compose device reservation made from it.
 
 `nvidia-smi-h100.txt`, `nvidia-smi-h200.txt` and `nvidia-smi-unknown-field.txt` are real captures from
-an H100 and an H200 host (driver 580.159.04; tests/real_gpu/h100-run.log, h200-run.log). The other fixtures follow nvidia-smi's format for the same
-query: fields joined by ", ", no header, no units; their UUIDs are made up.
+an H100 and an H200 host (driver 580.159.04; tests/real_gpu/h100-run.log, h200-run.log). The other
+fixtures follow nvidia-smi's format for the same query: fields joined by ", ", no header, no units;
+their UUIDs are made up.
 """
 
 import subprocess
