@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rehearsal import hub, index
+from rehearsal import hub, index, resolver
 
 STATE_ROOT = Path(os.environ.get("MLSTACK_FLEET_STATE", "/var/lib/mlstack-rehearsal/fleets"))
 DEFAULT_FLEET = "rehearsal"
@@ -177,6 +177,11 @@ class Fleet:
             process = index.start(self.gateway, self.dir / "index.log")
             services["index"] = ServiceRecord("index", self.index_url, process.pid, process_starttime(process.pid))
             self.save(records, services)
+        if not _running(services, "resolver"):
+            process = resolver.start(self.gateway, self.resolver_names, self.resolver_log)
+            services["resolver"] = ServiceRecord("resolver", f"dns://{self.gateway}", process.pid,
+                                                 process_starttime(process.pid))
+            self.save(records, services)
         if not _running(services, "hub"):
             try:
                 process = hub.start(self.gateway, self.dir, hub.ensure_repos())
@@ -184,6 +189,15 @@ class Fleet:
                 raise FleetError(str(error)) from error
             services["hub"] = ServiceRecord("hub", self.hub_url, process.pid, process_starttime(process.pid))
             self.save(records, services)
+
+    @property
+    def resolver_names(self) -> Path:
+        return self.dir / "resolver-names.json"
+
+    @property
+    def resolver_log(self) -> Path:
+        """One `query NAME type N: ANSWER` line per query the fleet's hosts and containers made."""
+        return self.dir / "resolver.log"
 
     @property
     def index_url(self) -> str:
@@ -243,8 +257,8 @@ class Fleet:
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(host_dir / "ssh_host_ed25519_key"))
         (host_dir / "sshd_config").write_text(sshd_config(ip, host_dir))
         write_accounts(host_dir / "etc")
-        (host_dir / "etc/resolv.conf").write_text("# rehearsal host: no resolver outside the fleet\n"
-                                                  "options timeout:1 attempts:1\n")
+        (host_dir / "etc/resolv.conf").write_text("# rehearsal host: the fleet's resolver (rehearsal/resolver.py)\n"
+                                                  f"nameserver {self.gateway}\noptions timeout:1 attempts:1\n")
         (host_dir / "etc/hosts").write_text("")
         public_key = self.key.with_suffix(".pub").read_text()
         install_home(host_dir / "root", public_key, uid=0)
@@ -305,6 +319,7 @@ class Fleet:
     def _write_etc_hosts(self, records: list[HostRecord]) -> None:
         table = "127.0.0.1 localhost\n" + f"{self.gateway} control\n"
         table += "".join(f"{record.ip} {record.name}\n" for record in records)
+        self.resolver_names.write_text(json.dumps({"control": self.gateway, **{r.name: r.ip for r in records}}))
         for record in records:
             # In place, not by rename: the file is bind-mounted inside the running host.
             with (self.host_dir(record.name) / "etc/hosts").open("w") as hosts:

@@ -2,12 +2,14 @@
 
 Started by `rehearsal.fleet` as `unshare --net --mount --uts --propagation private python -m
 rehearsal.host HOST_DIR`. It waits for the veth the control node moves in, gives the host its
-address (no default route), private mounts and hostname, then supervises its dockerd and sshd
+address (no default route, and an nftables guard that counts and drops packets for anywhere
+outside the fleet), private mounts and hostname, then supervises its dockerd and sshd
 until SIGTERM, when it stops both and exits — taking the namespaces with it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import signal
 import socket
@@ -41,11 +43,33 @@ def bind(source: Path, target: str) -> None:
     run("mount", "--bind", str(source), target)
 
 
+# Addresses a host's packets may go to: the fleet's subnet, loopback, and docker's own networks on the
+# host (its default pools). Anything else is counted and dropped: tests read the counter. Containers on
+# compose networks reach the fleet (its resolver first: docker's embedded DNS forwards from inside the
+# container) behind the host's address, as docker's own masquerading would do (its iptables stay off).
+EGRESS_GUARD = """table inet fleet_egress {{
+    counter outside {{}}
+    set inside4 {{ type ipv4_addr; flags interval; elements = {{ {subnet}, 127.0.0.0/8, 172.16.0.0/12,
+                                                                192.168.0.0/16 }} }}
+    chain guard {{
+        ip daddr != @inside4 counter name outside drop
+        ip6 daddr != {{ ::1/128, fe80::/10, ff00::/8 }} counter name outside drop
+    }}
+    chain from_containers {{ type filter hook prerouting priority -300; policy accept; jump guard; }}
+    chain from_host {{ type filter hook output priority -300; policy accept; jump guard; }}
+    chain behind_host {{ type nat hook postrouting priority 100; policy accept;
+                        oifname "eth0" ip saddr != {subnet} masquerade; }}
+}}
+"""
+
+
 def setup_network(spec: dict) -> None:
     wait_for_interface("eth0")
     run("ip", "link", "set", "lo", "up")
     run("ip", "addr", "add", f"{spec['ip']}/{spec['prefix']}", "dev", "eth0")
     run("ip", "link", "set", "eth0", "up")
+    subnet = ipaddress.ip_interface(f"{spec['ip']}/{spec['prefix']}").network
+    subprocess.run(["nft", "-f", "-"], input=EGRESS_GUARD.format(subnet=subnet), text=True, check=True)
 
 
 def setup_mounts(host_dir: Path) -> None:

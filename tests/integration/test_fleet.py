@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 from rehearsal.baseimage import archive_path, image_id_of
@@ -104,3 +107,39 @@ def test_hosts_reach_the_fleet_package_index_and_nothing_beyond_it(fleet):
     status = fleet.ssh(record, "curl -s -o /dev/null -w '%{http_code}' http://control:3141/simple/no-such-project/",
                        check=False)
     assert status == "404"
+
+
+def outside_packets(fleet, record) -> int:
+    """Packets the host's egress guard counted (and dropped) for addresses outside the fleet."""
+    return int(re.search(r"packets (\d+)", fleet.ssh(record, "nft list counter inet fleet_egress outside"))[1])
+
+
+def test_compose_networks_resolve_inside_the_fleet_and_nothing_leaves_it(fleet):
+    """A compose project network on a host: service names resolve, a published port answers the control
+    node, other names go to the fleet's resolver (never a public one), and a packet for an outside
+    address is counted and dropped on the host."""
+    record = fleet.hosts[0]
+    compose = ("services:\n"
+               "  web: {image: mlstack-base:bookworm, command: [python3, -m, http.server, '8000'],\n"
+               "        ports: ['8000:8000'], networks: [app]}\n"
+               "networks: {app: {driver: bridge}}\n")
+    project = "-p nettest --project-directory /srv/nettest"
+    fleet.ssh(record, f"mkdir -p /srv/nettest && printf %s {shlex.quote(compose)} > /srv/nettest/compose.yaml"
+                      f" && docker compose {project} up -d --quiet-pull 2>/dev/null")
+    try:
+        before = outside_packets(fleet, record)
+        lookup = ("import socket\nfor name in ('web', 'control', 'example.org'):\n"
+                  "    try: print(name, socket.gethostbyname(name))\n"
+                  "    except OSError as error: print(name, 'unresolved', error.errno)\n")
+        answers = fleet.ssh(record, f"docker compose {project} exec -T web python3 -c {shlex.quote(lookup)}")
+        assert answers.splitlines()[1:] == [f"control {fleet.fleet.gateway}", "example.org unresolved -2"]
+        assert re.match(r"web 172\.\d+\.\d+\.\d+$", answers.splitlines()[0])
+        assert "query example.org type 1: NXDOMAIN" in fleet.fleet.resolver_log.read_text()
+        assert outside_packets(fleet, record) == before  # the fleet's resolver answered: nothing left the host
+        with urllib.request.urlopen(f"http://{record.ip}:8000/", timeout=10) as response:  # docker's userland proxy
+            assert response.status == 200
+        attempt = "import socket; s = socket.socket(); s.settimeout(3); print(s.connect_ex(('1.1.1.1', 80)))"
+        fleet.ssh(record, f"docker compose {project} exec -T web python3 -c {shlex.quote(attempt)}")
+        assert outside_packets(fleet, record) > before
+    finally:
+        fleet.ssh(record, f"docker compose {project} down -t 1 2>/dev/null; rm -rf /srv/nettest")
