@@ -54,7 +54,9 @@ rehearsal = (
         "service_models": {"RERANKING_MODEL": hub.MINILM},
         "service_gpus": {"reranker": "all"},
         "stack": "reranker",
+        "ml_services": {"reranker": {"ml_env": True, "models": ["RERANKING_MODEL"]}},
         "stack_secrets": [],
+        "http_checks": ["http://127.0.0.1:8080/health", "http://127.0.0.1:8081/app.py"],
         "health_timeout": 60,
     },
 )

@@ -16,7 +16,6 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Optional
 
-import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
@@ -293,17 +292,30 @@ def _flag(value: Any) -> bool:
 
 
 def _stack(value: Any) -> str:
-    names = sorted(path.parent.name for path in (FILES / "stacks").glob("*/stack.yml"))
-    if value not in names:
-        raise ValueError(f"expected a stack of files/stacks/: {', '.join(names)}")
+    """A compose project directory: a name under files/stacks/ or an absolute path on the control node."""
+    names = sorted(path.name for path in (FILES / "stacks").iterdir() if path.is_dir())
+    if isinstance(value, str) and value.startswith("/") and Path(value).is_dir():
+        return value
+    if isinstance(value, str) and value in names:
+        return value
+    raise ValueError("expected a compose project directory: a name under files/stacks/ "
+                     f"({', '.join(names)}) or an absolute path on the control node")
+
+
+def _compose_file(value: Any) -> str:
+    """A compose file of the project, relative to its directory (COMPOSE_FILE joins them with ':')."""
+    if (not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_./-]*", value)
+            or ".." in value.split("/")):
+        raise ValueError("expected compose file names relative to the project directory, such as "
+                         "'docker-compose.yml' or 'deploy/gpu.yml' (letters, digits, '_', '.', '-', '/'; no '..')")
     return value
 
 
-@cache
-def stack_model_settings(stack: str) -> dict[str, list[str]]:
-    """service -> the service_models variables it reads, from files/stacks/<stack>/stack.yml."""
-    services = yaml.safe_load((FILES / "stacks" / stack / "stack.yml").read_text())["services"]
-    return {name: list(spec.get("models", [])) for name, spec in services.items()}
+def _http_check(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/?&=%+-]*)?",
+                                                     value):
+        raise ValueError("expected http(s) URLs the host itself can ask, such as 'http://127.0.0.1:8181/health'")
+    return value
 
 
 GPU_REQUEST = ("expected 'all', a number of GPUs from 1 to 64, or a list of distinct GPU indices such as [0, 1]")
@@ -367,6 +379,15 @@ RepoId = Annotated[str, BeforeValidator(_repo_id)]
 Revision = Annotated[str, BeforeValidator(_revision)]
 Patterns = Annotated[Optional[tuple[str, ...]], BeforeValidator(_patterns)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
+
+
+class MlService(BaseModel):
+    """One entry of `ml_services`: what the deploy adds to that compose service."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ml_env: Flag = True  # the env read-only at /root/.local, with PATH and PYTHONPATH
+    models: list[Annotated[str, BeforeValidator(_env_name)]] = []  # service_models variables it reads
 
 
 class ModelSpec(BaseModel):
@@ -439,6 +460,9 @@ class HostConfig(BaseModel):
     model_verify_hashes: Flag
     hf_control_cache_dir: ControlPath
     stack: Annotated[str, BeforeValidator(_stack)]
+    compose_files: Annotated[list[str], BeforeValidator(_list_of(_compose_file))]
+    ml_services: dict[str, MlService]
+    http_checks: Annotated[list[str], BeforeValidator(_list_of(_http_check))]
     stack_env: Annotated[dict[str, str], BeforeValidator(_env_map)]
     stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_dotenv_name))]
     stack_profiles: Annotated[list[str], BeforeValidator(_list_of(_env_name_or_profile))]
@@ -542,26 +566,7 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
             problems.append(_problem(host_name, f"models[{index}].repo_id", model.repo_id,
                                      f"each repo once (it is also models[{seen_models[key]}])"))
         seen_models.setdefault(key, index)
-    readers: dict[str, list[str]] = {}
-    for service, variables in stack_model_settings(config.stack).items():
-        for variable in variables:
-            readers.setdefault(variable, []).append(service)
-    for variable, services in readers.items():
-        if variable not in config.service_models:
-            problems.append(_problem(host_name, "service_models", config.service_models,
-                                     f"an entry for {variable} "
-                                     f"(stack {config.stack!r}: read by {', '.join(services)})"))
-    repo_ids = sorted({model.repo_id for model in config.models})
-    for variable, repo_id in config.service_models.items():
-        if repo_id not in repo_ids:
-            problems.append(_problem(host_name, f"service_models.{variable}", repo_id,
-                                     "a repo_id from models (the stack must use a model the deploy places: "
-                                     f"{', '.join(repo_ids) or 'none'})"))
-    services = stack_model_settings(config.stack)
-    for service in config.service_gpus:
-        if service not in services:
-            problems.append(_problem(host_name, f"service_gpus.{service}", config.service_gpus[service],
-                                     f"a service of stack {config.stack!r}: {', '.join(services)}"))
+    problems += _project_problems(host_name, config)
     seen: dict[str, str] = {}
     for spec in config.directories():
         if spec.path in seen:
@@ -605,6 +610,48 @@ def _ownership_problems(host_name: str, config: HostConfig) -> list[str]:
                                      f"a mode without group write while {spec.setting}_uid is 0: root works there and "
                                      f"group {spec.gid} could plant links (or make a non-root user its owner: "
                                      "the deploy then works there as that user)"))
+    return problems
+
+
+def _project_problems(host_name: str, config: HostConfig) -> list[str]:
+    """The stack's compose project against the settings that name its services and variables."""
+    from tasks.control.stack_project import BASE_IMAGE_VARIABLE, ComposeProject, StackError  # noqa: PLC0415
+
+    try:
+        project = ComposeProject.load(config.stack, tuple(config.compose_files))
+    except StackError as error:
+        return [_problem(host_name, "stack", config.stack, f"a compose project docker compose can read: {error}")]
+    problems = []
+    services = list(project.services)
+    for setting in ("ml_services", "service_gpus"):
+        for service in getattr(config, setting):
+            if service not in services:
+                problems.append(_problem(host_name, f"{setting}.{service}", getattr(config, setting)[service],
+                                         f"a service of stack {config.stack!r}: {', '.join(services)}"))
+    readers: dict[str, list[str]] = {}
+    for service, uses in config.ml_services.items():
+        for variable in uses.models:
+            readers.setdefault(variable, []).append(service)
+    for variable, names in readers.items():
+        if variable not in config.service_models:
+            problems.append(_problem(host_name, "service_models", config.service_models,
+                                     f"an entry for {variable} (ml_services: read by {', '.join(names)})"))
+    repo_ids = sorted({model.repo_id for model in config.models})
+    for variable, repo_id in config.service_models.items():
+        if repo_id not in repo_ids:
+            problems.append(_problem(host_name, f"service_models.{variable}", repo_id,
+                                     "a repo_id from models (the stack must use a model the deploy places: "
+                                     f"{', '.join(repo_ids) or 'none'})"))
+    given = {BASE_IMAGE_VARIABLE, *config.stack_env, *config.stack_secrets}
+    unset: dict[str, list[str]] = {}
+    for service in project.active(config.stack_profiles):
+        for variable, has_default in project.reads(service).items():
+            if not has_default and variable not in given:
+                unset.setdefault(variable, []).append(service)
+    for variable, names in unset.items():
+        problems.append(_problem(host_name, "stack", config.stack,
+                                 f"a value for ${{{variable}}}, which {', '.join(names)} "
+                                 "read without a default: set it in stack_env or stack_secrets"))
     return problems
 
 

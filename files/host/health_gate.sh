@@ -12,8 +12,10 @@ profiles=$4
 shift 4
 
 compose() {
+    # The project's .env names its files and project (COMPOSE_FILE, COMPOSE_PROJECT_NAME), as for a person
+    # running `docker compose` in that directory.
     # shellcheck disable=SC2086  # PROFILE_ARGS is a list of words built below from validated names
-    docker compose -p "$project" --project-directory "$compose_dir" -f "$compose_dir/docker-compose.yml" $PROFILE_ARGS "$@"
+    (cd "$compose_dir" && docker compose $PROFILE_ARGS "$@")
 }
 PROFILE_ARGS=""
 old_ifs=$IFS

@@ -1,17 +1,21 @@
 #!/bin/sh
-# The compose project on the host: the stack's images, its containers' state and mlstack labels, its files.
-# usage: stack_probe.sh COMPOSE_DIR PROJECT REPOSITORY LABEL...  (the labels printed for each container)
+# The compose project on the host: its built images, its containers' state and mlstack labels, and the
+# text of the named files of its directory (each line prefixed with "| ", so no content can pose as a record).
+# usage: stack_probe.sh COMPOSE_DIR PROJECT LABELS FILE...  (LABELS: comma-separated, printed per container)
 set -eu
 compose_dir=$1
 project=$2
-repository=$3
+labels=$3
 shift 3
 format='container {{.Label "com.docker.compose.service"}}|{{.State}}|{{.Status}}'
-for label in "$@"; do format="$format|{{.Label \"$label\"}}"; done
-docker images --no-trunc --format 'image {{.Repository}}:{{.Tag}} {{.ID}}' "$repository"
+old_ifs=$IFS
+IFS=,
+for label in $labels; do format="$format|{{.Label \"$label\"}}"; done
+IFS=$old_ifs
+docker images --no-trunc --filter "reference=$project" --format 'image {{.Repository}}:{{.Tag}} {{.ID}}'
 docker ps -a --filter "label=com.docker.compose.project=$project" --format "$format"
-for file in docker-compose.yml .env.digest; do
-    if [ -f "$compose_dir/$file" ]; then
+for file in "$@"; do
+    if [ -f "$compose_dir/$file" ] && [ ! -L "$compose_dir/$file" ]; then
         echo "file-begin $file"
         sed 's/^/| /' "$compose_dir/$file"
     fi

@@ -69,14 +69,23 @@ model_verify_hashes = False
 # Where the control node keeps its HF cache in "control" mode.
 hf_control_cache_dir = "~/.cache/mlstack/hf"
 
-# The compose stack pushed to each host: a directory of files/stacks/ ("archon" or "reranker").
+# Your compose project, pushed to each host as it is: a directory of files/stacks/ ("archon" or
+# "reranker") or an absolute path on the control node.
 stack = "archon"
-# Non-secret settings written to the stack's .env (name -> value).
+# Its compose files, merged in order as `docker compose -f a -f b`; [] is compose's own default name.
+compose_files = []
+# What the deploy adds to each service that uses it, in compose.mlstack.yml: the ML env (read-only at
+# /root/.local) and the service_models variables it reads (the HF cache mounted, HF_HUB_OFFLINE=1).
+ml_services = {"archon-server": {"ml_env": True, "models": ["RERANKING_MODEL"]}}
+# Values compose interpolates the project with, written to its .env (name -> value).
 stack_env = {}
-# Secrets the stack needs, read by name from the control node's environment into .env (mode 0600).
+# Secrets compose interpolates, read by name from the control node's environment into .env (mode 0600):
+# a secret reaches only the services whose definitions read it.
 stack_secrets = ["SUPABASE_URL", "SUPABASE_SERVICE_KEY"]
 # Compose profiles to enable (e.g. ["agents"] for Archon's agents service).
 stack_profiles = []
+# URLs each host asks (curl) once its services are healthy, e.g. a published port's health route.
+http_checks = ["http://127.0.0.1:8181/health"]
 # Seconds a host's services get to become healthy after a change.
 health_timeout = 180
 # Where the control node keeps built server images (docker save archives, one per image key).

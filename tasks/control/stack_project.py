@@ -1,6 +1,10 @@
-"""The stack project on the control side: its definition (`files/stacks/<name>/stack.yml`) and its
-slim server image, built once per fleet on the builder and kept as `docker save | gzip` in the
-control cache (`image_cache_dir`).
+"""The user's compose project on the control side, read by compose itself, and the images of its `build:`
+services, built once per fleet on the builder and kept as `docker save | gzip` in the control cache
+(`image_cache_dir`).
+
+The project is a directory (`stack`: a name under files/stacks/ or an absolute path) holding compose files
+under compose's own names, or the ones `compose_files` lists, and the build contexts they name. Its files
+reach the hosts byte for byte; what the deploy adds lives in `compose.mlstack.yml` (tasks/host/stack.py).
 """
 
 from __future__ import annotations
@@ -8,12 +12,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-import yaml
 from pyinfra.api.exceptions import PyinfraError
 
 from tasks.config import FILES
@@ -21,67 +29,162 @@ from tasks.control.builder import BaseImage, builder_engine, describe, require_b
 from tasks.control.caches import atomic_file
 
 STACKS = FILES / "stacks"
+COMPOSE_NAMES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")  # compose's order
+OVERRIDE = "compose.mlstack.yml"  # the deploy's own compose file, merged last
+BASE_IMAGE_VARIABLE = "MLSTACK_BASE_IMAGE"  # the runtime image the env is built for, for `build.args`
+# `${NAME}`, `${NAME:-default}`, `${NAME?error}`, ..., or `$NAME`; `$$` is a literal dollar.
+VARIABLE = re.compile(r"\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<modifier>:?[-?+])?"
+                      r"|\$(?P<plain>[A-Za-z_][A-Za-z0-9_]*)")
+SKIPPED = {".git", "__pycache__", ".mypy_cache", ".pytest_cache", ".venv", "node_modules"}
 
 
 class StackError(PyinfraError):
     """The stack cannot be planned or built; the message names the stack, the setting and what to do."""
 
 
-@dataclass(frozen=True)
-class StackDef:
-    name: str
-    project: str
-    dockerfile: str
-    context: str | None
-    services: dict = field(hash=False)
+def project_directory(stack: str) -> Path:
+    return Path(stack) if stack.startswith("/") else STACKS / stack
 
-    @property
-    def repository(self) -> str:
-        return f"mlstack-{self.name}"
+
+@dataclass(frozen=True)
+class Build:
+    """One `build:` service: what the builder needs, paths absolute on the control node."""
+
+    service: str
+    context: Path
+    dockerfile: str
+    args: dict = field(hash=False)
+    target: str | None
+    network: str | None  # compose's `build.network`; None: the builder's default
+
+
+@dataclass(frozen=True)
+class ComposeProject:
+    directory: Path
+    files: tuple[str, ...]  # the project's compose files, relative to its directory, in merge order
+    name: str  # compose's project name
+    services: dict = field(hash=False)  # service -> its merged definition, variables not interpolated
 
     @classmethod
-    @cache  # read once per deploy, however many hosts (render copies what it changes)
-    def load(cls, name: str) -> StackDef:
-        data = yaml.safe_load((STACKS / name / "stack.yml").read_text())
-        return cls(name, data["project"], data["dockerfile"], data.get("context"), data["services"])
+    @cache  # read once per deploy, however many hosts
+    def load(cls, stack: str, compose_files: tuple[str, ...] = ()) -> ComposeProject:
+        directory = project_directory(stack)
+        files = compose_files or default_compose_files(directory)
+        if (directory / ".env").exists():
+            raise StackError(f"stack {stack!r}: {directory / '.env'} would be replaced by the deploy's own .env "
+                             "(COMPOSE_FILE, COMPOSE_PROJECT_NAME and the values): move its values to stack_env "
+                             "or stack_secrets and remove it")
+        model = compose_config(directory, files)
+        return cls(directory, files, model["name"], model.get("services") or {})
 
-    @property
-    def directory(self) -> Path:
-        return STACKS / self.name
+    def reads(self, service: str) -> dict[str, bool]:
+        """Variable -> whether it has a default, for every variable SERVICE's definition interpolates."""
+        found: dict[str, bool] = {}
+        for text in strings(self.services[service]):
+            for match in VARIABLE.finditer(text.replace("$$", "")):
+                name = match["braced"] or match["plain"]
+                has_default = (match["modifier"] or "").lstrip(":") in ("-", "+")
+                found[name] = found.get(name, False) or has_default
+        return found
 
-    def build_files(self) -> dict[str, bytes]:
-        """The image's build context: the stack's files, plus the `context` directory's content at its root."""
-        files = {path.name: path.read_bytes() for path in sorted(self.directory.iterdir())
-                 if path.is_file() and path.name != "stack.yml"}
-        if self.context:
-            root = self.directory / self.context
-            if not root.is_dir():
-                raise StackError(f"stack {self.name!r} builds from {root}, which does not exist: see the comment "
-                                 f"at the top of files/stacks/{self.name}/stack.yml")
-            for path in sorted(root.rglob("*")):
-                if path.is_file() and "__pycache__" not in path.parts:
-                    files[str(path.relative_to(root))] = path.read_bytes()
-        return files
+    def active(self, profiles: list[str]) -> list[str]:
+        """The services that run with PROFILES: those without a profile, and those in one of them."""
+        return [name for name, spec in self.services.items()
+                if not spec.get("profiles") or set(spec["profiles"]) & set(profiles)]
+
+    def builds(self, resolved: dict) -> list[Build]:
+        """The `build:` services, their args as compose interpolated them (RESOLVED: `resolved_config`)."""
+        builds = []
+        for name, spec in resolved.get("services", {}).items():
+            if "build" in spec:
+                build = spec["build"]
+                builds.append(Build(name, Path(build["context"]), build.get("dockerfile", "Dockerfile"),
+                                    build.get("args") or {}, build.get("target"), build.get("network")))
+        return builds
+
+    def files_to_ship(self) -> dict[str, bytes]:
+        """Every file of the project directory, by relative path: the hosts get the project as it is."""
+        found = {}
+        for path in sorted(self.directory.rglob("*")):
+            relative = path.relative_to(self.directory)
+            if SKIPPED & set(relative.parts) or not path.is_file() or path.is_symlink():
+                continue
+            found[relative.as_posix()] = path.read_bytes()
+        return found
 
 
-def image_tag(stack: StackDef, base_id: str) -> str:
-    """Named by content: the build context and the base image id. Same content, same tag, no rebuild."""
-    digest = hashlib.sha256(base_id.encode())
-    for name, data in stack.build_files().items():
+def project_of(config) -> ComposeProject:
+    """The compose project a HostConfig names."""
+    return ComposeProject.load(config.stack, tuple(config.compose_files))
+
+
+def default_compose_files(directory: Path) -> tuple[str, ...]:
+    for name in COMPOSE_NAMES:
+        if (directory / name).is_file():
+            return (name,)
+    raise StackError(f"stack {str(directory)!r}: none of {', '.join(COMPOSE_NAMES)} is there: "
+                     "point `stack` at a compose project directory, or list its files in compose_files")
+
+
+def strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for key, item in value.items() for text in strings(key) + strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in strings(item)]
+    return []
+
+
+def compose_config(directory: Path, files: tuple[str, ...], values: dict[str, str] | None = None) -> dict:
+    """The merged project as `docker compose config` prints it; variables interpolated from VALUES only
+    (none of this process's environment), or not at all when VALUES is None."""
+    if shutil.which("docker") is None:
+        raise StackError("the control node needs the docker CLI with its compose plugin to read the stack "
+                         "(`docker compose version` must work)")
+    argv = ["docker", "compose", "--project-directory", str(directory),
+            *[arg for name in files for arg in ("-f", str(directory / name))], "config", "--format", "json"]
+    if values is None:
+        argv.append("--no-interpolate")
+    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(values or {})}
+    result = subprocess.run(argv, capture_output=True, text=True, env=environment, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise StackError(f"stack {str(directory)!r}: docker compose cannot read {', '.join(files)}: "
+                         f"{result.stderr.strip()[-1500:]}")
+    return json.loads(result.stdout)
+
+
+@cache
+def resolved_config(project: ComposeProject, values: tuple[tuple[str, str], ...]) -> dict:
+    return compose_config(project.directory, project.files, dict(values))
+
+
+def image_tag(project: ComposeProject, build: Build, base_id: str) -> str:
+    """Named by content: the build context, dockerfile, args, target and the base image id (not the service)."""
+    digest = hashlib.sha256(json.dumps([base_id, build.dockerfile, build.args, build.target], sort_keys=True).encode())
+    for name, data in context_files(build).items():
         digest.update(f"\0{name}\0{len(data)}\0".encode() + data)
-    return f"{stack.repository}:{digest.hexdigest()[:16]}"
+    return f"{project.name}:{digest.hexdigest()[:16]}"  # services built alike share one image
 
 
-def build_and_save(stack: StackDef, tag: str, base: BaseImage, builder: str, archive: Path) -> Path:
-    """Build the slim image on the builder once and keep `docker save | gzip` of it in the control cache."""
+def context_files(build: Build) -> dict[str, bytes]:
+    if not build.context.is_dir():
+        raise StackError(f"service {build.service}: its build context {build.context} does not exist")
+    return {str(path.relative_to(build.context)): path.read_bytes() for path in sorted(build.context.rglob("*"))
+            if path.is_file() and not SKIPPED & set(path.relative_to(build.context).parts)}
+
+
+def build_and_save(build: Build, tag: str, base: BaseImage, builder: str, archive: Path) -> Path:
+    """Build the service's image on the builder once and keep `docker save | gzip` of it in the control cache."""
     if archive.exists():
         return archive
-    buffer = io.BytesIO(tar_of(stack.build_files(), mode=0o644))
+    buffer = io.BytesIO(tar_of(context_files(build), mode=0o644))
     with builder_engine(builder, f"building {tag} failed") as client:
         require_base(client, builder, base)
-        print(f"image {tag}: building on {describe(builder)}", file=sys.stderr, flush=True)
-        client.images.build(fileobj=buffer, custom_context=True, dockerfile=stack.dockerfile, tag=tag,
-                            buildargs={"BASE_IMAGE": base.ref}, network_mode="none", rm=True)
+        print(f"image {tag}: building service {build.service} on {describe(builder)}", file=sys.stderr, flush=True)
+        client.images.build(fileobj=buffer, custom_context=True, dockerfile=build.dockerfile, tag=tag,
+                            buildargs={key: str(value) for key, value in build.args.items() if value is not None},
+                            target=build.target, network_mode=build.network, rm=True)
         with atomic_file(archive) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
             for chunk in client.images.get(tag).save(named=True):
                 out.write(chunk)

@@ -26,7 +26,7 @@ from tasks.config import HostConfig
 from tasks.control.builder import BaseImage, BuilderError
 from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest
 from tasks.control.env_build import EnvSource, base_image, env_source
-from tasks.control.stack_project import StackDef
+from tasks.control.stack_project import project_of
 from tasks.host.failure import HostProblem, fail_host, failed, step
 from tasks.host.gpu_checks import CudaEnv, gate_problems, smoke_devices
 from tasks.host.gpus import GpuState
@@ -298,7 +298,7 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
     problem = host_problem(config, state, base)
     if problem:
         raise HostProblem(problem)
-    plan = plan_env(state, source.env, config.keep_envs, base, StackDef.load(config.stack).project)
+    plan = plan_env(state, source.env, config.keep_envs, base, project_of(config).name)
     if plan.upload and source.base is None and cached is None:
         raise HostProblem(f"ml_env_id = {source.env!r}: this env is neither on the host nor in the control cache "
                           f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")

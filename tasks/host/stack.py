@@ -1,19 +1,24 @@
-"""The stack on a host: the compose project built as data, the slim image shipped, pushed, validated
-on the host, then brought up — recreating exactly the services whose config changed — behind a health gate.
+"""The user's compose project on a host: its files pushed byte for byte, the deploy's additions in one
+generated file (`compose.mlstack.yml`), its built images shipped, validated on the host, then brought up —
+recreating exactly the services whose config changed — behind a health gate.
 
-The compose document is a dict dumped with PyYAML. Values the deploy injects (paths, model ids,
-commits, settings) have `$` doubled so compose never interpolates them; what a stack author wrote
-in `files/stacks/<name>/stack.yml` keeps compose's own syntax. Secrets live only in `.env` (0600),
-written by `dotenv_line`; `.env.digest` (key → hash of value) lets later runs see what changed
-without reading a secret back.
+The override is a dict dumped with PyYAML; values the deploy injects (paths, model ids, commits) have `$`
+doubled so compose never interpolates them. `.env` (0600) holds COMPOSE_FILE and COMPOSE_PROJECT_NAME, so
+`docker compose ps` run by hand in the project directory sees the same project, and the values compose
+interpolates (`stack_env`, secrets): a value reaches only the services whose definitions read it.
+`.env.digest` (key → hash of value) lets later runs see what changed without reading a secret back;
+`.mlstack-files` (sha256 and path per line) records what the last push placed.
 """
 from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import os
 import shlex
+import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +31,17 @@ from tasks.config import HostConfig
 from tasks.control.builder import BaseImage, BuilderError
 from tasks.control.caches import file_sha256, once
 from tasks.control.hub import Snapshot
-from tasks.control.stack_project import StackDef, StackError, build_and_save, image_tag
+from tasks.control.stack_project import (
+    BASE_IMAGE_VARIABLE,
+    OVERRIDE,
+    Build,
+    ComposeProject,
+    StackError,
+    build_and_save,
+    image_tag,
+    project_of,
+    resolved_config,
+)
 from tasks.host.failure import HostProblem, failed, step
 from tasks.host.gpu_checks import Gpu, GpuRequestError, assign_gpus
 from tasks.host.gpus import device_reservation
@@ -36,8 +51,9 @@ from tasks.host.programs import program
 from tasks.host.transfer import StreamedUpload
 from tasks.report import ServiceOutcome, StackOutcome, report
 
-OUR_KEYS = ("mounts", "models", "http_checks")  # stack.yml keys the deploy consumes; the rest is compose's
 HF_HOME = "/root/.cache/huggingface"
+MANIFEST = ".mlstack-files"
+PRIVATE = (".env", ".env.digest")  # 0600: the values, and what could hint at them
 
 
 @dataclass(frozen=True)
@@ -49,20 +65,20 @@ class ContainerState:
 
 @dataclass(frozen=True)
 class StackState:
-    images: dict[str, str]  # "repository:tag" -> id, for the stack's image repository on the host
+    images: dict[str, str]  # "repository:tag" -> id, for the project's built images on the host
     containers: dict[str, ContainerState]  # compose service -> its container
-    compose: str | None  # the docker-compose.yml in place
-    digest: str | None  # .env.digest in place (key=hash lines: no secret)
+    texts: dict = field(hash=False)  # file name -> content on the host: compose files, override, digest, manifest
 
 
 CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
 
 
 class StackFact(FactBase):
-    """The compose project on the host: its files, its containers' state and mlstack labels, the stack's images."""
+    """The compose project on the host: its containers' state and mlstack labels, its built images, and the
+    text of its compose files, the override, `.env.digest` and `.mlstack-files`."""
 
-    def command(self, compose_dir: str, project: str, repository: str) -> str:
-        return program("stack_probe.sh", compose_dir, project, repository, *CONTAINER_LABELS)
+    def command(self, compose_dir: str, project: str, texts: list[str]) -> str:
+        return program("stack_probe.sh", compose_dir, project, ",".join(CONTAINER_LABELS), *texts)
 
     def process(self, output: list[str]) -> StackState:
         images, containers, texts, current = {}, {}, {}, None
@@ -74,24 +90,19 @@ class StackFact(FactBase):
                 service, state, status, *values = line[10:].split("|")
                 health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
                 containers[service] = ContainerState(state, health, dict(zip(CONTAINER_LABELS, values)))
-            elif line in ("file-begin docker-compose.yml", "file-begin .env.digest"):
+            elif line.startswith("file-begin "):
                 current = line.removeprefix("file-begin ")
                 texts[current] = []
             elif current and line.startswith("|"):
                 texts[current].append(line[2:])
-        return StackState(
-            images=images,
-            containers=containers,
-            compose=("".join(line + "\n" for line in texts["docker-compose.yml"])
-                     if "docker-compose.yml" in texts else None),
-            digest="".join(line + "\n" for line in texts[".env.digest"]) if ".env.digest" in texts else None,
-        )
+        return StackState(images, containers, {name: "".join(line + "\n" for line in lines)
+                                               for name, lines in texts.items()})
 
 
 def probe_part(config: HostConfig) -> ProbePart:
-    definition = StackDef.load(config.stack)
-    return ProbePart("stack", StackFact, {"compose_dir": config.compose_project_dir, "project": definition.project,
-                                          "repository": definition.repository})
+    project = project_of(config)
+    return ProbePart("stack", StackFact, {"compose_dir": config.compose_project_dir, "project": project.name,
+                                          "texts": [*project.files, OVERRIDE, ".env.digest", MANIFEST]})
 
 
 def escape(value: str) -> str:
@@ -117,62 +128,74 @@ def short_hash(value) -> str:
 
 @dataclass(frozen=True)
 class Rendered:
-    compose: str  # docker-compose.yml
+    override: str  # compose.mlstack.yml
     dotenv: str  # .env (secrets: never logged)
     digest: str  # .env.digest: key=hash per line
-    labels: dict = field(hash=False)  # service -> the mlstack.* labels it carries
+    files: dict = field(hash=False, repr=False)  # relative path -> content: the project's files and the override
+    manifest: str = ""  # .mlstack-files: sha256 and path of each of FILES
+    labels: dict = field(hash=False, default_factory=dict)  # service -> the mlstack.* labels it carries
 
 
-def render(stack: StackDef, config: HostConfig, env: EnvPlan, snapshots: list[Snapshot], tag: str,
-           gpus: list[Gpu], secrets: dict[str, str]) -> Rendered:
-    values = {**config.stack_env, **secrets}
-    dotenv = "".join(dotenv_line(key, value) + "\n" for key, value in values.items())
-    digest = "".join(f"{key}={short_hash(value)}\n" for key, value in values.items())
+def compose_values(project: ComposeProject, config: HostConfig, base: BaseImage,
+                   secrets: dict[str, str]) -> dict[str, str]:
+    """What compose interpolates the project with: the runtime base image ref, stack_env, the secrets."""
+    return {BASE_IMAGE_VARIABLE: base.ref, **config.stack_env, **secrets}
+
+
+def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots: list[Snapshot],
+           tags: dict[str, str], gpus: list[Gpu], secrets: dict[str, str]) -> Rendered:
+    values = compose_values(project, config, env.base, secrets)
+    dotenv_values = {"COMPOSE_FILE": ":".join((*project.files, OVERRIDE)), "COMPOSE_PROJECT_NAME": project.name,
+                     **values}
+    dotenv = "".join(dotenv_line(key, value) + "\n" for key, value in dotenv_values.items())
+    digest = "".join(f"{key}={short_hash(value)}\n" for key, value in dotenv_values.items())
     commits = {snapshot.spec.repo_id: snapshot.commit for snapshot in snapshots}
     services, labels = {}, {}
-    for name, spec in stack.services.items():
-        service = {key: value for key, value in spec.items() if key not in OUR_KEYS}
-        service.setdefault("image", tag)
-        service.setdefault("pull_policy", "never")
-        service["network_mode"] = "host"  # hosts may run docker without its bridge (--bridge=none)
-        service.setdefault("restart", "unless-stopped")
-        environment = {key: str(value) for key, value in (service.get("environment") or {}).items()}
-        volumes = list(service.get("volumes") or [])
-        ours = {"mlstack.image": escape(tag)}
-        if "ml_env" in spec.get("mounts", []):
+    for name, definition in project.services.items():
+        service: dict = {}
+        ours: dict[str, str] = {}
+        environment: dict[str, str] = {}
+        volumes: list[dict] = []
+        if name in tags:
+            service["image"] = tags[name]
+            ours["mlstack.image"] = escape(tags[name])
+        uses = config.ml_services.get(name)
+        if uses and uses.ml_env:
             volumes.append({"type": "bind", "source": escape(f"{config.ml_env_dir}/envs/{env.wanted}"),
                             "target": "/root/.local", "read_only": True})
             environment.update({key: escape(value) for key, value in env.environment().items()})
             ours["mlstack.env-id"] = env.wanted
-        given = assign_gpus(gpus, name, config.service_gpus[name]) if name in config.service_gpus else []
-        if given:
-            service.setdefault("deploy", {}).setdefault("resources", {})["reservations"] = device_reservation(given)
-        if "models" in spec.get("mounts", []):
+        if uses and uses.models:
             volumes.append({"type": "bind", "source": escape(config.model_cache_dir), "target": HF_HOME,
                             "read_only": True})
             environment.update({"HF_HOME": HF_HOME, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
-            used = {var: config.service_models[var] for var in spec.get("models", [])}
+            used = {var: config.service_models[var] for var in uses.models}
             for var, repo_id in used.items():
                 environment[var] = escape(repo_id)
                 environment[f"{var}_REVISION"] = commits[repo_id]
             ours["mlstack.models"] = escape(",".join(f"{repo}@{commits[repo]}" for repo in sorted(set(used.values()))))
-        if values:
-            service["env_file"] = [".env"]
+        given = assign_gpus(gpus, name, config.service_gpus[name]) if name in config.service_gpus else []
+        if given:
+            service["deploy"] = {"resources": {"reservations": device_reservation(given)}}
         if environment:
             service["environment"] = environment
         if volumes:
             service["volumes"] = volumes
-        ours["mlstack.config"] = short_hash([service, ours, digest])
-        service["labels"] = {**(service.get("labels") or {}), **ours}
+        read = {var: short_hash(values[var]) for var in sorted(project.reads(name)) if var in values}
+        ours["mlstack.config"] = short_hash([definition, service, ours, read])
+        service["labels"] = ours
         services[name], labels[name] = service, ours
-    compose = yaml.safe_dump({"name": stack.project, "services": services}, sort_keys=False, width=1000)
-    return Rendered(compose, dotenv, digest, labels)
+    override = ("# Generated by the deploy (tasks/host/stack.py): the ML env, models, GPUs and labels.\n"
+                + yaml.safe_dump({"services": services}, sort_keys=False, width=1000))
+    files = {**project.files_to_ship(), OVERRIDE: override.encode()}
+    manifest = "".join(f"{hashlib.sha256(data).hexdigest()}  {path}\n" for path, data in sorted(files.items()))
+    return Rendered(override, dotenv, digest, files, manifest, labels)
 
 
 @dataclass(frozen=True)
 class StackPlan:
-    send_image: bool
-    push: bool  # docker-compose.yml or .env differ from the host's
+    send_images: tuple[str, ...]  # tags the host lacks
+    push: bool  # the project's files, the override or .env differ from the host's
     recreate: dict = field(hash=False)  # service -> why it will be (re)created
     rendered: Rendered = field(repr=False)
 
@@ -191,15 +214,9 @@ def _reason(old: dict, new: dict) -> str:
     return "config"
 
 
-def active_services(stack: StackDef, profiles: list[str]) -> list[str]:
-    """The services that run with PROFILES: those without a profile, and those in one of them."""
-    return [name for name, spec in stack.services.items()
-            if not spec.get("profiles") or set(spec["profiles"]) & set(profiles)]
-
-
-def plan_stack(state: StackState, rendered: Rendered, tag: str, profiles: list[str], stack: StackDef) -> StackPlan:
+def plan_stack(state: StackState, rendered: Rendered, tags: dict[str, str], services: list[str]) -> StackPlan:
     recreate = {}
-    for name in active_services(stack, profiles):
+    for name in services:
         labels = rendered.labels[name]
         running = state.containers.get(name)
         if running is None or running.state != "running":
@@ -208,8 +225,9 @@ def plan_stack(state: StackState, rendered: Rendered, tag: str, profiles: list[s
             recreate[name] = _reason(running.labels, labels)
         elif running.health not in ("", "healthy"):
             recreate[name] = f"{running.health}"
-    push = state.compose != rendered.compose or state.digest != rendered.digest
-    return StackPlan(tag not in state.images, push, recreate, rendered)
+    push = state.texts.get(MANIFEST) != rendered.manifest or state.texts.get(".env.digest") != rendered.digest
+    missing = tuple(sorted({tag for service, tag in tags.items() if service in services and tag not in state.images}))
+    return StackPlan(missing, push, recreate, rendered)
 
 
 def control_secrets(config: HostConfig) -> dict[str, str]:
@@ -220,18 +238,18 @@ def control_secrets(config: HostConfig) -> dict[str, str]:
     return {name: os.environ[name] for name in config.stack_secrets}
 
 
-def _image_ready(state, host, stack: StackDef, tag: str, base: BaseImage, builder: str, archive: Path) -> bool:
+def _image_ready(state, host, build: Build, tag: str, base: BaseImage, builder: str, archive: Path) -> bool:
     try:
-        once(("image", tag), lambda: build_and_save(stack, tag, base, builder, archive))
+        once(("image", tag), lambda: build_and_save(build, tag, base, builder, archive))
     except (BuilderError, StackError) as error:
         return failed(host, f"image {tag}: {error}")
     return True
 
 
 @operation(is_idempotent=False)
-def ship_image(stack: StackDef, tag: str, base: BaseImage, builder: str, archive: Path, compose_dir: str):
+def ship_image(build: Build, tag: str, base: BaseImage, builder: str, archive: Path, compose_dir: str):
     """Build once for the fleet, then `docker load` on each host that lacks the tag."""
-    yield FunctionCommand(_image_ready, (stack, tag, base, builder, archive), {})
+    yield FunctionCommand(_image_ready, (build, tag, base, builder, archive), {})
     incoming, q = f"{compose_dir}/.image.tar.gz", shlex.quote
     sha256 = once(("sha256", archive), lambda: file_sha256(archive))
     mismatch = q(f"image {tag}: the archive does not match its sha256; it was removed, run the deploy again")
@@ -241,26 +259,28 @@ def ship_image(stack: StackDef, tag: str, base: BaseImage, builder: str, archive
         f"&& docker load -q -i {q(incoming)} && rm -f {q(incoming)}"))
 
 
-def compose_args(project: str, compose_dir: str, profiles: list[str], subdir: str = "") -> str:
-    where = f"{compose_dir}/{subdir}" if subdir else compose_dir
-    return (f"docker compose -p {shlex.quote(project)} --project-directory {shlex.quote(where)} "
-            f"-f {shlex.quote(where + '/docker-compose.yml')}"
-            + "".join(f" --profile {shlex.quote(profile)}" for profile in profiles))
+def project_tar(rendered: Rendered) -> bytes:
+    """The project's files, the override, .env and the two records: modes set here, owners root's."""
+    buffer = io.BytesIO()
+    entries = {**rendered.files, ".env": rendered.dotenv.encode(), ".env.digest": rendered.digest.encode(),
+               MANIFEST: rendered.manifest.encode()}
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600 if name in PRIVATE else 0o644, int(time.time())
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 @operation(is_idempotent=False)
-def push_compose(project: str, compose_dir: str, rendered: Rendered, profiles: list[str]):
-    """Validate the new project on the host (`docker compose config -q`) before it replaces the old one."""
-    q, staged = shlex.quote, f"{compose_dir}/.next"
-    yield f"rm -rf {q(staged)} && install -d -m 0700 {q(staged)}"
-    # streamed into files only root can read: the .env never passes through a temporary copy
-    yield StreamedUpload(rendered.compose.encode(), "compose file", f"{staged}/docker-compose.yml")
-    yield StreamedUpload(rendered.dotenv.encode(), ".env", f"{staged}/.env")
-    yield StreamedUpload(rendered.digest.encode(), ".env digest", f"{staged}/.env.digest")
-    yield f"{compose_args(project, compose_dir, profiles, '.next')} config -q"
-    yield (f"cd {q(compose_dir)} && chmod 0640 .next/docker-compose.yml "
-           "&& mv -f .next/docker-compose.yml docker-compose.yml "
-           "&& mv -f .next/.env .env && mv -f .next/.env.digest .env.digest && rmdir .next")
+def push_project(compose_dir: str, rendered: Rendered):
+    """Stage the project in a 0700 directory, validate it there (`docker compose config -q`), then move each
+    file into place and remove what the last push placed and this one does not."""
+    staged = shlex.quote(f"{compose_dir}/.next")
+    yield f"rm -rf {staged} && install -d -m 0700 {staged}"
+    # streamed into a directory only root can read: the .env never passes through a readable copy
+    yield StreamedUpload(project_tar(rendered), "compose project", f"{compose_dir}/.next/project.tar")
+    yield program("install_project.sh", compose_dir)
 
 
 class HealthGate(StringCommand):
@@ -312,52 +332,57 @@ def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
 
 @step("Stack")
 def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], state: StackState,
-          gpus: list[Gpu]) -> StackPlan | None:
+             gpus: list[Gpu]) -> StackPlan | None:
     if env is None:
         return None  # the host failed its ML env check; it is reported there
-    definition = StackDef.load(config.stack)
+    project = project_of(config)
+    services = project.active(config.stack_profiles)
+    secrets = control_secrets(config)
     try:
-        tag = once(("tag", definition.name, env.base.id), lambda: image_tag(definition, env.base.id))
-    except StackError as error:
+        values = tuple(sorted(compose_values(project, config, env.base, secrets).items()))
+        builds = project.builds(resolved_config(project, values))
+        tags = {build.service: once(("tag", build, env.base.id), lambda build=build: image_tag(project, build,
+                                                                                                env.base.id))
+                for build in builds}
+        rendered = render(project, config, env, snapshots, tags, gpus, secrets)
+    except (StackError, GpuRequestError) as error:
         raise HostProblem(error) from None
-    try:
-        rendered = render(definition, config, env, snapshots, tag, gpus, control_secrets(config))
-    except GpuRequestError as error:
-        raise HostProblem(error) from None
-    plan = plan_stack(state, rendered, tag, config.stack_profiles, definition)
-    services = active_services(definition, config.stack_profiles)
-    outcome = StackOutcome(definition.project, tag, {
+    plan = plan_stack(state, rendered, tags, services)
+    outcome = StackOutcome(project.name, sorted(set(tags.values())), {
         name: ServiceOutcome("keep") if name not in plan.recreate
         else ServiceOutcome("recreate" if name in state.containers else "create", plan.recreate[name])
         for name in services})
     report[host.name].stack = outcome
-    if not (plan.send_image or plan.converge):
+    if not (plan.send_images or plan.converge):
         healthy = sum(c.state == "running" and c.health in ("", "healthy") for c in state.containers.values())
-        host.log(f"stack {definition.project}: no change "
+        host.log(f"stack {project.name}: no change "
                  f"({healthy}/{len(state.containers)} services running and healthy)")
         outcome.health = "healthy"  # a service that is not would be recreated
         return plan
     report[host.name].changed("stack")
-    archive = Path(config.image_cache_dir).expanduser() / f"{tag.replace(':', '-')}.tar.gz"
-    if plan.send_image:
+    cache = Path(config.image_cache_dir).expanduser()
+    for tag in plan.send_images:
+        archive = cache / f"{tag.replace(':', '-')}.tar.gz"
         size = f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists() else "to build once, then send"
-        host.log(f"stack {definition.project}: image {tag} ({size})")
-    host.log(f"stack {definition.project}: "
+        host.log(f"stack {project.name}: image {tag} ({size})")
+    host.log(f"stack {project.name}: "
              + (", ".join(f"{service} ({why})" for service, why in plan.recreate.items())
                 or "files only, no service recreated"))
     if pyinfra_state.config.DIFF:
-        for line in (_diff(state.compose, rendered.compose, "docker-compose.yml")
-                     + masked_env_diff(state.digest, rendered.digest)):
+        for name in (*project.files, OVERRIDE):
+            for line in _diff(state.texts.get(name), rendered.files[name].decode("utf-8", "replace"), name):
+                host.log(f"  {line}")
+        for line in masked_env_diff(state.texts.get(".env.digest"), rendered.digest):
             host.log(f"  {line}")
-    if plan.send_image:
-        ship_image(name=f"Image {tag}", stack=definition, tag=tag, base=env.base,
-                   builder=config.ml_env_builder, archive=archive, compose_dir=config.compose_project_dir)
+    shipping = {tags[build.service]: build for build in builds if tags[build.service] in plan.send_images}
+    for tag, build in shipping.items():
+        ship_image(name=f"Image {tag}", build=build, tag=tag, base=env.base, builder=config.ml_env_builder,
+                   archive=cache / f"{tag.replace(':', '-')}.tar.gz", compose_dir=config.compose_project_dir)
     if plan.push:
-        push_compose(name=f"Compose project {definition.project}", project=definition.project,
-                     compose_dir=config.compose_project_dir, rendered=rendered, profiles=config.stack_profiles)
+        push_project(name=f"Compose project {project.name}", compose_dir=config.compose_project_dir,
+                     rendered=rendered)
     if plan.converge:
-        checks = [url for name in services for url in definition.services[name].get("http_checks", [])]
-        converge_stack(name=f"Up and healthy: {definition.project}", project=definition.project,
+        converge_stack(name=f"Up and healthy: {project.name}", project=project.name,
                        compose_dir=config.compose_project_dir, profiles=config.stack_profiles,
-                       timeout=config.health_timeout, checks=checks, services=services)
+                       timeout=config.health_timeout, checks=list(config.http_checks), services=services)
     return plan
