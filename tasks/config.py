@@ -626,7 +626,9 @@ def _project_problems(host_name: str, config: HostConfig) -> list[str]:
     for setting in ("ml_services", "service_gpus"):
         for service in getattr(config, setting):
             if service not in services:
-                problems.append(_problem(host_name, f"{setting}.{service}", getattr(config, setting)[service],
+                value = getattr(config, setting)[service]
+                problems.append(_problem(host_name, f"{setting}.{service}",
+                                         value.model_dump() if isinstance(value, BaseModel) else value,
                                          f"a service of stack {config.stack!r}: {', '.join(services)}"))
     readers: dict[str, list[str]] = {}
     for service, uses in config.ml_services.items():

@@ -98,6 +98,8 @@ def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped,
         for value in SECRETS.values():
             assert files_holding(path, value) == set()
     for record in fleet.hosts:
+        docs = fleet.ssh(record, "docker inspect -f '{{json .Config.Env}}' mlstack-reranker-docs-1")
+        assert "API_KEY" not in docs  # a secret reaches only the services whose definitions read it
         labels = fleet.ssh(record, "docker ps -aq | xargs docker inspect -f '{{json .Config.Labels}}'")
         assert "mlstack.env-id" in labels and not any(value in labels for value in SECRETS.values())
         root = STATE_ROOT / fleet.fleet.name / "hosts" / record.name  # the host's /srv, /var/lib/docker, /etc, /tmp...

@@ -1,21 +1,27 @@
-"""The reranker stack on a real 2-host fleet: healthy with the mounted env and model, recreating
-exactly what changed, exact values through compose, a health gate with logs, a stopping rollout."""
+"""The reranker compose project on a real 2-host fleet: deployed as it is, on its own bridge network,
+healthy with the mounted env and model, recreating exactly what changed, exact values through compose,
+a health gate with logs, a stopping rollout; Archon's project valid with the additions on its ML service."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rehearsal import hub
 
 COMPOSE = "/srv/mlstack/compose"
 PROJECT = "mlstack-reranker"
+RERANKER = Path(__file__).parents[2] / "files/stacks/reranker"
 MINILM_SHA = hub.ensure_repos()[hub.MINILM]["main"]
 
 
@@ -54,8 +60,23 @@ def test_the_stack_is_healthy_everywhere_and_works_with_the_mounted_env_and_mode
         assert health["python"].startswith("3.11.")
         work = get(fleet, record, "/tokenize?text=hello%20world")
         assert work["tokens"] == ["[CLS]", "hello", "world", "[SEP]"] and work["ids"] == [101, 7592, 2088, 102]
-        assert fleet.ssh(record, f"stat -c '%a %U' {COMPOSE}/.env {COMPOSE}/docker-compose.yml").split("\n")[:2] == [
-            "600 root", "640 root"]
+        assert fleet.ssh(record, f"stat -c '%a %U' {COMPOSE}/.env {COMPOSE}/compose.yaml").split("\n")[:2] == [
+            "600 root", "644 root"]
+        for name in ("compose.yaml", "app.py", "Dockerfile.server"):  # the project as it is
+            assert fleet.ssh(record, f"sha256sum < {COMPOSE}/{name}").split()[0] == \
+                hashlib.sha256((RERANKER / name).read_bytes()).hexdigest()
+        # By hand in the project directory, as a person would: the same project, its services on their network.
+        listed = fleet.ssh(record, f"cd {COMPOSE} && docker compose ps --format '{{{{.Service}}}} {{{{.State}}}}'")
+        assert sorted(listed.split("\n")[:2]) == ["docs running", "reranker running"]
+        networks = fleet.ssh(record, f"docker inspect -f '{{{{.HostConfig.NetworkMode}}}}' {PROJECT}-docs-1 "
+                                     f"{PROJECT}-reranker-1").split()
+        assert networks == [f"{PROJECT}_rerank"] * 2  # no host networking
+        by_name = fleet.ssh(record, f"cd {COMPOSE} && docker compose exec -T docs python3 -c "
+                                    "'import json, os, urllib.request; print(json.load(urllib.request.urlopen("
+                                    "os.environ[\"RERANKER_URL\"] + \"/health\"))[\"model\"])'")
+        assert by_name.strip() == hub.MINILM
+        with urllib.request.urlopen(f"http://{record.ip}:8081/app.py", timeout=10) as response:  # published port
+            assert response.read() == (RERANKER / "app.py").read_bytes()
         # The slim image: no torch, no ML library, no weights (they come from the mounts).
         image = fleet.ssh(record, f"docker inspect -f '{{{{.Config.Image}}}}' {PROJECT}-reranker-1").strip()
         probe = fleet.ssh(record, f"docker run --rm --network none {image} sh -c "
@@ -101,23 +122,53 @@ def test_a_new_env_recreates_the_services_that_mount_it_and_nothing_else(fleet, 
 SPECIAL = "a: b # c 'single' \"double\" $HOME ${PATH} back\\slash = end"
 
 
-def test_values_with_compose_syntax_reach_the_container_exactly_and_secrets_stay_out_of_logs(fleet):
+def test_values_with_compose_syntax_reach_the_services_that_read_them_exactly_and_secrets_stay_out_of_logs(
+        fleet, tmp_path):
+    # A project of the user's own, outside files/stacks/: the reranker with two more variables it reads.
+    project = tmp_path / "my-reranker"
+    shutil.copytree(RERANKER, project)
+    compose = yaml.safe_load((project / "compose.yaml").read_text())
+    compose["services"]["reranker"]["environment"] += ["GREETING=${GREETING}", "TOKEN=${MLSTACK_TEST_TOKEN}"]
+    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
     secret = "s3cr3t-' #$(id)-${HOME}-value"
-    run = fleet.deploy("-vvv", "--diff", "--data", f"stack_env={json.dumps({'GREETING': SPECIAL})}",
+    run = fleet.deploy("-vvv", "--diff", "--data", f"stack={project}",
+                       "--data", f"stack_env={json.dumps({'GREETING': SPECIAL})}",
                        "--data", 'stack_secrets=["MLSTACK_TEST_TOKEN"]', env={"MLSTACK_TEST_TOKEN": secret})
     assert run.returncode == 0, run.output[-3000:]
     assert secret not in run.output and "s3cr3t" not in run.output
     assert "+ MLSTACK_TEST_TOKEN=***" in run.output and "+ GREETING=***" in run.output
+    assert '+      - TOKEN=${MLSTACK_TEST_TOKEN}' in run.output  # the diff of the project's own compose file
     for record in fleet.hosts:
         values = fleet.ssh(record, f"docker exec {PROJECT}-reranker-1 python3 -c "
                                    "'import os, json; print(json.dumps([os.environ[\"GREETING\"],"
-                                   " os.environ[\"MLSTACK_TEST_TOKEN\"]]))'")
+                                   " os.environ[\"TOKEN\"]]))'")
         assert json.loads(values) == [SPECIAL, secret]
+        docs = fleet.ssh(record, f"docker inspect -f '{{{{json .Config.Env}}}}' {PROJECT}-docs-1")
+        assert "s3cr3t" not in docs and "GREETING" not in docs  # docs reads neither
         assert fleet.ssh(record, f"grep -rlF s3cr3t {COMPOSE} /srv/mlstack/ml-env/active/.mlstack-env.json"
                                  " || true").split() == \
             [f"{COMPOSE}/.env"]
         labels = fleet.ssh(record, f"docker inspect -f '{{{{json .Config.Labels}}}}' {PROJECT}-reranker-1")
         assert "s3cr3t" not in labels
+    # Back to the shipped project: the file it no longer has is removed from the host.
+    fleet.ssh(fleet.hosts[0], f"test -f {COMPOSE}/compose.yaml")
+    back = fleet.deploy()
+    assert back.returncode == 0, back.output[-3000:]
+    assert "TOKEN" not in fleet.ssh(fleet.hosts[0], f"cat {COMPOSE}/compose.yaml")
+
+
+def test_a_variable_without_a_value_fails_before_any_host_changes(fleet, tmp_path):
+    project = tmp_path / "needs-a-value"
+    shutil.copytree(RERANKER, project)
+    text = (project / "compose.yaml").read_text().replace("- PORT=8080", "- PORT=8080\n      - DSN=${DATABASE_URL}")
+    (project / "compose.yaml").write_text(text)
+    before = {record.name: fleet.ssh(record, "find /srv -printf '%p %T@\\n' | sort | md5sum") for record in fleet.hosts}
+    run = fleet.deploy("--data", f"stack={project}")
+    assert run.returncode != 0
+    assert (f"host1: stack = '{project}': a value for ${{DATABASE_URL}}, which reranker read without a default: "
+            "set it in stack_env or stack_secrets") in run.output
+    assert {record.name: fleet.ssh(record, "find /srv -printf '%p %T@\\n' | sort | md5sum")
+            for record in fleet.hosts} == before
 
 
 def test_a_service_failing_health_after_an_env_switch_fails_the_host_with_its_logs_and_a_rollback_recovers(
@@ -172,7 +223,7 @@ def test_a_rollout_that_uploads_everything_shows_each_host_from_the_report(fleet
         row, *models = rows[record.name]
         assert row.split(None, 2)[:2] == [record.name, "ok"]
         assert f" none → {env} " in row
-        assert row.endswith(f"{PROJECT}: reranker (not running), docs (not running)"), row
+        assert row.endswith(f"{PROJECT}: docs (not running), reranker (not running)"), row
         assert len(models) == 2 and all(re.fullmatch(r"\S+@[0-9a-f]{40} \([0-9a-f]{12}\): \d+\.\d MB sent", m)
                                         for m in models)
         assert models[0].startswith(f"{hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]}): "), models
@@ -196,7 +247,7 @@ def test_a_canary_failing_health_stops_the_rollout_and_what_its_service_prints_c
     fleet.ssh(canary, f"mv {site}/tokenizers /srv/tokenizers.saved && mkdir {site}/tokenizers && "
                       f"echo {shlex.quote(spoofing)} > {site}/tokenizers/__init__.py")
     try:
-        result = fleet.tool("tasks.fleet.rollout", "--data", 'stack_env={"ROLLOUT": "2"}',
+        result = fleet.tool("tasks.fleet.rollout", "--data", 'stack_env={"MLSTACK_API_KEY": "2"}',
                             "--data", "health_timeout=15")
     finally:
         fleet.ssh(canary, f"rm -r {site}/tokenizers && mv /srv/tokenizers.saved {site}/tokenizers")
@@ -205,37 +256,48 @@ def test_a_canary_failing_health_stops_the_rollout_and_what_its_service_prints_c
     assert (f"rollout: stopped after canary: 1 host(s) failed ({canary.name}), more than rollout_max_failures=0; "
             f"not reached: {other.name}") in result.stderr
     assert containers(fleet, other) == before
-    assert "ROLLOUT" not in fleet.ssh(other, f"cat {COMPOSE}/.env.digest")
+    assert "MLSTACK_API_KEY" not in fleet.ssh(other, f"cat {COMPOSE}/.env.digest")
     rows = table_rows(result.stdout)
     assert "spoofed" not in result.stdout, result.stdout
     row, *models = rows[canary.name]
     assert row.split()[:3] == [canary.name, "FAILED", env]
-    assert row.endswith(f"{PROJECT}: reranker (config), docs (config); unhealthy: reranker"), row
+    assert row.endswith(f"{PROJECT}: reranker (config); unhealthy: reranker"), row  # docs reads no key
     assert models[0] == f"{hub.MINILM}@{MINILM_SHA} ({MINILM_SHA[:12]})" and len(models) == 2
     assert rows[other.name][0].split()[:3] == [other.name, "not", "reached"]
     recovered = fleet.deploy()
     assert recovered.returncode == 0, recovered.output[-3000:]
 
 
-def test_the_archon_stack_renders_and_passes_compose_config_on_a_host(fleet):
-    """Archon cannot start here (it needs Supabase and its own source); its project must still be valid compose."""
+def test_the_archon_project_passes_compose_config_on_a_host_with_the_additions_on_its_ml_service_only(fleet):
+    """Archon cannot start here (it needs Supabase and its own source); its project must still be valid compose,
+    as the deploy pushes it: the project's files, the generated override and .env."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "host"))
     from test_stack_render import GPUS, rendered  # noqa: PLC0415 (the unit tests' fixture of a full render)
+
+    from tasks.host.stack import project_tar  # noqa: PLC0415
 
     _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml-env_1")
     record = fleet.hosts[0]
     target = "/srv/archon-check"
-    fleet.ssh(record, f"rm -rf {target} && mkdir -p {target}")
-    for name, text in (("docker-compose.yml", out.compose), (".env", out.dotenv)):
-        subprocess.run([*fleet.fleet.ssh_argv(record), f"cat > {target}/{name}"], input=text, text=True, check=True)
-    result = subprocess.run([*fleet.fleet.ssh_argv(record), f"docker compose --project-directory {target} "
-                             f"--profile agents -f {target}/docker-compose.yml config -q"],
-                            capture_output=True, text=True)
+    subprocess.run([*fleet.fleet.ssh_argv(record), f"rm -rf {target} && mkdir -p {target} && tar -x -C {target}"],
+                   input=project_tar(out), check=True)
+    result = subprocess.run([*fleet.fleet.ssh_argv(record), f"cd {target} && docker compose --profile agents "
+                             "config -q"], capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (0, "")
-    resolved = fleet.ssh(record, f"docker compose --project-directory {target} -f {target}/docker-compose.yml "
-                                 "--profile agents config --format json")
-    server = json.loads(resolved)["services"]["archon-server"]
-    assert server["volumes"][0]["source"] == "/srv/ml-env_1/envs/env-0123456789abcdef"
-    # From .env; compose prints `$` doubled in its own output so that it reads back as one `$`.
-    assert server["environment"]["SUPABASE_SERVICE_KEY"] == "k$$y"
+    resolved = json.loads(fleet.ssh(record, f"cd {target} && docker compose --profile agents config --format json"))
+    services = resolved["services"]
+    assert resolved["name"] == "archon" and set(services) == {"archon-server", "archon-mcp", "archon-agents",
+                                                                "archon-frontend"}
+    server = services["archon-server"]
+    assert [volume["source"] for volume in server["volumes"]] == ["/srv/ml-env_1/envs/env-0123456789abcdef",
+                                                                  "/srv/mlstack/hf-cache"]
+    assert server["environment"]["SUPABASE_SERVICE_KEY"] == "k$$y"  # compose prints `$` doubled
+    assert server["ports"][0]["published"] == "8181" and set(server["networks"]) == {"app-network"}
+    assert server["extra_hosts"] == ["host.docker.internal:host-gateway"]
+    assert server["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [GPUS[0].uuid]
+    assert server["container_name"] == "archon-server" and server["image"] == "archon:0123"
+    for name in ("archon-mcp", "archon-agents", "archon-frontend"):  # no ML service: nothing mounted
+        assert "volumes" not in services[name] and "deploy" not in services[name]
+    assert services["archon-mcp"]["environment"]["API_SERVICE_URL"] == "http://archon-server:8181"
+    assert services["archon-mcp"]["depends_on"]["archon-server"]["condition"] == "service_healthy"
     fleet.ssh(record, f"rm -rf {target}")

@@ -226,9 +226,38 @@ def test_a_service_naming_a_model_the_deploy_does_not_place_is_refused():
 
 
 def test_a_stack_service_reading_a_model_setting_the_inventory_lacks_is_refused():
-    assert problems_for(stack="reranker", service_models={}, service_gpus={}) == [
-        "gpu-01: service_models = {}: an entry for RERANKING_MODEL (stack 'reranker': read by reranker)"
+    assert problems_for(stack="reranker", ml_services={"reranker": {"models": ["RERANKING_MODEL"]}},
+                        service_models={}, service_gpus={}) == [
+        "gpu-01: service_models = {}: an entry for RERANKING_MODEL (ml_services: read by reranker)"
     ]
+
+
+def test_ml_services_name_services_of_the_project():
+    assert problems_for(stack="reranker", ml_services={"rerankr": {}}, service_gpus={}) == [
+        "gpu-01: ml_services.rerankr = {'ml_env': True, 'models': []}: a service of stack 'reranker': docs, reranker"]
+    (problem,) = problems_for(ml_services={"archon-server": {"ml_env": "yes"}})
+    assert problem.startswith("gpu-01: ml_services.archon-server.ml_env = 'yes': expected True or False"), problem
+
+
+def test_a_variable_read_without_a_default_needs_a_value_before_any_host_changes():
+    assert problems_for(stack_secrets=["SUPABASE_URL"]) == [
+        "gpu-01: stack = 'archon': a value for ${SUPABASE_SERVICE_KEY}, which archon-mcp, archon-server read "
+        "without a default: set it in stack_env or stack_secrets"]
+    assert problems_for(stack_secrets=[], stack_env={"SUPABASE_URL": "u", "SUPABASE_SERVICE_KEY": "k"}) == []
+    # archon-agents reads it too, but only with the agents profile
+    assert "archon-agents, archon-mcp" in problems_for(stack_secrets=["SUPABASE_URL"], stack_profiles=["agents"])[0]
+
+
+@pytest.mark.parametrize("files", [["../x.yml"], ["/etc/compose.yml"], ["a:b.yml"], ["a b.yml"]])
+def test_compose_files_are_plain_names_inside_the_project(files):
+    (problem,) = problems_for(compose_files=files)
+    assert problem.startswith("gpu-01: compose_files = ") and "relative to the project directory" in problem
+
+
+def test_a_stack_directory_without_a_compose_file_is_refused(tmp_path):
+    (problem,) = problems_for(stack=str(tmp_path))
+    assert problem.startswith(f"gpu-01: stack = '{tmp_path}': a compose project docker compose can read: ")
+    assert "none of compose.yaml, compose.yml, docker-compose.yml, docker-compose.yaml is there" in problem
 
 
 # Configured host directories: characters, system locations, nesting.
@@ -372,7 +401,8 @@ def test_stack_env_and_secrets_cannot_set_what_compose_reads(name):
 
 def test_names_that_only_look_like_compose_settings_pass():
     names = ["MY_COMPOSE_FILE", "DOCKERFILE", "COMPOSEX", "DOCKER", "ARCHON_DOCKER_HOST"]
-    assert problems_for(stack_env={name: "1" for name in names}, stack_secrets=names) == []
+    assert problems_for(stack_env={name: "1" for name in names},
+                        stack_secrets=[*names, "SUPABASE_URL", "SUPABASE_SERVICE_KEY"]) == []
     # service_models variables go to the container's environment, not to .env
     assert problems_for(service_models={"RERANKING_MODEL": "Qwen/Qwen3-Reranker-0.6B",
                                         "DOCKER_MODEL": "Qwen/Qwen3-Reranker-0.6B"}) == []
@@ -513,7 +543,7 @@ def test_service_gpus_are_checked_against_the_stack_and_their_shape():
     assert problems_for(service_gpus={"archon-server": [0, 1], "archon-mcp": 2, "archon-agents": "all"}) == []
     assert problems_for(service_gpus={"archon-srever": "all"}) == [
         "gpu-01: service_gpus.archon-srever = 'all': a service of stack 'archon': "
-        "archon-server, archon-mcp, archon-agents, archon-ui"]
+        "archon-agents, archon-frontend, archon-mcp, archon-server"]
     for bad in ({"archon-server": 0}, {"archon-server": [0, 0]}, {"archon-server": []}, {"archon-server": "any"},
                 {"archon-server": True}, {"archon-server": [-1]}):
         (problem,) = problems_for(service_gpus=bad)

@@ -1,4 +1,5 @@
-"""The compose project as data: what the deploy injects, what it escapes, what it leaves to the stack."""
+"""The deploy's additions as data: the override it generates, what it escapes, what it leaves to the project.
+The projects are files/stacks/*, read by docker compose itself (the control node's CLI)."""
 
 import runpy
 from pathlib import Path
@@ -9,10 +10,19 @@ import yaml
 from tasks.config import ModelSpec, validate_host
 from tasks.control.builder import BaseImage
 from tasks.control.hub import Snapshot
-from tasks.control.stack_project import StackDef
+from tasks.control.stack_project import ComposeProject, project_of
 from tasks.host.gpu_checks import Gpu, GpuRequestError
 from tasks.host.ml_env import EnvPlan
-from tasks.host.stack import ContainerState, StackState, dotenv_line, escape, masked_env_diff, plan_stack, render
+from tasks.host.stack import (
+    MANIFEST,
+    ContainerState,
+    StackState,
+    dotenv_line,
+    escape,
+    masked_env_diff,
+    plan_stack,
+    render,
+)
 
 DEFAULTS = {k: v for k, v in runpy.run_path(str(Path(__file__).parents[3] / "inventory/group_data/all.py")).items()
             if not k.startswith("_")}
@@ -20,6 +30,7 @@ BASE = BaseImage("python:3.11-slim-bookworm", "sha256:base", "python3.11", "linu
 QWEN = "Qwen/Qwen3-Reranker-0.6B"
 COMMIT = "a" * 40
 GPUS = [Gpu(0, "GPU-5a7f8c3e-1b2d-4e6f-9a8b-0c1d2e3f4a5b", "NVIDIA A100-SXM4-80GB", 81920, "535.183.01")]
+SECRETS = {"SUPABASE_URL": "https://x.supabase.co", "SUPABASE_SERVICE_KEY": "k$y"}
 
 
 def rendered(stack="archon", gpus=(), **overrides):
@@ -27,15 +38,20 @@ def rendered(stack="archon", gpus=(), **overrides):
     assert problems == []
     env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
     snapshots = [Snapshot(ModelSpec(repo_id=QWEN), COMMIT, (), "{}")]
-    return config, render(StackDef.load(stack), config, env, snapshots, "mlstack-archon:0123", list(gpus),
-                          {"SUPABASE_URL": "https://x.supabase.co", "SUPABASE_SERVICE_KEY": "k$y"})
+    project = project_of(config)
+    tags = {name: f"{project.name}:0123" for name, spec in project.services.items() if "build" in spec}
+    return config, render(project, config, env, snapshots, tags, list(gpus), SECRETS)
 
 
-def test_archon_services_get_the_env_the_model_and_gpus_only_where_they_mount_them():
+def override(out) -> dict:
+    return yaml.safe_load(out.override)["services"]
+
+
+def test_archon_services_get_the_env_the_model_and_gpus_only_where_ml_services_and_service_gpus_say():
     _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml-env_1")
-    services = yaml.safe_load(out.compose)["services"]
+    services = override(out)
     server = services["archon-server"]
-    assert server["image"] == "mlstack-archon:0123" and server["network_mode"] == "host"
+    assert server["image"] == "archon:0123" and "network_mode" not in server
     assert {"type": "bind", "source": "/srv/ml-env_1/envs/env-0123456789abcdef", "target": "/root/.local",
             "read_only": True} in server["volumes"]
     assert server["environment"]["PYTHONPATH"] == "/root/.local/lib/python3.11/site-packages"
@@ -45,11 +61,43 @@ def test_archon_services_get_the_env_the_model_and_gpus_only_where_they_mount_th
     assert server["labels"]["mlstack.env-id"] == "env-0123456789abcdef"
     assert server["labels"]["mlstack.models"] == f"{QWEN}@{COMMIT}"
     assert server["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [GPUS[0].uuid]
-    assert "volumes" not in services["archon-mcp"] and "deploy" not in services["archon-mcp"]
-    assert services["archon-ui"]["image"] == "${ARCHON_UI_IMAGE:-archon-ui:latest}"  # the stack's own compose syntax
-    assert services["archon-agents"]["profiles"] == ["agents"]
-    assert "k$y" not in out.compose and "supabase.co" not in out.compose  # secrets only in .env
-    assert out.dotenv == 'SUPABASE_URL="https://x.supabase.co"\nSUPABASE_SERVICE_KEY="k\\$y"\n'
+    # the others: our labels and their built image's tag only; ports, networks, commands stay the project's
+    for name in ("archon-mcp", "archon-agents", "archon-frontend"):
+        assert set(services[name]) == {"image", "labels"}, services[name]
+        assert set(services[name]["labels"]) == {"mlstack.image", "mlstack.config"}
+    assert "k$y" not in out.override and "supabase.co" not in out.override  # secrets only in .env
+    assert out.dotenv == ('COMPOSE_FILE="compose.yaml:compose.mlstack.yml"\nCOMPOSE_PROJECT_NAME="archon"\n'
+                          'MLSTACK_BASE_IMAGE="python:3.11-slim-bookworm"\n'
+                          'SUPABASE_URL="https://x.supabase.co"\nSUPABASE_SERVICE_KEY="k\\$y"\n')
+
+
+def test_the_project_files_are_shipped_as_they_are_with_the_override_beside_them():
+    _, out = rendered()
+    project = ComposeProject.load("archon")
+    assert out.files["compose.yaml"] == (project.directory / "compose.yaml").read_bytes()
+    assert set(out.files) == {*project.files_to_ship(), "compose.mlstack.yml"}
+    assert "python/Dockerfile.server" in out.files and ".env" not in out.files
+    assert "  compose.mlstack.yml\n" in out.manifest and len(out.manifest.splitlines()) == len(out.files)
+
+
+def test_a_secret_changes_the_config_label_of_the_services_that_read_it_only():
+    _, before = rendered()
+    config, problems = validate_host("gpu-01", {**DEFAULTS})
+    env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
+    project = project_of(config)
+    tags = {name: "archon:0123" for name in project.services}
+    after = render(project, config, env, [Snapshot(ModelSpec(repo_id=QWEN), COMMIT, (), "{}")], tags, [],
+                   {**SECRETS, "SUPABASE_SERVICE_KEY": "rotated"})
+    changed = {name for name in project.services
+               if before.labels[name]["mlstack.config"] != after.labels[name]["mlstack.config"]}
+    assert changed == {"archon-server", "archon-mcp", "archon-agents"}  # not archon-frontend: it reads no secret
+
+
+def test_variables_each_service_reads_with_and_without_defaults():
+    reads = ComposeProject.load("archon").reads("archon-mcp")
+    assert reads["SUPABASE_URL"] is False and reads["ARCHON_SERVER_PORT"] is True
+    assert ComposeProject.load("reranker").reads("reranker") == {"MLSTACK_BASE_IMAGE": False,
+                                                                  "MLSTACK_API_KEY": True}
 
 
 EIGHT = [Gpu(i, f"GPU-5a7f8c3e-1b2d-4e6f-9a8b-0c1d2e3f4a{i:02x}", "NVIDIA H100 80GB HBM3", 81559, "580.159.04", "9.0")
@@ -57,7 +105,7 @@ EIGHT = [Gpu(i, f"GPU-5a7f8c3e-1b2d-4e6f-9a8b-0c1d2e3f4a{i:02x}", "NVIDIA H100 8
 
 
 def reservation(out, service) -> list[str] | None:
-    spec = yaml.safe_load(out.compose)["services"][service]
+    spec = override(out)[service]
     return spec["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] if "deploy" in spec else None
 
 
@@ -67,7 +115,7 @@ def test_each_service_gets_the_gpus_assigned_to_it_by_uuid_and_the_others_none()
     assert reservation(out, "archon-server") == [EIGHT[6].uuid, EIGHT[7].uuid]
     assert reservation(out, "archon-mcp") == [EIGHT[0].uuid, EIGHT[1].uuid]
     assert reservation(out, "archon-agents") == [gpu.uuid for gpu in EIGHT]
-    assert reservation(out, "archon-ui") is None  # not assigned: no GPU
+    assert reservation(out, "archon-frontend") is None  # not assigned: no GPU
     _, none = rendered(gpus=EIGHT, service_gpus={})
     assert reservation(none, "archon-server") is None
 
@@ -91,7 +139,7 @@ def test_all_on_a_cpu_host_is_no_gpu_but_a_count_is_refused():
 
 def test_no_gpu_no_reservation():
     _, out = rendered()
-    assert "deploy" not in yaml.safe_load(out.compose)["services"]["archon-server"]
+    assert "deploy" not in override(out)["archon-server"]
 
 
 def test_values_injected_into_compose_keep_a_dollar_literal():
@@ -110,21 +158,25 @@ def test_the_env_diff_names_keys_never_values():
 
 def test_reasons_name_what_changed_for_each_service():
     config, out = rendered(stack="reranker", service_models={"RERANKING_MODEL": QWEN}, models=[{"repo_id": QWEN}],
-                           service_gpus={})
+                           service_gpus={}, ml_services={"reranker": {"models": ["RERANKING_MODEL"]}})
+    tags = {"reranker": "tag", "docs": "tag"}
     labels = out.labels["reranker"]
     running = {
         "reranker": ContainerState("running", "healthy",
                                    {**labels, "mlstack.config": "old", "mlstack.env-id": "env-old"}),
         "docs": ContainerState("running", "healthy", out.labels["docs"]),
     }
-    state = StackState({"tag": "sha256:img"}, running, out.compose, out.digest)
-    plan = plan_stack(state, out, "tag", [], StackDef.load("reranker"))
+    texts = {MANIFEST: out.manifest, ".env.digest": out.digest}
+    state = StackState({"tag": "sha256:img"}, running, texts)
+    plan = plan_stack(state, out, tags, ["reranker", "docs"])
     assert plan.recreate == {"reranker": "env id env-old → env-0123456789abcdef"} and not plan.push
+    assert plan.send_images == ()
     # docker reads a label a container lacks as "": the docs service (no env, no model) changed its config only.
     as_docker_reads = {"mlstack.env-id": "", "mlstack.models": "", **out.labels["docs"], "mlstack.config": "old"}
     docs = ContainerState("running", "healthy", as_docker_reads)
-    edited = StackState({"tag": "sha256:img"}, {**running, "docs": docs}, out.compose, out.digest)
-    assert plan_stack(edited, out, "tag", [], StackDef.load("reranker")).recreate["docs"] == "config"
-    stopped = StackState({"tag": "sha256:img"}, {"docs": ContainerState("exited", "", out.labels["docs"])}, None, None)
-    assert (plan_stack(stopped, out, "tag", [], StackDef.load("reranker")).recreate
-            == {"reranker": "not running", "docs": "exited"})
+    edited = StackState({"tag": "sha256:img"}, {**running, "docs": docs}, texts)
+    assert plan_stack(edited, out, tags, ["reranker", "docs"]).recreate["docs"] == "config"
+    stopped = StackState({}, {"docs": ContainerState("exited", "", out.labels["docs"])}, {})
+    plan = plan_stack(stopped, out, tags, ["reranker", "docs"])
+    assert plan.recreate == {"reranker": "not running", "docs": "exited"}
+    assert plan.send_images == ("tag",) and plan.push
