@@ -20,7 +20,7 @@ model_cache_dir_uid = 0
 model_cache_dir_gid = 0
 model_cache_dir_mode = "0755"
 
-# The docker compose project: docker-compose.yml, .env and build context.
+# Where each host keeps the compose project: its files as they are, compose.mlstack.yml, .env.
 compose_project_dir = "/srv/mlstack/compose"
 compose_project_dir_uid = 0
 compose_project_dir_gid = 0
