@@ -58,7 +58,7 @@ class ServiceOutcome:
 @dataclass
 class StackOutcome:
     project: str
-    image: str
+    images: list[str]  # the built images its services run (tags)
     services: dict[str, ServiceOutcome] = field(default_factory=dict)
     health: str = "not checked"  # "healthy", "unhealthy", "not checked"
     unhealthy: list[str] = field(default_factory=list)  # services the health gate found failing

@@ -292,7 +292,7 @@ def test_the_archon_project_passes_compose_config_on_a_host_with_the_additions_o
                                                                   "/srv/mlstack/hf-cache"]
     assert server["environment"]["SUPABASE_SERVICE_KEY"] == "k$$y"  # compose prints `$` doubled
     assert server["ports"][0]["published"] == "8181" and set(server["networks"]) == {"app-network"}
-    assert server["extra_hosts"] == ["host.docker.internal:host-gateway"]
+    assert server["extra_hosts"] == ["host.docker.internal=host-gateway"]  # compose's own notation
     assert server["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [GPUS[0].uuid]
     assert server["container_name"] == "archon-server" and server["image"] == "archon:0123"
     for name in ("archon-mcp", "archon-agents", "archon-frontend"):  # no ML service: nothing mounted
