@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rehearsal import hub, index, resolver
+from rehearsal import hub, index, registry, resolver
+from rehearsal.baseimage import IMAGE_NAME
 
 STATE_ROOT = Path(os.environ.get("MLSTACK_FLEET_STATE", "/var/lib/mlstack-rehearsal/fleets"))
 DEFAULT_FLEET = "rehearsal"
@@ -103,7 +104,7 @@ class Fleet:
         return [HostRecord(**record) for record in json.loads(self.state_file.read_text())["hosts"]]
 
     def services(self) -> dict[str, ServiceRecord]:
-        """Control-node services of the fleet (the package index, the HF hub), by name."""
+        """Control-node services of the fleet (the package index, resolver, registry, HF hub), by name."""
         if not self.state_file.exists():
             return {}
         services = json.loads(self.state_file.read_text()).get("services", {})
@@ -182,6 +183,13 @@ class Fleet:
             services["resolver"] = ServiceRecord("resolver", f"dns://{self.gateway}", process.pid,
                                                  process_starttime(process.pid))
             self.save(records, services)
+        if not _running(services, "registry"):
+            process = registry.start(self.gateway, self.dir)
+            services["registry"] = ServiceRecord("registry", f"http://{registry.address_of(self.gateway)}",
+                                                 process.pid, process_starttime(process.pid))
+            self.save(records, services)
+        if not registry.has_tools(self.gateway):
+            registry.seed(self.gateway, self.host_dir(records[0].name) / "docker.sock", IMAGE_NAME)
         if not _running(services, "hub"):
             try:
                 process = hub.start(self.gateway, self.dir, hub.ensure_repos())
@@ -253,7 +261,8 @@ class Fleet:
         (host_dir / "root").mkdir(mode=0o700)
         (host_dir / "tmp").mkdir()
         (host_dir / "tmp").chmod(0o1777)
-        (host_dir / "spec.json").write_text(json.dumps({"name": name, "ip": ip, "prefix": self.prefix}))
+        (host_dir / "spec.json").write_text(json.dumps({"name": name, "ip": ip, "prefix": self.prefix,
+                                                        "registry": registry.address_of(self.gateway)}))
         run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(host_dir / "ssh_host_ed25519_key"))
         (host_dir / "sshd_config").write_text(sshd_config(ip, host_dir))
         write_accounts(host_dir / "etc")

@@ -120,6 +120,7 @@ def start_services(spec: dict, host_dir: Path) -> list[subprocess.Popen]:
             "--bridge=none",
             "--iptables=false",
             "--ip-masq=false",
+            f"--insecure-registry={spec['registry']}",  # the fleet's registry speaks plain HTTP
             "--data-root=/var/lib/docker",
             "--exec-root=/run/docker",
             "--pidfile=/run/docker.pid",

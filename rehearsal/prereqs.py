@@ -18,6 +18,8 @@ from pathlib import Path
 APT_PACKAGES = ("docker.io", "openssh-server", "debootstrap", "iproute2", "sudo", "util-linux", "git", "nftables",
                 "shellcheck")
 COMPOSE_PLUGIN = Path("/usr/libexec/docker/cli-plugins/docker-compose")
+# The fleet's image registry (Debian's docker-registry, distribution 2.8): the binary alone.
+REGISTRY = Path("/usr/local/lib/mlstack-rehearsal/docker-registry")
 # Compose v2 is not packaged for bookworm; trixie's plugin binary runs here (needs libc6 >= 2.34).
 COMPOSE_SUITE = "trixie"
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
@@ -51,6 +53,22 @@ def machine_mirror() -> str:
             except SystemExit:
                 continue
     raise SystemExit("no Debian archive configured for apt: cannot fetch the compose plugin")
+
+
+def install_registry() -> None:
+    """Take the registry binary out of bookworm's docker-registry .deb: installing the package would start
+    a registry on every address as a system service; the fleet starts its own, on its bridge address."""
+    with tempfile.TemporaryDirectory(prefix="mlstack-registry-") as tmp:
+        work = Path(tmp)
+        subprocess.run(["apt-get", "-qq", "update"], check=True)
+        subprocess.run(["apt-get", "-qq", "-oAPT::Sandbox::User=root", "download", "docker-registry"], check=True,
+                       cwd=work)
+        (deb,) = work.glob("docker-registry_*.deb")
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "root")], check=True)
+        REGISTRY.parent.mkdir(parents=True, exist_ok=True)
+        staged = REGISTRY.with_name(".docker-registry.new")
+        shutil.copy2(work / "root/usr/bin/docker-registry", staged)
+        staged.rename(REGISTRY)
 
 
 def install_compose_plugin() -> None:
@@ -91,6 +109,9 @@ def main() -> int:
     if not COMPOSE_PLUGIN.exists():
         print(f"prereqs: installing the compose v2 plugin from Debian {COMPOSE_SUITE}", flush=True)
         install_compose_plugin()
+    if not REGISTRY.exists():
+        print(f"prereqs: taking the image registry binary from Debian's docker-registry to {REGISTRY}", flush=True)
+        install_registry()
     return 0
 
 

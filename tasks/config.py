@@ -463,6 +463,7 @@ class HostConfig(BaseModel):
     compose_files: Annotated[list[str], BeforeValidator(_list_of(_compose_file))]
     ml_services: dict[str, MlService]
     http_checks: Annotated[list[str], BeforeValidator(_list_of(_http_check))]
+    image_source: Annotated[str, BeforeValidator(_choice("pull", "ship"))]
     stack_env: Annotated[dict[str, str], BeforeValidator(_env_map)]
     stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_dotenv_name))]
     stack_profiles: Annotated[list[str], BeforeValidator(_list_of(_env_name_or_profile))]

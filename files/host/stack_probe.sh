@@ -1,5 +1,5 @@
 #!/bin/sh
-# The compose project on the host: its built images, its containers' state and mlstack labels, and the
+# The compose project on the host: the images on the host, its containers' state and mlstack labels, and the
 # text of the named files of its directory (each line prefixed with "| ", so no content can pose as a record).
 # usage: stack_probe.sh COMPOSE_DIR PROJECT LABELS FILE...  (LABELS: comma-separated, printed per container)
 set -eu
@@ -12,7 +12,7 @@ old_ifs=$IFS
 IFS=,
 for label in $labels; do format="$format|{{.Label \"$label\"}}"; done
 IFS=$old_ifs
-docker images --no-trunc --filter "reference=$project" --format 'image {{.Repository}}:{{.Tag}} {{.ID}}'
+docker images --no-trunc --format 'image {{.Repository}}:{{.Tag}} {{.ID}}'
 docker ps -a --filter "label=com.docker.compose.project=$project" --format "$format"
 for file in "$@"; do
     if [ -f "$compose_dir/$file" ] && [ ! -L "$compose_dir/$file" ]; then

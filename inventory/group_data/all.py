@@ -88,6 +88,9 @@ stack_profiles = []
 http_checks = ["http://127.0.0.1:8181/health"]
 # Seconds a host's services get to become healthy after a change.
 health_timeout = 180
+# Registry images (`image:` without `build:`): "pull": each host pulls them as compose does; "ship": the
+# builder pulls each once and the deploy sends it to the hosts that lack that image id (air-gapped fleets).
+image_source = "pull"
 # Where the control node keeps built server images (docker save archives, one per image key).
 image_cache_dir = "~/.cache/mlstack/images"
 # Rollout (`python -m tasks.fleet.rollout`): canary hosts first, then batches (a count or "25%"),

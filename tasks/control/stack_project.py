@@ -159,6 +159,45 @@ def resolved_config(project: ComposeProject, values: tuple[tuple[str, str], ...]
     return compose_config(project.directory, project.files, dict(values))
 
 
+def registry_images(resolved: dict) -> dict[str, str]:
+    """Service -> the registry image it runs (`image:` without `build:`), as compose interpolated it."""
+    return {name: spec["image"] for name, spec in resolved.get("services", {}).items()
+            if "image" in spec and "build" not in spec}
+
+
+@dataclass(frozen=True)
+class PulledImage:
+    """A registry image as the builder pulled it, for `image_source = "ship"`."""
+
+    reference: str
+    id: str
+    size: int  # bytes, unpacked
+
+
+def pull_on_builder(reference: str, builder: str) -> PulledImage:
+    """Pull REFERENCE once for the fleet on the builder (the hosts may have no way to the registry)."""
+    with builder_engine(builder, f"pulling {reference} failed") as client:
+        print(f"image {reference}: pulling on {describe(builder)}", file=sys.stderr, flush=True)
+        image = client.images.pull(reference)
+        return PulledImage(reference, image.id, int(image.attrs.get("Size") or 0))
+
+
+def save_pulled(image: PulledImage, builder: str, archive: Path) -> Path:
+    """`docker save | gzip` of the pulled image, kept in the control cache (named by its id)."""
+    if archive.exists():
+        return archive
+    with builder_engine(builder, f"saving {image.reference} failed") as client:
+        pulled = client.images.get(image.reference)
+        if pulled.id != image.id:
+            raise StackError(f"image {image.reference}: it changed on the builder during the deploy "
+                             f"({image.id[:19]} → {pulled.id[:19]}): run the deploy again")
+        with atomic_file(archive) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
+            for chunk in client.images.get(image.reference).save(named=True):
+                out.write(chunk)
+    print(f"image {image.reference}: {archive.stat().st_size / 1e6:.1f} MB archive", file=sys.stderr, flush=True)
+    return archive
+
+
 def image_tag(project: ComposeProject, build: Build, base_id: str) -> str:
     """Named by content: the build context, dockerfile, args, target and the base image id (not the service)."""
     digest = hashlib.sha256(json.dumps([base_id, build.dockerfile, build.args, build.target], sort_keys=True).encode())

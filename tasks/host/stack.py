@@ -20,6 +20,7 @@ import shlex
 import tarfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -34,13 +35,15 @@ from tasks.control.hub import Snapshot
 from tasks.control.stack_project import (
     BASE_IMAGE_VARIABLE,
     OVERRIDE,
-    Build,
     ComposeProject,
     StackError,
     build_and_save,
     image_tag,
     project_of,
+    pull_on_builder,
+    registry_images,
     resolved_config,
+    save_pulled,
 )
 from tasks.host.failure import HostProblem, failed, step
 from tasks.host.gpu_checks import Gpu, GpuRequestError, assign_gpus
@@ -65,7 +68,7 @@ class ContainerState:
 
 @dataclass(frozen=True)
 class StackState:
-    images: dict[str, str]  # "repository:tag" -> id, for the project's built images on the host
+    images: dict[str, str]  # "repository:tag" -> id, for every image on the host
     containers: dict[str, ContainerState]  # compose service -> its container
     texts: dict = field(hash=False)  # file name -> content on the host: compose files, override, digest, manifest
 
@@ -142,8 +145,21 @@ def compose_values(project: ComposeProject, config: HostConfig, base: BaseImage,
     return {BASE_IMAGE_VARIABLE: base.ref, **config.stack_env, **secrets}
 
 
+@dataclass(frozen=True)
+class ServiceImage:
+    """The image a service runs, as the deploy provides it."""
+
+    reference: str  # a built image's tag, or the registry reference
+    id: str = ""  # the image id hosts must have; "" where the tag names it (built) or the host pulls it
+    source: str = "build"  # "build": built once, shipped; "ship": pulled once, shipped; "pull": the host pulls
+
+    @property
+    def label(self) -> str:
+        return f"{self.reference} ({self.id[7:19]})" if self.id else self.reference
+
+
 def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots: list[Snapshot],
-           tags: dict[str, str], gpus: list[Gpu], secrets: dict[str, str]) -> Rendered:
+           images: dict[str, ServiceImage], gpus: list[Gpu], secrets: dict[str, str]) -> Rendered:
     values = compose_values(project, config, env.base, secrets)
     dotenv_values = {"COMPOSE_FILE": ":".join((*project.files, OVERRIDE)), "COMPOSE_PROJECT_NAME": project.name,
                      **values}
@@ -156,9 +172,13 @@ def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots:
         ours: dict[str, str] = {}
         environment: dict[str, str] = {}
         volumes: list[dict] = []
-        if name in tags:
-            service["image"] = tags[name]
-            ours["mlstack.image"] = escape(tags[name])
+        image = images.get(name)
+        if image and image.source == "build":
+            service["image"] = image.reference
+        if image and image.source == "ship":
+            service["pull_policy"] = "never"  # the deploy brings it: the host needs no way to the registry
+        if image:
+            ours["mlstack.image"] = escape(image.label)
         uses = config.ml_services.get(name)
         if uses and uses.ml_env:
             volumes.append({"type": "bind", "source": escape(f"{config.ml_env_dir}/envs/{env.wanted}"),
@@ -194,7 +214,7 @@ def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots:
 
 @dataclass(frozen=True)
 class StackPlan:
-    send_images: tuple[str, ...]  # tags the host lacks
+    send_images: tuple[str, ...]  # images (references) the deploy sends: the host lacks them
     push: bool  # the project's files, the override or .env differ from the host's
     recreate: dict = field(hash=False)  # service -> why it will be (re)created
     rendered: Rendered = field(repr=False)
@@ -214,7 +234,13 @@ def _reason(old: dict, new: dict) -> str:
     return "config"
 
 
-def plan_stack(state: StackState, rendered: Rendered, tags: dict[str, str], services: list[str]) -> StackPlan:
+def lacks(state: StackState, image: ServiceImage) -> bool:
+    """The host has no image by that reference, or (when the deploy knows the id it wants) another one."""
+    return image.reference not in state.images or image.id not in ("", state.images[image.reference])
+
+
+def plan_stack(state: StackState, rendered: Rendered, images: dict[str, ServiceImage],
+               services: list[str]) -> StackPlan:
     recreate = {}
     for name in services:
         labels = rendered.labels[name]
@@ -226,7 +252,8 @@ def plan_stack(state: StackState, rendered: Rendered, tags: dict[str, str], serv
         elif running.health not in ("", "healthy"):
             recreate[name] = f"{running.health}"
     push = state.texts.get(MANIFEST) != rendered.manifest or state.texts.get(".env.digest") != rendered.digest
-    missing = tuple(sorted({tag for service, tag in tags.items() if service in services and tag not in state.images}))
+    missing = tuple(sorted({image.reference for service, image in images.items()
+                            if service in services and image.source != "pull" and lacks(state, image)}))
     return StackPlan(missing, push, recreate, rendered)
 
 
@@ -238,22 +265,23 @@ def control_secrets(config: HostConfig) -> dict[str, str]:
     return {name: os.environ[name] for name in config.stack_secrets}
 
 
-def _image_ready(state, host, build: Build, tag: str, base: BaseImage, builder: str, archive: Path) -> bool:
+def _image_ready(state, host, reference: str, make_archive) -> bool:
     try:
-        once(("image", tag), lambda: build_and_save(build, tag, base, builder, archive))
+        once(("image", reference), make_archive)
     except (BuilderError, StackError) as error:
-        return failed(host, f"image {tag}: {error}")
+        return failed(host, f"image {reference}: {error}")
     return True
 
 
 @operation(is_idempotent=False)
-def ship_image(build: Build, tag: str, base: BaseImage, builder: str, archive: Path, compose_dir: str):
-    """Build once for the fleet, then `docker load` on each host that lacks the tag."""
-    yield FunctionCommand(_image_ready, (build, tag, base, builder, archive), {})
+def ship_image(reference: str, make_archive, archive: Path, compose_dir: str):
+    """Make the archive once for the fleet (MAKE_ARCHIVE: build or pull, then `docker save | gzip`), then
+    `docker load` it on each host that lacks the image, after a sha256 check."""
+    yield FunctionCommand(_image_ready, (reference, make_archive), {})
     incoming, q = f"{compose_dir}/.image.tar.gz", shlex.quote
     sha256 = once(("sha256", archive), lambda: file_sha256(archive))
-    mismatch = q(f"image {tag}: the archive does not match its sha256; it was removed, run the deploy again")
-    yield StreamedUpload(archive, f"image {tag}", incoming, then=(
+    mismatch = q(f"image {reference}: the archive does not match its sha256; it was removed, run the deploy again")
+    yield StreamedUpload(archive, f"image {reference}", incoming, then=(
         f"{{ echo {sha256}'  '{q(incoming)} | sha256sum --check --quiet --strict - "
         f"|| {{ rm -f {q(incoming)}; echo {mismatch} >&2; exit 1; }}; }} "
         f"&& docker load -q -i {q(incoming)} && rm -f {q(incoming)}"))
@@ -330,6 +358,33 @@ def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
     return lines
 
 
+def archive_of(config: HostConfig, image: ServiceImage) -> Path:
+    """Where the control cache keeps IMAGE's `docker save | gzip`: by tag when built, by id when pulled."""
+    name = image.reference.replace(":", "-") if image.source == "build" else f"pulled-{image.id[7:23]}"
+    return Path(config.image_cache_dir).expanduser() / f"{name}.tar.gz"
+
+
+def service_images(project: ComposeProject, resolved: dict, config: HostConfig, base: BaseImage
+                   ) -> tuple[dict[str, ServiceImage], dict[str, object]]:
+    """Each service's image, and for each image the deploy sends, how its archive is made (once per fleet)."""
+    images, makers = {}, {}
+    for build in project.builds(resolved):
+        tag = once(("tag", build, base.id), lambda build=build: image_tag(project, build, base.id))
+        images[build.service] = image = ServiceImage(tag)
+        makers[tag] = partial(build_and_save, build, tag, base, config.ml_env_builder, archive_of(config, image))
+    for service, reference in registry_images(resolved).items():
+        if "@" not in reference and ":" not in reference.rpartition("/")[2]:
+            reference += ":latest"  # as `docker images` lists it
+        if config.image_source == "pull":
+            images[service] = ServiceImage(reference, source="pull")
+            continue
+        pulled = once(("pull", reference), lambda reference=reference: pull_on_builder(reference,
+                                                                                         config.ml_env_builder))
+        images[service] = image = ServiceImage(reference, pulled.id, "ship")
+        makers[reference] = partial(save_pulled, pulled, config.ml_env_builder, archive_of(config, image))
+    return images, makers
+
+
 @step("Stack")
 def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], state: StackState,
              gpus: list[Gpu]) -> StackPlan | None:
@@ -340,15 +395,12 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     secrets = control_secrets(config)
     try:
         values = tuple(sorted(compose_values(project, config, env.base, secrets).items()))
-        builds = project.builds(resolved_config(project, values))
-        tags = {build.service: once(("tag", build, env.base.id), lambda build=build: image_tag(project, build,
-                                                                                                env.base.id))
-                for build in builds}
-        rendered = render(project, config, env, snapshots, tags, gpus, secrets)
-    except (StackError, GpuRequestError) as error:
+        images, makers = service_images(project, resolved_config(project, values), config, env.base)
+        rendered = render(project, config, env, snapshots, images, gpus, secrets)
+    except (StackError, BuilderError, GpuRequestError) as error:
         raise HostProblem(error) from None
-    plan = plan_stack(state, rendered, tags, services)
-    outcome = StackOutcome(project.name, sorted(set(tags.values())), {
+    plan = plan_stack(state, rendered, images, services)
+    outcome = StackOutcome(project.name, sorted({images[name].label for name in services if name in images}), {
         name: ServiceOutcome("keep") if name not in plan.recreate
         else ServiceOutcome("recreate" if name in state.containers else "create", plan.recreate[name])
         for name in services})
@@ -360,11 +412,15 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
         outcome.health = "healthy"  # a service that is not would be recreated
         return plan
     report[host.name].changed("stack")
-    cache = Path(config.image_cache_dir).expanduser()
-    for tag in plan.send_images:
-        archive = cache / f"{tag.replace(':', '-')}.tar.gz"
-        size = f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists() else "to build once, then send"
-        host.log(f"stack {project.name}: image {tag} ({size})")
+    by_reference = {image.reference: image for image in images.values()}
+    for reference in plan.send_images:
+        archive = archive_of(config, by_reference[reference])
+        size = (f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists()
+                else f"to {by_reference[reference].source} once, then send")
+        host.log(f"stack {project.name}: image {reference} ({size})")
+    for reference in sorted({image.reference for name, image in images.items()
+                             if image.source == "pull" and name in services and image.reference not in state.images}):
+        host.log(f"stack {project.name}: image {reference} (the host pulls it)")
     host.log(f"stack {project.name}: "
              + (", ".join(f"{service} ({why})" for service, why in plan.recreate.items())
                 or "files only, no service recreated"))
@@ -374,10 +430,9 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
                 host.log(f"  {line}")
         for line in masked_env_diff(state.texts.get(".env.digest"), rendered.digest):
             host.log(f"  {line}")
-    shipping = {tags[build.service]: build for build in builds if tags[build.service] in plan.send_images}
-    for tag, build in shipping.items():
-        ship_image(name=f"Image {tag}", build=build, tag=tag, base=env.base, builder=config.ml_env_builder,
-                   archive=cache / f"{tag.replace(':', '-')}.tar.gz", compose_dir=config.compose_project_dir)
+    for reference in plan.send_images:
+        ship_image(name=f"Image {reference}", reference=reference, make_archive=makers[reference],
+                   archive=archive_of(config, by_reference[reference]), compose_dir=config.compose_project_dir)
     if plan.push:
         push_project(name=f"Compose project {project.name}", compose_dir=config.compose_project_dir,
                      rendered=rendered)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rehearsal import hub
+from rehearsal import hub, registry
 
 COMPOSE = "/srv/mlstack/compose"
 PROJECT = "mlstack-reranker"
@@ -300,3 +300,55 @@ def test_the_archon_project_passes_compose_config_on_a_host_with_the_additions_o
     assert services["archon-mcp"]["environment"]["API_SERVICE_URL"] == "http://archon-server:8181"
     assert services["archon-mcp"]["depends_on"]["archon-server"]["condition"] == "service_healthy"
     fleet.ssh(record, f"rm -rf {target}")
+
+
+def registry_requests(fleet) -> list[str]:
+    """The fleet registry's access log: one `ADDRESS METHOD PATH` per request."""
+    log = (fleet.fleet.dir / "registry.log").read_text()
+    return [f"{m[1]} {m[2]} {m[3]}" for m in re.finditer(r'^(\S+) - - \[[^]]+\] "(\w+) (\S+) ', log, re.M)]
+
+
+def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_path):
+    """The fleet's own registry (Debian's docker-registry on the control node's bridge address) holds
+    rehearsal/tools:1; a service of the project runs it."""
+    reference = registry.tools_reference(fleet.fleet.gateway)
+    project = tmp_path / "with-tools"
+    shutil.copytree(RERANKER, project)
+    compose = yaml.safe_load((project / "compose.yaml").read_text())
+    compose["services"]["tools"] = {"image": reference, "command": ["sleep", "infinity"], "networks": ["rerank"]}
+    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
+    hosts = fleet.hosts
+
+    def forget_tools():
+        for record in hosts:
+            fleet.ssh(record, f"docker rm -f {PROJECT}-tools-1 >/dev/null; "
+                              f"docker rmi -f {reference} >/dev/null || true")
+
+    def tools_image(record) -> str:
+        return fleet.ssh(record, f"docker inspect -f '{{{{.Image}}}}' {PROJECT}-tools-1").strip()
+
+    forget_tools()
+    seen = len(registry_requests(fleet))
+    pulled = fleet.deploy("--data", f"stack={project}")
+    assert pulled.returncode == 0, pulled.output[-3000:]
+    assert f"image {reference} (the host pulls it)" in pulled.output
+    manifests = {line.split()[0] for line in registry_requests(fleet)[seen:] if "/manifests/1" in line}
+    assert manifests == {record.ip for record in hosts}  # each host asked the registry itself
+    ids = {tools_image(record) for record in hosts}
+    assert len(ids) == 1
+
+    forget_tools()
+    seen = len(registry_requests(fleet))
+    shipped = fleet.deploy("--data", f"stack={project}", "--data", "image_source=ship")
+    assert shipped.returncode == 0, shipped.output[-3000:]
+    for record in hosts:
+        assert re.search(rf"\[{record.name}\] stack {PROJECT}: image {re.escape(reference)} \(", shipped.output)
+        assert tools_image(record) in ids  # the very image id the registry holds
+    builder = hosts[0].ip  # the rehearsal's ml_env_builder is the first host's engine
+    assert {line.split()[0] for line in registry_requests(fleet)[seen:]} == {builder}  # only the builder pulled
+    compose_override = fleet.ssh(hosts[1], f"cat {COMPOSE}/compose.mlstack.yml")
+    assert "pull_policy: never" in compose_override
+
+    again = fleet.deploy("--data", f"stack={project}", "--data", "image_source=ship")
+    assert again.returncode == 0 and again.changed_operations() == [], again.output[-3000:]
+    forget_tools()

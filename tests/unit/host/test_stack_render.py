@@ -16,6 +16,7 @@ from tasks.host.ml_env import EnvPlan
 from tasks.host.stack import (
     MANIFEST,
     ContainerState,
+    ServiceImage,
     StackState,
     dotenv_line,
     escape,
@@ -39,8 +40,8 @@ def rendered(stack="archon", gpus=(), **overrides):
     env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
     snapshots = [Snapshot(ModelSpec(repo_id=QWEN), COMMIT, (), "{}")]
     project = project_of(config)
-    tags = {name: f"{project.name}:0123" for name, spec in project.services.items() if "build" in spec}
-    return config, render(project, config, env, snapshots, tags, list(gpus), SECRETS)
+    images = {name: ServiceImage(f"{project.name}:0123") for name, spec in project.services.items() if "build" in spec}
+    return config, render(project, config, env, snapshots, images, list(gpus), SECRETS)
 
 
 def override(out) -> dict:
@@ -85,8 +86,8 @@ def test_a_secret_changes_the_config_label_of_the_services_that_read_it_only():
     config, problems = validate_host("gpu-01", {**DEFAULTS})
     env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
     project = project_of(config)
-    tags = {name: "archon:0123" for name in project.services}
-    after = render(project, config, env, [Snapshot(ModelSpec(repo_id=QWEN), COMMIT, (), "{}")], tags, [],
+    images = {name: ServiceImage("archon:0123") for name in project.services}
+    after = render(project, config, env, [Snapshot(ModelSpec(repo_id=QWEN), COMMIT, (), "{}")], images, [],
                    {**SECRETS, "SUPABASE_SERVICE_KEY": "rotated"})
     changed = {name for name in project.services
                if before.labels[name]["mlstack.config"] != after.labels[name]["mlstack.config"]}
@@ -159,7 +160,7 @@ def test_the_env_diff_names_keys_never_values():
 def test_reasons_name_what_changed_for_each_service():
     config, out = rendered(stack="reranker", service_models={"RERANKING_MODEL": QWEN}, models=[{"repo_id": QWEN}],
                            service_gpus={}, ml_services={"reranker": {"models": ["RERANKING_MODEL"]}})
-    tags = {"reranker": "tag", "docs": "tag"}
+    tags = {"reranker": ServiceImage("tag"), "docs": ServiceImage("tag")}
     labels = out.labels["reranker"]
     running = {
         "reranker": ContainerState("running", "healthy",
@@ -180,3 +181,21 @@ def test_reasons_name_what_changed_for_each_service():
     plan = plan_stack(stopped, out, tags, ["reranker", "docs"])
     assert plan.recreate == {"reranker": "not running", "docs": "exited"}
     assert plan.send_images == ("tag",) and plan.push
+
+
+def test_a_shipped_registry_image_is_sent_where_the_host_has_another_id_and_never_pulled_there():
+    config, out = rendered(stack="reranker", service_gpus={}, ml_services={})
+    images = {"docs": ServiceImage("registry.corp/tools:1", "sha256:" + "b" * 64, "ship"),
+              "reranker": ServiceImage("registry.corp/api:2", source="pull")}
+    project = project_of(config)
+    env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
+    out = render(project, config, env, [], images, [], {})
+    assert override(out)["docs"]["pull_policy"] == "never" and "image" not in override(out)["docs"]
+    assert override(out)["docs"]["labels"]["mlstack.image"] == "registry.corp/tools:1 (bbbbbbbbbbbb)"
+    assert "pull_policy" not in override(out)["reranker"]
+    running = {name: ContainerState("running", "healthy", out.labels[name]) for name in ("docs", "reranker")}
+    texts = {MANIFEST: out.manifest, ".env.digest": out.digest}
+    other_id = StackState({"registry.corp/tools:1": "sha256:" + "c" * 64}, running, texts)
+    assert plan_stack(other_id, out, images, ["docs", "reranker"]).send_images == ("registry.corp/tools:1",)
+    same_id = StackState({"registry.corp/tools:1": "sha256:" + "b" * 64}, running, texts)
+    assert plan_stack(same_id, out, images, ["docs", "reranker"]).send_images == ()  # and the pulled one is not sent
