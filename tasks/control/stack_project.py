@@ -64,6 +64,7 @@ class ComposeProject:
     files: tuple[str, ...]  # the project's compose files, relative to its directory, in merge order
     name: str  # compose's project name
     services: dict = field(hash=False)  # service -> its merged definition, variables not interpolated
+    secrets: dict = field(hash=False, default_factory=dict)  # compose's top-level `secrets:`
 
     @classmethod
     @cache  # read once per deploy, however many hosts
@@ -75,16 +76,22 @@ class ComposeProject:
                              "(COMPOSE_FILE, COMPOSE_PROJECT_NAME and the values): move its values to stack_env "
                              "or stack_secrets and remove it")
         model = compose_config(directory, files)
-        return cls(directory, files, model["name"], model.get("services") or {})
+        return cls(directory, files, model["name"], model.get("services") or {}, model.get("secrets") or {})
 
     def reads(self, service: str) -> dict[str, bool]:
-        """Variable -> whether it has a default, for every variable SERVICE's definition interpolates."""
+        """Variable -> whether it has a default, for every variable SERVICE's definition interpolates, and
+        the variable of each `environment:` secret it uses (compose copies its value into the container)."""
         found: dict[str, bool] = {}
         for text in strings(self.services[service]):
             for match in VARIABLE.finditer(text.replace("$$", "")):
                 name = match["braced"] or match["plain"]
                 has_default = (match["modifier"] or "").lstrip(":") in ("-", "+")
                 found[name] = found.get(name, False) or has_default
+        for used in self.services[service].get("secrets") or []:
+            source = used["source"] if isinstance(used, dict) else used
+            variable = (self.secrets.get(source) or {}).get("environment")
+            if variable:
+                found.setdefault(variable, False)
         return found
 
     def active(self, profiles: list[str]) -> list[str]:

@@ -352,3 +352,32 @@ def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_p
     again = fleet.deploy("--data", f"stack={project}", "--data", "image_source=ship")
     assert again.returncode == 0 and again.changed_operations() == [], again.output[-3000:]
     forget_tools()
+
+
+def test_a_compose_secret_is_a_file_only_in_the_services_that_use_it_and_a_rotation_recreates_only_them(
+        fleet, tmp_path):
+    project = tmp_path / "with-secret"
+    shutil.copytree(RERANKER, project)
+    compose = yaml.safe_load((project / "compose.yaml").read_text())
+    reranker = compose["services"]["reranker"]
+    reranker["environment"] = [item for item in reranker["environment"] if "MLSTACK_API_KEY" not in item]
+    reranker["secrets"] = [{"source": "api_key", "uid": "0", "gid": "0", "mode": 0o400}]
+    compose["secrets"] = {"api_key": {"environment": "MLSTACK_API_KEY"}}
+    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
+    data = ["--data", f"stack={project}", "--data", 'stack_secrets=["MLSTACK_API_KEY"]']
+    first = fleet.deploy(*data, env={"MLSTACK_API_KEY": "k3y-one"})
+    assert first.returncode == 0, first.output[-3000:]
+    before = {record.name: containers(fleet, record) for record in fleet.hosts}
+    for record in fleet.hosts:
+        assert fleet.ssh(record, f"docker exec {PROJECT}-reranker-1 stat -c '%a %u' /run/secrets/api_key"
+                                 f" && docker exec {PROJECT}-reranker-1 cat /run/secrets/api_key") == "400 0\nk3y-one"
+        assert fleet.ssh(record, f"docker exec {PROJECT}-docs-1 ls /run/secrets 2>&1 || true").strip().endswith(
+            "No such file or directory")
+        inspected = fleet.ssh(record, f"docker inspect {PROJECT}-reranker-1 {PROJECT}-docs-1")
+        assert "k3y-one" not in inspected  # not in any container's environment or labels
+    rotated = fleet.deploy(*data, env={"MLSTACK_API_KEY": "k3y-two"})
+    assert rotated.returncode == 0, rotated.output[-3000:]
+    for record in fleet.hosts:
+        after = containers(fleet, record)
+        assert after["docs"] == before[record.name]["docs"] and after["reranker"] != before[record.name]["reranker"]
+        assert fleet.ssh(record, f"docker exec {PROJECT}-reranker-1 cat /run/secrets/api_key") == "k3y-two"

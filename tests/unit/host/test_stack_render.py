@@ -199,3 +199,14 @@ def test_a_shipped_registry_image_is_sent_where_the_host_has_another_id_and_neve
     assert plan_stack(other_id, out, images, ["docs", "reranker"]).send_images == ("registry.corp/tools:1",)
     same_id = StackState({"registry.corp/tools:1": "sha256:" + "b" * 64}, running, texts)
     assert plan_stack(same_id, out, images, ["docs", "reranker"]).send_images == ()  # and the pulled one is not sent
+
+
+def test_a_service_using_an_environment_secret_reads_its_variable(tmp_path):
+    (tmp_path / "compose.yaml").write_text(
+        "services:\n"
+        "  api: {image: x, secrets: [{source: key, mode: 0400}], environment: ['LEVEL=${LEVEL:-info}']}\n"
+        "  web: {image: y}\n"
+        "secrets:\n  key: {environment: API_KEY}\n")
+    project = ComposeProject.load(str(tmp_path))
+    assert project.reads("api") == {"LEVEL": True, "API_KEY": False}
+    assert project.reads("web") == {}
