@@ -43,14 +43,16 @@ def bind(source: Path, target: str) -> None:
     run("mount", "--bind", str(source), target)
 
 
-# Addresses a host's packets may go to: the fleet's subnet, loopback, and docker's own networks on the
-# host (its default pools). Anything else is counted and dropped: tests read the counter. Containers on
+# Addresses a host's packets may go to: the fleet's subnet, loopback, docker's own networks on the host
+# (its default pools), and the link-local multicast and broadcast that never leave a link (IGMP reports
+# of a new interface go to 224.0.0.22). Anything else is counted and dropped: tests read the counter. Containers on
 # compose networks reach the fleet (its resolver first: docker's embedded DNS forwards from inside the
 # container) behind the host's address, as docker's own masquerading would do (its iptables stay off).
 EGRESS_GUARD = """table inet fleet_egress {{
     counter outside {{}}
     set inside4 {{ type ipv4_addr; flags interval; elements = {{ {subnet}, 127.0.0.0/8, 172.16.0.0/12,
-                                                                192.168.0.0/16 }} }}
+                                                                192.168.0.0/16, 224.0.0.0/24,
+                                                                255.255.255.255 }} }}
     chain guard {{
         ip daddr != @inside4 counter name outside drop
         ip6 daddr != {{ ::1/128, fe80::/10, ff00::/8 }} counter name outside drop

@@ -213,11 +213,48 @@ def image_tag(project: ComposeProject, build: Build, base_id: str) -> str:
     return f"{project.name}:{digest.hexdigest()[:16]}"  # services built alike share one image
 
 
+def ignore_rules(context: Path) -> list[tuple[bool, re.Pattern]]:
+    """The context's `.dockerignore` as (re-include, pattern) rules, in order: `*` and `?` stay within one
+    path segment, `**` spans segments, `!` re-includes, a leading `/` is the context's root."""
+    rules = []
+    ignore = context / ".dockerignore"
+    for line in ignore.read_text().splitlines() if ignore.is_file() else []:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        include = line.startswith("!")
+        pattern = line.removeprefix("!").strip().strip("/")
+        regex = "".join(".*" if token == "**" else "[^/]*" if token == "*" else "[^/]" if token == "?"
+                        else re.escape(token) for token in re.split(r"(\*\*|\*|\?)", pattern) if token)
+        rules.append((include, re.compile(regex.replace(".*/", "(.*/)?") + r"\Z")))
+    return rules
+
+
+def ignored(relative: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
+    """Whether `.dockerignore` leaves RELATIVE out of the context: the last rule matching it, or one of its
+    directories, decides."""
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    excluded = False
+    for include, pattern in rules:
+        if any(pattern.match(prefix) for prefix in prefixes):
+            excluded = not include
+    return excluded
+
+
 def context_files(build: Build) -> dict[str, bytes]:
+    """The build context as docker would send it: `.dockerignore` applied (the Dockerfile and the ignore
+    file always go)."""
     if not build.context.is_dir():
         raise StackError(f"service {build.service}: its build context {build.context} does not exist")
-    return {str(path.relative_to(build.context)): path.read_bytes() for path in sorted(build.context.rglob("*"))
-            if path.is_file() and not SKIPPED & set(path.relative_to(build.context).parts)}
+    rules, always = ignore_rules(build.context), {build.dockerfile, ".dockerignore"}
+    files = {}
+    for path in sorted(build.context.rglob("*")):
+        relative = path.relative_to(build.context).as_posix()
+        if path.is_file() and not SKIPPED & set(path.relative_to(build.context).parts) and (
+                relative in always or not ignored(relative, rules)):
+            files[relative] = path.read_bytes()
+    return files
 
 
 def build_and_save(build: Build, tag: str, base: BaseImage, builder: str, archive: Path) -> Path:

@@ -421,9 +421,11 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     for reference in sorted({image.reference for name, image in images.items()
                              if image.source == "pull" and name in services and image.reference not in state.images}):
         host.log(f"stack {project.name}: image {reference} (the host pulls it)")
+    kept = [name for name in services if name not in plan.recreate]
     host.log(f"stack {project.name}: "
              + (", ".join(f"{service} ({why})" for service, why in plan.recreate.items())
-                or "files only, no service recreated"))
+                or "files only, no service recreated")
+             + (f"; kept: {', '.join(kept)}" if kept and plan.recreate else ""))
     if pyinfra_state.config.DIFF:
         for name in (*project.files, OVERRIDE):
             for line in _diff(state.texts.get(name), rendered.files[name].decode("utf-8", "replace"), name):

@@ -381,3 +381,23 @@ def test_a_compose_secret_is_a_file_only_in_the_services_that_use_it_and_a_rotat
         after = containers(fleet, record)
         assert after["docs"] == before[record.name]["docs"] and after["reranker"] != before[record.name]["reranker"]
         assert fleet.ssh(record, f"docker exec {PROJECT}-reranker-1 cat /run/secrets/api_key") == "k3y-two"
+
+
+def test_editing_one_service_recreates_only_it(fleet, tmp_path):
+    project = tmp_path / "edited"
+    shutil.copytree(RERANKER, project)
+    assert fleet.deploy("--data", f"stack={project}").returncode == 0
+    before = {record.name: containers(fleet, record) for record in fleet.hosts}
+    text = (project / "compose.yaml").read_text()
+    (project / "compose.yaml").write_text(text.replace("RERANKER_URL: http://reranker:8080",
+                                                       "RERANKER_URL: http://reranker:8080/"))
+    dry = fleet.deploy("--dry", "--diff", "--data", f"stack={project}")
+    assert dry.returncode == 0, dry.output[-3000:]
+    assert f"[host1] stack {PROJECT}: docs (config); kept: reranker" in dry.output, [
+        line for line in dry.output.splitlines() if f"stack {PROJECT}" in line]
+    assert re.search(r"\[host1\] +\+ +RERANKER_URL: http://reranker:8080/", dry.output)  # the project's own diff
+    run = fleet.deploy("--data", f"stack={project}")
+    assert run.returncode == 0, run.output[-3000:]
+    for record in fleet.hosts:
+        after = containers(fleet, record)
+        assert after["reranker"] == before[record.name]["reranker"] and after["docs"] != before[record.name]["docs"]
