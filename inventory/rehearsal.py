@@ -56,7 +56,7 @@ rehearsal = (
         "stack": "reranker",
         "ml_services": {"reranker": {"ml_env": True, "models": ["RERANKING_MODEL"]}},
         "stack_secrets": [],
-        "http_checks": ["http://127.0.0.1:8080/health", "http://127.0.0.1:8081/app.py"],
+        "http_checks": ["http://{host}:8080/health", "http://{host}:8081/app.py"],
         "health_timeout": 60,
     },
 )

@@ -312,9 +312,10 @@ def _compose_file(value: Any) -> str:
 
 
 def _http_check(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/?&=%+-]*)?",
-                                                     value):
-        raise ValueError("expected http(s) URLs the host itself can ask, such as 'http://127.0.0.1:8181/health'")
+    """A URL the control node asks once a host's services are healthy; `{host}` is that host's address."""
+    if not isinstance(value, str) or not re.fullmatch(
+            r"https?://[A-Za-z0-9.:\[\]_-]+(/[A-Za-z0-9._~/?&=%+-]*)?", value.replace("{host}", "host")):
+        raise ValueError("expected http(s) URLs such as 'http://{host}:8181/health' ({host}: the host's address)")
     return value
 
 

@@ -1,15 +1,14 @@
 #!/bin/sh
-# Bring the compose project up and wait until every service is healthy, then ask each HTTP check.
+# Bring the compose project up and wait until every service is healthy (compose's healthchecks).
 # On failure: every service's state and the failing services' last log lines go to stderr, for
-# people; stdout carries only `failing SERVICE` and `failing-check URL` lines, for the deploy's report (no log line of a
-# service can reach stdout, so none can pose as a record).
-# usage: health_gate.sh COMPOSE_DIR PROJECT TIMEOUT PROFILES URL...   (PROFILES: comma-separated)
+# people; stdout carries only `failing SERVICE` lines, for the deploy's report (no log line of a service can
+# reach stdout, so none can pose as a record).
+# usage: health_gate.sh COMPOSE_DIR PROJECT TIMEOUT PROFILES   (PROFILES: comma-separated)
 set -u
 compose_dir=$1
 project=$2
 timeout=$3
 profiles=$4
-shift 4
 
 compose() {
     # The project's .env names its files and project (COMPOSE_FILE, COMPOSE_PROJECT_NAME), as for a person
@@ -23,15 +22,7 @@ IFS=,
 for profile in $profiles; do PROFILE_ARGS="$PROFILE_ARGS --profile $profile"; done
 IFS=$old_ifs
 
-checks_pass() {
-    retries=$((timeout / 2))
-    [ "$retries" -ge 1 ] || retries=1
-    for url in "$@"; do
-        curl -fsS -o /dev/null --max-time 5 --retry "$retries" --retry-delay 2 --retry-all-errors "$url" || { echo "failing-check $url"; return 1; }
-    done
-}
-
-if compose up -d --wait --wait-timeout "$timeout" --remove-orphans --quiet-pull && checks_pass "$@"; then
+if compose up -d --wait --wait-timeout "$timeout" --remove-orphans --quiet-pull; then
     exit 0
 fi
 echo "stack $project: not healthy within ${timeout}s:" >&2

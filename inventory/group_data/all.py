@@ -84,8 +84,9 @@ stack_env = {}
 stack_secrets = ["SUPABASE_URL", "SUPABASE_SERVICE_KEY"]
 # Compose profiles to enable (e.g. ["agents"] for Archon's agents service).
 stack_profiles = []
-# URLs each host asks (curl) once its services are healthy, e.g. a published port's health route.
-http_checks = ["http://127.0.0.1:8181/health"]
+# URLs the control node asks once a host's services are healthy ({host}: the host's address), e.g. a
+# published port's health route, as a person would check the service.
+http_checks = ["http://{host}:8181/health"]
 # Seconds a host's services get to become healthy after a change.
 health_timeout = 180
 # Registry images (`image:` without `build:`): "pull": each host pulls them as compose does; "ship": the

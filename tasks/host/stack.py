@@ -19,6 +19,8 @@ import os
 import shlex
 import tarfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -312,23 +314,21 @@ def push_project(compose_dir: str, rendered: Rendered):
 
 
 class HealthGate(StringCommand):
-    """`files/host/health_gate.sh`: up, wait for health, ask the HTTP checks. What it finds failing
-    goes to the report; only names of this project's services count."""
+    """`files/host/health_gate.sh`: up, wait for health. What it finds failing goes to the report; only
+    names of this project's services count."""
 
-    def __init__(self, project: str, compose_dir: str, profiles: list[str], timeout: int, checks: list[str],
-                 services: list[str]):
-        super().__init__(program("health_gate.sh", compose_dir, project, timeout, ",".join(profiles), *checks))
-        self.project, self.timeout, self.services, self.checks = project, timeout, services, checks
+    def __init__(self, project: str, compose_dir: str, profiles: list[str], timeout: int, services: list[str]):
+        super().__init__(program("health_gate.sh", compose_dir, project, timeout, ",".join(profiles)))
+        self.project, self.timeout, self.services = project, timeout, services
 
     def execute(self, state, host, connector_arguments):
         status, output = super().execute(state, host, connector_arguments)
         record = report[host.name]
         failing = [line.split(" ", 1)[1] for line in output.stdout_lines if line.startswith("failing ")]
         unhealthy = [name for name in failing if name in self.services]
-        checks = [line.split(" ", 1)[1] for line in output.stdout_lines if line.startswith("failing-check ")]
         if record.stack is not None:
             record.stack.health = "healthy" if status else "unhealthy"
-            record.stack.unhealthy = unhealthy + [f"check {url}" for url in checks if url in self.checks]
+            record.stack.unhealthy = unhealthy
         if not status:
             record.pending = (f"stack {self.project}: not healthy within {self.timeout}s: "
                               + (", ".join(record.stack.unhealthy) if record.stack and record.stack.unhealthy
@@ -336,11 +336,52 @@ class HealthGate(StringCommand):
         return status, output
 
 
+def check_url(template: str, address: str) -> str:
+    """An `http_checks` entry for one host: `{host}` is the address the control node reaches it at."""
+    return template.replace("{host}", f"[{address}]" if ":" in address else address)
+
+
+def ask(url: str, deadline: float) -> str:
+    """'' once URL answers 2xx or 3xx before DEADLINE (asked every 2 s, no proxy), else the last problem."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while True:
+        try:
+            with opener.open(url, timeout=5) as response:
+                if response.status < 400:
+                    return ""
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as error:
+            problem = f"HTTP {error.code}"
+        except (OSError, ValueError) as error:
+            problem = str(getattr(error, "reason", None) or error)
+        if time.monotonic() + 2 > deadline:
+            return problem
+        time.sleep(2)
+
+
+def _checks_pass(state, host, project: str, templates: list[str], timeout: int) -> bool:
+    """The `http_checks`, made by the control node against the host, as a person would check the service."""
+    address = host.data.get("ssh_hostname") or host.name
+    deadline = time.monotonic() + timeout
+    failing = [f"check {url}: {problem}" for url in (check_url(template, address) for template in templates)
+               if (problem := ask(url, deadline))]
+    record = report[host.name]
+    if not failing:
+        return True
+    if record.stack is not None:
+        record.stack.health = "unhealthy"
+        record.stack.unhealthy = failing
+    return failed(host, f"stack {project}: " + ", ".join(failing))
+
+
 @operation(is_idempotent=False)
 def converge_stack(project: str, compose_dir: str, profiles: list[str], timeout: int, checks: list[str],
                    services: list[str]):
-    """Compose recreates exactly the services whose config hash changed; then the health gate."""
-    yield HealthGate(project, compose_dir, profiles, timeout, checks, services)
+    """Compose recreates exactly the services whose config hash changed; then the health gate: compose's
+    healthchecks on the host, then the HTTP checks from the control node."""
+    yield HealthGate(project, compose_dir, profiles, timeout, services)
+    if checks:
+        yield FunctionCommand(_checks_pass, (project, checks, timeout), {})
 
 
 def _diff(old: str | None, new: str, name: str) -> list[str]:

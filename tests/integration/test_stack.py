@@ -401,3 +401,18 @@ def test_editing_one_service_recreates_only_it(fleet, tmp_path):
     for record in fleet.hosts:
         after = containers(fleet, record)
         assert after["reranker"] == before[record.name]["reranker"] and after["docs"] != before[record.name]["docs"]
+
+
+def test_an_http_check_the_control_node_makes_fails_the_host_with_what_it_got(fleet):
+    assert fleet.deploy().returncode == 0
+    checks = json.dumps(["http://{host}:8080/health", "http://{host}:8081/no-such-page"])
+    run = fleet.deploy("--data", f"http_checks={checks}", "--data", "health_timeout=6",
+                       "--data", 'stack_env={"MLSTACK_API_KEY": "check"}')  # a change, so the gate runs
+    assert run.returncode != 0
+    for record in fleet.hosts:
+        report = run.report[record.name]
+        assert report["result"] == "failed"
+        assert report["failure"]["message"] == (f"stack {PROJECT}: check http://{record.ip}:8081/no-such-page: "
+                                                 "HTTP 404")
+        assert report["stack"]["unhealthy"] == [f"check http://{record.ip}:8081/no-such-page: HTTP 404"]
+    assert fleet.deploy().returncode == 0  # the shipped checks pass

@@ -549,3 +549,14 @@ def test_service_gpus_are_checked_against_the_stack_and_their_shape():
         (problem,) = problems_for(service_gpus=bad)
         assert problem.startswith("gpu-01: service_gpus = ") and problem.endswith(
             "expected 'all', a number of GPUs from 1 to 64, or a list of distinct GPU indices such as [0, 1]"), problem
+
+
+@pytest.mark.parametrize("url", ["http://{host}:8181/health", "https://lb.corp/api/health?deep=1", "http://[::1]:80/"])
+def test_http_checks_are_urls_with_the_host_as_a_placeholder(url):
+    assert problems_for(http_checks=[url]) == []
+
+
+@pytest.mark.parametrize("url", ["{host}:8181/health", "http://{host}:8181/$(id)", "ftp://{host}/", "http://{hots}/"])
+def test_http_checks_refuse_what_is_not_an_http_url(url):
+    (problem,) = problems_for(http_checks=[url])
+    assert problem.endswith("expected http(s) URLs such as 'http://{host}:8181/health' ({host}: the host's address)")

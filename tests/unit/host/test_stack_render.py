@@ -18,6 +18,7 @@ from tasks.host.stack import (
     ContainerState,
     ServiceImage,
     StackState,
+    check_url,
     dotenv_line,
     escape,
     masked_env_diff,
@@ -210,3 +211,9 @@ def test_a_service_using_an_environment_secret_reads_its_variable(tmp_path):
     project = ComposeProject.load(str(tmp_path))
     assert project.reads("api") == {"LEVEL": True, "API_KEY": False}
     assert project.reads("web") == {}
+
+
+def test_a_check_url_gets_the_host_address_ipv6_in_brackets():
+    assert check_url("http://{host}:8080/health", "10.0.0.5") == "http://10.0.0.5:8080/health"
+    assert check_url("http://{host}:8080/health", "fd00::5") == "http://[fd00::5]:8080/health"
+    assert check_url("https://lb.corp/health", "10.0.0.5") == "https://lb.corp/health"
