@@ -302,6 +302,20 @@ def test_the_archon_project_passes_compose_config_on_a_host_with_the_additions_o
     fleet.ssh(record, f"rm -rf {target}")
 
 
+def test_the_archon_project_passes_the_dry_run_on_the_fleet(fleet):
+    dry = fleet.deploy("--dry", "--diff", "--data", "stack=archon", "--data", "service_gpus={}",
+                       "--data", json.dumps({"archon-server": {"models": ["RERANKING_MODEL"]}}).join(
+                           ("ml_services=", "")),
+                       "--data", "http_checks=[]", "--data", 'stack_secrets=["SUPABASE_URL", "SUPABASE_SERVICE_KEY"]',
+                       env={"SUPABASE_URL": "https://x.supabase.co", "SUPABASE_SERVICE_KEY": "k3y"})
+    assert dry.returncode == 0, dry.output[-3000:]
+    assert re.search(r"\[host1\] stack archon: image archon:[0-9a-f]{16} \(to build once, then send\)", dry.output)
+    assert ("[host1] stack archon: archon-frontend (not running), archon-mcp (not running), "
+            "archon-server (not running)") in dry.output  # archon-agents: only with the agents profile
+    assert "+ SUPABASE_SERVICE_KEY=***" in dry.output and "k3y" not in dry.output
+    assert "+      source: /srv/mlstack/ml-env/envs/env-" in dry.output  # the override's diff: the env mount
+
+
 def registry_requests(fleet) -> list[str]:
     """The fleet registry's access log: one `ADDRESS METHOD PATH` per request."""
     log = (fleet.fleet.dir / "registry.log").read_text()
