@@ -141,8 +141,7 @@ class Rendered:
     labels: dict = field(hash=False, default_factory=dict)  # service -> the mlstack.* labels it carries
 
 
-def compose_values(project: ComposeProject, config: HostConfig, base: BaseImage,
-                   secrets: dict[str, str]) -> dict[str, str]:
+def compose_values(config: HostConfig, base: BaseImage, secrets: dict[str, str]) -> dict[str, str]:
     """What compose interpolates the project with: the runtime base image ref, stack_env, the secrets."""
     return {BASE_IMAGE_VARIABLE: base.ref, **config.stack_env, **secrets}
 
@@ -162,7 +161,7 @@ class ServiceImage:
 
 def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots: list[Snapshot],
            images: dict[str, ServiceImage], gpus: list[Gpu], secrets: dict[str, str]) -> Rendered:
-    values = compose_values(project, config, env.base, secrets)
+    values = compose_values(config, env.base, secrets)
     dotenv_values = {"COMPOSE_FILE": ":".join((*project.files, OVERRIDE)), "COMPOSE_PROJECT_NAME": project.name,
                      **values}
     dotenv = "".join(dotenv_line(key, value) + "\n" for key, value in dotenv_values.items())
@@ -435,7 +434,7 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     services = project.active(config.stack_profiles)
     secrets = control_secrets(config)
     try:
-        values = tuple(sorted(compose_values(project, config, env.base, secrets).items()))
+        values = tuple(sorted(compose_values(config, env.base, secrets).items()))
         images, makers = service_images(project, resolved_config(project, values), config, env.base)
         rendered = render(project, config, env, snapshots, images, gpus, secrets)
     except (StackError, BuilderError, GpuRequestError) as error:
