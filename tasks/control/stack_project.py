@@ -35,6 +35,7 @@ BASE_IMAGE_VARIABLE = "MLSTACK_BASE_IMAGE"  # the runtime image the env is built
 # `${NAME}`, `${NAME:-default}`, `${NAME?error}`, ..., or `$NAME`; `$$` is a literal dollar.
 VARIABLE = re.compile(r"\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<modifier>:?[-?+])?"
                       r"|\$(?P<plain>[A-Za-z_][A-Za-z0-9_]*)")
+SHIPPABLE = re.compile(r"[^\s\\\x00-\x1f\x7f](?:[^\\\x00-\x1f\x7f]*[^\s\\\x00-\x1f\x7f])?")  # one path per line
 SKIPPED = {".git", "__pycache__", ".mypy_cache", ".pytest_cache", ".venv", "node_modules"}
 
 
@@ -110,13 +111,18 @@ class ComposeProject:
         return builds
 
     def files_to_ship(self) -> dict[str, bytes]:
-        """Every file of the project directory, by relative path: the hosts get the project as it is."""
+        """Every file of the project directory, by relative path: the hosts get the project as it is
+        (symbolic links and tool caches such as .git or __pycache__ excepted)."""
         found = {}
         for path in sorted(self.directory.rglob("*")):
             relative = path.relative_to(self.directory)
             if SKIPPED & set(relative.parts) or not path.is_file() or path.is_symlink():
                 continue
-            found[relative.as_posix()] = path.read_bytes()
+            name = relative.as_posix()
+            if not SHIPPABLE.fullmatch(name):
+                raise StackError(f"stack {str(self.directory)!r}: the file name {name!r} cannot be shipped (control "
+                                 "characters, a backslash, or spaces at either end): rename it")
+            found[name] = path.read_bytes()
         return found
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.control.stack_project import Build, context_files, ignore_rules, ignored
+from tasks.control.stack_project import Build, ComposeProject, StackError, context_files, ignore_rules, ignored
 
 RULES = "compose.yaml\n**/__pycache__\n*.md\n!README.md\nsecrets/\n/build\ndocs/**/*.txt\n# a comment\n\n"
 
@@ -32,3 +32,11 @@ def test_the_context_leaves_out_what_dockerignore_names_but_never_the_dockerfile
 def test_the_reranker_image_does_not_depend_on_its_compose_file():
     reranker = Path(__file__).parents[3] / "files/stacks/reranker"
     assert "compose.yaml" not in context_files(Build("reranker", reranker, "Dockerfile.server", {}, None, None))
+
+
+def test_a_project_file_whose_name_cannot_travel_one_per_line_is_refused(tmp_path):
+    (tmp_path / "compose.yaml").write_text("services:\n  a: {image: x}\n")
+    (tmp_path / "notes\nrm -rf").write_text("")
+    project = ComposeProject.load(str(tmp_path))
+    with pytest.raises(StackError, match=r"the file name 'notes\\nrm -rf' cannot be shipped"):
+        project.files_to_ship()
