@@ -64,12 +64,12 @@ def probe_part() -> ProbePart:
     return ProbePart("gpus", GpuFact)
 
 
-def report_gpus(state: GpuState) -> list[Gpu]:
+def report_gpus(state: GpuState) -> GpuState:
     """The host's GPUs, recorded in this host's report."""
     record = report[host.name]
     record.gpus = [asdict(gpu) for gpu in state.gpus]
     record.docker_gpus = state.docker_gpus
-    return list(state.gpus)
+    return state
 
 
 def device_reservation(gpus: list[Gpu]) -> dict | None:

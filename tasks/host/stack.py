@@ -49,7 +49,7 @@ from tasks.control.stack_project import (
 )
 from tasks.host.failure import HostProblem, failed, step
 from tasks.host.gpu_checks import Gpu, GpuRequestError, assign_gpus
-from tasks.host.gpus import device_reservation
+from tasks.host.gpus import GpuState, device_reservation
 from tasks.host.ml_env import EnvPlan
 from tasks.host.probe import ProbePart
 from tasks.host.programs import program
@@ -427,11 +427,16 @@ def service_images(project: ComposeProject, resolved: dict, config: HostConfig, 
 
 @step("Stack")
 def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], state: StackState,
-             gpus: list[Gpu]) -> StackPlan | None:
+             host_gpus: GpuState) -> StackPlan | None:
     if env is None:
         return None  # the host failed its ML env check; it is reported there
     project = project_of(config)
     services = project.active(config.stack_profiles)
+    gpus = list(host_gpus.gpus)
+    if gpus and host_gpus.docker_gpus == "cdi" and set(config.service_gpus) & set(services):
+        raise HostProblem("service_gpus: this host's docker gives containers GPUs through CDI only, and compose "
+                          "reservations here name the nvidia runtime: run `nvidia-ctk runtime configure "
+                          "--runtime=docker` on it (CDI reservations are not supported yet)")
     secrets = control_secrets(config)
     try:
         values = tuple(sorted(compose_values(config, env.base, secrets).items()))

@@ -132,3 +132,23 @@ def test_a_service_asking_for_more_gpus_than_a_host_has_fails_that_host_before_i
     assert message(run, gpu_host) == "service_gpus.reranker = 2: this host has 1 GPU(s)"
     assert message(run, cpu_host) == "service_gpus.reranker = 2: this host has 0 GPU(s)"
     assert after == before  # the .env change was planned, and not made
+
+
+def test_a_cdi_only_host_with_a_service_given_gpus_fails_before_the_stack_changes(fleet, cache, on_first_env):
+    gpu_host, cpu_host = fleet.hosts
+    # No container toolkit hook, and a CDI spec for nvidia.com/gpu in the host's own /run (a fixture too).
+    fleet.ssh(gpu_host, "mkdir -p /run/cdi && printf 'cdiVersion: 0.5.0\\nkind: nvidia.com/gpu\\n' "
+                        "> /run/cdi/nvidia.yaml")
+    try:
+        with fleet.gpu_shaped(gpu_host, [H100], hook=False):
+            before = listing(fleet, gpu_host, "/srv/mlstack")
+            run = deploy(fleet, cache, f"stack_env={json.dumps({'CHANGED': '2'})}")
+            after = listing(fleet, gpu_host, "/srv/mlstack")
+    finally:
+        fleet.ssh(gpu_host, "rm -r /run/cdi")
+    assert run.returncode != 0
+    assert run.report[gpu_host.name]["docker_gpus"] == "cdi"
+    assert message(run, gpu_host).startswith("service_gpus: this host's docker gives containers GPUs through CDI "
+                                             "only"), message(run, gpu_host)
+    assert after == before
+    assert run.report[cpu_host.name]["result"] == "ok"
