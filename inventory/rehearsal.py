@@ -6,7 +6,7 @@ ordinary user and uses sudo, as on fleets where root cannot log in.
 
 import os
 
-from rehearsal import hub
+from rehearsal import hub, registry
 from rehearsal.baseimage import CACHE_DIR, IMAGE_NAME
 from rehearsal.fleet import SUDO_USER, Fleet
 
@@ -18,6 +18,8 @@ if not _records:
     raise SystemExit(f"rehearsal fleet {fleet.name!r} is not up: run `make fleet-up` (or `make fleet-up N=3`) first")
 
 _commits = hub.ensure_repos()
+# The fleet registry's login, from the environment as a real one would be (rehearsal/registry.py).
+os.environ.setdefault("MLSTACK_REGISTRY_PASSWORD", registry.password(fleet.dir))
 login = os.environ.get("MLSTACK_FLEET_USER", "root")
 if login not in ("root", SUDO_USER):
     raise SystemExit(f"MLSTACK_FLEET_USER={login!r}: expected 'root' or {SUDO_USER!r}")
@@ -57,6 +59,7 @@ rehearsal = (
         "ml_services": {"reranker": {"ml_env": True, "models": ["RERANKING_MODEL"]}},
         "stack_secrets": [],
         "http_checks": ["http://{host}:8080/health", "http://{host}:8081/app.py"],
+        "registry_credentials": {registry.address_of(fleet.gateway): f"{registry.USER}:${{MLSTACK_REGISTRY_PASSWORD}}"},
         "health_timeout": 60,
     },
 )

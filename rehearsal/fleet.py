@@ -188,8 +188,8 @@ class Fleet:
             services["registry"] = ServiceRecord("registry", f"http://{registry.address_of(self.gateway)}",
                                                  process.pid, process_starttime(process.pid))
             self.save(records, services)
-        if not registry.has_tools(self.gateway):
-            registry.seed(self.gateway, self.host_dir(records[0].name) / "docker.sock", IMAGE_NAME)
+        if not registry.has_tools(self.gateway, self.dir):
+            registry.seed(self.gateway, self.dir, self.host_dir(records[0].name) / "docker.sock", IMAGE_NAME)
         if not _running(services, "hub"):
             try:
                 process = hub.start(self.gateway, self.dir, hub.ensure_repos())

@@ -382,6 +382,25 @@ Patterns = Annotated[Optional[tuple[str, ...]], BeforeValidator(_patterns)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
+def _registry_credentials(value: Any) -> dict[str, str]:
+    """Registry host[:port] -> `USER:${PASSWORD_VAR}` (the user may be a `${VAR}` too): the password is
+    read from the control node's environment, never written in the inventory."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of registry host[:port] -> 'user:${PASSWORD_VAR}'")
+    for registry, credentials in value.items():
+        if not (isinstance(registry, str) and re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", registry)):
+            raise ValueError(f"{registry!r}: expected a registry host[:port] such as 'registry.corp:5000'")
+        if not (isinstance(credentials, str)
+                and re.fullmatch(r"(\$\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z0-9._@-]+):\$\{[A-Za-z_][A-Za-z0-9_]*\}",
+                                 credentials)):
+            raise ValueError(f"{registry}: expected 'user:${{PASSWORD_VAR}}', the password from the control "
+                             "node's environment")
+        unset = [name for name in secrets.references(credentials) if name not in os.environ]
+        if unset:
+            raise ValueError(f"{registry}: expected ${{{unset[0]}}} to be set in the control node's environment")
+    return value
+
+
 class MlService(BaseModel):
     """One entry of `ml_services`: what the deploy adds to that compose service."""
 
@@ -465,6 +484,7 @@ class HostConfig(BaseModel):
     ml_services: dict[str, MlService]
     http_checks: Annotated[list[str], BeforeValidator(_list_of(_http_check))]
     image_source: Annotated[str, BeforeValidator(_choice("pull", "ship"))]
+    registry_credentials: Annotated[dict[str, str], BeforeValidator(_registry_credentials)]
     stack_env: Annotated[dict[str, str], BeforeValidator(_env_map)]
     stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_dotenv_name))]
     stack_profiles: Annotated[list[str], BeforeValidator(_list_of(_env_name_or_profile))]

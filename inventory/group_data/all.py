@@ -92,6 +92,9 @@ health_timeout = 180
 # Registry images (`image:` without `build:`): "pull": each host pulls them as compose does; "ship": the
 # builder pulls each once and the deploy sends it to the hosts that lack that image id (air-gapped fleets).
 image_source = "pull"
+# Logins for those registries (host[:port] -> "user:${PASSWORD_VAR}"), the password read from the control
+# node's environment: given to the builder's pulls and, for one `docker compose pull`, to the hosts.
+registry_credentials = {}
 # Where the control node keeps built server images (docker save archives, one per image key).
 image_cache_dir = "~/.cache/mlstack/images"
 # Rollout (`python -m tasks.fleet.rollout`): canary hosts first, then batches (a count or "25%"),

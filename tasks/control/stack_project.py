@@ -9,6 +9,7 @@ reach the hosts byte for byte; what the deploy adds lives in `compose.mlstack.ym
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
 
+from tasks import secrets
 from tasks.config import FILES
 from tasks.control.builder import BaseImage, builder_engine, describe, require_base, tar_of
 from tasks.control.caches import atomic_file
@@ -187,11 +189,38 @@ class PulledImage:
     size: int  # bytes, unpacked
 
 
-def pull_on_builder(reference: str, builder: str) -> PulledImage:
+def registry_of(reference: str) -> str:
+    """The registry an image reference names, as docker reads it: its first component when that has a dot,
+    a port or is localhost, else Docker Hub."""
+    first, slash, _ = reference.partition("/")
+    return first if slash and ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def login(credentials: dict[str, str], registry: str) -> dict[str, str] | None:
+    """The user and password `registry_credentials` give REGISTRY, expanded from the control node's
+    environment, or None. Only for the engine's API and the host's one pull: never shown."""
+    if registry not in credentials:
+        return None
+    user, _, password = secrets.expand(credentials[registry]).partition(":")
+    return {"username": user, "password": password}
+
+
+def docker_config(credentials: dict[str, str], registries: list[str]) -> bytes:
+    """A docker `config.json` with the logins of REGISTRIES, for DOCKER_CONFIG."""
+    auths = {}
+    for registry in registries:
+        account = login(credentials, registry)
+        if account:
+            token = base64.b64encode(f"{account['username']}:{account['password']}".encode()).decode()
+            auths[registry] = {"auth": token}
+    return json.dumps({"auths": auths}).encode()
+
+
+def pull_on_builder(reference: str, builder: str, credentials: dict[str, str]) -> PulledImage:
     """Pull REFERENCE once for the fleet on the builder (the hosts may have no way to the registry)."""
     with builder_engine(builder, f"pulling {reference} failed") as client:
         print(f"image {reference}: pulling on {describe(builder)}", file=sys.stderr, flush=True)
-        image = client.images.pull(reference)
+        image = client.images.pull(reference, auth_config=login(credentials, registry_of(reference)))
         return PulledImage(reference, image.id, int(image.attrs.get("Size") or 0))
 
 

@@ -40,10 +40,12 @@ from tasks.control.stack_project import (
     ComposeProject,
     StackError,
     build_and_save,
+    docker_config,
     image_tag,
     project_of,
     pull_on_builder,
     registry_images,
+    registry_of,
     resolved_config,
     save_pulled,
 )
@@ -288,6 +290,15 @@ def ship_image(reference: str, make_archive, archive: Path, compose_dir: str):
         f"&& docker load -q -i {q(incoming)} && rm -f {q(incoming)}"))
 
 
+@operation(is_idempotent=False)
+def pull_with_credentials(compose_dir: str, profiles: list[str], services: list[str], registries: list[str],
+                          credentials: dict[str, str]):
+    """`docker compose pull` of SERVICES on the host, with the logins of REGISTRIES streamed to it on stdin
+    (`files/host/pull_images.sh`): before `up`, which would pull without them."""
+    yield StreamedUpload(docker_config(credentials, registries), "registry credentials", compose_dir,
+                         receiver=program("pull_images.sh", compose_dir, ",".join(profiles), *services))
+
+
 def project_tar(rendered: Rendered) -> bytes:
     """The project's files, the override, .env and the two records: modes set here, owners root's."""
     buffer = io.BytesIO()
@@ -418,8 +429,8 @@ def service_images(project: ComposeProject, resolved: dict, config: HostConfig, 
         if config.image_source == "pull":
             images[service] = ServiceImage(reference, source="pull")
             continue
-        pulled = once(("pull", reference), lambda reference=reference: pull_on_builder(reference,
-                                                                                         config.ml_env_builder))
+        pulled = once(("pull", reference), lambda reference=reference: pull_on_builder(
+            reference, config.ml_env_builder, config.registry_credentials))
         images[service] = image = ServiceImage(reference, pulled.id, "ship")
         makers[reference] = partial(save_pulled, pulled, config.ml_env_builder, archive_of(config, image))
     return images, makers
@@ -483,6 +494,14 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     if plan.push:
         push_project(name=f"Compose project {project.name}", compose_dir=config.compose_project_dir,
                      rendered=rendered)
+    pulling = {name: image for name, image in images.items() if image.source == "pull" and name in services
+               and lacks(state, image) and registry_of(image.reference) in config.registry_credentials}
+    if pulling and plan.converge:
+        pull_with_credentials(name=f"Pull with registry logins: {', '.join(sorted(pulling))}",
+                              compose_dir=config.compose_project_dir, profiles=config.stack_profiles,
+                              services=sorted(pulling),
+                              registries=sorted({registry_of(image.reference) for image in pulling.values()}),
+                              credentials=config.registry_credentials)
     if plan.converge:
         converge_stack(name=f"Up and healthy: {project.name}", project=project.name,
                        compose_dir=config.compose_project_dir, profiles=config.stack_profiles,

@@ -55,10 +55,10 @@ class StreamedUpload(PyinfraCommand):
     by `files/host/receive_file.sh` as uid:gid (see `as_owner`); then THEN runs there (checks, a rename)."""
 
     def __init__(self, source: Path | bytes, label: str, dest: str, owner: tuple[int, int] = (0, 0),
-                 mode: int = 0o600, then: str = ""):
+                 mode: int = 0o600, then: str = "", receiver: str = ""):
         super().__init__()
         self.source, self.label, self.dest = source, label, dest
-        receive = program("receive_file.sh", dest, f"{mode:04o}")
+        receive = receiver or program("receive_file.sh", dest, f"{mode:04o}")  # RECEIVER: another reader of stdin
         self.receive = as_owner(*owner, f"{receive} && {then}" if then else receive)
 
     def __repr__(self):  # op hashes and logs: never the data (bytes may be a .env)

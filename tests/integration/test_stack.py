@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_secrets import ArgvWatch
 
 from rehearsal import hub, registry
 
@@ -323,8 +324,8 @@ def registry_requests(fleet) -> list[str]:
 
 
 def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_path):
-    """The fleet's own registry (Debian's docker-registry on the control node's bridge address) holds
-    rehearsal/tools:1; a service of the project runs it."""
+    """The fleet's own registry (Debian's docker-registry on the control node's bridge address, with a login)
+    holds rehearsal/tools:1; a service of the project runs it."""
     reference = registry.tools_reference(fleet.fleet.gateway)
     project = tmp_path / "with-tools"
     shutil.copytree(RERANKER, project)
@@ -343,9 +344,15 @@ def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_p
 
     forget_tools()
     seen = len(registry_requests(fleet))
-    pulled = fleet.deploy("--data", f"stack={project}")
+    password = registry.password(fleet.fleet.dir)
+    with ArgvWatch([password]) as watch:
+        pulled = fleet.deploy("--data", f"stack={project}", "-vvv")
     assert pulled.returncode == 0, pulled.output[-3000:]
     assert f"image {reference} (the host pulls it)" in pulled.output
+    assert "Pull with registry logins: tools" in pulled.output
+    assert password not in pulled.output + str(pulled.payload) and watch.hits == []
+    for record in hosts:  # the login lived only for the pull
+        assert fleet.ssh(record, "ls /root/.docker/config.json /run/mlstack-pull.* 2>&1 | grep -c 'No such'") == "2\n"
     manifests = {line.split()[0] for line in registry_requests(fleet)[seen:] if "/manifests/1" in line}
     assert manifests == {record.ip for record in hosts}  # each host asked the registry itself
     ids = {tools_image(record) for record in hosts}
