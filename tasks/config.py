@@ -534,6 +534,8 @@ def _shown(value: Any) -> str:
 
 
 def _problem(host_name: str, key: str, value: Any, expected: str) -> str:
+    if "cred" in key and isinstance(value, dict):  # registry_credentials, or a typo of it: never a password
+        value = {registry: f"{str(login).partition(':')[0]}:***" for registry, login in value.items()}
     shown = _shown(value)
     return f"{host_name}: {key} = {shown}: {expected}"
 

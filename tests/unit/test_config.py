@@ -560,3 +560,14 @@ def test_http_checks_are_urls_with_the_host_as_a_placeholder(url):
 def test_http_checks_refuse_what_is_not_an_http_url(url):
     (problem,) = problems_for(http_checks=[url])
     assert problem.endswith("expected http(s) URLs such as 'http://{host}:8181/health' ({host}: the host's address)")
+
+
+def test_registry_credentials_take_the_password_from_the_environment_only(monkeypatch):
+    monkeypatch.setenv("REG_PW", "x")
+    assert problems_for(registry_credentials={"registry.corp:5000": "ci:${REG_PW}"}) == []
+    assert problems_for(registry_credentials={"registry.corp:5000": "${REG_PW}:${REG_PW}"}) == []
+    for bad, expected in [({"registry.corp": "ci:hunter2"}, "expected 'user:${PASSWORD_VAR}'"),
+                          ({"registry.corp": "ci:${NOT_SET_ANYWHERE}"}, "expected ${NOT_SET_ANYWHERE} to be set"),
+                          ({"https://registry.corp": "ci:${REG_PW}"}, "expected a registry host[:port]")]:
+        (problem,) = problems_for(registry_credentials=bad)
+        assert expected in problem and "hunter2" not in problem, problem

@@ -1,10 +1,21 @@
 """The control side of the compose project: build contexts as docker sends them (`.dockerignore`)."""
 
+import base64
+import json
 from pathlib import Path
 
 import pytest
 
-from tasks.control.stack_project import Build, ComposeProject, StackError, context_files, ignore_rules, ignored
+from tasks.control.stack_project import (
+    Build,
+    ComposeProject,
+    StackError,
+    context_files,
+    docker_config,
+    ignore_rules,
+    ignored,
+    registry_of,
+)
 
 RULES = "compose.yaml\n**/__pycache__\n*.md\n!README.md\nsecrets/\n/build\ndocs/**/*.txt\n# a comment\n\n"
 
@@ -40,3 +51,18 @@ def test_a_project_file_whose_name_cannot_travel_one_per_line_is_refused(tmp_pat
     project = ComposeProject.load(str(tmp_path))
     with pytest.raises(StackError, match=r"the file name 'notes\\nrm -rf' cannot be shipped"):
         project.files_to_ship()
+
+
+@pytest.mark.parametrize(("reference", "registry"), [
+    ("registry.corp:5000/team/api:1", "registry.corp:5000"), ("ghcr.io/org/x", "ghcr.io"),
+    ("localhost/x:1", "localhost"), ("nginx:1.27", "docker.io"), ("library/nginx", "docker.io"),
+])
+def test_the_registry_of_a_reference_as_docker_reads_it(reference, registry):
+    assert registry_of(reference) == registry
+
+
+def test_a_docker_config_holds_the_logins_of_the_registries_asked_for(monkeypatch):
+    monkeypatch.setenv("REG_PW", "s3cret:with-colon")
+    credentials = {"registry.corp:5000": "ci:${REG_PW}", "other.corp": "x:${REG_PW}"}
+    config = json.loads(docker_config(credentials, ["registry.corp:5000", "unknown.corp"]))
+    assert config == {"auths": {"registry.corp:5000": {"auth": base64.b64encode(b"ci:s3cret:with-colon").decode()}}}
