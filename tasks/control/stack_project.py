@@ -114,18 +114,32 @@ class ComposeProject:
 
     def files_to_ship(self) -> dict[str, bytes]:
         """Every file of the project directory, by relative path: the hosts get the project as it is
-        (symbolic links and tool caches such as .git or __pycache__ excepted)."""
-        found = {}
-        for path in sorted(self.directory.rglob("*")):
-            relative = path.relative_to(self.directory)
-            if SKIPPED & set(relative.parts) or not path.is_file() or path.is_symlink():
-                continue
-            name = relative.as_posix()
-            if not SHIPPABLE.fullmatch(name):
-                raise StackError(f"stack {str(self.directory)!r}: the file name {name!r} cannot be shipped (control "
-                                 "characters, a backslash, or spaces at either end): rename it")
-            found[name] = path.read_bytes()
-        return found
+        (symbolic links and tool caches such as .git or __pycache__ excepted). Read once per deploy."""
+        return _project_files(self.directory)
+
+    def file_hashes(self) -> dict[str, str]:
+        """sha256 of each of `files_to_ship`, computed once per deploy."""
+        return _project_hashes(self.directory)
+
+
+@cache
+def _project_files(directory: Path) -> dict[str, bytes]:
+    found = {}
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory)
+        if SKIPPED & set(relative.parts) or not path.is_file() or path.is_symlink():
+            continue
+        name = relative.as_posix()
+        if not SHIPPABLE.fullmatch(name):
+            raise StackError(f"stack {str(directory)!r}: the file name {name!r} cannot be shipped (control "
+                             "characters, a backslash, or spaces at either end): rename it")
+        found[name] = path.read_bytes()
+    return found
+
+
+@cache
+def _project_hashes(directory: Path) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in _project_files(directory).items()}
 
 
 def project_of(config) -> ComposeProject:
