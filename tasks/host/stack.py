@@ -155,6 +155,7 @@ class ServiceImage:
     reference: str  # a built image's tag, or the registry reference
     id: str = ""  # the image id hosts must have; "" where the tag names it (built) or the host pulls it
     source: str = "build"  # "build": built once, shipped; "ship": pulled once, shipped; "pull": the host pulls
+    size: int = 0  # bytes unpacked, where known before the archive exists (a pulled image)
 
     @property
     def label(self) -> str:
@@ -432,7 +433,7 @@ def service_images(project: ComposeProject, resolved: dict, config: HostConfig, 
             continue
         pulled = once(("pull", reference), lambda reference=reference: pull_on_builder(
             reference, config.ml_env_builder, config.registry_credentials))
-        images[service] = image = ServiceImage(reference, pulled.id, "ship")
+        images[service] = image = ServiceImage(reference, pulled.id, "ship", pulled.size)
         makers[reference] = partial(save_pulled, pulled, config.ml_env_builder, archive_of(config, image))
     return images, makers
 
@@ -472,8 +473,10 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     by_reference = {image.reference: image for image in images.values()}
     for reference in plan.send_images:
         archive = archive_of(config, by_reference[reference])
+        image = by_reference[reference]
         size = (f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists()
-                else f"to {by_reference[reference].source} once, then send")
+                else f"{image.size / 1e6:.1f} MB unpacked, to save once, then send" if image.size
+                else "to build once, then send")
         host.log(f"stack {project.name}: image {reference} ({size})")
     for reference in sorted({image.reference for name, image in images.items()
                              if image.source == "pull" and name in services and image.reference not in state.images}):

@@ -363,7 +363,8 @@ def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_p
     shipped = fleet.deploy("--data", f"stack={project}", "--data", "image_source=ship")
     assert shipped.returncode == 0, shipped.output[-3000:]
     for record in hosts:
-        assert re.search(rf"\[{record.name}\] stack {PROJECT}: image {re.escape(reference)} \(", shipped.output)
+        assert re.search(rf"\[{record.name}\] stack {PROJECT}: image {re.escape(reference)} "
+                         r"\(\d+\.\d MB (to send|unpacked, to save once, then send)\)", shipped.output)
         assert tools_image(record) in ids  # the very image id the registry holds
     builder = hosts[0].ip  # the rehearsal's ml_env_builder is the first host's engine
     assert {line.split()[0] for line in registry_requests(fleet)[seen:]} == {builder}  # only the builder pulled
