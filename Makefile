@@ -7,7 +7,7 @@ N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test lint test-unit test-slow fleet-up fleet-down fleet-status bench prereqs venv
+.PHONY: rehearse test lint test-unit test-slow fleet-up fleet-down fleet-status bench bench-transfer prereqs venv
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
@@ -38,6 +38,9 @@ fleet-status: venv
 
 bench: prereqs venv  ## printed tables, not tests
 	$(PY) -m bench.fleet
+
+bench-transfer: prereqs venv  ## one 500 MB upload: the deploy's path against OpenSSH's cat
+	$(PY) -m bench.transfer
 
 ## Set-up
 prereqs:  ## apt packages and the compose v2 plugin (idempotent, asks no registry when all is there)

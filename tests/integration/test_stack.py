@@ -314,7 +314,8 @@ def test_the_archon_project_passes_the_dry_run_on_the_fleet(fleet):
     assert ("[host1] stack archon: archon-frontend (not running), archon-mcp (not running), "
             "archon-server (not running)") in dry.output  # archon-agents: only with the agents profile
     assert "+ SUPABASE_SERVICE_KEY=***" in dry.output and "k3y" not in dry.output
-    assert "+      source: /srv/mlstack/ml-env/envs/env-" in dry.output  # the override's diff: the env mount
+    assert re.search(r"\[host1\] +\+\+\+ compose.mlstack.yml \(new\)", dry.output)  # the override's diff
+    assert re.search(r"\[host1\] +\+  archon-server:", dry.output)
 
 
 def registry_requests(fleet) -> list[str]:
