@@ -43,10 +43,10 @@ def by_openssh(fleet: Fleet, record: HostRecord, source: Path) -> None:
         subprocess.run([*fleet.ssh_argv(record), f"cat > {DEST}"], stdin=data, check=True)
 
 
-def by_exec_channel(fleet: Fleet, record: HostRecord, source: Path) -> None:
+def by_exec_channel(fleet: Fleet, record: HostRecord, source: Path, window: int | None = None) -> None:
     client = connect(fleet, record)
     try:
-        channel = client.get_transport().open_session()
+        channel = client.get_transport().open_session(**({"window_size": window} if window else {}))
         channel.exec_command(program("receive_file.sh", DEST, "0600"))
         with source.open("rb") as data:
             while chunk := data.read(CHUNK):
@@ -71,6 +71,8 @@ METHODS: dict[str, Callable[[Fleet, HostRecord, Path], None]] = {
     "ssh 'cat > file' (OpenSSH, the floor)": by_openssh,
     "exec channel + receive_file.sh (the deploy's uploads)": by_exec_channel,
     "paramiko SFTP put (reference)": by_sftp,
+    "exec channel, 64 MiB window (a candidate)": lambda fleet, record, source: by_exec_channel(
+        fleet, record, source, window=64 * 2**20),
 }
 
 
