@@ -13,14 +13,8 @@ profiles=$4
 compose() {
     # The project's .env names its files and project (COMPOSE_FILE, COMPOSE_PROJECT_NAME), as for a person
     # running `docker compose` in that directory.
-    # shellcheck disable=SC2086  # PROFILE_ARGS is a list of words built below from validated names
-    (cd "$compose_dir" && docker compose $PROFILE_ARGS "$@")
+    (cd "$compose_dir" && COMPOSE_PROFILES=$profiles docker compose "$@")
 }
-PROFILE_ARGS=""
-old_ifs=$IFS
-IFS=,
-for profile in $profiles; do PROFILE_ARGS="$PROFILE_ARGS --profile $profile"; done
-IFS=$old_ifs
 
 if compose up -d --wait --wait-timeout "$timeout" --remove-orphans --quiet-pull; then
     exit 0

@@ -72,7 +72,7 @@ hf_control_cache_dir = "~/.cache/mlstack/hf"
 # Your compose project, pushed to each host as it is: a directory of files/stacks/ ("archon" or
 # "reranker") or an absolute path on the control node.
 stack = "archon"
-# Its compose files, merged in order as `docker compose -f a -f b`; [] is compose's own default name.
+# Its compose files, merged in order as `docker compose -f a -f b`; [] is what compose reads without -f.
 compose_files = []
 # What the deploy adds to each service that uses it, in compose.mlstack.yml: the ML env (read-only at
 # /root/.local) and the service_models variables it reads (the HF cache mounted, HF_HUB_OFFLINE=1).

@@ -32,6 +32,8 @@ from tasks.control.caches import atomic_file
 
 STACKS = FILES / "stacks"
 COMPOSE_NAMES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")  # compose's order
+OVERRIDE_NAMES = ("compose.override.yaml", "compose.override.yml", "docker-compose.override.yml",
+                  "docker-compose.override.yaml")  # compose's order, whichever the main file's name
 OVERRIDE = "compose.mlstack.yml"  # the deploy's own compose file, merged last
 BASE_IMAGE_VARIABLE = "MLSTACK_BASE_IMAGE"  # the runtime image the env is built for, for `build.args`
 # `${NAME}`, `${NAME:-default}`, `${NAME?error}`, ..., or `$NAME`; `$$` is a literal dollar.
@@ -148,9 +150,12 @@ def project_of(config) -> ComposeProject:
 
 
 def default_compose_files(directory: Path) -> tuple[str, ...]:
+    """What `docker compose` reads there without -f: the first of its names, then the first override file
+    found (compose 2.26 takes `compose.override.yaml` even beside `docker-compose.yml`)."""
     for name in COMPOSE_NAMES:
         if (directory / name).is_file():
-            return (name,)
+            overrides = [override for override in OVERRIDE_NAMES if (directory / override).is_file()]
+            return (name, *overrides[:1])
     raise StackError(f"stack {str(directory)!r}: none of {', '.join(COMPOSE_NAMES)} is there: "
                      "point `stack` at a compose project directory, or list its files in compose_files")
 
@@ -195,12 +200,19 @@ def registry_images(resolved: dict) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class PulledImage:
-    """A registry image as the builder pulled it, for `image_source = "ship"`."""
+class RegistryImage:
+    """A registry image for `image_source = "ship"`, as the builder sees it at plan time (no pull)."""
 
     reference: str
-    id: str
-    size: int  # bytes, unpacked
+    digest: str  # the registry's manifest digest for REFERENCE now
+    id: str  # the image id the builder holds for that digest; "" when it must pull it first
+    size: int  # bytes unpacked, when the builder holds it
+
+
+def repository_of(reference: str) -> str:
+    """REFERENCE without its tag (`registry.corp:5000/team/api:1` -> `registry.corp:5000/team/api`)."""
+    head, slash, last = reference.rpartition("/")
+    return f"{head}{slash}{last.partition(':')[0]}"
 
 
 def registry_of(reference: str) -> str:
@@ -230,28 +242,44 @@ def docker_config(credentials: dict[str, str], registries: list[str]) -> bytes:
     return json.dumps({"auths": auths}).encode()
 
 
-def pull_on_builder(reference: str, builder: str, credentials: dict[str, str]) -> PulledImage:
-    """Pull REFERENCE once for the fleet on the builder (the hosts may have no way to the registry)."""
-    with builder_engine(builder, f"pulling {reference} failed") as client:
-        print(f"image {reference}: pulling on {describe(builder)}", file=sys.stderr, flush=True)
-        image = client.images.pull(reference, auth_config=login(credentials, registry_of(reference)))
-        return PulledImage(reference, image.id, int(image.attrs.get("Size") or 0))
+def inspect_on_builder(reference: str, builder: str, credentials: dict[str, str]) -> RegistryImage:
+    """What REFERENCE names in its registry now, and whether the builder already holds it: read-only (the
+    registry is asked for the digest; nothing is pulled), so a dry run changes nothing."""
+    import docker.errors  # noqa: PLC0415 (loaded by builder_engine)
+
+    with builder_engine(builder, f"asking the registry for {reference} failed") as client:
+        digest = client.images.get_registry_data(reference,
+                                                 auth_config=login(credentials, registry_of(reference))).id
+        try:
+            local = client.images.get(reference)
+        except docker.errors.ImageNotFound:
+            return RegistryImage(reference, digest, "", 0)
+        if f"{repository_of(reference)}@{digest}" not in (local.attrs.get("RepoDigests") or []):
+            return RegistryImage(reference, digest, "", 0)  # the builder's copy is older than the registry's
+        return RegistryImage(reference, digest, local.id, int(local.attrs.get("Size") or 0))
 
 
-def save_pulled(image: PulledImage, builder: str, archive: Path) -> Path:
-    """`docker save | gzip` of the pulled image, kept in the control cache (named by its id)."""
+def pull_and_save(image: RegistryImage, builder: str, credentials: dict[str, str], archive: Path) -> Path:
+    """Pull the image once for the fleet on the builder (the hosts may have no way to the registry) and keep
+    `docker save | gzip` of it in the control cache, named by its digest."""
     if archive.exists():
         return archive
-    with builder_engine(builder, f"saving {image.reference} failed") as client:
-        pulled = client.images.get(image.reference)
-        if pulled.id != image.id:
-            raise StackError(f"image {image.reference}: it changed on the builder during the deploy "
-                             f"({image.id[:19]} → {pulled.id[:19]}): run the deploy again")
-        with atomic_file(archive) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
-            for chunk in client.images.get(image.reference).save(named=True):
-                out.write(chunk)
-    print(f"image {image.reference}: {archive.stat().st_size / 1e6:.1f} MB archive", file=sys.stderr, flush=True)
+    with builder_engine(builder, f"pulling {image.reference} failed") as client:
+        print(f"image {image.reference}: pulling on {describe(builder)}", file=sys.stderr, flush=True)
+        pulled = client.images.pull(image.reference, auth_config=login(credentials, registry_of(image.reference)))
+        if f"{repository_of(image.reference)}@{image.digest}" not in (pulled.attrs.get("RepoDigests") or []):
+            raise StackError(f"image {image.reference}: it changed in its registry during the deploy "
+                             f"(planned {image.digest[:19]}): run the deploy again")
+        save_archive(client, image.reference, archive)
     return archive
+
+
+def save_archive(client, name: str, archive: Path) -> None:
+    """`docker save NAME | gzip` into ARCHIVE, written atomically; NAME is the tag `docker load` restores."""
+    with atomic_file(archive) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
+        for chunk in client.images.get(name).save(named=name):
+            out.write(chunk)
+    print(f"image {name}: {archive.stat().st_size / 1e6:.1f} MB archive", file=sys.stderr, flush=True)
 
 
 def image_tag(project: ComposeProject, build: Build, base_id: str) -> str:
@@ -317,8 +345,5 @@ def build_and_save(build: Build, tag: str, base: BaseImage, builder: str, archiv
         client.images.build(fileobj=buffer, custom_context=True, dockerfile=build.dockerfile, tag=tag,
                             buildargs={key: str(value) for key, value in build.args.items() if value is not None},
                             target=build.target, network_mode=build.network, rm=True)
-        with atomic_file(archive) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
-            for chunk in client.images.get(tag).save(named=True):
-                out.write(chunk)
-    print(f"image {tag}: {archive.stat().st_size / 1e6:.1f} MB archive", file=sys.stderr, flush=True)
+        save_archive(client, tag, archive)
     return archive

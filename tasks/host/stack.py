@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import tarfile
 import time
@@ -38,16 +39,17 @@ from tasks.control.stack_project import (
     BASE_IMAGE_VARIABLE,
     OVERRIDE,
     ComposeProject,
+    RegistryImage,
     StackError,
     build_and_save,
     docker_config,
     image_tag,
+    inspect_on_builder,
     project_of,
-    pull_on_builder,
+    pull_and_save,
     registry_images,
     registry_of,
     resolved_config,
-    save_pulled,
 )
 from tasks.host.failure import HostProblem, failed, step
 from tasks.host.gpu_checks import Gpu, GpuRequestError, assign_gpus
@@ -59,6 +61,7 @@ from tasks.host.transfer import StreamedUpload
 from tasks.report import ServiceOutcome, StackOutcome, report
 
 HF_HOME = "/root/.cache/huggingface"
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # terminal control, but tab
 MANIFEST = ".mlstack-files"
 PRIVATE = (".env", ".env.digest")  # 0600: the values, and what could hint at them
 
@@ -153,13 +156,12 @@ class ServiceImage:
     """The image a service runs, as the deploy provides it."""
 
     reference: str  # a built image's tag, or the registry reference
-    id: str = ""  # the image id hosts must have; "" where the tag names it (built) or the host pulls it
     source: str = "build"  # "build": built once, shipped; "ship": pulled once, shipped; "pull": the host pulls
-    size: int = 0  # bytes unpacked, where known before the archive exists (a pulled image)
+    registry: RegistryImage | None = None  # "ship": its digest, and its id where the builder holds it
 
     @property
     def label(self) -> str:
-        return f"{self.reference} ({self.id[7:19]})" if self.id else self.reference
+        return f"{self.reference} ({self.registry.digest[7:19]})" if self.registry else self.reference
 
 
 def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots: list[Snapshot],
@@ -240,8 +242,11 @@ def _reason(old: dict, new: dict) -> str:
 
 
 def lacks(state: StackState, image: ServiceImage) -> bool:
-    """The host has no image by that reference, or (when the deploy knows the id it wants) another one."""
-    return image.reference not in state.images or image.id not in ("", state.images[image.reference])
+    """The host has no image by that reference, or, for a shipped registry image, not the id the registry
+    names now (unknown until the builder pulls it: then it is sent)."""
+    if image.reference not in state.images:
+        return True
+    return image.registry is not None and image.registry.id != state.images[image.reference]
 
 
 def plan_stack(state: StackState, rendered: Rendered, images: dict[str, ServiceImage],
@@ -397,8 +402,10 @@ def converge_stack(project: str, compose_dir: str, profiles: list[str], timeout:
 
 
 def _diff(old: str | None, new: str, name: str) -> list[str]:
-    return list(difflib.unified_diff((old or "").splitlines(), new.splitlines(), f"{name} (host)", f"{name} (new)",
-                                     lineterm=""))
+    """A unified diff for the log; control characters shown escaped (the host's side is read back from it)."""
+    lines = difflib.unified_diff((old or "").splitlines(), new.splitlines(), f"{name} (host)", f"{name} (new)",
+                                 lineterm="")
+    return [CONTROL.sub(lambda match: repr(match[0])[1:-1], line) for line in lines]
 
 
 def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
@@ -412,8 +419,8 @@ def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
 
 
 def archive_of(config: HostConfig, image: ServiceImage) -> Path:
-    """Where the control cache keeps IMAGE's `docker save | gzip`: by tag when built, by id when pulled."""
-    name = image.reference.replace(":", "-") if image.source == "build" else f"pulled-{image.id[7:23]}"
+    """Where the control cache keeps IMAGE's `docker save | gzip`: by tag when built, by digest when pulled."""
+    name = image.reference.replace(":", "-") if image.registry is None else f"pulled-{image.registry.digest[7:23]}"
     return Path(config.image_cache_dir).expanduser() / f"{name}.tar.gz"
 
 
@@ -431,10 +438,11 @@ def service_images(project: ComposeProject, resolved: dict, config: HostConfig, 
         if config.image_source == "pull":
             images[service] = ServiceImage(reference, source="pull")
             continue
-        pulled = once(("pull", reference), lambda reference=reference: pull_on_builder(
+        registry = once(("registry", reference), lambda reference=reference: inspect_on_builder(
             reference, config.ml_env_builder, config.registry_credentials))
-        images[service] = image = ServiceImage(reference, pulled.id, "ship", pulled.size)
-        makers[reference] = partial(save_pulled, pulled, config.ml_env_builder, archive_of(config, image))
+        images[service] = image = ServiceImage(reference, "ship", registry)
+        makers[reference] = partial(pull_and_save, registry, config.ml_env_builder, config.registry_credentials,
+                                    archive_of(config, image))
     return images, makers
 
 
@@ -473,10 +481,11 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     by_reference = {image.reference: image for image in images.values()}
     for reference in plan.send_images:
         archive = archive_of(config, by_reference[reference])
-        image = by_reference[reference]
+        registry = by_reference[reference].registry
         size = (f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists()
-                else f"{image.size / 1e6:.1f} MB unpacked, to save once, then send" if image.size
-                else "to build once, then send")
+                else "to build once, then send" if registry is None
+                else f"{registry.size / 1e6:.1f} MB unpacked, to save once, then send" if registry.id
+                else "to pull once on the builder, then send")
         host.log(f"stack {project.name}: image {reference} ({size})")
     for reference in sorted({image.reference for name, image in images.items()
                              if image.source == "pull" and name in services and image.reference not in state.images}):

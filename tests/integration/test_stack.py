@@ -360,12 +360,17 @@ def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_p
     assert len(ids) == 1
 
     forget_tools()
+    dry = fleet.deploy("--dry", "--data", f"stack={project}", "--data", "image_source=ship")
+    assert dry.returncode == 0, dry.output[-3000:]
+    assert f"image {reference} (to pull once on the builder, then send)" in dry.output
+    for record in hosts:  # the builder (host1) asked the registry for the digest, and pulled nothing
+        assert fleet.ssh(record, f"docker image inspect {reference} >/dev/null 2>&1 || echo absent") == "absent\n"
     seen = len(registry_requests(fleet))
     shipped = fleet.deploy("--data", f"stack={project}", "--data", "image_source=ship")
     assert shipped.returncode == 0, shipped.output[-3000:]
     for record in hosts:
         assert re.search(rf"\[{record.name}\] stack {PROJECT}: image {re.escape(reference)} "
-                         r"\(\d+\.\d MB (to send|unpacked, to save once, then send)\)", shipped.output)
+                         r"\((\d+\.\d MB to send|to pull once on the builder, then send)\)", shipped.output)
         assert tools_image(record) in ids  # the very image id the registry holds
     builder = hosts[0].ip  # the rehearsal's ml_env_builder is the first host's engine
     assert {line.split()[0] for line in registry_requests(fleet)[seen:]} == {builder}  # only the builder pulled

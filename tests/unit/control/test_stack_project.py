@@ -2,6 +2,7 @@
 
 import base64
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from tasks.control.stack_project import (
     ignore_rules,
     ignored,
     registry_of,
+    repository_of,
 )
 
 RULES = "compose.yaml\n**/__pycache__\n*.md\n!README.md\nsecrets/\n/build\ndocs/**/*.txt\n# a comment\n\n"
@@ -66,3 +68,25 @@ def test_a_docker_config_holds_the_logins_of_the_registries_asked_for(monkeypatc
     credentials = {"registry.corp:5000": "ci:${REG_PW}", "other.corp": "x:${REG_PW}"}
     config = json.loads(docker_config(credentials, ["registry.corp:5000", "unknown.corp"]))
     assert config == {"auths": {"registry.corp:5000": {"auth": base64.b64encode(b"ci:s3cret:with-colon").decode()}}}
+
+
+@pytest.mark.parametrize(("reference", "repository"), [
+    ("registry.corp:5000/team/api:1", "registry.corp:5000/team/api"),
+    ("registry.corp:5000/api", "registry.corp:5000/api"),
+    ("nginx:1.27", "nginx"),
+])
+def test_the_repository_of_a_reference_keeps_the_registry_port(reference, repository):
+    assert repository_of(reference) == repository
+
+
+def test_without_compose_files_the_project_is_what_compose_reads_by_default(tmp_path):
+    (tmp_path / "docker-compose.yml").write_text("services:\n  a: {image: x}\n")
+    (tmp_path / "docker-compose.override.yml").write_text("services:\n  a: {environment: {LEVEL: debug}}\n")
+    project = ComposeProject.load(str(tmp_path))
+    assert project.files == ("docker-compose.yml", "docker-compose.override.yml")
+    assert project.services["a"]["environment"] == {"LEVEL": "debug"}
+    (tmp_path / "compose.override.yaml").write_text("services:\n  b: {image: y}\n")  # compose prefers it
+    by_compose = subprocess.run(["docker", "compose", "config", "--services"], cwd=tmp_path, capture_output=True,
+                                text=True, check=True).stdout.split()
+    ComposeProject.load.cache_clear()
+    assert sorted(ComposeProject.load(str(tmp_path)).services) == sorted(by_compose) == ["a", "b"]

@@ -10,7 +10,7 @@ import yaml
 from tasks.config import ModelSpec, validate_host
 from tasks.control.builder import BaseImage
 from tasks.control.hub import Snapshot
-from tasks.control.stack_project import ComposeProject, project_of
+from tasks.control.stack_project import ComposeProject, RegistryImage, project_of
 from tasks.host.gpu_checks import Gpu, GpuRequestError
 from tasks.host.ml_env import EnvPlan
 from tasks.host.stack import (
@@ -18,6 +18,7 @@ from tasks.host.stack import (
     ContainerState,
     ServiceImage,
     StackState,
+    _diff,
     check_url,
     dotenv_line,
     escape,
@@ -186,13 +187,14 @@ def test_reasons_name_what_changed_for_each_service():
 
 def test_a_shipped_registry_image_is_sent_where_the_host_has_another_id_and_never_pulled_there():
     config, out = rendered(stack="reranker", service_gpus={}, ml_services={})
-    images = {"docs": ServiceImage("registry.corp/tools:1", "sha256:" + "b" * 64, "ship"),
-              "reranker": ServiceImage("registry.corp/api:2", source="pull")}
+    held = RegistryImage("registry.corp/tools:1", "sha256:" + "d" * 64, "sha256:" + "b" * 64, 10**8)
+    images = {"docs": ServiceImage("registry.corp/tools:1", "ship", held),
+              "reranker": ServiceImage("registry.corp/api:2", "pull")}
     project = project_of(config)
     env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
     out = render(project, config, env, [], images, [], {})
     assert override(out)["docs"]["pull_policy"] == "never" and "image" not in override(out)["docs"]
-    assert override(out)["docs"]["labels"]["mlstack.image"] == "registry.corp/tools:1 (bbbbbbbbbbbb)"
+    assert override(out)["docs"]["labels"]["mlstack.image"] == "registry.corp/tools:1 (dddddddddddd)"  # digest
     assert "pull_policy" not in override(out)["reranker"]
     running = {name: ContainerState("running", "healthy", out.labels[name]) for name in ("docs", "reranker")}
     texts = {MANIFEST: out.manifest, ".env.digest": out.digest}
@@ -200,6 +202,10 @@ def test_a_shipped_registry_image_is_sent_where_the_host_has_another_id_and_neve
     assert plan_stack(other_id, out, images, ["docs", "reranker"]).send_images == ("registry.corp/tools:1",)
     same_id = StackState({"registry.corp/tools:1": "sha256:" + "b" * 64}, running, texts)
     assert plan_stack(same_id, out, images, ["docs", "reranker"]).send_images == ()  # and the pulled one is not sent
+    # The builder does not hold the registry's current image yet: its id is unknown, so every host gets it.
+    not_pulled = {**images, "docs": ServiceImage("registry.corp/tools:1", "ship",
+                                                 RegistryImage("registry.corp/tools:1", "sha256:" + "d" * 64, "", 0))}
+    assert plan_stack(same_id, out, not_pulled, ["docs", "reranker"]).send_images == ("registry.corp/tools:1",)
 
 
 def test_a_service_using_an_environment_secret_reads_its_variable(tmp_path):
@@ -217,3 +223,8 @@ def test_a_check_url_gets_the_host_address_ipv6_in_brackets():
     assert check_url("http://{host}:8080/health", "10.0.0.5") == "http://10.0.0.5:8080/health"
     assert check_url("http://{host}:8080/health", "fd00::5") == "http://[fd00::5]:8080/health"
     assert check_url("https://lb.corp/health", "10.0.0.5") == "https://lb.corp/health"
+
+
+def test_a_diff_shows_control_characters_read_back_from_a_host_escaped():
+    lines = _diff("image: x\x1b]2;owned\x07\n", "image: y\n", "compose.yaml")
+    assert "-image: x\\x1b]2;owned\\x07" in lines and not any("\x1b" in line for line in lines)
