@@ -1,6 +1,22 @@
 #!/bin/sh
 # The ML env build, run in the bootstrap container: pip --user installs the requirements, then torch
 # (if the env has it) reports its version, CUDA version and build arch list to /build/torch.json.
+#
+# pip's config (index settings, credentials too) is the first CONFIG_BYTES bytes of stdin and lives
+# only in the tmpfs /run/pip, gone when the container stops. stdin then stays open for as long as the
+# deploy that started the build is connected: when it closes (the deploy was killed), pip is stopped,
+# so no credential outlives the deploy on the builder.
+# usage: env_build.sh CONFIG_BYTES
 set -eu
-python3 -m pip install --user --no-warn-script-location -r /build/requirements.txt
-python3 /build/torch_info.py > /build/torch.json
+exec 3<&0  # the deploy's stdin, for the watcher: a background job's own stdin is /dev/null
+config=/run/pip/pip.conf
+head -c "$1" >"$config"
+export PIP_CONFIG_FILE="$config"
+python3 -m pip install --user --no-warn-script-location -r /build/requirements.txt &
+pip=$!
+{ cat <&3 >/dev/null; kill "$pip" 2>/dev/null || true; } &
+status=0
+wait "$pip" || status=$?
+rm -f "$config"
+[ "$status" -eq 0 ] || exit "$status"
+python3 /build/torch_info.py >/build/torch.json

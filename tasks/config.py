@@ -151,10 +151,13 @@ def _requirements(value: Any) -> str:
     return str(path)
 
 
+ENV_ID = re.compile(r"env-[0-9a-f]{16}")
+
+
 def _env_id(value: Any) -> str | None:
     if value in (None, ""):
         return None
-    if not isinstance(value, str) or not re.fullmatch(r"env-[0-9a-f]{16}", value):
+    if not isinstance(value, str) or not ENV_ID.fullmatch(value):
         raise ValueError("expected an env id such as 'env-0123456789abcdef' (as shown by a deploy), or None")
     return value
 

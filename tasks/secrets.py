@@ -2,11 +2,13 @@
 node's environment (for `hf_endpoint`, only so). Only `expand` sees the real value, and only where
 the tool that needs it runs: pip's config inside the build container, the control node's own
 requests to the HF endpoint. Everything shown uses `masked` (or `scrubbed`, for an error text that
-may quote the expanded URL).
+may quote the expanded URL). What is kept to see later that a value changed is its `fingerprint`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -73,3 +75,13 @@ def scrubbed(text: str, template: str) -> str:
             if form:
                 text = text.replace(form, "***")
     return text
+
+
+SALT = re.compile(r"[0-9a-f]{32}")  # 16 random bytes, hex
+
+
+@functools.cache
+def fingerprint(value: str, salt: str) -> str:
+    """What may be kept of VALUE to tell later whether it changed: scrypt with SALT (16 MiB and ~30 ms a
+    guess), so neither a copy of it nor a label that hashes it lets anyone test guesses of a secret cheaply."""
+    return hashlib.scrypt(value.encode(), salt=bytes.fromhex(salt), n=2**14, r=8, p=1, dklen=16).hex()

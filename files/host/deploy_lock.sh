@@ -8,7 +8,10 @@ set -eu
 lock_dir=$1
 who=$2
 umask 077
-[ -e "$lock_dir" ] || [ -L "$lock_dir" ] || mkdir -m 0700 -- "$lock_dir"
+if ! { [ -e "$lock_dir" ] || [ -L "$lock_dir" ] || mkdir -m 0700 -- "$lock_dir" 2>/dev/null; }; then
+    echo "unsafe: $(id -un) cannot make $lock_dir: the deploy works as root (ssh as root, or --sudo)"
+    exit 0
+fi
 if [ -L "$lock_dir" ] || [ ! -d "$lock_dir" ] || [ "$(stat -c %u:%a -- "$lock_dir")" != "$(id -u):700" ]; then
     echo "unsafe: $lock_dir is not a directory that only $(id -un) can use (mode 0700, not a link)"
     exit 0

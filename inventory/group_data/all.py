@@ -39,7 +39,7 @@ ml_env_check_active = False
 ml_env_base_image = "python:3.11-slim-bookworm"
 # The docker engine that builds the env: "" is the control node's own (or DOCKER_HOST); or e.g. "ssh://root@gpu-01".
 ml_env_builder = ""
-# Where the control node keeps built env artifacts (one per env id).
+# Where the control node keeps built env artifacts (one per env id) and which env each recipe built.
 ml_env_cache_dir = "~/.cache/mlstack/ml-env"
 
 # Package index for the env build. Credentials go in as ${VAR} from the control node's environment.
@@ -95,7 +95,8 @@ image_source = "pull"
 # Logins for those registries (host[:port] -> "user:${PASSWORD_VAR}"), the password read from the control
 # node's environment: given to the builder's pulls and, for one `docker compose pull`, to the hosts.
 registry_credentials = {}
-# Where the control node keeps built server images (docker save archives, one per image key).
+# Where the control node keeps built server images (docker save archives, one per image key), and the
+# salt of the `.env.digest` of hosts it deploys first.
 image_cache_dir = "~/.cache/mlstack/images"
 # Rollout (`python -m tasks.fleet.rollout`): canary hosts first, then batches (a count or "25%"),
 # stopping once more than rollout_max_failures hosts have failed.

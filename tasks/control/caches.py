@@ -18,8 +18,9 @@ from typing import BinaryIO, Callable, Iterator
 
 
 @contextmanager
-def atomic_file(target: Path) -> Iterator[BinaryIO]:
-    """A binary file object whose content becomes TARGET when the block ends without an error."""
+def atomic_file(target: Path, name: Callable[[], str] | None = None) -> Iterator[BinaryIO]:
+    """A binary file object whose content becomes TARGET when the block ends without an error; with NAME,
+    the file of TARGET's folder that NAME() returns then (for a name that follows from the content)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
@@ -28,7 +29,7 @@ def atomic_file(target: Path) -> Iterator[BinaryIO]:
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
+        os.replace(temporary, target.parent / name() if name else target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

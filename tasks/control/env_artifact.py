@@ -28,15 +28,23 @@ class ArtifactError(Exception):
     """An archive or requirements file that must not be installed; the message says why."""
 
 
-def env_id(requirements: str, base_image_id: str, platform: str, pip_options: dict) -> str:
-    """Same inputs, same id, on every run and every control node. Credentials do not count."""
+def recipe_id(requirements: str, base_image_id: str, platform: str, pip_options: dict) -> str:
+    """What the control cache records a build under: same inputs, same id. Credentials do not count."""
     options = {
         key: [public_url(v) for v in value] if isinstance(value, list)
             else public_url(value) if isinstance(value, str) else value
         for key, value in sorted(pip_options.items())
     }
     recipe = {"requirements": requirements, "base_image": base_image_id, "platform": platform, "pip": options}
-    return "env-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return "recipe-" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def content_id(base_image_id: str, platform: str, python: str, distributions: list[tuple[str, str, str]]) -> str:
+    """The env id: the base image it runs on and what pip installed, each distribution by name, version and
+    the sha256 of its RECORD (every installed file's hash). One id, one content, on every control node."""
+    content = {"base_image": base_image_id, "platform": platform, "python": python,
+               "distributions": sorted(distributions)}
+    return "env-" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 ENV_INFO = ".mlstack-env.json"  # inside every env: what the on-host check imports, for which Python
@@ -55,6 +63,7 @@ class Manifest:
     cuda_runtime: str  # the nvidia-cuda-runtime distribution's version ("12.8.90"); "" without one
     torch: dict  # {"version", "cuda", "archs"} as the built torch reports them (TORCH_INFO); {} without torch
     imports: dict[str, list[str]] = field(default_factory=dict)  # distribution -> import names
+    packages: dict[str, str] = field(default_factory=dict)  # every distribution installed -> its version
 
     def env_info(self) -> bytes:
         return json.dumps({"env_id": self.env_id, "python": self.python, "imports": self.imports},
@@ -201,15 +210,19 @@ def _top_level_from_record(record: str) -> list[str]:
     return sorted(names)
 
 
-def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requirements: str) -> Manifest:
-    """Turn `get_archive('/root/.local')` into TARGET (tar.gz of the user site's content); return its manifest.
+def repack_user_site(chunks: Iterable[bytes], cache_dir: Path, requirements: str, base_image_id: str,
+                     platform: str) -> Manifest:
+    """Turn `get_archive('/root/.local')` into CACHE_DIR/<env id>.tar.gz (a tar.gz of the user site's content,
+    named by what it holds: `content_id`); return its manifest.
 
-    Every member is checked before anything is written; TARGET is written whole or not at all.
+    Every member is checked before anything is written; the artifact is written whole or not at all.
     """
     wanted = set(requirement_names(requirements))
     metadata: dict[str, dict[str, str]] = {}
     unpacked = files = 0
-    with atomic_file(target) as raw, _HashingWriter(raw) as hashing:
+    manifest = None
+    with atomic_file(cache_dir / "artifact.tar.gz", name=lambda: f"{manifest.env_id}.tar.gz") as raw, \
+            _HashingWriter(raw) as hashing:
         with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=1, mtime=0) as compressed:
             with tarfile.open(fileobj=_ChunkReader(chunks), mode="r|") as source, \
                     tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as out:
@@ -229,7 +242,7 @@ def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requiremen
                     unpacked += renamed.size
                     files += renamed.isfile()
                     pythons.update(re.findall(r"^lib/(python3\.\d+)/", renamed.name))
-                manifest = _manifest(env, metadata, wanted, pythons, unpacked, files)
+                manifest = _manifest(metadata, wanted, pythons, unpacked, files, base_image_id, platform)
                 info = tarfile.TarInfo(ENV_INFO)
                 info.size, info.mode, info.uname, info.gname = len(manifest.env_info()), 0o644, "root", "root"
                 out.addfile(info, io.BytesIO(manifest.env_info()))
@@ -237,18 +250,28 @@ def repack_user_site(chunks: Iterable[bytes], target: Path, env: str, requiremen
     return manifest
 
 
-def _manifest(env: str, metadata: dict[str, dict[str, str]], wanted: set[str], pythons: set[str],
-              unpacked: int, files: int) -> Manifest:
-    imports, cuda_runtime = {}, ""
+def _distribution(found: dict[str, str]) -> tuple[str, str] | None:
+    """The canonical name and version a dist-info's METADATA gives, or None."""
+    name = re.search(r"^Name:\s*(\S+)", found.get("METADATA", ""), flags=re.M)
+    version = re.search(r"^Version:\s*(\S+)\s*$", found.get("METADATA", ""), flags=re.M)
+    return (canonicalize_name(name.group(1)), version.group(1)) if name and version else None
+
+
+def _manifest(metadata: dict[str, dict[str, str]], wanted: set[str], pythons: set[str], unpacked: int, files: int,
+              base_image_id: str, platform: str) -> Manifest:
+    imports, packages, records, cuda_runtime = {}, {}, [], ""
     for found in metadata.values():
-        name_match = re.search(r"^Name:\s*(\S+)", found.get("METADATA", ""), flags=re.M)
-        version_match = re.search(r"^Version:\s*(\d+(\.\d+)+)\s*$", found.get("METADATA", ""), flags=re.M)
-        if name_match and version_match and CUDA_RUNTIME.fullmatch(canonicalize_name(name_match.group(1))):
-            cuda_runtime = version_match.group(1)
-        if name_match and canonicalize_name(name_match.group(1)) in wanted:
+        distribution = _distribution(found)
+        if distribution is None:
+            continue
+        name, version = distribution
+        packages[name] = version
+        records.append((name, version, hashlib.sha256(found.get("RECORD", "").encode()).hexdigest()))
+        if CUDA_RUNTIME.fullmatch(name) and re.fullmatch(r"\d+(\.\d+)+", version):
+            cuda_runtime = version
+        if name in wanted:
             top_level = found.get("top_level.txt", "").split() or _top_level_from_record(found.get("RECORD", ""))
-            imports[canonicalize_name(name_match.group(1))] = _import_names(canonicalize_name(name_match.group(1)),
-                                                                            top_level)
+            imports[name] = _import_names(name, top_level)
     missing = sorted(wanted - set(imports))
     if missing:
         raise ArtifactError(f"the built env lacks {', '.join(missing)} (no dist-info found): "
@@ -256,4 +279,6 @@ def _manifest(env: str, metadata: dict[str, dict[str, str]], wanted: set[str], p
     if len(pythons) != 1:
         raise ArtifactError(f"the built env has site-packages for {sorted(pythons) or 'no Python'}: "
                             "expected exactly one lib/python3.X")
-    return Manifest(env, "", 0, unpacked, files, pythons.pop(), cuda_runtime, {}, dict(sorted(imports.items())))
+    python = pythons.pop()
+    return Manifest(content_id(base_image_id, platform, python, records), "", 0, unpacked, files, python,
+                    cuda_runtime, {}, dict(sorted(imports.items())), dict(sorted(packages.items())))

@@ -1,31 +1,36 @@
-"""The ML env on the control side: built once per env id on the builder, kept as an artifact in the
+"""The ML env on the control side: built once per recipe on the builder, kept as an artifact in the
 control cache (`ml_env_cache_dir`), checked before a byte of it is sent.
 
-A cached artifact whose manifest is present is never rebuilt. Hosts are told which env to run by
-`env_source`: the pinned `ml_env_id`, or the id `ml_env_requirements` make on the runtime base image.
+An env's id names what pip installed (tasks/control/env_artifact.py `content_id`), so it is known
+only once an env was built: the cache records which env each recipe (requirements, base image,
+public index settings) built, and a recipe this control node never built is built while the deploy
+plans, also in a dry run (on the builder only; no host changes). Hosts are told which env to run
+by `env_source`: the pinned `ml_env_id`, or the env `ml_env_requirements` built on the base image.
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from tasks import secrets
-from tasks.config import FILES, HostConfig, read_requirements
+from tasks.config import ENV_ID, FILES, HostConfig, read_requirements
 from tasks.control.builder import BaseImage, builder_engine, known_base_image, probe_base_image, require_base, tar_of
-from tasks.control.caches import once
+from tasks.control.caches import atomic_write, once
 from tasks.control.env_artifact import (
     ArtifactError,
     Manifest,
     StaleManifest,
     check_artifact,
-    env_id,
+    recipe_id,
     repack_user_site,
 )
 
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
 BOOTSTRAP_DOCKERFILE = "Dockerfile.server.bootstrap"
 BUILD_PROGRAMS = ("env_build.sh", "torch_info.py")  # what the bootstrap container runs (files/)
 LOG_TAIL = 20
+BUILD_NETWORK = "mlstack-build"
 
 
 def pip_conf(options: dict) -> str:
@@ -74,7 +80,20 @@ def cached_manifest(cache_dir: Path, env: str) -> Manifest | None:
         return None
 
 
-def _read_torch_info(container, env: str) -> dict:
+def _recipe_record(cache_dir: Path, recipe: str) -> Path:
+    return cache_dir / "recipes" / f"{recipe}.json"
+
+
+def built_from(cache_dir: Path, recipe: str) -> Manifest | None:
+    """The manifest of the env RECIPE built on this control node, while its artifact is in the cache; or None."""
+    try:
+        env = json.loads(_recipe_record(cache_dir, recipe).read_text()).get("env")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cached_manifest(cache_dir, env) if isinstance(env, str) and ENV_ID.fullmatch(env) else None
+
+
+def _read_torch_info(container) -> dict:
     """What files/torch_info.py wrote in the finished build container: {} or torch's version, CUDA and archs."""
     chunks, _ = container.get_archive("/build/torch.json")
     with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
@@ -85,60 +104,99 @@ def _read_torch_info(container, env: str) -> dict:
     except ValueError:
         info = None
     if not isinstance(info, dict):
-        raise ArtifactError(f"ML env {env}: the build's torch report is not a JSON object: {data[:200]!r}")
+        raise ArtifactError(f"the build's torch report is not a JSON object: {data[:200]!r}")
     return info
 
 
-def build_env(client: docker.DockerClient, env: str, base_image: str, requirements: str, pip_options: dict,
-              cache_dir: Path, log=sys.stderr) -> Manifest:
-    """The artifact of ENV from CACHE_DIR, built first if it is not there (progress goes to LOG)."""
-    cached = cached_manifest(cache_dir, env)
-    if cached is not None:
-        return cached
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    print(f"ML env {env}: building from {base_image}", file=log, flush=True)
-    context = io.BytesIO(tar_of({"Dockerfile": (FILES / BOOTSTRAP_DOCKERFILE).read_bytes()}))
-    image, _ = client.images.build(
-        fileobj=context, custom_context=True, buildargs={"BASE_IMAGE": base_image},
-        tag=f"mlstack-bootstrap:{env}", network_mode="none", rm=True,
-    )
-    container = client.containers.create(image.id, network_mode="host", labels={"mlstack.env-build": env})
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
     try:
-        programs = {f"build/{name}": (FILES / name).read_bytes() for name in BUILD_PROGRAMS}
-        container.put_archive("/", tar_of({"etc/pip.conf": pip_conf(pip_options).encode(),
-                                            "build/requirements.txt": requirements.encode(), **programs}))
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_network(client: docker.DockerClient, pip_options: dict) -> str:
+    """The network the build container joins: the builder's own (host) only when an index setting names its
+    loopback, which no other network reaches; else a bridge network of the build's own, made once."""
+    urls = [pip_options.get("index_url") or "", *(pip_options.get("extra_index_urls") or ()),
+            *(pip_options.get("find_links") or ())]
+    if any(_loopback(secrets.expand(url)) for url in urls if url):
+        return "host"
+    if not client.networks.list(names=[BUILD_NETWORK]):
+        client.networks.create(BUILD_NETWORK, driver="bridge", labels={"mlstack.env-build": ""})
+    return BUILD_NETWORK
+
+
+def _remove_stopped_builds(client: docker.DockerClient) -> None:
+    """Build containers a killed deploy left behind (stopped once their deploy went: they hold no
+    credential); a running one may be another deploy's build and is left alone."""
+    for container in client.containers.list(all=True, filters={"label": "mlstack.env-build",
+                                                                "status": ["created", "exited", "dead"]}):
+        container.remove(force=True)
+
+
+def _run_build(container, config: bytes, pip_options: dict, log) -> None:
+    """Start CONTAINER, hand it pip's config on stdin (kept open: closing it stops the build, see
+    files/env_build.sh), show pip's output as it comes, and raise unless it succeeded."""
+    stdin = container.client.api.attach_socket(container.id, params={"stdin": 1, "stream": 1})
+    try:
         container.start()
+        getattr(stdin, "_sock", stdin).sendall(config)
         tail: list[str] = []
         for line in container.logs(stream=True, follow=True):
             text = shown_pip_line(line.decode("utf-8", "replace").rstrip(), pip_options)
             tail = (tail + [text])[-LOG_TAIL:]
             print(f"  {text}", file=log, flush=True)
         status = container.wait()["StatusCode"]
-        if status != 0:
-            raise ArtifactError(f"ML env {env}: pip install failed (exit {status}):\n  " + "\n  ".join(tail))
-        torch_info = _read_torch_info(container, env)
-        chunks, _ = container.get_archive("/root/.local")
-        artifact, manifest_path = artifact_paths(cache_dir, env)
-        manifest = repack_user_site(chunks, artifact, env, requirements).with_torch(torch_info)
-        manifest.write(manifest_path)  # last: a manifest means the artifact is complete
+    finally:
+        stdin.close()
+    if status != 0:
+        raise ArtifactError(f"pip install failed (exit {status}):\n  " + "\n  ".join(tail))
+
+
+def build_env(client: docker.DockerClient, recipe: str, base: BaseImage, requirements: str, pip_options: dict,
+              cache_dir: Path, log=sys.stderr) -> Manifest:
+    """The artifact RECIPE built on this control node, built first if it is not in CACHE_DIR (progress goes
+    to LOG); its manifest names the env."""
+    cached = built_from(cache_dir, recipe)
+    if cached is not None:
+        return cached
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    print(f"ML env ({recipe}): building from {base.ref}", file=log, flush=True)
+    context = io.BytesIO(tar_of({"Dockerfile": (FILES / BOOTSTRAP_DOCKERFILE).read_bytes()}))
+    image, _ = client.images.build(
+        fileobj=context, custom_context=True, buildargs={"BASE_IMAGE": base.ref},
+        tag=f"mlstack-bootstrap:{recipe}", network_mode="none", rm=True,
+    )
+    _remove_stopped_builds(client)
+    config = pip_conf(pip_options).encode()
+    container = client.containers.create(  # stdin open and not detached: docker sets StdinOnce
+        image.id, ["sh", "/build/env_build.sh", str(len(config))], network=build_network(client, pip_options),
+        labels={"mlstack.env-build": recipe}, stdin_open=True, tmpfs={"/run/pip": "size=1m,mode=0700"})
+    try:
+        programs = {f"build/{name}": (FILES / name).read_bytes() for name in BUILD_PROGRAMS}
+        container.put_archive("/", tar_of({"build/requirements.txt": requirements.encode(), **programs}))
+        _run_build(container, config, pip_options, log)
+        torch_info = _read_torch_info(container)
+        manifest = repack_user_site(container.get_archive("/root/.local")[0], cache_dir, requirements,
+                                    base.id, base.platform).with_torch(torch_info)
     finally:
         container.remove(force=True)
-    print(f"ML env {env}: {manifest.size / 1e6:.1f} MB artifact, {manifest.files} files, "
-          f"built in {time.monotonic() - started:.0f}s", file=log, flush=True)
+    manifest.write(artifact_paths(cache_dir, manifest.env_id)[1])  # a manifest means the artifact is complete
+    atomic_write(_recipe_record(cache_dir, recipe), json.dumps({"env": manifest.env_id}))
+    print(f"ML env {manifest.env_id} ({recipe}): {manifest.size / 1e6:.1f} MB artifact, {manifest.files} files, "
+          f"{len(manifest.packages)} packages, built in {time.monotonic() - started:.0f}s", file=log, flush=True)
     return manifest
 
 
 @dataclass(frozen=True)
 class EnvSource:
-    """Where the wanted env's artifact comes from: the control cache, built first if a recipe is given."""
+    """Where the wanted env's artifact comes from: the control cache (for a recipe, built there first)."""
 
     env: str
     cache_dir: Path
-    builder: str = ""
-    base: BaseImage | None = None
-    requirements: str = ""  # a path on the control node
-    pip_options: tuple = field(default=(), repr=False)  # (key, value) pairs, `${VAR}` references unexpanded
 
     def cached(self) -> Manifest | None:
         return cached_manifest(self.cache_dir, self.env)
@@ -147,24 +205,15 @@ class EnvSource:
         return artifact_paths(self.cache_dir, self.env)[0]
 
     def ensure(self) -> Manifest:
-        """The artifact's manifest, built first if needed; a cached artifact is checked before it is sent."""
-        return once(("artifact", self.env, self.cache_dir), self._make)
+        """The artifact's manifest, checked (once per deploy) before the artifact is sent."""
+        return once(("artifact", self.env, self.cache_dir), self._check)
 
-    def _make(self) -> Manifest:
+    def _check(self) -> Manifest:
         cached = self.cached()
-        if cached is not None:
-            check_artifact(self.artifact(), cached)
-            return cached
-        if self.base is None:
+        if cached is None:
             raise ArtifactError(f"env {self.env} is in neither the host nor the control cache {self.cache_dir}")
-        with builder_engine(self.builder, "the build failed") as client:
-            require_base(client, self.builder, self.base)
-            manifest = build_env(client, self.env, self.base.ref, read_requirements(self.requirements),
-                                 dict(self.pip_options), self.cache_dir, log=sys.stderr)
-        if manifest.python != self.base.python:
-            raise ArtifactError(f"env {self.env} has site-packages for {manifest.python}, "
-                                f"but {self.base.ref} runs {self.base.python}")
-        return manifest
+        check_artifact(self.artifact(), cached)
+        return cached
 
 
 def base_image(config: HostConfig, cache_dir: Path, host_image: str | None) -> BaseImage:
@@ -183,12 +232,23 @@ def base_image(config: HostConfig, cache_dir: Path, host_image: str | None) -> B
 
 
 def env_source(config: HostConfig, base: BaseImage) -> EnvSource:
-    """The env this host should run: the pinned `ml_env_id`, or the one `ml_env_requirements` make on BASE."""
+    """The env this host should run: the pinned `ml_env_id`, or the one `ml_env_requirements` build on BASE
+    (built now, once per fleet, if this control node never built that recipe)."""
     cache_dir = Path(config.ml_env_cache_dir).expanduser()
     if config.ml_env_id:
-        return EnvSource(config.ml_env_id, cache_dir, base=None)
+        return EnvSource(config.ml_env_id, cache_dir)
     pip_options = config.pip_options()
-    wanted = env_id(read_requirements(config.ml_env_requirements), base.id, base.platform, pip_options)
-    return EnvSource(wanted, cache_dir, config.ml_env_builder, base, config.ml_env_requirements,
-                     tuple((key, tuple(value) if isinstance(value, list) else value)
-                           for key, value in pip_options.items()))
+    requirements = read_requirements(config.ml_env_requirements)
+    recipe = recipe_id(requirements, base.id, base.platform, pip_options)
+
+    def build() -> Manifest:
+        with builder_engine(config.ml_env_builder, "the build failed") as client:
+            require_base(client, config.ml_env_builder, base)
+            manifest = build_env(client, recipe, base, requirements, pip_options, cache_dir, log=sys.stderr)
+        if manifest.python != base.python:
+            raise ArtifactError(f"env {manifest.env_id} has site-packages for {manifest.python}, "
+                                f"but {base.ref} runs {base.python}")
+        return manifest
+
+    manifest = built_from(cache_dir, recipe) or once(("build", recipe, cache_dir), build)
+    return EnvSource(manifest.env_id, cache_dir)

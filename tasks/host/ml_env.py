@@ -8,9 +8,9 @@ On a host, below `ml_env_dir`:
     incoming/<id>.tar.gz-<mark> an upload in progress (<mark>: the run's, tasks/host/transfer.py RUN_MARK)
     active -> envs/<id>  the env the stack uses: switched (rename) only after the import check passed
 
-Decisions are made at plan time from this concern's part of the host probe (`MlEnvFact`); a dry
-run builds and changes nothing. The build itself (tasks/control/env_build.py) runs at execution
-time, once per env id for the whole fleet.
+Decisions are made at plan time from this concern's part of the host probe (`MlEnvFact`) and the
+env's manifest: an env id names what pip installed, so a recipe this control node never built is
+built while planning (tasks/control/env_build.py), once for the whole fleet; a dry run changes no host.
 """
 from __future__ import annotations
 
@@ -120,10 +120,9 @@ class EnvPlan:
     def environment(self) -> dict[str, str]:
         return runtime_environment(self.base.python)
 
-    def summary(self, size: int | None) -> str:
+    def summary(self, size: int) -> str:
         if self.upload:
-            what = "to build once, then upload" if size is None else f"{size / 1e6:.1f} MB to upload"
-            return f"ML env: {self.current or 'none'} → {self.wanted} ({what})"
+            return f"ML env: {self.current or 'none'} → {self.wanted} ({size / 1e6:.1f} MB to upload)"
         if self.activate:
             return f"ML env: {self.current or 'none'} → {self.wanted} (on the host already)"
         return f"ML env: {self.wanted} (no change)"
@@ -145,18 +144,14 @@ def plan_env(state: MlEnvState, wanted: str, keep_envs: int, base: BaseImage, pr
     return EnvPlan(wanted, state.active, upload, activate, remove, base)
 
 
-def _ready_to_send(state, host, source: EnvSource, free_bytes: int, gpus: GpuState | None) -> bool:
-    """Build (once per fleet) or check the artifact; refuse a host without room for it, and a GPU host
-    (GPUS) the gate's plan-time checks refuse: those could not run before the build."""
+def _ready_to_send(state, host, source: EnvSource, free_bytes: int) -> bool:
+    """Check the artifact; refuse a host without room for it."""
     try:
         manifest = source.ensure()
-    except (ArtifactError, BuilderError) as error:
+    except ArtifactError as error:
         return failed(host, f"ML env {source.env}: {error}")
     problem = room_problem(free_bytes, manifest.size + manifest.unpacked_size, "artifact, unpacked env")
-    if problem:
-        return failed(host, f"ML env {source.env}: {problem}")
-    refused = record_gate(host.name, manifest, gate_problem(gpus, manifest)) if gpus else None
-    return failed(host, refused) if refused else True
+    return failed(host, f"ML env {source.env}: {problem}") if problem else True
 
 
 def incoming_name(env: str) -> str:
@@ -181,11 +176,10 @@ def unpack_command(env_dir: str, env: str, sha256: str) -> str:
 
 
 @operation(is_idempotent=False)
-def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], free_bytes: int,
-                gpus: GpuState | None = None):
+def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], free_bytes: int):
     """Send the env artifact to a host that lacks it and unpack it atomically into envs/<id>."""
     # Runs at execution only: during change detection the generator stops at this first command.
-    yield FunctionCommand(_ready_to_send, (source, free_bytes, gpus), {})
+    yield FunctionCommand(_ready_to_send, (source, free_bytes), {})
     manifest = source.ensure()
     quoted = shlex.quote(env_dir)
     yield as_owner(*owner, f"install -d -m 0700 {quoted}/incoming && install -d -m 0755 {quoted}/envs")
@@ -299,17 +293,17 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
     if problem:
         raise HostProblem(problem)
     plan = plan_env(state, source.env, config.keep_envs, base, project_of(config).name)
-    if plan.upload and source.base is None and cached is None:
+    if plan.upload and cached is None:
         raise HostProblem(f"ml_env_id = {source.env!r}: this env is neither on the host nor in the control cache "
                           f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")
-    host.log(plan.summary(cached.size if cached else None))
+    host.log(plan.summary(cached.size if cached else 0))
     record = report[host.name]
     gate = gpus if plan.activate and gpus.gpus else None
     if gate and cached is not None:  # the plan-time checks, before anything changes
         problem = record_gate(host.name, cached, gate_problem(gate, cached))
         if problem:
             raise HostProblem(problem)
-    elif gate and not plan.upload:  # only on the host: nothing to check against but the host itself
+    elif gate:  # a pinned env only on the host: nothing to check against but the host itself
         host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
     record.env = EnvOutcome(plan.current, plan.wanted,
                             "install" if plan.upload else "switch" if plan.activate else "none")
@@ -325,7 +319,6 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
         install_env(
             name=f"Upload and unpack {source.env}",
             env_dir=config.ml_env_dir, source=source, owner=env_owner(config), free_bytes=state.free_bytes,
-            gpus=gate if cached is None else None,  # not built yet: the plan-time checks run once it is
         )
     if plan.activate:
         activate_env(name=f"Import check, then switch to {source.env}",  # one name on every host: one operation

@@ -6,7 +6,8 @@ The override is a dict dumped with PyYAML; values the deploy injects (paths, mod
 doubled so compose never interpolates them. `.env` (0600) holds COMPOSE_FILE and COMPOSE_PROJECT_NAME, so
 `docker compose ps` run by hand in the project directory sees the same project, and the values compose
 interpolates (`stack_env`, secrets): a value reaches only the services whose definitions read it.
-`.env.digest` (key → hash of value) lets later runs see what changed without reading a secret back;
+`.env.digest` (key → scrypt fingerprint of the value, with the host's salt) lets later runs see what
+changed without reading a secret back, and the `mlstack.config` label hashes fingerprints, not values;
 `.mlstack-files` (sha256 and path per line) records what the last push placed.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
 
 from tasks.config import HostConfig
 from tasks.control.builder import BaseImage, BuilderError
-from tasks.control.caches import file_sha256, once
+from tasks.control.caches import atomic_write, file_sha256, once
 from tasks.control.hub import Snapshot
 from tasks.control.stack_project import (
     BASE_IMAGE_VARIABLE,
@@ -59,11 +60,13 @@ from tasks.host.probe import ProbePart
 from tasks.host.programs import program
 from tasks.host.transfer import StreamedUpload
 from tasks.report import ServiceOutcome, StackOutcome, report
+from tasks.secrets import SALT, fingerprint
 
 HF_HOME = "/root/.cache/huggingface"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # terminal control, but tab
 MANIFEST = ".mlstack-files"
 PRIVATE = (".env", ".env.digest")  # 0600: the values, and what could hint at them
+SALT_LINE = re.compile(rf"^# salt ({SALT.pattern})$", re.M)  # .env.digest's first line
 
 
 @dataclass(frozen=True)
@@ -164,13 +167,31 @@ class ServiceImage:
         return f"{self.reference} ({self.registry.digest[7:19]})" if self.registry else self.reference
 
 
+def digest_salt(config: HostConfig, digest: str | None) -> str:
+    """The salt of the host's `.env.digest` (DIGEST); for a host without one, the control node's own (made
+    once, in `image_cache_dir`), so hosts it deployed share one and each value is fingerprinted once."""
+    found = SALT_LINE.search(digest or "")
+    if found:
+        return found.group(1)
+
+    def control_salt() -> str:
+        path = Path(config.image_cache_dir).expanduser() / "env-digest.salt"
+        salt = path.read_text().strip() if path.exists() else ""
+        if not SALT.fullmatch(salt):
+            salt = os.urandom(16).hex()
+            atomic_write(path, salt)
+        return salt
+
+    return once(("salt", config.image_cache_dir), control_salt)
+
+
 def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots: list[Snapshot],
-           images: dict[str, ServiceImage], gpus: list[Gpu], secrets: dict[str, str]) -> Rendered:
+           images: dict[str, ServiceImage], gpus: list[Gpu], secrets: dict[str, str], salt: str) -> Rendered:
     values = compose_values(config, env.base, secrets)
     dotenv_values = {"COMPOSE_FILE": ":".join((*project.files, OVERRIDE)), "COMPOSE_PROJECT_NAME": project.name,
                      **values}
     dotenv = "".join(dotenv_line(key, value) + "\n" for key, value in dotenv_values.items())
-    digest = "".join(f"{key}={short_hash(value)}\n" for key, value in dotenv_values.items())
+    digest = f"# salt {salt}\n" + "".join(f"{key}={fingerprint(value, salt)}\n" for key, value in dotenv_values.items())
     commits = {snapshot.spec.repo_id: snapshot.commit for snapshot in snapshots}
     services, labels = {}, {}
     for name, definition in project.services.items():
@@ -207,7 +228,7 @@ def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots:
             service["environment"] = environment
         if volumes:
             service["volumes"] = volumes
-        read = {var: short_hash(values[var]) for var in sorted(project.reads(name)) if var in values}
+        read = {var: fingerprint(values[var], salt) for var in sorted(project.reads(name)) if var in values}
         ours["mlstack.config"] = short_hash([definition, service, ours, read])
         service["labels"] = ours
         services[name], labels[name] = service, ours
@@ -462,7 +483,8 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     try:
         values = tuple(sorted(compose_values(config, env.base, secrets).items()))
         images, makers = service_images(project, resolved_config(project, values), config, env.base)
-        rendered = render(project, config, env, snapshots, images, gpus, secrets)
+        rendered = render(project, config, env, snapshots, images, gpus, secrets,
+                          digest_salt(config, state.texts.get(".env.digest")))
     except (StackError, BuilderError, GpuRequestError) as error:
         raise HostProblem(error) from None
     plan = plan_stack(state, rendered, images, services)

@@ -62,7 +62,8 @@ def test_first_deploy_installs_the_env_everywhere_and_the_rerun_builds_and_sends
     first = deploy(fleet, cache, "ml_env_dir_uid=1234", "ml_env_dir_gid=2345")
     assert first.returncode == 0, first.output[-3000:]
     (env,) = switched_to(first)
-    assert first.output.count(f"ML env {env}: building") == 1  # once for the fleet, not once per host
+    assert first.output.count("): building from") == 1  # once for the fleet, not once per host
+    assert re.search(rf"ML env {env} \(recipe-[0-9a-f]{{16}}\): [\d.]+ MB artifact", first.output)
     assert sorted(p.name for p in cache.glob("env-*")) == [f"{env}.json", f"{env}.tar.gz"]
     manifest = json.loads((cache / f"{env}.json").read_text())
 
@@ -102,12 +103,15 @@ def test_new_requirements_switch_every_host_keep_envs_bounds_the_rest_and_a_pin_
                        "--data", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
     assert dry.returncode == 0, dry.output[-3000:]
     (env_b,) = switched_to(dry)
-    assert f"[host2] ML env: {env_a} → {env_b} (to build once, then upload)" in dry.output
-    assert not (cache / f"{env_b}.tar.gz").exists()  # a dry run builds nothing
+    # The new env's id names what pip installs, so the dry run builds it on the builder: no host changes.
+    size = (cache / f"{env_b}.tar.gz").stat().st_size
+    assert f"[host2] ML env: {env_a} → {env_b} ({size / 1e6:.1f} MB to upload)" in dry.output
     assert [active(fleet, record) for record in fleet.hosts] == [env_a, env_a]
+    assert [envs_on(fleet, record) for record in fleet.hosts] == [[env_a], [env_a]]
 
     b = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
     assert b.returncode == 0, b.output[-3000:]
+    assert "building" not in b.output  # the dry run's build, used as it is
     for record in fleet.hosts:
         assert active(fleet, record) == env_b and sorted(envs_on(fleet, record)) == sorted([env_a, env_b])
 
@@ -227,7 +231,8 @@ def test_the_cuda_production_env_is_built_once_and_imports_on_every_host(fleet, 
         assert location.startswith("/root/.local/lib/")
     installed = fleet.ssh(fleet.hosts[0], f"du -sb {ENV_DIR}/envs/{env} | cut -f1; "
                                           f"find {ENV_DIR}/envs/{env} -type f | wc -l").split()
-    built = re.search(r"ML env env-[0-9a-f]{16}: ([0-9.]+) MB artifact, (\d+) files, built in (\d+)s", run.output)
+    built = re.search(r"ML env env-[0-9a-f]{16} \(recipe-[0-9a-f]{16}\): ([0-9.]+) MB artifact, (\d+) files, "
+                      r"\d+ packages, built in (\d+)s", run.output)
     assert built, run.output[-3000:]
     with capsys.disabled():
         print(f"\nCUDA production env {env}: {int(installed[0]) / 1e9:.2f} GB installed, {installed[1]} files; "

@@ -6,6 +6,8 @@ stack's .env (0600) and docker's own root-only record of the container's environ
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from pathlib import Path
 
@@ -114,5 +116,14 @@ def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped,
         assert (root / env_file).stat().st_mode & 0o777 == 0o600
         assert (root / "docker").stat().st_mode & 0o007 == 0  # /var/lib/docker: no way in for other users
         assert all((root / path).stat().st_uid == 0 for path in docker_records)
+        # What tells a later run that the secret changed is a salted scrypt fingerprint, and no file or
+        # label holds a plain hash of it to test guesses against.
+        digest = fleet.ssh(record, f"cat {COMPOSE}/.env.digest").splitlines()
+        salt = bytes.fromhex(digest[0].removeprefix("# salt "))
+        fingerprint = hashlib.scrypt(SECRETS["MLSTACK_API_KEY"].encode(), salt=salt, n=2**14, r=8, p=1, dklen=16)
+        assert f"MLSTACK_API_KEY={fingerprint.hex()}" in digest
+        for plain in (hashlib.sha256(form.encode()).hexdigest()[:16]
+                      for form in (SECRETS["MLSTACK_API_KEY"], json.dumps(SECRETS["MLSTACK_API_KEY"]))):
+            assert plain not in labels and files_holding(root, plain) == set()
         assert files_holding(root, SECRETS["HF_TOKEN"]) == set()
         assert files_holding(root, SECRETS["MLSTACK_INDEX_PASSWORD"]) == set()

@@ -1,14 +1,15 @@
-"""ML env artifact: content ids, safe repack of a user site, import names from dist-info."""
+"""ML env artifact: recipe and content ids, safe repack of a user site, import names from dist-info."""
 
 import hashlib
 import io
 import json
+import re
 import tarfile
 
 import pytest
 
 from tasks.config import RequirementsError, requirement_names
-from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, env_id, repack_user_site
+from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest, check_artifact, recipe_id, repack_user_site
 from tasks.control.env_build import shown_pip_line
 from tasks.secrets import public_url
 
@@ -45,23 +46,29 @@ def user_site_tar(extra=(), chunk=1000) -> list[bytes]:
     return [data[i:i + chunk] for i in range(0, len(data), chunk)]
 
 
-def test_env_id_is_stable_and_changes_with_each_input():
-    base = env_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"})
-    assert base == env_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"})
-    assert base.startswith("env-") and len(base) == 20
+def repack(tmp_path, extra=(), chunk=1000, requirements=REQUIREMENTS, base="sha256:aa"):
+    """The manifest and artifact of the user site USER_SITE_TAR(EXTRA) repacked into TMP_PATH."""
+    manifest = repack_user_site(user_site_tar(extra, chunk), tmp_path, requirements, base, "linux/amd64")
+    return manifest, tmp_path / f"{manifest.env_id}.tar.gz"
+
+
+def test_recipe_id_is_stable_and_changes_with_each_input():
+    base = recipe_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"})
+    assert base == recipe_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"})
+    assert base.startswith("recipe-") and len(base) == 23
     assert len({
         base,
-        env_id(REQUIREMENTS + "openai\n", "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"}),
-        env_id(REQUIREMENTS, "sha256:bb", "linux/amd64", {"index_url": "http://i/simple/"}),
-        env_id(REQUIREMENTS, "sha256:aa", "linux/arm64", {"index_url": "http://i/simple/"}),
-        env_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://j/simple/"}),
+        recipe_id(REQUIREMENTS + "openai\n", "sha256:aa", "linux/amd64", {"index_url": "http://i/simple/"}),
+        recipe_id(REQUIREMENTS, "sha256:bb", "linux/amd64", {"index_url": "http://i/simple/"}),
+        recipe_id(REQUIREMENTS, "sha256:aa", "linux/arm64", {"index_url": "http://i/simple/"}),
+        recipe_id(REQUIREMENTS, "sha256:aa", "linux/amd64", {"index_url": "http://j/simple/"}),
     }) == 5
 
 
 def test_index_credentials_change_neither_the_id_nor_what_is_shown():
     with_token = {"index_url": "https://user:s3cret-token@pypi.corp:8443/simple/", "extra_index_urls": ["https://t0k@x.org/s/"]}
     without = {"index_url": "https://pypi.corp:8443/simple/", "extra_index_urls": ["https://x.org/s/"]}
-    assert env_id("a\n", "b", "c", with_token) == env_id("a\n", "b", "c", without)
+    assert recipe_id("a\n", "b", "c", with_token) == recipe_id("a\n", "b", "c", without)
     assert public_url("https://user:s3cret-token@pypi.corp:8443/simple/") == "https://pypi.corp:8443/simple/"
 
 
@@ -75,9 +82,9 @@ def test_requirement_names_are_canonical_and_an_empty_file_is_refused():
 
 
 def test_repack_strips_the_root_normalises_owners_and_records_import_names(tmp_path):
-    target = tmp_path / "env-1.tar.gz"
-    manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
+    manifest, target = repack(tmp_path)
     assert manifest.imports == {"pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}
+    assert manifest.packages == {"pyyaml": "6.0.4", "tokenizers": "0.23.3"}
     manifest.write(tmp_path / "env-1.json")
     assert Manifest.read(tmp_path / "env-1.json") == manifest
     with tarfile.open(target) as archive:
@@ -92,18 +99,32 @@ def test_repack_strips_the_root_normalises_owners_and_records_import_names(tmp_p
 def test_repack_applies_the_data_filters_modes(tmp_path):
     extra = [(f"{SITE}/yaml/setuid-tool", b"x", {"mode": 0o4777}), (f"{SITE}/shared", b"", {"mode": 0o666}),
              (f"{SITE}/open-dir", b"", {"type": tarfile.DIRTYPE, "mode": 0o3777})]
-    repack_user_site(user_site_tar(extra), tmp_path / "env.tar.gz", "env-1", REQUIREMENTS)
-    with tarfile.open(tmp_path / "env.tar.gz") as archive:
+    _, target = repack(tmp_path, extra)
+    with tarfile.open(target) as archive:
         modes = {member.name.rsplit("/", 1)[-1]: member.mode for member in archive.getmembers()}
         owners = {(member.uid, member.gid, member.uname, member.gname) for member in archive.getmembers()}
     assert (modes["setuid-tool"], modes["shared"], modes["open-dir"]) == (0o755, 0o644, 0o755)
     assert owners == {(0, 0, "root", "root")}
 
 
-def test_the_same_content_repacks_to_the_same_bytes(tmp_path):
-    first = repack_user_site(user_site_tar(), tmp_path / "a.tar.gz", "env-1", REQUIREMENTS)
-    second = repack_user_site(user_site_tar(chunk=77), tmp_path / "b.tar.gz", "env-1", REQUIREMENTS)
-    assert first.sha256 == second.sha256
+def test_the_same_content_repacks_to_the_same_bytes_and_id(tmp_path):
+    first, _ = repack(tmp_path / "a")
+    second, _ = repack(tmp_path / "b", chunk=77, requirements=REQUIREMENTS + "# reworded, same packages\n")
+    assert (first.sha256, first.env_id) == (second.sha256, second.env_id)
+    assert re.fullmatch(r"env-[0-9a-f]{16}", first.env_id)
+
+
+def test_the_env_id_names_what_pip_installed_and_the_base_it_runs_on(tmp_path):
+    """Two control nodes whose pip resolved one recipe differently get two ids, not one id for two contents."""
+    ids = {repack(tmp_path / "first")[0].env_id}
+    other_version = [(f"{SITE}/tokenizers-0.23.3.dist-info/METADATA", b"Name: tokenizers\nVersion: 0.23.4\n")]
+    other_files = [(f"{SITE}/tokenizers-0.23.3.dist-info/RECORD", b"tokenizers/__init__.py,sha256=z,1\n")]
+    one_more = [(f"{SITE}/idna-3.10.dist-info/METADATA", b"Name: idna\nVersion: 3.10\n")]
+    for name, extra, base in (("version", other_version, "sha256:aa"), ("record", other_files, "sha256:aa"),
+                              ("dependency", one_more, "sha256:aa"), ("base", (), "sha256:bb")):
+        # a later member of one name replaces the earlier in the repacked dist-info, as tar extraction would
+        ids.add(repack(tmp_path / name, extra, base=base)[0].env_id)
+    assert len(ids) == 5
 
 
 @pytest.mark.parametrize(
@@ -121,41 +142,39 @@ def test_the_same_content_repacks_to_the_same_bytes(tmp_path):
     ],
 )
 def test_members_that_could_escape_the_target_are_rejected_and_nothing_is_left(tmp_path, member, message):
-    target = tmp_path / "env-1.tar.gz"
     with pytest.raises(ArtifactError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        repack_user_site(user_site_tar(extra=[member]), target, "env-1", REQUIREMENTS)
+        repack(tmp_path, [member])
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_requirement_the_build_did_not_install_is_an_error(tmp_path):
     with pytest.raises(ArtifactError, match="the built env lacks openai"):
-        repack_user_site(user_site_tar(), tmp_path / "e.tar.gz", "env-1", REQUIREMENTS + "openai\n")
+        repack(tmp_path, requirements=REQUIREMENTS + "openai\n")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_artifact_says_which_python_it_is_for_and_carries_what_the_host_check_imports(tmp_path):
-    target = tmp_path / "env-1.tar.gz"
-    manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
+    manifest, target = repack(tmp_path)
     assert manifest.python == "python3.11"
     with tarfile.open(target) as archive:
         info = json.loads(archive.extractfile(ENV_INFO).read())
-    assert info == {"env_id": "env-1", "python": "python3.11",
+    assert info == {"env_id": manifest.env_id, "python": "python3.11",
                     "imports": {"pyyaml": ["yaml"], "tokenizers": ["tokenizers"]}}
     check_artifact(target, manifest)  # what the build wrote passes the check before upload
 
 
 def test_the_cuda_runtime_version_comes_from_its_dist_info(tmp_path):
-    assert repack_user_site(user_site_tar(), tmp_path / "cpu.tar.gz", "env-1", REQUIREMENTS).cuda_runtime == ""
+    assert repack(tmp_path / "cpu")[0].cuda_runtime == ""
     # the METADATA of PyPI's nvidia-cuda-runtime-cu12 12.8.90 wheel, first lines; installed as a dependency
     runtime = [(f"{SITE}/nvidia_cuda_runtime_cu12-12.8.90.dist-info/METADATA",
                 b"Metadata-Version: 2.1\nName: nvidia-cuda-runtime-cu12\nVersion: 12.8.90\nSummary: CUDA Runtime\n")]
-    manifest = repack_user_site(user_site_tar(runtime), tmp_path / "cuda.tar.gz", "env-1", REQUIREMENTS)
+    manifest, _ = repack(tmp_path / "cuda", runtime)
     assert manifest.cuda_runtime == "12.8.90"
     assert "nvidia-cuda-runtime-cu12" not in manifest.imports  # not a requirement: nothing to import-check
 
 
 def test_what_torch_reports_is_checked_before_it_enters_the_manifest(tmp_path):
-    manifest = repack_user_site(user_site_tar(), tmp_path / "env.tar.gz", "env-1", REQUIREMENTS)
+    manifest, _ = repack(tmp_path)
     # what files/torch_info.py printed on the lent H100 (torch 2.11.0+cu130)
     h100 = {"version": "2.11.0+cu130", "cuda": "13.0",
             "archs": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]}
@@ -169,8 +188,7 @@ def test_what_torch_reports_is_checked_before_it_enters_the_manifest(tmp_path):
 
 
 def test_a_cached_artifact_that_was_changed_or_escapes_is_refused(tmp_path):
-    target = tmp_path / "env-1.tar.gz"
-    manifest = repack_user_site(user_site_tar(), target, "env-1", REQUIREMENTS)
+    manifest, target = repack(tmp_path)
     with pytest.raises(ArtifactError, match="does not match its manifest"):
         check_artifact(target, Manifest(**{**manifest.__dict__, "sha256": "0" * 64}))
 
@@ -212,7 +230,7 @@ def test_index_credentials_are_expanded_only_into_pips_config(monkeypatch):
                "trusted_hosts": ["a.corp", "b.corp"]}
     assert pip_conf(options) == ("[global]\nindex-url = https://ci:hunter2@a.corp/simple/\n"
                                  "trusted-host = a.corp\n    b.corp\n")
-    assert env_id("pyyaml\n", "sha256:x", "linux/amd64", options) == env_id(
+    assert recipe_id("pyyaml\n", "sha256:x", "linux/amd64", options) == recipe_id(
         "pyyaml\n", "sha256:x", "linux/amd64", {**options, "index_url": "https://a.corp/simple/"})
 
 

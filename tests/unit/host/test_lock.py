@@ -44,3 +44,15 @@ def test_a_lock_directory_others_could_use_is_refused_and_nothing_is_opened_thro
     assert answer.startswith(f"unsafe: {where} is not a directory that only ")
     assert list(elsewhere.iterdir()) == []  # nothing opened through a link
     assert not (where / "deploy.lock").exists() if plant == "open mode" else os.path.lexists(where)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the lock program as another user")
+def test_a_deploy_that_is_not_root_is_told_to_work_as_root(tmp_path, monkeypatch):
+    """A non-root `_sudo_user` cannot make root's lock directory: the host fails with what to do, not a hang."""
+    monkeypatch.setattr(lock, "LOCK_DIR", str(tmp_path / "mlstack"))
+    answer = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                             "sh", "-c", lock.lock_command("me")],
+                            input="", capture_output=True, text=True, timeout=10).stdout.strip()
+    assert answer == (f"unsafe: nobody cannot make {tmp_path / 'mlstack'}: "
+                      "the deploy works as root (ssh as root, or --sudo)")
+    assert not (tmp_path / "mlstack").exists()

@@ -1,6 +1,9 @@
 """The deploy's additions as data: the override it generates, what it escapes, what it leaves to the project.
 The projects are files/stacks/*, read by docker compose itself (the control node's CLI)."""
 
+import hashlib
+import json
+import re
 import runpy
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from tasks.host.stack import (
     StackState,
     _diff,
     check_url,
+    digest_salt,
     dotenv_line,
     escape,
     masked_env_diff,
@@ -34,16 +38,17 @@ QWEN = "Qwen/Qwen3-Reranker-0.6B"
 COMMIT = "a" * 40
 GPUS = [Gpu(0, "GPU-5a7f8c3e-1b2d-4e6f-9a8b-0c1d2e3f4a5b", "NVIDIA A100-SXM4-80GB", 81920, "535.183.01")]
 SECRETS = {"SUPABASE_URL": "https://x.supabase.co", "SUPABASE_SERVICE_KEY": "k$y"}
+SALT = "5a17" * 8
 
 
-def rendered(stack="archon", gpus=(), **overrides):
+def rendered(stack="archon", gpus=(), salt=SALT, **overrides):
     config, problems = validate_host("gpu-01", {**DEFAULTS, "stack": stack, **overrides})
     assert problems == []
     env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
     snapshots = [Snapshot(ModelSpec(repo_id=QWEN), COMMIT, (), "{}")]
     project = project_of(config)
     images = {name: ServiceImage(f"{project.name}:0123") for name, spec in project.services.items() if "build" in spec}
-    return config, render(project, config, env, snapshots, images, list(gpus), SECRETS)
+    return config, render(project, config, env, snapshots, images, list(gpus), SECRETS, salt)
 
 
 def override(out) -> dict:
@@ -90,10 +95,31 @@ def test_a_secret_changes_the_config_label_of_the_services_that_read_it_only():
     project = project_of(config)
     images = {name: ServiceImage("archon:0123") for name in project.services}
     after = render(project, config, env, [Snapshot(ModelSpec(repo_id=QWEN), COMMIT, (), "{}")], images, [],
-                   {**SECRETS, "SUPABASE_SERVICE_KEY": "rotated"})
+                   {**SECRETS, "SUPABASE_SERVICE_KEY": "rotated"}, SALT)
     changed = {name for name in project.services
                if before.labels[name]["mlstack.config"] != after.labels[name]["mlstack.config"]}
     assert changed == {"archon-server", "archon-mcp", "archon-agents"}  # not archon-frontend: it reads no secret
+
+
+def test_the_digest_and_labels_keep_salted_scrypt_fingerprints_of_values_never_a_plain_hash():
+    _, out = rendered()
+    assert out.digest.splitlines()[0] == f"# salt {SALT}"
+    key = hashlib.scrypt(b"k$y", salt=bytes.fromhex(SALT), n=2**14, r=8, p=1, dklen=16).hex()
+    assert f"SUPABASE_SERVICE_KEY={key}\n" in out.digest
+    plain = {hashlib.sha256(form).hexdigest()[:16] for form in (b"k$y", b'"k$y"')}
+    assert not any(hashed in out.digest + json.dumps(out.labels) for hashed in plain)
+    _, resalted = rendered(salt="6a17" * 8)  # another host's salt: other fingerprints, other labels
+    assert f"SUPABASE_SERVICE_KEY={key}" not in resalted.digest
+    assert resalted.labels["archon-server"]["mlstack.config"] != out.labels["archon-server"]["mlstack.config"]
+
+
+def test_a_host_keeps_the_salt_of_its_digest_and_a_new_host_gets_the_control_nodes(tmp_path):
+    config, _ = rendered(image_cache_dir=str(tmp_path))
+    assert digest_salt(config, f"# salt {SALT}\nA=1\n") == SALT
+    made = digest_salt(config, None)
+    assert re.fullmatch(r"[0-9a-f]{32}", made) and made != SALT
+    assert (tmp_path / "env-digest.salt").read_text() == made
+    assert digest_salt(config, "# salt not-hex\n") == made  # a malformed line read back is not used
 
 
 def test_variables_each_service_reads_with_and_without_defaults():
@@ -192,7 +218,7 @@ def test_a_shipped_registry_image_is_sent_where_the_host_has_another_id_and_neve
               "reranker": ServiceImage("registry.corp/api:2", "pull")}
     project = project_of(config)
     env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
-    out = render(project, config, env, [], images, [], {})
+    out = render(project, config, env, [], images, [], {}, SALT)
     assert override(out)["docs"]["pull_policy"] == "never" and "image" not in override(out)["docs"]
     assert override(out)["docs"]["labels"]["mlstack.image"] == "registry.corp/tools:1 (dddddddddddd)"  # digest
     assert "pull_policy" not in override(out)["reranker"]
