@@ -1,10 +1,12 @@
-"""`make bench-transfer`: one 500 MB file sent to a rehearsal host by the deploy's upload path, next to
+"""`make bench-transfer`: one 500 MB file sent to a rehearsal host by the deploy's upload paths, next to
 OpenSSH's `ssh host 'cat > file'` on the same link (the floor issue 15 sets: at least 80 % of it), and
 paramiko's SFTP for reference, each timed 3 times in one run; the hash of what arrived is checked.
 
-The deploy's path is what `StreamedUpload` does (tasks/host/transfer.py): an exec channel of a paramiko
-connection with pyinfra's defaults, running `files/host/receive_file.sh`, fed 1 MiB chunks. Uses its own
-fleet ("xfer") and removes it at the end. Prints a table; asserts only that every copy arrived whole.
+The deploy's paths are `StreamedUpload`'s (tasks/host/transfer.py), running `files/host/receive_file.sh`:
+its own code streaming into OpenSSH (what uploads use), and an exec channel of a paramiko connection
+with pyinfra's defaults fed 1 MiB chunks (where OpenSSH cannot stand in for the connection, e.g. a
+password login). Uses its own fleet ("xfer") and removes it at the end. Prints a table; asserts only
+that every copy arrived whole.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import paramiko
 
 from rehearsal.fleet import Fleet, HostRecord
 from tasks.host.programs import program
-from tasks.host.transfer import CHUNK
+from tasks.host.transfer import CHUNK, StreamedUpload
 
 SIZE = 500 * 10**6
 REPEATS = 3
@@ -43,10 +45,25 @@ def by_openssh(fleet: Fleet, record: HostRecord, source: Path) -> None:
         subprocess.run([*fleet.ssh_argv(record), f"cat > {DEST}"], stdin=data, check=True)
 
 
-def by_exec_channel(fleet: Fleet, record: HostRecord, source: Path, window: int | None = None) -> None:
+class Quiet:
+    """Where StreamedUpload logs its progress: nowhere, in a bench."""
+
+    def log(self, _: str) -> None:
+        pass
+
+
+def by_streamed_upload(fleet: Fleet, record: HostRecord, source: Path) -> None:
+    upload = StreamedUpload(source, "bench", DEST)
+    with source.open("rb") as data:
+        status, said = upload._by_openssh([*fleet.ssh_argv(record), upload.receive], data, SIZE, Quiet())
+    if status != 0:
+        raise RuntimeError(f"exit {status}: {said}")
+
+
+def by_exec_channel(fleet: Fleet, record: HostRecord, source: Path) -> None:
     client = connect(fleet, record)
     try:
-        channel = client.get_transport().open_session(**({"window_size": window} if window else {}))
+        channel = client.get_transport().open_session()
         channel.exec_command(program("receive_file.sh", DEST, "0600"))
         with source.open("rb") as data:
             while chunk := data.read(CHUNK):
@@ -69,10 +86,9 @@ def by_sftp(fleet: Fleet, record: HostRecord, source: Path) -> None:
 
 METHODS: dict[str, Callable[[Fleet, HostRecord, Path], None]] = {
     "ssh 'cat > file' (OpenSSH, the floor)": by_openssh,
-    "exec channel + receive_file.sh (the deploy's uploads)": by_exec_channel,
+    "StreamedUpload into OpenSSH (the deploy's uploads)": by_streamed_upload,
+    "paramiko exec channel (where OpenSSH cannot stand in)": by_exec_channel,
     "paramiko SFTP put (reference)": by_sftp,
-    "exec channel, 64 MiB window (a candidate)": lambda fleet, record, source: by_exec_channel(
-        fleet, record, source, window=64 * 2**20),
 }
 
 

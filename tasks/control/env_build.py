@@ -130,9 +130,9 @@ def build_network(client: docker.DockerClient, pip_options: dict) -> str:
 
 def _remove_stopped_builds(client: docker.DockerClient) -> None:
     """Build containers a killed deploy left behind (stopped once their deploy went: they hold no
-    credential); a running one may be another deploy's build and is left alone."""
+    credential); a running or just created one may be another deploy's build and is left alone."""
     for container in client.containers.list(all=True, filters={"label": "mlstack.env-build",
-                                                                "status": ["created", "exited", "dead"]}):
+                                                                "status": ["exited", "dead"]}):
         container.remove(force=True)
 
 

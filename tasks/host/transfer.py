@@ -1,4 +1,5 @@
-"""Uploads to a host: streamed over an exec channel of the deploy's own SSH connection into a
+"""Uploads to a host: streamed by OpenSSH with the connection's settings (or, where it cannot stand in
+for the connection, over an exec channel of it: tasks/host/channel.py) into a
 program on the host (`files/host/receive_file.sh`), run with the deploy's sudo/su settings and, in
 a directory a non-root user owns, as that user (`as_owner`). No temporary copy at a predictable name,
 no second write on the host; progress the user sees; a room check before a byte is sent; and a
@@ -10,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import shlex
+import subprocess
+import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
@@ -17,7 +20,7 @@ import paramiko
 from pyinfra.api import StringCommand
 from pyinfra.api.command import PyinfraCommand
 
-from tasks.host.channel import open_channel
+from tasks.host.channel import open_channel, ssh_command
 from tasks.host.failure import failed
 from tasks.host.programs import program
 
@@ -30,6 +33,11 @@ CHUNK = 1 << 20
 # can never rename the next run's half-written file into place. MARKED matches the mark, or none (older runs).
 RUN_MARK = os.urandom(4).hex()
 MARKED = r"(?:-[0-9a-f]{8})?"
+LOST = -1  # the exit status of an upload whose connection went away
+# The chain after the upload (checks, unpack, rename) may have been under way, and may still finish on its
+# own names: only the next run's plan knows what the host holds.
+LOST_WORDS = "the connection was lost during the upload or the host's work on it"
+AFTER_LOSS = "the next run completes what is missing"
 
 
 def room_problem(free: int, needed: int, contents: str, where: str = "") -> str | None:
@@ -74,36 +82,60 @@ class StreamedUpload(PyinfraCommand):
             source, total = self._open()
         except OSError as error:
             return failed(host, f"{self.label}: cannot read it on the control node ({error}); nothing was sent")
+        with source:
+            argv = ssh_command(state, host, self.receive, dict(connector_arguments))
+            outcome = (self._by_openssh(argv, source, total, host) if argv
+                       else self._by_channel(state, host, dict(connector_arguments), source, total))
+        if isinstance(outcome, str):
+            return failed(host, f"{self.label}: {outcome}")
+        status, said = outcome
+        if status == 0:
+            return True
+        if status == LOST:
+            why = f" ({said[-1]})" if said else ""
+            return failed(host, f"{self.label}: {LOST_WORDS}{why}; {AFTER_LOSS}")
+        return failed(host, f"{self.label}: the upload failed ({said[-1] if said else f'exit status {status}'}); "
+                            f"{self._room(state, host, connector_arguments)}nothing was installed, "
+                            "the next run sends it again")
+
+    def _by_openssh(self, argv: list[str], source, total: int, host) -> tuple[int, list[str]]:
+        """Stream SOURCE into `ssh` (ARGV); its exit status (LOST: ssh's own 255) and what the host said."""
+        with tempfile.TemporaryFile() as said:
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=said)
+            try:
+                self._send(source, total, process.stdin.write, host)
+                process.stdin.close()
+            except (BrokenPipeError, ValueError):
+                pass  # the program on the host (or ssh) ended first: its status says why
+            status = process.wait()
+            said.seek(0)
+            lines = said.read(65536).decode(errors="replace").strip().splitlines()
+        return (LOST if status == 255 else status), lines
+
+    def _by_channel(self, state, host, arguments: dict, source, total: int) -> tuple[int, list[str]] | str:
+        """Stream SOURCE over an exec channel of the deploy's paramiko connection (where OpenSSH cannot
+        stand in for it); its exit status (LOST: none came) and what the host said, or why not."""
         channel = None
         try:
-            with source:
-                channel = open_channel(state, host, self.receive, dict(connector_arguments))
-                if channel is None:
-                    return failed(host, f"{self.label}: uploads need an SSH connection to the host")
-                self._send(source, total, channel, host)
+            channel = open_channel(state, host, self.receive, arguments)
+            if channel is None:
+                return "uploads need an SSH connection to the host"
+            self._send(source, total, channel.sendall, host)
             channel.shutdown_write()
         except (OSError, EOFError, paramiko.SSHException) as error:
             # paramiko's words for a dead connection (pyinfra would abort every host's run on them),
             # unless the program on the host ended first and closed its end: then its status says why
             if channel is None or not channel.exit_status_ready():
-                return failed(host, f"{self.label}: the connection was lost during the upload ({error}); "
-                                    "nothing was installed, the next run sends it again")
+                return f"{LOST_WORDS} ({error}); {AFTER_LOSS}"
         status = channel.recv_exit_status()
         said = channel.recv_stderr(65536).decode(errors="replace").strip().splitlines()
         channel.close()  # not left open until the connection ends
-        if status == 0:
-            return True
-        if status == -1:  # the channel closed without an exit status: the connection went away
-            return failed(host, f"{self.label}: the connection was lost during the upload; "
-                                "nothing was installed, the next run sends it again")
-        return failed(host, f"{self.label}: the upload failed ({said[-1] if said else f'exit status {status}'}); "
-                            f"{self._room(state, host, connector_arguments)}nothing was installed, "
-                            "the next run sends it again")
+        return status, said
 
-    def _send(self, source, total: int, channel, host) -> None:
+    def _send(self, source, total: int, write, host) -> None:
         sent, last = 0, time.monotonic()
         while chunk := source.read(CHUNK):
-            channel.sendall(chunk)
+            write(chunk)
             sent += len(chunk)
             if total >= PROGRESS_FROM and (time.monotonic() - last >= PROGRESS_EVERY or sent == total):
                 last = time.monotonic()

@@ -4,7 +4,6 @@ once. (A blob transfer killed mid-file is in test_models; a failing health gate 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -13,12 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_helpers import ENV_DIR, active, new_requirements, ssh_sessions, wait_until
 
 from tasks.fleet.runner import PYINFRA, REPO
 
-ENV_DIR = "/srv/mlstack/ml-env"
-FILES = Path(__file__).parents[2] / "files"
-REHEARSAL = (FILES / "requirements.rehearsal.txt").read_text()
 PROJECT = "mlstack-reranker"
 SENDING = re.compile(r"\] ML env (env-[0-9a-f]{16}): [\d.]+ / [\d.]+ MB sent")
 
@@ -40,17 +37,6 @@ def converged(fleet, cache):
 def deploy(fleet, cache, *data: str, limit: str | None = None):
     args = [arg for item in data for arg in ("--data", item)]
     return fleet.deploy("--data", f"ml_env_cache_dir={cache}", *args, *(("--limit", limit) if limit else ()))
-
-
-def new_requirements(tmp_path: Path) -> str:
-    """Requirements that make a new env (and so an upload) on the next deploy."""
-    path = tmp_path / "next.txt"
-    path.write_text(REHEARSAL + "packaging\n")
-    return f"ml_env_requirements={path}"
-
-
-def active(fleet, record) -> str:
-    return fleet.ssh(record, f"readlink {ENV_DIR}/active || true").strip().removeprefix("envs/")
 
 
 def env_listing(fleet, record, env: str) -> str:
@@ -83,13 +69,6 @@ def wait_for_upload(process: subprocess.Popen, log: list[str]) -> str:
     raise AssertionError("the deploy ended before its env upload began:\n" + "".join(log[-40:]))
 
 
-def wait_until(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
-
-
 def wait_for_bytes(folder: Path, pattern: str, timeout: float = 60) -> None:
     """Until a file of FOLDER (a host's, seen from the control node) named like PATTERN holds something."""
     deadline = time.monotonic() + timeout
@@ -102,17 +81,6 @@ def finish(process: subprocess.Popen, log: list[str]) -> str:
     log.extend(process.stderr)
     process.wait(timeout=300)
     return "".join(log)
-
-
-def ssh_sessions(fleet, record) -> list[int]:
-    """The host's sshd processes serving a connection (children of its listening sshd)."""
-    sshd = {}
-    for pid in fleet.fleet.host_pids(record):
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd":
-                sshd[pid] = int(fields[1])  # its parent
-    return [pid for pid, parent in sshd.items() if parent in sshd]
 
 
 def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host_converges_and_the_rerun_too(
