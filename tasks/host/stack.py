@@ -42,10 +42,13 @@ from tasks.control.stack_project import (
     ComposeProject,
     RegistryImage,
     StackError,
+    archive_layers,
     build_and_save,
+    chain_ids,
     docker_config,
     image_tag,
     inspect_on_builder,
+    partial_archive,
     project_of,
     pull_and_save,
     registry_images,
@@ -81,9 +84,12 @@ class StackState:
     images: dict[str, str]  # "repository:tag" -> id, for every image on the host
     containers: dict[str, ContainerState]  # compose service -> its container
     texts: dict = field(hash=False)  # file name -> content on the host: compose files, override, digest, manifest
+    layers: frozenset[str] = frozenset()  # the chain id of every layer of every image on the host
+    loads_partial: bool = False  # the classic image store: `docker load` reads no layer it holds
 
 
 CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
+LAYER_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class StackFact(FactBase):
@@ -94,11 +100,17 @@ class StackFact(FactBase):
         return program("stack_probe.sh", compose_dir, project, ",".join(CONTAINER_LABELS), *texts)
 
     def process(self, output: list[str]) -> StackState:
-        images, containers, texts, current = {}, {}, {}, None
+        images, containers, texts, current, layers, store = {}, {}, {}, None, set(), ""
         for line in output:
             if line.startswith("image "):
                 tag, _, image_id = line[6:].partition(" ")
                 images[tag] = image_id.strip()
+            elif line.startswith("layers "):
+                diff_ids = line[7:].split()
+                if all(LAYER_ID.fullmatch(diff_id) for diff_id in diff_ids):
+                    layers.update(chain_ids(diff_ids))
+            elif line.startswith("store "):
+                store = line[6:]
             elif line.startswith("container "):
                 service, state, status, *values = line[10:].split("|")
                 health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
@@ -109,7 +121,8 @@ class StackFact(FactBase):
             elif current and line.startswith("|"):
                 texts[current].append(line[2:])
         return StackState(images, containers, {name: "".join(line + "\n" for line in lines)
-                                               for name, lines in texts.items()})
+                                               for name, lines in texts.items()},
+                          frozenset(layers), store.startswith("[") and "io.containerd.snapshotter" not in store)
 
 
 def probe_part(config: HostConfig) -> ProbePart:
@@ -304,15 +317,30 @@ def _image_ready(state, host, reference: str, make_archive) -> bool:
     return True
 
 
+def layers_to_send(archive: Path, held: frozenset[str]) -> tuple[tuple[str, ...], int]:
+    """Which layer files of ARCHIVE a host holding the layers HELD (chain ids) can do without, and how many it
+    has; none for an archive that is not one image's `docker save` (it is sent whole, and loaded as it is)."""
+    try:
+        layers = once(("layers", archive), lambda: archive_layers(archive))
+    except (StackError, OSError, tarfile.TarError):
+        return (), 0
+    return tuple(sorted(name for name, chain in layers if chain in held)), len(layers)
+
+
 @operation(is_idempotent=False)
-def ship_image(reference: str, make_archive, archive: Path, compose_dir: str):
+def ship_image(reference: str, make_archive, archive: Path, compose_dir: str, held: tuple[str, ...] = ()):
     """Make the archive once for the fleet (MAKE_ARCHIVE: build or pull, then `docker save | gzip`), then
-    `docker load` it on each host that lacks the image, after a sha256 check."""
+    `docker load` it on each host that lacks the image, after a sha256 check. A host whose engine skips
+    layers it holds gets only the layers it lacks (HELD: the chain ids of those it has, where it skips)."""
     yield FunctionCommand(_image_ready, (reference, make_archive), {})
+    leave_out, total = layers_to_send(archive, frozenset(held)) if held else ((), 0)
+    if leave_out:
+        archive = once(("partial", archive, leave_out), lambda: partial_archive(archive, leave_out))
+    label = f"image {reference}" + (f" ({total - len(leave_out)} of {total} layers)" if leave_out else "")
     incoming, q = f"{compose_dir}/.image.tar.gz", shlex.quote
     sha256 = once(("sha256", archive), lambda: file_sha256(archive))
     mismatch = q(f"image {reference}: the archive does not match its sha256; it was removed, run the deploy again")
-    yield StreamedUpload(archive, f"image {reference}", incoming, then=(
+    yield StreamedUpload(archive, label, incoming, then=(
         f"{{ echo {sha256}'  '{q(incoming)} | sha256sum --check --quiet --strict - "
         f"|| {{ rm -f {q(incoming)}; echo {mismatch} >&2; exit 1; }}; }} "
         f"&& docker load -q -i {q(incoming)} && rm -f {q(incoming)}"))
@@ -504,7 +532,10 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     for reference in plan.send_images:
         archive = archive_of(config, by_reference[reference])
         registry = by_reference[reference].registry
-        size = (f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists()
+        partial = archive.exists() and state.loads_partial
+        leave_out, total = layers_to_send(archive, state.layers) if partial else ((), 0)
+        size = (f"{total - len(leave_out)} of {total} layers to send, the host holds the rest" if leave_out
+                else f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists()
                 else "to build once, then send" if registry is None
                 else f"{registry.size / 1e6:.1f} MB unpacked, to save once, then send" if registry.id
                 else "to pull once on the builder, then send")
@@ -525,7 +556,8 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
             host.log(f"  {line}")
     for reference in plan.send_images:
         ship_image(name=f"Image {reference}", reference=reference, make_archive=makers[reference],
-                   archive=archive_of(config, by_reference[reference]), compose_dir=config.compose_project_dir)
+                   archive=archive_of(config, by_reference[reference]), compose_dir=config.compose_project_dir,
+                   held=tuple(sorted(state.layers)) if state.loads_partial else ())
     if plan.push:
         push_project(name=f"Compose project {project.name}", compose_dir=config.compose_project_dir,
                      rendered=rendered)

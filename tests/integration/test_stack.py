@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import urllib.request
 from pathlib import Path
 
@@ -370,7 +371,8 @@ def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_p
     assert shipped.returncode == 0, shipped.output[-3000:]
     for record in hosts:
         assert re.search(rf"\[{record.name}\] stack {PROJECT}: image {re.escape(reference)} "
-                         r"\((\d+\.\d MB to send|to pull once on the builder, then send)\)", shipped.output)
+                         r"\((\d+\.\d MB to send|\d+ of \d+ layers to send, the host holds the rest"
+                         r"|to pull once on the builder, then send)\)", shipped.output)
         assert tools_image(record) in ids  # the very image id the registry holds
     builder = hosts[0].ip  # the rehearsal's ml_env_builder is the first host's engine
     assert {line.split()[0] for line in registry_requests(fleet)[seen:]} == {builder}  # only the builder pulled
@@ -429,6 +431,28 @@ def test_editing_one_service_recreates_only_it(fleet, tmp_path):
     for record in fleet.hosts:
         after = containers(fleet, record)
         assert after["reranker"] == before[record.name]["reranker"] and after["docs"] != before[record.name]["docs"]
+
+
+def test_a_built_image_travels_as_the_layers_the_host_lacks_and_runs_there(fleet, tmp_path):
+    """The reranker's image is the runtime base (on every host: the import check runs it) and a layer of
+    its own: host2, which lacks the image the builder (host1) made, gets that layer, not the base's again."""
+    project, images = tmp_path / "layered", tmp_path / "images"
+    shutil.copytree(RERANKER, project)
+    for version in ("1", "2"):
+        (project / "app.py").write_text((RERANKER / "app.py").read_text() + f"# version {version}\n")
+        run = fleet.deploy("--data", f"stack={project}", "--data", f"image_cache_dir={images}")
+        assert run.returncode == 0, run.output[-3000:]  # the health gate passed: the image host2 loaded runs
+        (tag,) = re.findall(rf"\[host2\] stack {PROJECT}: image ({PROJECT}:[0-9a-f]{{16}}) "
+                            r"\(to build once, then send\)", run.output)
+        whole = images / f"{tag.replace(':', '-')}.tar.gz"
+        (sent,) = images.glob(f"{tag.replace(':', '-')}-without-*.tar.gz")
+        assert sent.stat().st_size * 20 < whole.stat().st_size  # the base's layers stayed behind
+        with tarfile.open(sent) as archive:
+            layers = [member for member in archive if member.name.endswith("/layer.tar")  # docker 20.10's layout
+                      or member.name.startswith("blobs/") and member.size > 4096]  # or docker 25's
+            assert len(layers) == 1
+        ids = {fleet.ssh(record, f"docker image inspect -f '{{{{.Id}}}}' {tag}").strip() for record in fleet.hosts}
+        assert len(ids) == 1  # host2 holds the very image the builder made
 
 
 def test_an_http_check_the_control_node_makes_fails_the_host_with_what_it_got(fleet):

@@ -1,8 +1,12 @@
 """The control side of the compose project: build contexts as docker sends them (`.dockerignore`)."""
 
 import base64
+import gzip
+import hashlib
+import io
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -11,10 +15,13 @@ from tasks.control.stack_project import (
     Build,
     ComposeProject,
     StackError,
+    archive_layers,
+    chain_ids,
     context_files,
     docker_config,
     ignore_rules,
     ignored,
+    partial_archive,
     registry_of,
     repository_of,
 )
@@ -90,3 +97,40 @@ def test_without_compose_files_the_project_is_what_compose_reads_by_default(tmp_
                                 text=True, check=True).stdout.split()
     ComposeProject.load.cache_clear()
     assert sorted(ComposeProject.load(str(tmp_path)).services) == sorted(by_compose) == ["a", "b"]
+
+
+def saved_image(path: Path, layers: dict[str, bytes]) -> list[str]:
+    """A `docker save | gzip` of one image whose layers are LAYERS (member name -> tar bytes) in order,
+    shaped as docker 25+ writes it; returns the layers' diff ids."""
+    diff_ids = ["sha256:" + hashlib.sha256(data).hexdigest() for data in layers.values()]
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    members = {**layers, "blobs/sha256/config": config,
+               "manifest.json": json.dumps([{"Config": "blobs/sha256/config", "RepoTags": ["app:2"],
+                                             "Layers": list(layers)}]).encode()}
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return diff_ids
+
+
+def test_chain_ids_follow_the_oci_rule():
+    first, second = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    assert chain_ids([first, second]) == [first, "sha256:" + hashlib.sha256(f"{first} {second}".encode()).hexdigest()]
+
+
+def test_a_host_holding_the_lower_layers_is_sent_the_archive_without_them(tmp_path):
+    archive = tmp_path / "app-2.tar.gz"
+    diff_ids = saved_image(archive, {"blobs/sha256/base": b"b" * 4096, "blobs/sha256/app": b"a" * 512})
+    chains = chain_ids(diff_ids)
+    assert archive_layers(archive) == [("blobs/sha256/base", chains[0]), ("blobs/sha256/app", chains[1])]
+    partial = partial_archive(archive, ("blobs/sha256/base",))
+    with tarfile.open(partial) as sent:
+        assert sent.getnames() == ["blobs/sha256/app", "blobs/sha256/config", "manifest.json"]
+        layers = json.loads(sent.extractfile("manifest.json").read())[0]["Layers"]
+        assert layers == ["blobs/sha256/base", "blobs/sha256/app"]  # the manifest still names every layer
+    assert partial_archive(archive, ("blobs/sha256/base",)) == partial  # made once, kept beside the archive
+    (tmp_path / "broken.tar.gz").write_bytes(gzip.compress(b""))
+    with pytest.raises(StackError, match="not the `docker save` of one image"):
+        archive_layers(tmp_path / "broken.tar.gz")

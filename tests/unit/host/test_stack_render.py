@@ -13,13 +13,14 @@ import yaml
 from tasks.config import ModelSpec, validate_host
 from tasks.control.builder import BaseImage
 from tasks.control.hub import Snapshot
-from tasks.control.stack_project import ComposeProject, RegistryImage, project_of
+from tasks.control.stack_project import ComposeProject, RegistryImage, chain_ids, project_of
 from tasks.host.gpu_checks import Gpu, GpuRequestError
 from tasks.host.ml_env import EnvPlan
 from tasks.host.stack import (
     MANIFEST,
     ContainerState,
     ServiceImage,
+    StackFact,
     StackState,
     _diff,
     check_url,
@@ -254,3 +255,12 @@ def test_a_check_url_gets_the_host_address_ipv6_in_brackets():
 def test_a_diff_shows_control_characters_read_back_from_a_host_escaped():
     lines = _diff("image: x\x1b]2;owned\x07\n", "image: y\n", "compose.yaml")
     assert "-image: x\\x1b]2;owned\\x07" in lines and not any("\x1b" in line for line in lines)
+
+
+def test_the_probe_reads_every_images_layers_as_chain_ids_and_whether_docker_load_skips_those_it_holds():
+    lower, upper = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    state = StackFact().process([f"layers {lower} {upper} ", "layers sha256:not-a-layer",
+                                 'store [["Backing Filesystem","extfs"],["Supports d_type","true"]]'])
+    assert state.layers == frozenset(chain_ids([lower, upper])) and state.loads_partial
+    assert not StackFact().process(['store [["driver-type","io.containerd.snapshotter.v1"]]']).loads_partial
+    assert not StackFact().process([]).loads_partial  # no answer: the whole archive, as before
