@@ -2,12 +2,13 @@
 
     .venv/bin/python -m tasks.fleet.verify inventory/<fleet>.py [--hashes] [--limit 'gpu-*'] [--data k=v ...]
 
-It is the deploy's own dry run (`pyinfra … deploy.py --dry`): a dry run builds, sends and changes
-nothing, and every change it would make is drift — directories and owners, the active env, each
-model snapshot (sizes; with --hashes every file's hash), the compose files and every service
-running and healthy. It also runs the import check of each host's active env. What drifted is
-read from the deploy's per-host report (tasks/report.py). Exit status 1 on any drift or failure,
-0 when every host matches.
+It is the deploy's own dry run (`pyinfra … deploy.py --dry`): a dry run sends and changes nothing on
+the hosts (it builds the env on the builder only when this control node never built its requirements:
+an env's id names what pip installs), and every change it would make is drift — directories and
+owners, the active env, each model snapshot (sizes; with --hashes every file's hash), the compose
+files and every service running and healthy. It also runs the import check of each host's active
+env. What drifted is read from the deploy's per-host report (tasks/report.py). Exit status 1 on any
+drift or failure, 0 when every host matches.
 """
 
 from __future__ import annotations
