@@ -2,9 +2,9 @@
 `_sudo_user`, `_su_user`, `_doas`…): for what pyinfra's run_shell_command cannot do, which is
 streaming stdin (uploads) and holding a process as long as the connection lasts (the lock).
 
-Uploads go through OpenSSH (`ssh_command`) where it can stand in for pyinfra's connection, as
-pyinfra's own `rsync` does: its ciphers run in a process of their own per host, at about twice the
-speed of paramiko's in the deploy's one Python process (`make bench-transfer`).
+Large uploads go through OpenSSH (`ssh_command`) where it can stand in for pyinfra's connection, as
+pyinfra's own `rsync` does: its ciphers run in a process of their own, at about twice the speed of
+paramiko's in the deploy's one Python process (`make bench-transfer`).
 """
 
 from __future__ import annotations

@@ -84,8 +84,30 @@ class StackState:
     images: dict[str, str]  # "repository:tag" -> id, for every image on the host
     containers: dict[str, ContainerState]  # compose service -> its container
     texts: dict = field(hash=False)  # file name -> content on the host: compose files, override, digest, manifest
+
+
+@dataclass(frozen=True)
+class HeldLayers:
     layers: frozenset[str] = frozenset()  # the chain id of every layer of every image on the host
     loads_partial: bool = False  # the classic image store: `docker load` reads no layer it holds
+
+
+class HeldLayersFact(FactBase):
+    """The layers a host holds, for an image about to be sent to it (files/host/image_layers_probe.sh)."""
+
+    def command(self) -> str:
+        return program("image_layers_probe.sh")
+
+    def process(self, output: list[str]) -> HeldLayers:
+        layers, store = set(), ""
+        for line in output:
+            if line.startswith("layers "):
+                diff_ids = line[7:].split()
+                if all(LAYER_ID.fullmatch(diff_id) for diff_id in diff_ids):
+                    layers.update(chain_ids(diff_ids))
+            elif line.startswith("store "):
+                store = line[6:]
+        return HeldLayers(frozenset(layers), store.startswith("[") and "io.containerd.snapshotter" not in store)
 
 
 CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
@@ -100,17 +122,11 @@ class StackFact(FactBase):
         return program("stack_probe.sh", compose_dir, project, ",".join(CONTAINER_LABELS), *texts)
 
     def process(self, output: list[str]) -> StackState:
-        images, containers, texts, current, layers, store = {}, {}, {}, None, set(), ""
+        images, containers, texts, current = {}, {}, {}, None
         for line in output:
             if line.startswith("image "):
                 tag, _, image_id = line[6:].partition(" ")
                 images[tag] = image_id.strip()
-            elif line.startswith("layers "):
-                diff_ids = line[7:].split()
-                if all(LAYER_ID.fullmatch(diff_id) for diff_id in diff_ids):
-                    layers.update(chain_ids(diff_ids))
-            elif line.startswith("store "):
-                store = line[6:]
             elif line.startswith("container "):
                 service, state, status, *values = line[10:].split("|")
                 health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
@@ -121,8 +137,7 @@ class StackFact(FactBase):
             elif current and line.startswith("|"):
                 texts[current].append(line[2:])
         return StackState(images, containers, {name: "".join(line + "\n" for line in lines)
-                                               for name, lines in texts.items()},
-                          frozenset(layers), store.startswith("[") and "io.containerd.snapshotter" not in store)
+                                               for name, lines in texts.items()})
 
 
 def probe_part(config: HostConfig) -> ProbePart:
@@ -529,11 +544,12 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
         return plan
     report[host.name].changed("stack")
     by_reference = {image.reference: image for image in images.values()}
+    held = host.get_fact(HeldLayersFact) if plan.send_images else HeldLayers()
     for reference in plan.send_images:
         archive = archive_of(config, by_reference[reference])
         registry = by_reference[reference].registry
-        partial = archive.exists() and state.loads_partial
-        leave_out, total = layers_to_send(archive, state.layers) if partial else ((), 0)
+        partial = archive.exists() and held.loads_partial
+        leave_out, total = layers_to_send(archive, held.layers) if partial else ((), 0)
         size = (f"{total - len(leave_out)} of {total} layers to send, the host holds the rest" if leave_out
                 else f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists()
                 else "to build once, then send" if registry is None
@@ -557,7 +573,7 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     for reference in plan.send_images:
         ship_image(name=f"Image {reference}", reference=reference, make_archive=makers[reference],
                    archive=archive_of(config, by_reference[reference]), compose_dir=config.compose_project_dir,
-                   held=tuple(sorted(state.layers)) if state.loads_partial else ())
+                   held=tuple(sorted(held.layers)) if held.loads_partial else ())
     if plan.push:
         push_project(name=f"Compose project {project.name}", compose_dir=config.compose_project_dir,
                      rendered=rendered)

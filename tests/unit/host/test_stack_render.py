@@ -19,8 +19,8 @@ from tasks.host.ml_env import EnvPlan
 from tasks.host.stack import (
     MANIFEST,
     ContainerState,
+    HeldLayersFact,
     ServiceImage,
-    StackFact,
     StackState,
     _diff,
     check_url,
@@ -259,8 +259,8 @@ def test_a_diff_shows_control_characters_read_back_from_a_host_escaped():
 
 def test_the_probe_reads_every_images_layers_as_chain_ids_and_whether_docker_load_skips_those_it_holds():
     lower, upper = "sha256:" + "a" * 64, "sha256:" + "b" * 64
-    state = StackFact().process([f"layers {lower} {upper} ", "layers sha256:not-a-layer",
-                                 'store [["Backing Filesystem","extfs"],["Supports d_type","true"]]'])
-    assert state.layers == frozenset(chain_ids([lower, upper])) and state.loads_partial
-    assert not StackFact().process(['store [["driver-type","io.containerd.snapshotter.v1"]]']).loads_partial
-    assert not StackFact().process([]).loads_partial  # no answer: the whole archive, as before
+    held = HeldLayersFact().process([f"layers {lower} {upper} ", "layers sha256:not-a-layer",
+                                     'store [["Backing Filesystem","extfs"],["Supports d_type","true"]]'])
+    assert held.layers == frozenset(chain_ids([lower, upper])) and held.loads_partial
+    assert not HeldLayersFact().process(['store [["driver-type","io.containerd.snapshotter.v1"]]']).loads_partial
+    assert not HeldLayersFact().process([]).loads_partial  # no answer: the whole archive, as before
