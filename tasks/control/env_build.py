@@ -58,10 +58,15 @@ def pip_conf(options: dict) -> str:
 def shown_pip_line(text: str, options: dict) -> str:
     """A line of pip's output as it may be shown: the value of every `${VAR}` of the index settings masked
     wherever pip prints it (pip masks a URL's password itself, but not a token in its path or query)."""
-    for template in [options.get("index_url") or "", *(options.get("extra_index_urls") or ()),
-                     *(options.get("find_links") or ())]:
+    for template in index_urls(options):
         text = secrets.scrubbed(text, template)
     return text
+
+
+def index_urls(options: dict) -> list[str]:
+    """Every URL of the index settings, `${VAR}` references unexpanded."""
+    return [url for url in (options.get("index_url"), *(options.get("extra_index_urls") or ()),
+                            *(options.get("find_links") or ())) if url]
 
 
 def artifact_paths(cache_dir: Path, env: str) -> tuple[Path, Path]:
@@ -119,12 +124,18 @@ def _loopback(url: str) -> bool:
 def build_network(client: docker.DockerClient, pip_options: dict) -> str:
     """The network the build container joins: the builder's own (host) only when an index setting names its
     loopback, which no other network reaches; else a bridge network of the build's own, made once."""
-    urls = [pip_options.get("index_url") or "", *(pip_options.get("extra_index_urls") or ()),
-            *(pip_options.get("find_links") or ())]
-    if any(_loopback(secrets.expand(url)) for url in urls if url):
+    import docker.errors  # noqa: PLC0415 (loaded by the client's caller)
+
+    if any(_loopback(secrets.expand(url)) for url in index_urls(pip_options)):
         return "host"
-    if not client.networks.list(names=[BUILD_NETWORK]):
-        client.networks.create(BUILD_NETWORK, driver="bridge", labels={"mlstack.env-build": ""})
+    # the names filter matches parts of names: `mlstack-build-old` must not pass for it
+    if not any(network.name == BUILD_NETWORK for network in client.networks.list(names=[BUILD_NETWORK])):
+        try:
+            client.networks.create(BUILD_NETWORK, driver="bridge", labels={"mlstack.env-build": ""},
+                                   check_duplicate=True)
+        except docker.errors.APIError as error:
+            if error.status_code != 409:  # 409: another deploy's build made it just now
+                raise
     return BUILD_NETWORK
 
 
