@@ -467,6 +467,7 @@ class HostConfig(BaseModel):
     ml_env_id: EnvId
     keep_envs: KeepCount
     ml_env_check_active: Flag
+    ml_env_verify_hashes: Flag
     ml_env_base_image: ImageRef
     ml_env_builder: EngineUrl
     ml_env_cache_dir: ControlPath

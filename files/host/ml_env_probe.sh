@@ -1,12 +1,16 @@
 #!/bin/sh
 # The ML env dir: room left for it, the host's arch and runtime base image, the active env, our entries,
-# and the envs a container on the host mounts (any container, running or not), with its compose project.
+# the envs the store made (their own info file is linked from objects/ too), and the envs a container
+# on the host mounts (any container, running or not), with its compose project. With HASH_AS (uid:gid,
+# the env dir's owner; "" for none) every object of the store is hashed as that user, so root never
+# follows what the owner plants there: one whose content differs from its name is printed as damaged.
 # Names holding a newline are skipped (the parser takes only the names this deploy writes), so no
 # name or link target can pose as a record.
-# usage: ml_env_probe.sh ENV_DIR BASE_IMAGE
+# usage: ml_env_probe.sh ENV_DIR BASE_IMAGE HASH_AS
 set -eu
 env_dir=$1
 image=$2
+hash_as=$3
 nl='
 '
 place=$env_dir
@@ -30,5 +34,16 @@ echo "active $active"
 for entry in envs/* incoming/*; do
     case $entry in *"$nl"*) continue ;; esac
     if [ -e "$entry" ]; then echo "entry $(stat -c %Y -- "$entry") $entry"; fi
+    info=$entry/.mlstack-env.json
+    if [ -f "$info" ] && [ ! -L "$info" ] && [ "$(stat -c %h -- "$info")" -gt 1 ]; then echo "stored $entry"; fi
 done
+if [ -n "$hash_as" ] && [ -d objects ] && [ ! -L objects ]; then
+    as_owner=""
+    [ "$hash_as" = 0:0 ] || as_owner="setpriv --reuid=${hash_as%:*} --regid=${hash_as#*:} --clear-groups --"
+    $as_owner find objects -maxdepth 1 -type f -name '*-*' -exec sha256sum -- '{}' + 2>/dev/null |
+        while read -r sum path; do
+            name=${path#objects/}
+            [ "${name%-*}" = "$sum" ] || echo "damaged $name"
+        done
+fi
 exit 0

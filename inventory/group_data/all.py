@@ -35,6 +35,8 @@ ml_env_id = None
 keep_envs = 2
 # Import-check the already active env on every run, not only when switching (`tasks.fleet.verify` turns it on).
 ml_env_check_active = False
+# Hash every object of each host's env store on every run, and repair what differs (`verify --hashes` turns it on).
+ml_env_verify_hashes = False
 # The runtime base image: the ML env is built on it and checked in it (same Python and glibc as the stack).
 ml_env_base_image = "python:3.11-slim-bookworm"
 # The docker engine that builds the env: "" is the control node's own (or DOCKER_HOST); or e.g. "ssh://root@gpu-01".

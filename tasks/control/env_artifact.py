@@ -114,7 +114,7 @@ class _HashingWriter(io.RawIOBase):
         return self.target.write(data)
 
 
-class _ChunkReader(io.RawIOBase):
+class ChunkReader(io.RawIOBase):
     """A file object over an iterator of byte chunks (what `container.get_archive` yields)."""
 
     def __init__(self, chunks: Iterable[bytes]):
@@ -224,7 +224,7 @@ def repack_user_site(chunks: Iterable[bytes], cache_dir: Path, requirements: str
     with atomic_file(cache_dir / "artifact.tar.gz", name=lambda: f"{manifest.env_id}.tar.gz") as raw, \
             _HashingWriter(raw) as hashing:
         with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=1, mtime=0) as compressed:
-            with tarfile.open(fileobj=_ChunkReader(chunks), mode="r|") as source, \
+            with tarfile.open(fileobj=ChunkReader(chunks), mode="r|") as source, \
                     tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as out:
                 root, pythons = None, set()
                 for member in source:

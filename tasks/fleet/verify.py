@@ -2,13 +2,13 @@
 
     .venv/bin/python -m tasks.fleet.verify inventory/<fleet>.py [--hashes] [--limit 'gpu-*'] [--data k=v ...]
 
-It is the deploy's own dry run (`pyinfra … deploy.py --dry`): a dry run sends and changes nothing on
-the hosts (it builds the env on the builder only when this control node never built its requirements:
-an env's id names what pip installs), and every change it would make is drift — directories and
-owners, the active env, each model snapshot (sizes; with --hashes every file's hash), the compose
-files and every service running and healthy. It also runs the import check of each host's active
-env. What drifted is read from the deploy's per-host report (tasks/report.py). Exit status 1 on any
-drift or failure, 0 when every host matches.
+It is the deploy's own dry run (`pyinfra … deploy.py --dry`): a dry run sends and changes nothing on the
+hosts (it builds the env on the builder only when this control node never built its requirements: an
+env's id names what pip installs), and every change it would make is drift — directories and owners, the
+active env (with --hashes every object of the env store), each model snapshot (sizes; with --hashes
+every file's hash), the compose files and every service running and healthy. It also runs the import
+check of each host's active env. What drifted is read from the deploy's per-host report
+(tasks/report.py). Exit status 1 on any drift or failure, 0 when every host matches.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from tasks.fleet.runner import limit_args, run_deploy
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.fleet.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("inventory")
-    parser.add_argument("--hashes", action="store_true", help="hash every model file on the hosts")
+    parser.add_argument("--hashes", action="store_true", help="hash every model file and env object on the hosts")
     parser.add_argument("--limit", action="append", default=[], help="host name patterns, as pyinfra's --limit")
     options, pyinfra_args = parser.parse_known_args(argv)
     hosts, _ = inventory_hosts(options.inventory, options.limit, pyinfra_args)
-    checks = ["--data", "ml_env_check_active=true", *(["--data", "model_verify_hashes=true"] if options.hashes else [])]
+    hashes = ["--data", "model_verify_hashes=true", "--data", "ml_env_verify_hashes=true"] if options.hashes else []
+    checks = ["--data", "ml_env_check_active=true", *hashes]
     run = run_deploy("--dry", *limit_args(hosts), *checks, *pyinfra_args, inventory=options.inventory)
     if not run.report:
         sys.stderr.write(run.output[-3000:])

@@ -1,12 +1,19 @@
 """The ML env: built once per env id on the control side, installed on each host atomically,
 checked by importing it in the runtime image, then switched to; older envs are kept for rollback.
 
-On a host, below `ml_env_dir`:
+On a host, below `ml_env_dir`, the env store (files/host/env_store.sh):
 
-    envs/<id>/           a complete user site (what the stack mounts read-only at /root/.local)
-    envs/<id>.tmp-<mark>/       an unpack in progress: never mounted, removed by the next run
-    incoming/<id>.tar.gz-<mark> an upload in progress (<mark>: the run's, tasks/host/transfer.py RUN_MARK)
-    active -> envs/<id>  the env the stack uses: switched (rename) only after the import check passed
+    objects/<sha256>-<mode>  every file of every env, once (owner and mode as the env dir's owner's)
+    envs/<id>/               a complete user site, a tree of hard links into objects/ (what the stack
+                             mounts read-only at /root/.local)
+    envs/<id>.tmp-<mark>/    a tree in the making: a copy of the links of an env the host holds, less
+                             what differs, plus the new entries; never mounted, removed by the next run
+    incoming/<mark>/         the objects of a transfer in progress, each checked against its name before
+                             it enters objects/ (<mark>: the run's, tasks/host/transfer.py RUN_MARK)
+    active -> envs/<id>      the env the stack uses: switched (rename) only after the import check passed
+
+Only the objects the host lacks travel (tasks/control/env_store.py); an object no kept env links to any
+more (a link count of 1) is removed with the env that last used it.
 
 Decisions are made at plan time from this concern's part of the host probe (`MlEnvFact`) and the
 env's manifest: an env id names what pip installed, so a recipe this control node never built is
@@ -20,12 +27,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FactBase, FunctionCommand, operation
+from pyinfra.api import FactBase, StringCommand, operation
 
 from tasks.config import HostConfig
 from tasks.control.builder import BaseImage, BuilderError
 from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest
 from tasks.control.env_build import EnvSource, base_image, env_source
+from tasks.control.env_store import (
+    OBJECT,
+    Transfer,
+    Tree,
+    check_objects,
+    choose_base,
+    env_tree,
+    objects_tar,
+    plan_transfer,
+    read_tree,
+    transfer_stream,
+    tree_objects,
+)
 from tasks.control.stack_project import project_of
 from tasks.host.failure import HostProblem, fail_host, failed, step
 from tasks.host.gpu_checks import CudaEnv, gate_problems, smoke_devices
@@ -41,7 +61,9 @@ DOCKER_GPU_FLAGS = {"runtime": "--gpus all", "cdi": "--device nvidia.com/gpu=all
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
-ENV_NAME = re.compile(rf"^(envs/(env-[0-9a-f]{{16}})(\.tmp{MARKED})?|incoming/(env-[0-9a-f]{{16}})\.tar\.gz{MARKED})$")
+# envs, trees in the making, transfers in progress (and the tarballs of versions before the store)
+ENV_NAME = re.compile(rf"^(envs/(env-[0-9a-f]{{16}})(\.tmp{MARKED})?|incoming/(env-[0-9a-f]{{16}})\.tar\.gz{MARKED}"
+                      r"|incoming/[0-9a-f]{8})$")
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,8 @@ class MlEnvState:
     image_id: str | None  # the runtime base image's id on this host
     # (envs/<id>…, compose project or "") for every mount of one by a container on the host
     mounted: frozenset[tuple[str, str]] = frozenset()
+    stored: frozenset[str] = frozenset()  # the complete envs the store made (trees of links into objects/)
+    damaged: tuple[str, ...] = ()  # objects whose content differs from their name (when hashed)
 
 
 class MlEnvFact(FactBase):
@@ -63,19 +87,25 @@ class MlEnvFact(FactBase):
     anything else in the directory is not ours to judge or remove.
     """
 
-    def command(self, env_dir: str, image: str) -> str:
-        return program("ml_env_probe.sh", env_dir, image)
+    def command(self, env_dir: str, image: str, hash_as: tuple[int, int] | None = None) -> str:
+        return program("ml_env_probe.sh", env_dir, image, "%d:%d" % hash_as if hash_as else "")
 
     def process(self, output: list[str]) -> MlEnvState:
         fields: dict[str, str] = {}
         envs: dict[str, int] = {}
-        leftovers, mounted = [], set()
+        leftovers, mounted, stored, damaged = [], set(), set(), []
         for line in output:
             key, _, value = line.partition(" ")
             if key == "mounted":
                 path, _, project = value.partition(" ")
                 if ENV_NAME.match(path):
                     mounted.add((path, project))
+                continue
+            if key == "stored":
+                stored.add(value.removeprefix("envs/"))
+                continue
+            if key == "damaged":
+                damaged += [value] if OBJECT.fullmatch(value) else []
                 continue
             if key != "entry":
                 fields.setdefault(key, value.strip())  # the first: the probe prints each field once
@@ -98,6 +128,8 @@ class MlEnvFact(FactBase):
             arch=fields.get("arch", ""),
             image_id=image if re.fullmatch(r"sha256:[0-9a-f]{64}", image) else None,
             mounted=frozenset(mounted),
+            stored=frozenset(stored & set(envs)),
+            damaged=tuple(sorted(set(damaged))),
         )
 
 
@@ -144,47 +176,101 @@ def plan_env(state: MlEnvState, wanted: str, keep_envs: int, base: BaseImage, pr
     return EnvPlan(wanted, state.active, upload, activate, remove, base)
 
 
-def _ready_to_send(state, host, source: EnvSource, free_bytes: int) -> bool:
-    """Check the artifact; refuse a host without room for it."""
+def held_trees(cache_dir: Path, state: MlEnvState) -> dict[str, Tree]:
+    """The trees of the envs the host's store holds, as far as this control node knows them."""
+    return {env: tree for env in sorted(state.stored) if (tree := read_tree(cache_dir, env)) is not None}
+
+
+def planned_transfer(source: EnvSource, state: MlEnvState) -> Transfer:
+    """What the host will be sent for SOURCE's env, as far as the control node knows the host's store (the
+    trees of the envs it holds): checked artifact, tree unpacked into the control store, room on the host."""
     try:
-        manifest = source.ensure()
+        source.ensure()
+        tree = env_tree(source.cache_dir, source.env, source.artifact())
     except ArtifactError as error:
-        return failed(host, f"ML env {source.env}: {error}")
-    problem = room_problem(free_bytes, manifest.size + manifest.unpacked_size, "artifact, unpacked env")
-    return failed(host, f"ML env {source.env}: {problem}") if problem else True
+        raise HostProblem(f"ML env {source.env}: {error}") from None
+    held = held_trees(source.cache_dir, state)
+    base = choose_base(tree, held)
+    transfer = plan_transfer(tree, base, held.get(base), set().union(*map(tree_objects, held.values())))
+    problem = room_problem(state.free_bytes, transfer.object_bytes, "the env's new files")
+    if problem:
+        raise HostProblem(f"ML env {source.env}: {problem}")
+    return transfer
 
 
-def incoming_name(env: str) -> str:
-    return f"incoming/{env}.tar.gz-{RUN_MARK}"
+class EnvUpload(StreamedUpload):
+    """The env SOURCE made on the host from a copy of the links of the env LINKS_FROM it holds (None: from
+    nothing), sent only the objects the host's store lacks (asked of the host now, as it may have lost some or
+    gained them from another control node), checked on the control node before a byte leaves."""
 
+    def __init__(self, source: EnvSource, env_dir: str, owner: tuple[int, int], links_from: str | None):
+        super().__init__(b"", f"ML env {source.env}", f"{env_dir}/envs/{source.env}", owner)
+        self.env_source, self.env_dir, self.owner, self.links_from = source, env_dir, owner, links_from
 
-def unpack_command(env_dir: str, env: str, sha256: str) -> str:
-    """Check the upload, unpack it under a temporary name, then make it complete by a rename (run as
-    the env dir's owner, so what it unpacks is that user's)."""
-    incoming, tmp, final = incoming_name(env), f"envs/{env}.tmp-{RUN_MARK}", f"envs/{env}"
-    mismatch = f"ML env {env}: the uploaded artifact does not match its sha256; it was removed, run the deploy again"
-    return " && ".join([
-        f"cd {shlex.quote(env_dir)}",
-        f"{{ echo '{sha256}  {incoming}' | sha256sum --check --quiet --strict - "
-        f"|| {{ rm -f {incoming}; echo {shlex.quote(mismatch)} >&2; exit 1; }}; }}",
-        f"rm -rf {tmp}",
-        f"mkdir -m 0755 {tmp}",
-        f"tar -xzf {incoming} -C {tmp} --no-same-owner",
-        f"{{ mv -T {tmp} {final} || {{ [ -d {final} ] && rm -rf {tmp}; }}; }}",  # a run before ours finished it
-        f"rm -f {incoming}",
-    ])
+    def __repr__(self):
+        return f"EnvUpload({self.env_source.env}, {self.links_from})"
+
+    def execute(self, state, host, connector_arguments) -> bool:
+        listing = as_owner(*self.owner, program("env_store.sh", "list", self.env_dir))
+        listed, output = host.run_shell_command(StringCommand(listing), **connector_arguments)
+        if not listed:
+            return failed(host, f"{self.label}: the host's env store could not be listed "
+                                f"({' '.join(output.stderr_lines[-1:])}); nothing was sent")
+        present = {line for line in output.stdout_lines if OBJECT.fullmatch(line)}
+        cache_dir = self.env_source.cache_dir
+        base = read_tree(cache_dir, self.links_from) if self.links_from else None
+        transfer = plan_transfer(env_tree(cache_dir, self.env_source.env, self.env_source.artifact()),
+                                 self.links_from, base, present)
+        try:
+            check_objects(cache_dir, [name for name, _ in transfer.send])
+        except ArtifactError as error:
+            return failed(host, f"{self.label}: {error}; nothing was sent")
+        self.source, sizes = transfer_stream(transfer, self.env_source.env, RUN_MARK, cache_dir)
+        host.log(f"{self.label}: {len(transfer.send)} new file(s), {transfer.object_bytes / 1e6:.1f} MB, and "
+                 f"{len(transfer.add)} entries over {f'the links of {transfer.base}' if transfer.base else 'nothing'}")
+        self.receive = as_owner(*self.owner, program("env_store.sh", "receive", self.env_dir, self.env_source.env,
+                                                     RUN_MARK, transfer.base or "", *sizes))
+        return super().execute(state, host, connector_arguments)
 
 
 @operation(is_idempotent=False)
-def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], free_bytes: int):
-    """Send the env artifact to a host that lacks it and unpack it atomically into envs/<id>."""
-    # Runs at execution only: during change detection the generator stops at this first command.
-    yield FunctionCommand(_ready_to_send, (source, free_bytes), {})
-    manifest = source.ensure()
+def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], links_from: str | None):
+    """Make the env on a host that lacks it: only what its store lacks is sent (`EnvUpload`)."""
     quoted = shlex.quote(env_dir)
-    yield as_owner(*owner, f"install -d -m 0700 {quoted}/incoming && install -d -m 0755 {quoted}/envs")
-    yield StreamedUpload(source.artifact(), f"ML env {source.env}", f"{env_dir}/{incoming_name(source.env)}", owner,
-                         then=unpack_command(env_dir, source.env, manifest.sha256))
+    yield as_owner(*owner, f"install -d -m 0700 {quoted}/incoming && install -d -m 0755 {quoted}/envs {quoted}/objects")
+    yield EnvUpload(source, env_dir, owner, links_from)
+
+
+def repairable(cache_dir: Path, state: MlEnvState) -> tuple[tuple[str, int], ...]:
+    """The host's damaged objects with their sizes, each with a good copy in the control store (from the trees of
+    the envs the host holds, unpacked from their artifacts if need be); a HostProblem for one without."""
+    sizes: dict[str, int] = {}
+    for env in sorted(state.stored):
+        source = EnvSource(env, cache_dir)
+        if source.cached() is not None:
+            try:
+                source.ensure()
+                sizes.update(tree_objects(env_tree(cache_dir, env, source.artifact())))
+            except ArtifactError as error:
+                raise HostProblem(f"ML env {env}: {error}") from None
+    unknown = [name for name in state.damaged if name not in sizes]
+    if unknown:
+        raise HostProblem(f"{len(unknown)} damaged object(s) of the env store ({unknown[0]}…) belong to no env this "
+                          "control node holds: deploy from the control node that built them, or remove the envs "
+                          "that use them")
+    try:
+        check_objects(cache_dir, list(state.damaged))
+    except ArtifactError as error:
+        raise HostProblem(f"ML env store: {error}") from None
+    return tuple((name, sizes[name]) for name in state.damaged)
+
+
+@operation(is_idempotent=False)
+def repair_objects(env_dir: str, cache_dir: Path, damaged: tuple[tuple[str, int], ...], owner: tuple[int, int]):
+    """Send a good copy of each DAMAGED object and link it at every path of the damaged one."""
+    stream = objects_tar(cache_dir, damaged)
+    yield StreamedUpload(stream, "ML env store repair", f"{env_dir}/objects/repair", owner,
+                         receiver=program("env_store.sh", "repair", env_dir, RUN_MARK, stream.size))
 
 
 def in_runtime_image(env_dir: str, env: str, image_id: str, python: str, command: str, options: str = "") -> str:
@@ -251,8 +337,9 @@ def activate_env(env_dir: str, env: str, image_id: str, python: str, owner: tupl
 
 @operation(is_idempotent=False)
 def remove_old_envs(env_dir: str, paths: tuple[str, ...], owner: tuple[int, int]):
-    """Remove envs beyond `keep_envs` and unfinished uploads or unpacks."""
+    """Remove envs beyond `keep_envs` and unfinished transfers, then the objects no env left links to."""
     yield as_owner(*owner, f"cd {shlex.quote(env_dir)} && rm -rf -- " + " ".join(shlex.quote(path) for path in paths))
+    yield as_owner(*owner, program("env_store.sh", "collect", env_dir))
 
 
 def env_owner(config: HostConfig) -> tuple[int, int]:
@@ -261,7 +348,8 @@ def env_owner(config: HostConfig) -> tuple[int, int]:
 
 
 def probe_part(config: HostConfig) -> ProbePart:
-    return ProbePart("ml_env", MlEnvFact, {"env_dir": config.ml_env_dir, "image": config.ml_env_base_image})
+    return ProbePart("ml_env", MlEnvFact, {"env_dir": config.ml_env_dir, "image": config.ml_env_base_image,
+                                           "hash_as": env_owner(config) if config.ml_env_verify_hashes else None})
 
 
 def host_problem(config: HostConfig, state: MlEnvState, base: BaseImage) -> str | None:
@@ -296,7 +384,8 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
     if plan.upload and cached is None:
         raise HostProblem(f"ml_env_id = {source.env!r}: this env is neither on the host nor in the control cache "
                           f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")
-    host.log(plan.summary(cached.size if cached else 0))
+    transfer = planned_transfer(source, state) if plan.upload else None
+    host.log(plan.summary(transfer.object_bytes if transfer else 0))
     record = report[host.name]
     gate = gpus if plan.activate and gpus.gpus else None
     if gate and cached is not None:  # the plan-time checks, before anything changes
@@ -307,7 +396,7 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
         host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
     record.env = EnvOutcome(plan.current, plan.wanted,
                             "install" if plan.upload else "switch" if plan.activate else "none")
-    if plan.activate or plan.remove:
+    if plan.activate or plan.remove or state.damaged:
         record.changed("ML env")
     if config.ml_env_check_active and not plan.activate:
         failure = host.get_fact(EnvImportCheckFact, env_dir=config.ml_env_dir, env=plan.wanted, image_id=base.id,
@@ -315,11 +404,15 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
         if failure:
             record.changed("ML env")
             fail_host("ML env", f"the active env {plan.wanted} fails its import check: {failure}")
-    if plan.upload:
-        install_env(
-            name=f"Upload and unpack {source.env}",
-            env_dir=config.ml_env_dir, source=source, owner=env_owner(config), free_bytes=state.free_bytes,
-        )
+    if state.damaged:  # before a new env copies their links
+        damaged = repairable(source.cache_dir, state)
+        host.log(f"ML env store: {len(damaged)} damaged object(s) ({damaged[0][0][:12]}…): a good copy is sent and "
+                 "linked at each of their paths")
+        repair_objects(name="Repair damaged objects of the env store", env_dir=config.ml_env_dir,
+                       cache_dir=source.cache_dir, damaged=damaged, owner=env_owner(config))
+    if transfer is not None:
+        install_env(name=f"Upload and unpack {source.env}", env_dir=config.ml_env_dir, source=source,
+                    owner=env_owner(config), links_from=transfer.base)
     if plan.activate:
         activate_env(name=f"Import check, then switch to {source.env}",  # one name on every host: one operation
                      env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,

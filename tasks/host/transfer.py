@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import paramiko
 from pyinfra.api import StringCommand
@@ -23,6 +24,9 @@ from pyinfra.api.command import PyinfraCommand
 from tasks.host.channel import open_channel, ssh_command
 from tasks.host.failure import failed
 from tasks.host.programs import program
+
+if TYPE_CHECKING:
+    from tasks.control.env_store import Stream
 
 PROGRESS_EVERY = 2.0  # seconds between upload progress lines
 PROGRESS_FROM = 1_000_000  # smaller files arrive too fast for progress to say anything
@@ -63,10 +67,11 @@ def as_owner(uid: int, gid: int, command: str) -> str:
 
 
 class StreamedUpload(PyinfraCommand):
-    """Send SOURCE (a control-node file or bytes) to DEST on the host, written as a new file with MODE
+    """Send SOURCE (a control-node file, bytes, or a stream made as it is sent: `open()` gives a reader and
+    its size) to DEST on the host, written as a new file with MODE
     by `files/host/receive_file.sh` as uid:gid (see `as_owner`); then THEN runs there (checks, a rename)."""
 
-    def __init__(self, source: Path | bytes, label: str, dest: str, owner: tuple[int, int] = (0, 0),
+    def __init__(self, source: Path | bytes | Stream, label: str, dest: str, owner: tuple[int, int] = (0, 0),
                  mode: int = 0o600, then: str = "", receiver: str = ""):
         super().__init__()
         self.source, self.label, self.dest = source, label, dest
@@ -79,7 +84,9 @@ class StreamedUpload(PyinfraCommand):
     def _open(self) -> tuple[io.BufferedIOBase, int]:
         if isinstance(self.source, bytes):
             return io.BytesIO(self.source), len(self.source)
-        return self.source.open("rb"), self.source.stat().st_size
+        if isinstance(self.source, Path):
+            return self.source.open("rb"), self.source.stat().st_size
+        return self.source.open()
 
     def execute(self, state, host, connector_arguments) -> bool:
         try:

@@ -15,6 +15,7 @@ import pytest
 
 from rehearsal.baseimage import IMAGE_NAME
 from rehearsal.index import WHEELHOUSE, add_to_wheelhouse
+from tasks.control.env_store import read_tree, tree_objects
 from tasks.host.ml_env import runtime_environment
 
 ENV_DIR = "/srv/mlstack/ml-env"
@@ -95,38 +96,74 @@ def test_first_deploy_installs_the_env_everywhere_and_the_rerun_builds_and_sends
     assert (cache / f"{env}.tar.gz").stat().st_mtime_ns == artifact.st_mtime_ns
 
 
-def test_new_requirements_switch_every_host_keep_envs_bounds_the_rest_and_a_pin_rolls_back(fleet, cache, tmp_path):
+def sent_to(fleet, record) -> int:
+    """Bytes the control node has sent on RECORD's link (the host-side veth's peer), deploy traffic included."""
+    device = fleet.fleet.veth(int(record.name.removeprefix("host")))
+    return int(Path(f"/sys/class/net/{device}/statistics/tx_bytes").read_text())
+
+
+def objects_on(fleet, record) -> set[str]:
+    return set(fleet.ssh(record, f"ls {ENV_DIR}/objects").split())
+
+
+def inodes(fleet, record, *paths: str) -> set[str]:
+    return set(fleet.ssh(record, "stat -c %i " + " ".join(f"{ENV_DIR}/{path}" for path in paths)).split())
+
+
+def test_a_new_env_sends_only_its_new_files_shares_the_rest_keep_envs_collects_and_a_pin_rolls_back(
+        fleet, cache, tmp_path):
     a = deploy(fleet, cache, "keep_envs=1")
     (env_a,) = switched_to(a)
+    tree_a = read_tree(cache, env_a)
+    whole = sum(tree_objects(tree_a).values())
+    assert whole > 20e6  # the rehearsal env: what a whole-env transfer would send again
 
-    dry = fleet.deploy("--dry", "--data", f"ml_env_cache_dir={cache}",
-                       "--data", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
+    requirements_b = requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n")
+    dry = fleet.deploy("--dry", "--data", f"ml_env_cache_dir={cache}", "--data", requirements_b)
     assert dry.returncode == 0, dry.output[-3000:]
     (env_b,) = switched_to(dry)
     # The new env's id names what pip installs, so the dry run builds it on the builder: no host changes.
-    size = (cache / f"{env_b}.tar.gz").stat().st_size
-    assert f"[host2] ML env: {env_a} → {env_b} ({size / 1e6:.1f} MB to upload)" in dry.output
+    tree_b = read_tree(cache, env_b)
+    new_files = {name: size for name, size in tree_objects(tree_b).items() if name not in tree_objects(tree_a)}
+    assert 0 < len(new_files) < 10  # packaging's REQUESTED and RECORD, the env's own info file
+    assert f"[host2] ML env: {env_a} → {env_b} ({sum(new_files.values()) / 1e6:.1f} MB to upload)" in dry.output
     assert [active(fleet, record) for record in fleet.hosts] == [env_a, env_a]
     assert [envs_on(fleet, record) for record in fleet.hosts] == [[env_a], [env_a]]
 
-    b = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
+    before = {record.name: sent_to(fleet, record) for record in fleet.hosts}
+    b = deploy(fleet, cache, "keep_envs=1", requirements_b)
     assert b.returncode == 0, b.output[-3000:]
     assert "building" not in b.output  # the dry run's build, used as it is
+    shared = "lib/python3.11/site-packages/tokenizers/tokenizers.abi3.so"
+    assert tree_a[shared] == tree_b[shared]
     for record in fleet.hosts:
+        sent = sent_to(fleet, record) - before[record.name]
+        assert sent < whole / 20, sent  # the new files, the links' list and the deploy's own commands
+        assert re.search(rf"\[{record.name}\] ML env {env_b}: {len(new_files)} new file\(s\), [\d.]+ MB, and \d+ "
+                         rf"entries over the links of {env_a}", b.output)
         assert active(fleet, record) == env_b and sorted(envs_on(fleet, record)) == sorted([env_a, env_b])
+        # one file, one object: both envs' paths are hard links to it
+        assert len(inodes(fleet, record, f"envs/{env_a}/{shared}", f"envs/{env_b}/{shared}",
+                          f"objects/{tree_b[shared].ref}")) == 1
+        assert objects_on(fleet, record) == set(tree_objects(tree_a)) | set(tree_objects(tree_b))
 
     # As the sudo user this time: the upload goes through sudo, the import check runs docker through sudo.
     c = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "c.txt", REHEARSAL + "tqdm\n"), user="deploy")
     assert c.returncode == 0, c.output[-3000:]
     (env_c,) = switched_to(c)
+    tree_c = read_tree(cache, env_c)
     for record in fleet.hosts:
         assert active(fleet, record) == env_c and sorted(envs_on(fleet, record)) == sorted([env_b, env_c])
+        # env_a went, and with it exactly the objects only it used
+        assert objects_on(fleet, record) == set(tree_objects(tree_b)) | set(tree_objects(tree_c))
 
+    before = {record.name: sent_to(fleet, record) for record in fleet.hosts}
     rollback = deploy(fleet, cache, "keep_envs=1", f"ml_env_id={env_b}")
     assert rollback.returncode == 0, rollback.output[-3000:]
     assert f"[host1] ML env: {env_c} → {env_b} (on the host already)" in rollback.output
     assert "building" not in rollback.output and "MB sent" not in rollback.output
     for record in fleet.hosts:
+        assert sent_to(fleet, record) - before[record.name] < 1e6  # the deploy's own commands only
         assert active(fleet, record) == env_b and sorted(envs_on(fleet, record)) == sorted([env_b, env_c])
 
 

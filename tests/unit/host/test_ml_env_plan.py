@@ -1,17 +1,10 @@
 """ML env planning from the host fact: upload, switch, keep, clean — pure logic, no host."""
 
-import hashlib
-import os
-import shutil
-import subprocess
-import tarfile
-from pathlib import Path
 
 import pytest
 
 from tasks.control.builder import BaseImage
-from tasks.host.ml_env import MlEnvFact, MlEnvState, incoming_name, plan_env, unpack_command
-from tasks.host.transfer import RUN_MARK
+from tasks.host.ml_env import MlEnvFact, MlEnvState, plan_env
 
 A, B, C, D = (f"env-{digit * 16}" for digit in "abcd")
 BASE = BaseImage("python:3.11-slim-bookworm", "sha256:img", "python3.11", "linux/amd64")
@@ -28,11 +21,15 @@ def test_the_fact_reports_only_names_this_deploy_writes():
         f"entry 100 envs/{A}", f"entry 200 envs/{B}", f"entry 300 envs/{C}.tmp",
         f"entry 400 incoming/{D}.tar.gz", "entry 500 envs/notes.txt", "entry 600 envs/env-XYZ",
         f"entry 700 envs/{C}.tmp-0123abcd", f"entry 800 incoming/{D}.tar.gz-0123abcd", f"entry 900 envs/{C}.tmp-x",
+        "entry 950 incoming/0badc0de", "entry 960 incoming/0badc0de0", f"stored envs/{B}", f"stored envs/{C}.tmp",
+        f"damaged {'e' * 64}-644", "damaged ../../etc/passwd", f"damaged {'f' * 64}-644",
     ]
     assert MlEnvFact().process(output) == MlEnvState(
         active=B, envs={A: 100, B: 200},
-        leftovers=(f"envs/{C}.tmp", f"envs/{C}.tmp-0123abcd", f"incoming/{D}.tar.gz", f"incoming/{D}.tar.gz-0123abcd"),
+        leftovers=(f"envs/{C}.tmp", f"envs/{C}.tmp-0123abcd", "incoming/0badc0de", f"incoming/{D}.tar.gz",
+                   f"incoming/{D}.tar.gz-0123abcd"),
         free_bytes=1024**3, arch="x86_64", image_id=f"sha256:{'ab' * 32}",
+        stored=frozenset({B}), damaged=(f"{'e' * 64}-644", f"{'f' * 64}-644"),
     )
 
 
@@ -101,42 +98,3 @@ def test_unfinished_transfers_are_cleaned_up_even_without_a_switch():
 def test_the_wanted_env_is_never_removed(keep):
     plan = plan_env(state(active=A, envs={A: 1, B: 2, C: 3}), B, keep_envs=keep, base=BASE, project="ours")
     assert f"envs/{B}" not in plan.remove and len(plan.remove) == max(0, 2 - keep)
-
-
-def packed(tmp_path, files: dict[str, bytes]) -> tuple[Path, str]:
-    source = tmp_path / "source"
-    for name, data in files.items():
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        (source / name).write_bytes(data)
-    archive = tmp_path / "env.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(source, arcname=".")
-    return archive, hashlib.sha256(archive.read_bytes()).hexdigest()
-
-
-def unpack(env_dir: Path, archive: Path, sha256: str) -> subprocess.CompletedProcess:
-    (env_dir / "incoming").mkdir(parents=True, exist_ok=True)
-    (env_dir / "envs").mkdir(exist_ok=True)
-    shutil.copy(archive, env_dir / incoming_name(A))
-    return subprocess.run(["sh", "-c", unpack_command(str(env_dir), A, sha256)], capture_output=True, text=True)
-
-
-def test_the_unpack_checks_the_sha_then_publishes_under_its_own_temporary_name(tmp_path):
-    archive, sha256 = packed(tmp_path, {"lib/site/pkg.py": b"x = 1\n"})
-    env_dir = tmp_path / "ml-env"
-    refused = unpack(env_dir, archive, "0" * 64)
-    assert refused.returncode != 0 and "does not match its sha256" in refused.stderr
-    assert sorted(os.listdir(env_dir / "envs")) == [] and os.listdir(env_dir / "incoming") == []
-    assert unpack(env_dir, archive, sha256).returncode == 0
-    assert (env_dir / "envs" / A / "lib/site/pkg.py").read_bytes() == b"x = 1\n"
-    assert os.listdir(env_dir / "envs") == [A] and os.listdir(env_dir / "incoming") == []
-    assert incoming_name(A) == f"incoming/{A}.tar.gz-{RUN_MARK}"
-
-
-def test_an_env_a_run_before_ours_finished_meanwhile_is_kept_and_our_copy_dropped(tmp_path):
-    archive, sha256 = packed(tmp_path, {"lib/site/pkg.py": b"x = 1\n"})
-    env_dir = tmp_path / "ml-env"
-    (env_dir / "envs" / A).mkdir(parents=True)
-    (env_dir / "envs" / A / "theirs").write_text("")  # an orphaned chain of a killed run renamed its own copy
-    assert unpack(env_dir, archive, sha256).returncode == 0
-    assert os.listdir(env_dir / "envs") == [A] and os.listdir(env_dir / "envs" / A) == ["theirs"]

@@ -1,0 +1,87 @@
+#!/bin/sh
+# The ML env store on a host (tasks/host/ml_env.py): objects/<sha256>-<mode> holds every file of every
+# env once; envs/<id>/ is a tree of hard links to them. Run as the env dir's owner, in ENV_DIR.
+#
+# usage: env_store.sh list ENV_DIR
+#            the objects the store holds, a name a line
+#        env_store.sh receive ENV_DIR ENV MARK BASE REMOVALS OBJECTS ENTRIES
+#            makes envs/ENV from a copy of the links of envs/BASE ("" for none) and stdin, the three parts
+#            tasks/control/env_store.py transfer_stream writes (their sizes in bytes): the base paths to
+#            remove, the objects to add (staged in incoming/MARK, each checked against its name before
+#            it enters objects/), the entries to add; envs/ENV.tmp-MARK is renamed into place only once
+#            it is complete
+#        env_store.sh repair ENV_DIR MARK OBJECTS
+#            stdin: a tar of OBJECTS bytes of good copies of damaged objects; every env path linked to a
+#            damaged object is linked to its good copy (a new file, put in place by a rename)
+#        env_store.sh collect ENV_DIR
+#            removes the objects no env links to (a link count of 1)
+set -eu
+command=$1
+cd "$2"
+if [ "$command" = list ] || [ "$command" = collect ]; then
+    [ -d objects ] || exit 0
+    if [ "$command" = list ]; then
+        find objects -maxdepth 1 -type f -name '*-*' -printf '%f\n'
+    else
+        find objects -maxdepth 1 -type f -name '*-*' -links 1 -delete
+    fi
+    exit 0
+fi
+if [ "$command" = receive ]; then
+    env=$3 mark=$4 base=$5 removals=$6 objects=$7 entries=$8
+    tree=envs/$env.tmp-$mark
+else
+    mark=$3 objects=$4
+    tree=
+fi
+staged=incoming/$mark
+fail() {
+    rm -rf -- "$staged" ${tree:+"$tree"}
+    echo "$1" >&2
+    exit 1
+}
+# Every staged object holds what its name says (sha256sum reads each; a missing one fails too).
+check_staged() {
+    said=$(cd "$staged" && find . -maxdepth 1 -type f -printf '%f\n' | sed -n 's/^\([0-9a-f]\{64\}\)-[0-7]*$/\1  &/p' | sha256sum --check --quiet --strict - 2>&1) ||
+        fail "an object arrived damaged ($(echo "$said" | head -n 1))"
+}
+# The objects part of stdin into the staging folder (tar's first complaint, if any, is the reason given).
+receive_objects() {
+    said=$(head -c "$objects" | tar -x -p --no-same-owner -C "$staged" -f - 2>&1) ||
+        fail "the objects did not arrive whole ($(echo "$said" | head -n 1))"
+}
+rm -rf -- "$staged" ${tree:+"$tree"}
+mkdir -p objects
+mkdir -m 0700 "$staged"
+
+if [ "$command" = repair ]; then
+    receive_objects
+    check_staged
+    for good in "$staged"/*; do
+        object=${good##*/}
+        # shellcheck disable=SC2016 # the inner script's own variables
+        find envs -type f -samefile "objects/$object" -exec sh -c \
+            'new=$1 mark=$2; shift 2; for path; do ln -- "$new" "$path.repair-$mark" && mv -T -- "$path.repair-$mark" "$path"; done' \
+            sh "$good" "$mark" '{}' +
+        mv -f -- "$good" "objects/$object"
+    done
+    rm -rf -- "$staged"
+    exit 0
+fi
+
+if [ -n "$base" ]; then
+    cp -al -- "envs/$base" "$tree"
+else
+    mkdir -m 0755 "$tree"
+fi
+head -c "$removals" >"$staged/removals.gz"
+gzip -t "$staged/removals.gz" 2>/dev/null || fail "the stream ended early"
+gzip -dc "$staged/removals.gz" | (cd "$tree" && xargs -0 -r rm -rf --)
+rm -- "$staged/removals.gz"
+receive_objects
+check_staged
+find "$staged" -maxdepth 1 -type f -name '*-*' -exec mv -f -t objects -- '{}' +
+said=$(head -c "$entries" | tar -xz -p --no-same-owner -f - 2>&1) || fail "its tree could not be made ($(echo "$said" | head -n 1))"
+rm -rf -- "$staged"
+# complete: renamed into place (unless a run before ours, killed after its own check, finished it)
+mv -T -- "$tree" "envs/$env" 2>/dev/null || { [ -d "envs/$env" ] && rm -rf -- "$tree"; }
