@@ -144,14 +144,17 @@ class StreamedUpload(PyinfraCommand):
         return status, said
 
     def _send(self, source, total: int, write, host) -> None:
-        sent, last = 0, time.monotonic()
+        started = last = time.monotonic()
+        sent = 0
         while chunk := source.read(CHUNK):
             write(chunk)
             sent += len(chunk)
             if total >= PROGRESS_FROM and (time.monotonic() - last >= PROGRESS_EVERY or sent == total):
                 last = time.monotonic()
+                rate = f" in {last - started:.1f} s, {sent / 1e6 / max(last - started, 1e-3):.0f} MB/s" \
+                    if sent == total else ""
                 host.log(f"{self.label}: {sent / 1e6:.1f} / {total / 1e6:.1f} MB sent "
-                         f"({100 * sent // max(total, 1)}%)")
+                         f"({100 * sent // max(total, 1)}%){rate}")
 
     def _room(self, state, host, connector_arguments) -> str:
         """How much room is left where DEST lives (a full disk is the usual cause of a failed upload)."""

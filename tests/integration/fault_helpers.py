@@ -4,19 +4,46 @@ sessions (to kill a connection on the host's side), and waiting for a condition.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
+import zipfile
 from pathlib import Path
+
+from rehearsal.index import WHEELHOUSE
 
 ENV_DIR = "/srv/mlstack/ml-env"
 REHEARSAL = (Path(__file__).parents[2] / "files" / "requirements.rehearsal.txt").read_text()
+BALLAST = "mlstack-ballast"
+
+
+def ballast_wheel() -> Path:
+    """A real wheel in the rehearsal index holding 6 MB that no other env has: a new env with it is sent at
+    least that much (only new files travel), so a transfer lasts long enough to be interrupted. Its
+    content is fixed, and so is the id of every env built with it."""
+    wheel = WHEELHOUSE / "mlstack_ballast-1.0-py3-none-any.whl"
+    if not wheel.exists():
+        files = {
+            "mlstack_ballast/__init__.py": b"",
+            "mlstack_ballast/ballast.bin": random.Random(15).randbytes(6_000_000),
+            "mlstack_ballast-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: mlstack-ballast\nVersion: 1.0\n",
+            "mlstack_ballast-1.0.dist-info/WHEEL":
+                b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            "mlstack_ballast-1.0.dist-info/top_level.txt": b"mlstack_ballast\n",
+        }
+        record = "".join(f"{name},,\n" for name in files) + "mlstack_ballast-1.0.dist-info/RECORD,,\n"
+        partial = wheel.with_suffix(".partial")
+        with zipfile.ZipFile(partial, "w") as archive:
+            for name, data in {**files, "mlstack_ballast-1.0.dist-info/RECORD": record.encode()}.items():
+                archive.writestr(zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0)), data)
+        partial.rename(wheel)
+    return wheel
 
 
 def new_requirements(tmp_path: Path) -> str:
-    """Requirements that make a new env (and so an upload) on the next deploy: `packaging` comes in already
-    as a dependency, and named in the requirements its dist-info gains REQUESTED, so the env's content and
-    with it its id change (what pip installed, tasks/control/env_artifact.py `content_id`)."""
+    """Requirements that make a new env on the next deploy, with 6 MB of new files (`ballast_wheel`)."""
+    ballast_wheel()
     path = tmp_path / "next.txt"
-    path.write_text(REHEARSAL + "packaging\n")
+    path.write_text(REHEARSAL + f"{BALLAST}==1.0\n")
     return f"ml_env_requirements={path}"
 
 

@@ -93,8 +93,7 @@ def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host
     with fleet.throttled(victim):
         process = start_deploy(fleet, cache, new_requirements(tmp_path))
         new = wait_for_upload(process, log)
-        wait_for_bytes(fleet.fleet.host_dir(victim.name) / f"srv{ENV_DIR.removeprefix('/srv')}/incoming",
-                       f"{new}.tar.gz-*")
+        wait_for_bytes(fleet.fleet.host_dir(victim.name) / f"srv{ENV_DIR.removeprefix('/srv')}/incoming", "*/*-*")
         for pid in ssh_sessions(fleet, victim):  # the connection dies on the host's side
             os.kill(pid, signal.SIGKILL)
         output = finish(process, log)
@@ -105,9 +104,11 @@ def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host
     assert active(fleet, victim) == old
     assert env_listing(fleet, victim, old) == old_files
     assert container_ids(fleet, victim) == old_containers  # the stack was not touched
-    assert fleet.ssh(victim, f"ls {ENV_DIR}/envs").split() == [old]  # nothing of the new env is visible
-    # the host's end saw the stream end early: the check on arrival refused the partial file and removed it
-    wait_until(lambda: fleet.ssh(victim, f"ls -A {ENV_DIR}/incoming") == "", "the partial upload was not removed")
+    # the host's end saw the stream end early: its tar refused the partial object, and the tree in the making
+    # and the staged objects were removed; nothing of the new env was ever visible under its own name
+    wait_until(lambda: fleet.ssh(victim, f"ls -A {ENV_DIR}/incoming; ls {ENV_DIR}/envs").split() == [old],
+               "the partial upload was not removed")
+    assert fleet.ssh(victim, f"find {ENV_DIR}/objects -type f -links 1") == ""  # none that no env links to
 
     rerun = deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
     assert rerun.returncode == 0, rerun.output[-3000:]
@@ -145,14 +146,15 @@ def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_in
     fleet.ssh(victim, "mount -t tmpfs -o size=600m,mode=0755 tmpfs /srv")  # root's alone, as /srv is
     filler = ""
     try:
-        filler = fleet.ssh(victim, f"mkdir -p {ENV_DIR}/incoming; sh -c 'while [ ! -s {ENV_DIR}/incoming/*.tar.gz-* ]; "
-                                   "do sleep 0.05; done; dd if=/dev/zero of=/srv/filler bs=1M'"
-                                   " </dev/null >/dev/null 2>&1 & echo $!").strip()
+        filler = fleet.ssh(victim, f"mkdir -p {ENV_DIR}/incoming; sh -c 'while [ -z \"$(find {ENV_DIR}/incoming "
+                                   "-type f -size +0 | head -n 1)\" ]; do sleep 0.05; done; "
+                                   "dd if=/dev/zero of=/srv/filler bs=1M' </dev/null >/dev/null 2>&1 & echo $!").strip()
         with fleet.throttled(victim):
             run = deploy(fleet, cache, limit=victim.name)
         assert run.returncode != 0
-        assert re.search(r"ML env env-[0-9a-f]{16}: the upload failed \(dd: error writing .*: No space left on "
-                         r"device\); No space left on device on /srv; nothing was installed, the next run sends it "
+        assert re.search(r"ML env env-[0-9a-f]{16}: the upload failed \(the objects did not arrive whole \(tar: "
+                         r"[0-9a-f]{64}-\d+: (Cannot (write|open): No space left on device|Wrote only \d+ of \d+ "
+                         r"bytes)\)\); No space left on device on /srv; nothing was installed, the next run sends it "
                          r"again", run.output), run.output[-3000:]
         assert fleet.ssh(victim, "ls /srv/filler")  # the filler did fill it
         assert fleet.ssh(victim, f"readlink {ENV_DIR}/active || echo none").strip() == "none"

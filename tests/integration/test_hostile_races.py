@@ -1,6 +1,7 @@
 """Races issue 12 names, on a real 2-host fleet, each judged by host state: an SSH connection killed
-mid env unpack followed at once by a new deploy, and two hosts with other pattern sets for one commit
-in one run. The unpack is caught by a fixture `tar`, not by timing, so every run takes the same path."""
+while the host works on a received env (its objects arrived, nothing published yet) followed at once by
+a new deploy, and two hosts with other pattern sets for one commit in one run. The host's work is caught
+by a fixture `sha256sum`, not by timing, so every run takes the same path."""
 
 from __future__ import annotations
 
@@ -26,30 +27,32 @@ COMMITS = hub.ensure_repos()
 MINILM_SHA, NESTED_SHA = COMMITS[hub.MINILM]["main"], COMMITS[hub.NESTED]["main"]
 MINILM_FOLDER, NESTED_FOLDER = "models--sentence-transformers--all-MiniLM-L6-v2", "models--mlstack-test--nested-tiny"
 
-# The fixture `tar`, first on the PATH of the host's SSH sessions (bind-mounted over /usr/local/sbin in the
-# host's own mount namespace). Only env unpacks (`tar -xzf incoming/env-…`) are held; every other call is the
-# real tar at once. The first unpack records its pid and its parent's (the chain of the upload's channel) with
-# their start times, and its arguments; waits for `go`; runs the real tar and records its status. With
-# `release-on-next-unpack`, the next unpack says `go` itself and runs once that first chain has ended (then
-# `orphan/ended-first`).
-STATE = "/srv/fixture-tar-state"
-FIXTURE_TAR = f"""#!/bin/sh
+# The fixture `sha256sum`, first on the PATH of the host's SSH sessions (bind-mounted over /usr/local/sbin in
+# the host's own mount namespace). Only the check of an env transfer's staged objects (`sha256sum --check` in
+# incoming/<mark>: the whole stream has arrived, nothing is published yet) is held; every other call is the
+# real sha256sum at once. The first check records its pid and the pid of its chain (the receive program of the
+# upload's channel: the parent of its `$(…)` subshell) with their start times, and its folder; waits for
+# `go`; runs the real sha256sum and records its status. With `release-on-next-check`, the next check says
+# `go` itself and runs once that first chain has ended (then `orphan/ended-first`).
+STATE = "/srv/fixture-state"
+FIXTURE = f"""#!/bin/sh
 state={STATE}
-case " $* " in
-*" incoming/env-"*) ;;
-*) exec /usr/bin/tar "$@" ;;
+case "$* $(pwd)" in
+*--check*/ml-env/incoming/*) ;;
+*) exec /usr/bin/sha256sum "$@" ;;
 esac
 start_of() {{ sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f20; }}  # a pid's start time (pids are reused)
 if mkdir "$state/orphan" 2>/dev/null; then
-    printf '%s\\n' "$$ $(start_of $$)" "$PPID $(start_of $PPID)" "$*" > "$state/orphan/started.new"
+    chain=$(sed 's/.*) //' "/proc/$PPID/stat" | cut -d' ' -f2)
+    printf '%s\\n' "$$ $(start_of $$)" "$chain $(start_of "$chain")" "$(pwd)" > "$state/orphan/started.new"
     mv "$state/orphan/started.new" "$state/orphan/started"
     while [ ! -e "$state/go" ]; do sleep 0.1; done
-    /usr/bin/tar "$@"
+    /usr/bin/sha256sum "$@"
     status=$?
     echo "$status" > "$state/orphan/status"
     exit "$status"
 fi
-if [ -e "$state/release-on-next-unpack" ]; then
+if [ -e "$state/release-on-next-check" ]; then
     chain=$(sed -n 2p "$state/orphan/started")
     start=${{chain#* }}
     chain=${{chain% *}}
@@ -63,9 +66,10 @@ if [ -e "$state/release-on-next-unpack" ]; then
         sleep 0.1
     done
 fi
-exec /usr/bin/tar "$@"
+exec /usr/bin/sha256sum "$@"
 """
-UNPACKED = re.compile(r"incoming/(env-[0-9a-f]{16})\.tar\.gz-([0-9a-f]{8}) ")
+STAGED = re.compile(r"/incoming/([0-9a-f]{8})$")
+PLANNED = re.compile(r"ML env: env-[0-9a-f]{16} → (env-[0-9a-f]{16}) \(")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,10 +112,10 @@ def started_at(pid: int) -> str | None:
     return None if fields[0] == "Z" else fields[19]
 
 
-def held_unpack(state: Path) -> tuple[dict[int, str], str]:
-    """The first unpack the fixture held: {pid: start time} of the fixture tar and of its chain, its arguments."""
-    tar, chain, argv = (state / "orphan" / "started").read_text().split("\n")[:3]
-    return {int(pid): start for pid, start in (tar.split(), chain.split())}, argv
+def held_check(state: Path) -> tuple[dict[int, str], str]:
+    """The first check the fixture held: {pid: start time} of the fixture and of its chain, and its folder."""
+    check, chain, folder = (state / "orphan" / "started").read_text().split("\n")[:3]
+    return {int(pid): start for pid, start in (check.split(), chain.split())}, folder
 
 
 def running(fleet, record, processes: dict[int, str]) -> list[int]:
@@ -121,25 +125,25 @@ def running(fleet, record, processes: dict[int, str]) -> list[int]:
 
 
 @contextlib.contextmanager
-def unpacks_held(fleet, record):
-    """RECORD's env unpacks go through the fixture tar; afterwards no process of it is left and the mount is
-    gone. Yields the fixture's state folder as the control node sees it."""
-    fleet.ssh(record, f"mkdir -p /srv/fixture-tar {STATE} && printf %s {shlex.quote(FIXTURE_TAR)} "
-                      "> /srv/fixture-tar/tar && chmod 0755 /srv/fixture-tar/tar "
-                      "&& mount --bind /srv/fixture-tar /usr/local/sbin")
+def checks_held(fleet, record):
+    """RECORD's checks of staged env objects go through the fixture; afterwards no process of it is left and
+    the mount is gone. Yields the fixture's state folder as the control node sees it."""
+    fleet.ssh(record, f"mkdir -p /srv/fixture-bin {STATE} && printf %s {shlex.quote(FIXTURE)} "
+                      "> /srv/fixture-bin/sha256sum && chmod 0755 /srv/fixture-bin/sha256sum "
+                      "&& mount --bind /srv/fixture-bin /usr/local/sbin")
     state = fleet.fleet.host_dir(record.name) / STATE.removeprefix("/")
     try:
-        assert fleet.ssh(record, "command -v tar").strip() == "/usr/local/sbin/tar"  # what the deploy's chain runs
+        assert fleet.ssh(record, "command -v sha256sum").strip() == "/usr/local/sbin/sha256sum"  # the chain's
         yield state
     finally:
-        (state / "go").touch()  # a held unpack goes on (or, its files gone, ends)
+        (state / "go").touch()  # a held check goes on (or, its files gone, fails)
         if (state / "orphan" / "started").exists():
-            processes, _ = held_unpack(state)
+            processes, _ = held_check(state)
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: not running(fleet, record, processes), "")
             for pid in running(fleet, record, processes):  # a chain that would not end (the test failed)
                 os.kill(pid, signal.SIGKILL)
-        fleet.ssh(record, f"umount /usr/local/sbin && rm -r /srv/fixture-tar {STATE}")
+        fleet.ssh(record, f"umount /usr/local/sbin && rm -r /srv/fixture-bin {STATE}")
 
 
 def start_deploy(fleet, log: Path, *args: str) -> subprocess.Popen:
@@ -149,11 +153,11 @@ def start_deploy(fleet, log: Path, *args: str) -> subprocess.Popen:
                                 stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
 
 
-@pytest.mark.parametrize("release", ["after the new deploy", "during the new deploy's unpack"])
-def test_a_connection_killed_mid_unpack_then_a_new_deploy_at_once_leaves_the_active_env_complete(
+@pytest.mark.parametrize("release", ["after the new deploy", "during the new deploy's check"])
+def test_a_connection_killed_mid_install_then_a_new_deploy_at_once_leaves_the_active_env_complete(
         fleet, env_cache, tmp_path, release):
-    """The killed run's unpack, let go after the new deploy (its files are gone by then) or while the new
-    deploy's own unpack waits (it publishes the env first), never leaves a partial env, a temporary name
+    """The killed run's install, let go after the new deploy (its files are gone by then) or while the new
+    deploy's own check waits (it publishes the env first), never leaves a partial env, a temporary name
     or a leftover: the active env is the new one, every file as in the artifact."""
     victim = fleet.hosts[1]
     fleet.wipe()
@@ -162,19 +166,20 @@ def test_a_connection_killed_mid_unpack_then_a_new_deploy_at_once_leaves_the_act
     old = active(fleet, victim)
     args = ("--limit", victim.name, "--data", f"ml_env_cache_dir={env_cache}", "--data", new_requirements(tmp_path))
     first_log = tmp_path / "first.log"
-    with unpacks_held(fleet, victim) as state:
+    with checks_held(fleet, victim) as state:
         first = start_deploy(fleet, first_log, *args)
         try:
             started = state / "orphan" / "started"
 
-            def unpack_began() -> bool:
-                assert first.poll() is None, "the deploy ended before its env unpack:\n" + first_log.read_text()[-3000:]
+            def check_began() -> bool:
+                assert first.poll() is None, "the deploy ended before its env check:\n" + first_log.read_text()[-3000:]
                 return started.exists()
 
-            wait_until(unpack_began, "the env unpack did not begin", timeout=600)
-            orphan, argv = held_unpack(state)
-            new, mark = UNPACKED.search(argv + " ").groups()
-            for pid in ssh_sessions(fleet, victim):  # the connection dies on the host's side, mid unpack
+            wait_until(check_began, "the env check did not begin", timeout=600)
+            orphan, folder = held_check(state)
+            mark = STAGED.search(folder).group(1)
+            (new,) = set(PLANNED.findall(first_log.read_text()))
+            for pid in ssh_sessions(fleet, victim):  # the connection dies on the host's side, mid install
                 os.kill(pid, signal.SIGKILL)
             first.wait(timeout=120)
         finally:
@@ -184,24 +189,24 @@ def test_a_connection_killed_mid_unpack_then_a_new_deploy_at_once_leaves_the_act
         output = first_log.read_text()
         assert first.returncode != 0, output[-3000:]
         assert f"[{victim.name}] ML env {new}: the connection was lost during the upload" in output, output[-3000:]
-        assert running(fleet, victim, orphan) == list(orphan)  # the killed run's unpack goes on, held
+        assert running(fleet, victim, orphan) == list(orphan)  # the killed run's install goes on, held
         wait_until(lambda: subprocess.run([*fleet.fleet.ssh_argv(victim), "flock -n /run/mlstack/deploy.lock true"],
                                           capture_output=True, timeout=60).returncode == 0,
                    "the killed run's deploy lock was not released")  # it went with the connection
 
         if release != "after the new deploy":
-            (state / "release-on-next-unpack").touch()
+            (state / "release-on-next-check").touch()
         rerun = fleet.deploy(*args)
         assert rerun.returncode == 0, rerun.output[-3000:]
         (state / "go").touch()
 
-        wait_until(lambda: not running(fleet, victim, orphan), "the killed run's unpack did not end")
+        wait_until(lambda: not running(fleet, victim, orphan), "the killed run's install did not end")
         status = (state / "orphan" / "status").read_text().strip()
         if release == "after the new deploy":
-            assert status != "0"  # the new deploy had removed what it unpacks from and into
+            assert status != "0"  # the new deploy had removed the objects it checks
         else:
             assert (state / "orphan" / "ended-first").exists()  # the interleaving this case is about
-            assert status == "0"  # it unpacked the whole env and published it; the new deploy kept it
+            assert status == "0"  # it checked and published the env; the new deploy kept it
 
     assert active(fleet, victim) == new != old
     expected = artifact_files(env_cache / f"{new}.tar.gz")
