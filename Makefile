@@ -7,7 +7,7 @@ N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test lint test-unit test-slow fleet-up fleet-down fleet-status bench bench-transfer prereqs venv
+.PHONY: rehearse test lint test-unit test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env prereqs venv
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
@@ -41,6 +41,9 @@ bench: prereqs venv  ## printed tables, not tests
 
 bench-transfer: prereqs venv  ## one 500 MB upload: the deploy's path against OpenSSH's cat
 	$(PY) -m bench.transfer
+
+bench-env: prereqs venv  ## the production env on 2 hosts: first install, upgrades, disk of 3 versions, throughput
+	$(PY) -m bench.env_store
 
 ## Set-up
 prereqs:  ## apt packages and the compose v2 plugin (idempotent, asks no registry when all is there)
