@@ -31,7 +31,7 @@ MINILM_FOLDER, NESTED_FOLDER = "models--sentence-transformers--all-MiniLM-L6-v2"
 # the host's own mount namespace). Only the check of an env transfer's staged objects (`sha256sum --check` in
 # incoming/<mark>: the whole stream has arrived, nothing is published yet) is held; every other call is the
 # real sha256sum at once. The first check records its pid and the pid of its chain (the receive program of the
-# upload's channel: the parent of its `$(…)` subshell) with their start times, and its folder; waits for
+# upload's channel: the oldest ancestor running env_store.sh) with their start times, and its folder; waits for
 # `go`; runs the real sha256sum and records its status. With `release-on-next-check`, the next check says
 # `go` itself and runs once that first chain has ended (then `orphan/ended-first`).
 STATE = "/srv/fixture-state"
@@ -43,7 +43,11 @@ case "$* $(pwd)" in
 esac
 start_of() {{ sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f20; }}  # a pid's start time (pids are reused)
 if mkdir "$state/orphan" 2>/dev/null; then
-    chain=$(sed 's/.*) //' "/proc/$PPID/stat" | cut -d' ' -f2)
+    chain=$PPID
+    while parent=$(sed 's/.*) //' "/proc/$chain/stat" | cut -d' ' -f2) &&
+            tr '\\0' ' ' < "/proc/$parent/cmdline" | grep -q 'env_store[.]sh receive'; do
+        chain=$parent
+    done
     printf '%s\\n' "$$ $(start_of $$)" "$chain $(start_of "$chain")" "$(pwd)" > "$state/orphan/started.new"
     mv "$state/orphan/started.new" "$state/orphan/started"
     while [ ! -e "$state/go" ]; do sleep 0.1; done
