@@ -4,14 +4,14 @@
 #
 # usage: env_store.sh list ENV_DIR
 #            the objects the store holds, a name a line
-#        env_store.sh receive ENV_DIR ENV MARK BASE REMOVALS OBJECTS ENTRIES
+#        env_store.sh receive ENV_DIR ENV MARK BASE REMOVALS ENTRIES
 #            makes envs/ENV from a copy of the links of envs/BASE ("" for none) and stdin, the three parts
-#            tasks/control/env_store.py transfer_stream writes (their sizes in bytes): the base paths to
-#            remove, the objects to add (staged in incoming/MARK, each checked against its name before
-#            it enters objects/), the entries to add; envs/ENV.tmp-MARK is renamed into place only once
-#            it is complete
-#        env_store.sh repair ENV_DIR MARK OBJECTS
-#            stdin: a tar of OBJECTS bytes of good copies of damaged objects; every env path linked to a
+#            tasks/control/env_store.py transfer_stream writes: the base paths to remove and the entries
+#            to add (of REMOVALS and ENTRIES bytes), then the objects to add, read by tar to the end
+#            straight from stdin (staged in incoming/MARK, each checked against its name before it enters
+#            objects/); envs/ENV.tmp-MARK is renamed into place only once it is complete
+#        env_store.sh repair ENV_DIR MARK
+#            stdin: a tar of good copies of damaged objects; every env path linked to a
 #            damaged object is linked to its good copy (a new file, put in place by a rename)
 #        env_store.sh collect ENV_DIR
 #            removes the objects no env links to (a link count of 1)
@@ -28,10 +28,10 @@ if [ "$command" = list ] || [ "$command" = collect ]; then
     exit 0
 fi
 if [ "$command" = receive ]; then
-    env=$3 mark=$4 base=$5 removals=$6 objects=$7 entries=$8
+    env=$3 mark=$4 base=$5 removals=$6 entries=$7
     tree=envs/$env.tmp-$mark
 else
-    mark=$3 objects=$4
+    mark=$3
     tree=
 fi
 staged=incoming/$mark
@@ -51,9 +51,9 @@ check_staged() {
         fail "an object arrived damaged ($(echo "$said" | head -n 1))"
     rm -f -- "$list" "$list".*
 }
-# The objects part of stdin into the staging folder (tar's first complaint, if any, is the reason given).
+# The objects, the rest of stdin, into the staging folder (tar's first complaint, if any, is the reason given).
 receive_objects() {
-    said=$(head -c "$objects" | tar -x -p --no-same-owner -C "$staged" -f - 2>&1) ||
+    said=$(tar -x -p --no-same-owner -C "$staged" -f - 2>&1) ||
         fail "the objects did not arrive whole ($(echo "$said" | head -n 1))"
 }
 rm -rf -- "$staged" ${tree:+"$tree"}
@@ -80,16 +80,16 @@ if [ -n "$base" ]; then
 else
     mkdir -m 0755 "$tree"
 fi
-head -c "$removals" >"$staged/removals.gz"
-gzip -t "$staged/removals.gz" 2>/dev/null || fail "the stream ended early"
-gzip -dc "$staged/removals.gz" | (cd "$tree" && xargs -0 -r rm -rf --)
-rm -- "$staged/removals.gz"
+head -c "$removals" >"$staged/.removals.gz"
+head -c "$entries" >"$staged/.entries.tar.gz"
+gzip -t "$staged/.removals.gz" "$staged/.entries.tar.gz" 2>/dev/null || fail "the stream ended early"
+gzip -dc "$staged/.removals.gz" | (cd "$tree" && xargs -0 -r rm -rf --)
 receive_objects
 check_staged
 # An object a run before ours put in place is kept (the tree links whichever is there, so a store stays one
 # copy per content); a move that failed shows when the tree cannot link the object.
 find "$staged" -maxdepth 1 -type f -name '*-*' -exec mv -n -t objects -- '{}' + || true
-said=$(head -c "$entries" | tar -xz -p --no-same-owner -f - 2>&1) || fail "its tree could not be made ($(echo "$said" | head -n 1))"
+said=$(tar -xz -p --no-same-owner -f "$staged/.entries.tar.gz" 2>&1) || fail "its tree could not be made ($(echo "$said" | head -n 1))"
 rm -rf -- "$staged"
 # complete: renamed into place (unless a run before ours, killed after its own check, finished it)
 mv -T -- "$tree" "envs/$env" 2>/dev/null || { [ -d "envs/$env" ] && rm -rf -- "$tree"; }

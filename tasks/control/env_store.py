@@ -8,12 +8,12 @@ On the control node, below `ml_env_cache_dir`:
 
 A host's store (tasks/host/ml_env.py) has the same objects/ and one hard-link tree per env. A new env
 is made on the host from a copy of links of an env it holds (the base), minus what differs, plus the
-new entries; only objects the host lacks travel. The stream `transfer_stream` writes is three parts,
-each read on the host with `head -c` (files/host/env_store.sh receive):
+new entries; only objects the host lacks travel. The stream `transfer_stream` writes is three parts
+(files/host/env_store.sh receive reads the first two with `head -c`, and its tar the third to the end):
 
     1. the base paths to remove: NUL-separated, gzip
-    2. the objects to send: a tar of `<object>` members (short names: no extended headers)
-    3. the entries to add: a tar.gz of directories, hard links to `objects/<object>` and symlinks
+    2. the entries to add: a tar.gz of directories, hard links to `objects/<object>` and symlinks
+    3. the objects to send: a tar of `<object>` members (short names: no extended headers)
 """
 
 from __future__ import annotations
@@ -199,9 +199,9 @@ def objects_tar(cache_dir: Path, send: tuple[tuple[str, int], ...]) -> Stream:
     return Stream(chunks, sum(BLOCK + size + (-size % BLOCK) for _, size in send) + 2 * BLOCK)
 
 
-def transfer_stream(transfer: Transfer, env: str, mark: str, cache_dir: Path) -> tuple[Stream, tuple[int, int, int]]:
+def transfer_stream(transfer: Transfer, env: str, mark: str, cache_dir: Path) -> tuple[Stream, tuple[int, int]]:
     """TRANSFER as the stream `env_store.sh receive` reads, its entries under envs/<env>.tmp-<mark>; and the
-    sizes of its three parts."""
+    sizes of its first two parts (the objects, the bulk, are read to the end)."""
     removals = _gzip(b"".join(path.encode("utf-8", "surrogateescape") + b"\0" for path in transfer.remove))
     tree = f"envs/{env}.tmp-{mark}"
     entries = io.BytesIO()
@@ -220,11 +220,10 @@ def transfer_stream(transfer: Transfer, env: str, mark: str, cache_dir: Path) ->
 
     def chunks() -> Iterator[bytes]:
         yield removals
-        yield from objects.chunks()
         yield tree_part
+        yield from objects.chunks()
 
-    return (Stream(chunks, len(removals) + objects.size + len(tree_part)),
-            (len(removals), objects.size, len(tree_part)))
+    return Stream(chunks, len(removals) + len(tree_part) + objects.size), (len(removals), len(tree_part))
 
 
 def check_objects(cache_dir: Path, names: list[str]) -> None:

@@ -270,7 +270,7 @@ def repair_objects(env_dir: str, cache_dir: Path, damaged: tuple[tuple[str, int]
     """Send a good copy of each DAMAGED object and link it at every path of the damaged one."""
     stream = objects_tar(cache_dir, damaged)
     yield StreamedUpload(stream, "ML env store repair", f"{env_dir}/objects/repair", owner,
-                         receiver=program("env_store.sh", "repair", env_dir, RUN_MARK, stream.size))
+                         receiver=program("env_store.sh", "repair", env_dir, RUN_MARK))
 
 
 def in_runtime_image(env_dir: str, env: str, image_id: str, python: str, command: str, options: str = "") -> str:

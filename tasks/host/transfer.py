@@ -8,6 +8,8 @@ failure that fails only that host and says why.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import shlex
@@ -113,6 +115,8 @@ class StreamedUpload(PyinfraCommand):
         """Stream SOURCE into `ssh` (ARGV); its exit status (LOST: ssh's own 255) and what the host said."""
         with tempfile.TemporaryFile() as said:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=said)
+            with contextlib.suppress(OSError):  # a 1 MiB pipe: a chunk per write, not 16 waits for ssh (gevent)
+                fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
             try:
                 self._send(source, total, process.stdin.write, host)
                 process.stdin.close()

@@ -201,7 +201,7 @@ def test_repair_puts_a_good_copy_at_every_path_linked_to_a_damaged_object(tmp_pa
         damaged.write(b"rot")
 
     stream = objects_tar(cache, ((big, len(BIG)),))
-    result = run(host, "repair", "0badc0de", stream.size, stdin=stream.open()[0].read())
+    result = run(host, "repair", "0badc0de", stdin=stream.open()[0].read())
     assert result.returncode == 0, result.stderr
     for env in (env_a, env_b):
         assert files_of(host / "envs" / env) == artifact_files(cache / f"{env}.tar.gz")
