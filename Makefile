@@ -14,7 +14,7 @@ rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second ru
 	$(PY) -m rehearsal.rehearse
 
 test: prereqs venv lint  ## lint, then unit and fleet integration tests (slow ones excluded)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" --durations=25
 
 lint: prereqs venv  ## ruff over the Python, shellcheck over the shell programs
 	$(VENV)/bin/ruff check .

@@ -72,7 +72,8 @@ def read_tree(cache_dir: Path, env: str) -> Tree | None:
 
 def env_tree(cache_dir: Path, env: str, artifact: Path) -> Tree:
     """ENV's tree, its objects unpacked from ARTIFACT (checked before: `EnvSource.ensure`) once per control
-    node: the tree file is written last, so a tree on disk means every object it names is there."""
+    node: the tree file is written last, so a tree on disk means every object it names was written (an
+    object a crash left short is caught before it is sent: `check_objects`)."""
     return once(("tree", env, cache_dir), lambda: read_tree(cache_dir, env) or _unpack(cache_dir, env, artifact))
 
 
@@ -95,7 +96,6 @@ def _unpack(cache_dir: Path, env: str, artifact: Path) -> Tree:
                     tree[member.name] = Entry("f", mode, object_name(digest, mode), member.size)
     except (tarfile.TarError, KeyError) as error:
         raise ArtifactError(f"{artifact} cannot be unpacked into the env store: {error}") from None
-    os.sync()  # the objects reach the disk before the tree that names them
     atomic_write(_trees(cache_dir) / f"{env}.json",
                  json.dumps({"entries": [[path, *entry] for path, entry in tree.items()]}))
     return tree

@@ -4,6 +4,7 @@ sessions (to kill a connection on the host's side), and waiting for a condition.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import time
 import zipfile
@@ -14,6 +15,8 @@ from rehearsal.index import WHEELHOUSE
 ENV_DIR = "/srv/mlstack/ml-env"
 REHEARSAL = (Path(__file__).parents[2] / "files" / "requirements.rehearsal.txt").read_text()
 BALLAST = "mlstack-ballast"
+BALLAST_DATA = random.Random(15).randbytes(6_000_000)
+BALLAST_OBJECT = hashlib.sha256(BALLAST_DATA).hexdigest() + "-644"  # its name in an env store
 
 
 def ballast_wheel() -> Path:
@@ -24,7 +27,7 @@ def ballast_wheel() -> Path:
     if not wheel.exists():
         files = {
             "mlstack_ballast/__init__.py": b"",
-            "mlstack_ballast/ballast.bin": random.Random(15).randbytes(6_000_000),
+            "mlstack_ballast/ballast.bin": BALLAST_DATA,
             "mlstack_ballast-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: mlstack-ballast\nVersion: 1.0\n",
             "mlstack_ballast-1.0.dist-info/WHEEL":
                 b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
