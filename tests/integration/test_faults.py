@@ -91,6 +91,7 @@ def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host
     victim, other = fleet.hosts
     old = active(fleet, victim)
     old_files, old_containers = env_listing(fleet, victim, old), container_ids(fleet, victim)
+    held = set(fleet.ssh(victim, f"ls {ENV_DIR}/envs").split())  # the old env, and any an earlier module left
     log: list[str] = []
     with fleet.throttled(victim):
         process = start_deploy(fleet, cache, new_requirements(tmp_path))
@@ -108,15 +109,15 @@ def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host
     assert active(fleet, victim) == old
     assert env_listing(fleet, victim, old) == old_files
     assert container_ids(fleet, victim) == old_containers  # the stack was not touched
-    # Whatever the host's end did with the part it received (its tar refused a partial object; or, in CI twice,
-    # the orphaned receive finished the env under its own names before the connection's end reached it), no
-    # partial env, tree in the making or staged object is left: an env there is whole, and not active.
+    # Whatever the host's end did with the part it received (its tar refuses a partial object; an orphaned
+    # receive that had it all would finish the env under its own names), no partial env, tree in the making
+    # or staged object is left: an env there is whole, and not active.
     def left() -> list[str]:
         return fleet.ssh(victim, f"ls -A {ENV_DIR}/incoming; ls {ENV_DIR}/envs").split()
 
     with contextlib.suppress(AssertionError):
-        wait_until(lambda: set(left()) <= {old, new}, "")
-    assert set(left()) <= {old, new} and old in left(), "the partial upload was not removed"
+        wait_until(lambda: set(left()) <= held | {new}, "")
+    assert held <= set(left()) <= held | {new}, "the partial upload was not removed"
     if new in left():
         expected = fleet.ssh(other, f"cd {ENV_DIR}/envs/{new} && find . -type f -exec sha256sum {{}} + | sort")
         assert env_listing(fleet, victim, new) == expected  # whole: as on the host that converged
