@@ -27,9 +27,9 @@ from pathlib import Path
 
 from rehearsal.fleet import Fleet, HostRecord
 from rehearsal.index import add_to_wheelhouse
-from tasks.config import FILES
 from tasks.control.env_store import read_tree, tree_objects
 from tasks.fleet.runner import DeployRun, run_deploy
+from tasks.paths import FILES
 
 ENV_DIR = "/srv/mlstack/ml-env"
 PINNED = "openai==1.71.0"

@@ -1,9 +1,11 @@
-"""An example production inventory: copy it, list your hosts, then
+"""An example production inventory: copy it into your own repository, list your hosts, point `stack` at
+your compose project, then
 
-    pyinfra inventory/<fleet>.py deploy.py --dry --diff     # what would change, per host
-    pyinfra inventory/<fleet>.py deploy.py                  # apply
+    mlstack plan inventory.py      # what would change, per host, with diffs
+    mlstack deploy inventory.py    # apply
 
-Settings not given here come from inventory/group_data/all.py (see the README's table).
+Settings not given here take their defaults (docs/settings.md); group_data/<group>.py beside the
+inventory may hold them per group, as pyinfra reads it.
 """
 
 gpu_hosts = (
@@ -14,6 +16,7 @@ gpu_hosts = (
     {
         "ssh_user": "ops",
         "_sudo": True,  # an ordinary user with passwordless sudo
+        "stack": "/home/ops/ml-stack/compose",  # your compose project on the control node
         "stack_root": "/data/mlstack",
         "ml_env_dir": "/data/mlstack/ml-env",
         "model_cache_dir": "/data/mlstack/hf-cache",

@@ -1,6 +1,6 @@
 """Host data -> a typed, validated config per host, before any host is changed.
 
-Defaults live in `inventory/group_data/all.py`; this module only says what a valid value is.
+Defaults live here, in `HostConfig`; the validators say what a valid value is.
 Every problem on every host is reported at once, each naming the host, the setting, the value
 and what is expected. Keys that are neither ours nor pyinfra's (connector data, global
 arguments) are typos and fail too, with the closest known key as a suggestion.
@@ -23,11 +23,11 @@ from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 
-from tasks import secrets
+from . import secrets
+from .paths import FILES, STACKS
 
 MAX_ID = 4294967294  # 2**32 - 2: (uid_t)-1 means "unchanged" to chown(2)
 MAX_KEEP_ENVS = 20
-FILES = Path(__file__).resolve().parent.parent / "files"
 
 
 class ConfigError(PyinfraError):
@@ -272,6 +272,16 @@ def _dotenv_name(value: Any) -> str:
     return name
 
 
+def _secret_name(value: Any) -> str:
+    """A `stack_secrets` name: read from the control node's environment, so it must be set there now, before
+    anything is built or changed."""
+    name = _dotenv_name(value)
+    if name not in os.environ:
+        raise ValueError(f"expected {name} to be set in the control node's environment (stack_secrets are read "
+                         "from it: export it before the deploy)")
+    return name
+
+
 def _env_name_or_profile(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", value):
         raise ValueError("expected compose profile names such as 'agents'")
@@ -296,7 +306,7 @@ def _flag(value: Any) -> bool:
 
 def _stack(value: Any) -> str:
     """A compose project directory: a name under files/stacks/ or an absolute path on the control node."""
-    names = sorted(path.name for path in (FILES / "stacks").iterdir() if path.is_dir())
+    names = sorted(path.name for path in STACKS.iterdir() if path.is_dir())
     if isinstance(value, str) and value.startswith("/") and Path(value).is_dir():
         return value
     if isinstance(value, str) and value in names:
@@ -443,61 +453,105 @@ class DirectorySpec:
 
 
 class HostConfig(BaseModel):
-    """Every setting of the deploy; the README table documents each with its default."""
+    """Every setting of the deploy with its default: the one place defaults live. Override them per group
+    (group_data/<group>.py beside the inventory), per host in the inventory, or per run with `--data k=v`.
+    docs/settings.md documents each (a unit test keeps the two equal). Directory owners are numeric: a
+    container's uid (often 1000) need not exist on the host."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    stack_root: AbsolutePath
-    stack_root_uid: NumericId
-    stack_root_gid: NumericId
-    stack_root_mode: OctalMode
-    ml_env_dir: AbsolutePath
-    ml_env_dir_uid: NumericId
-    ml_env_dir_gid: NumericId
-    ml_env_dir_mode: OctalMode
-    model_cache_dir: AbsolutePath
-    model_cache_dir_uid: NumericId
-    model_cache_dir_gid: NumericId
-    model_cache_dir_mode: OctalMode
-    compose_project_dir: AbsolutePath
-    compose_project_dir_uid: NumericId
-    compose_project_dir_gid: NumericId
-    compose_project_dir_mode: OctalMode
-    ml_env_requirements: RequirementsFile
-    ml_env_id: EnvId
-    keep_envs: KeepCount
-    ml_env_check_active: Flag
-    ml_env_verify_hashes: Flag
-    ml_env_base_image: ImageRef
-    ml_env_builder: EngineUrl
-    ml_env_cache_dir: ControlPath
-    pip_index_url: IndexUrl
-    pip_extra_index_urls: UrlList
-    pip_find_links: UrlList
-    pip_trusted_hosts: HostList
-    models: list[ModelSpec]
-    service_models: dict[Annotated[str, BeforeValidator(_env_name)], str]
-    service_gpus: Annotated[dict, BeforeValidator(_gpu_requests)]
-    hf_endpoint: EndpointUrl
-    hf_token_over_http: Flag
-    model_mode: Annotated[str, BeforeValidator(_choice("control", "host"))]
-    model_verify_hashes: Flag
-    hf_control_cache_dir: ControlPath
+    # Your compose project: an absolute path on the control node, or a name under files/stacks/.
     stack: Annotated[str, BeforeValidator(_stack)]
-    compose_files: Annotated[list[str], BeforeValidator(_list_of(_compose_file))]
-    ml_services: dict[str, MlService]
-    http_checks: Annotated[list[str], BeforeValidator(_list_of(_http_check))]
-    image_source: Annotated[str, BeforeValidator(_choice("pull", "ship"))]
-    registry_credentials: Annotated[dict[str, str], BeforeValidator(_registry_credentials)]
-    stack_env: Annotated[dict[str, str], BeforeValidator(_env_map)]
-    stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_dotenv_name))]
-    stack_profiles: Annotated[list[str], BeforeValidator(_list_of(_env_name_or_profile))]
-    health_timeout: Annotated[int, BeforeValidator(_int_in(5, 3600, "expected seconds from 5 to 3600"))]
-    image_cache_dir: ControlPath
-    rollout_canary: Annotated[int, BeforeValidator(_int_in(0, 10000, "expected a number of canary hosts, 0 or more"))]
-    rollout_batch: Annotated[str, BeforeValidator(_batch)]
+    # Its compose files, merged in order as `docker compose -f a -f b`; [] is what compose reads without -f.
+    compose_files: Annotated[list[str], BeforeValidator(_list_of(_compose_file))] = []
+    # Compose profiles to enable; written to the host's .env as COMPOSE_PROFILES.
+    stack_profiles: Annotated[list[str], BeforeValidator(_list_of(_env_name_or_profile))] = []
+    # Values compose interpolates the project with, over the project's own .env (name -> value).
+    stack_env: Annotated[dict[str, str], BeforeValidator(_env_map)] = {}
+    # Names read from the control node's environment into the host's .env (mode 0600), over the project's own.
+    stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_secret_name))] = []
+    # What the deploy adds to each service named: the ML env (read-only at /root/.local) and the models it reads.
+    ml_services: dict[str, MlService] = {}
+    # The GPUs each service gets (service -> "all", a count or a list of indices), reserved by UUID.
+    service_gpus: Annotated[dict, BeforeValidator(_gpu_requests)] = {}
+    # URLs the control node asks once a host's services are healthy ({host}: the host's address).
+    http_checks: Annotated[list[str], BeforeValidator(_list_of(_http_check))] = []
+    # Seconds a host's services get to become healthy after a change.
+    health_timeout: Annotated[int, BeforeValidator(_int_in(5, 3600, "expected seconds from 5 to 3600"))] = 180
+    # Registry images: "pull": each host pulls them; "ship": the builder pulls each once and sends it to hosts.
+    image_source: Annotated[str, BeforeValidator(_choice("pull", "ship"))] = "pull"
+    # Logins for those registries (host[:port] -> "user:${PASSWORD_VAR}"), read from the control node's environment.
+    registry_credentials: Annotated[dict[str, str], BeforeValidator(_registry_credentials)] = {}
+    # Where the control node keeps built and shipped image archives.
+    image_cache_dir: ControlPath = "~/.cache/mlstack/images"
+
+    # The stack root: parent of everything the deploy manages.
+    stack_root: AbsolutePath = "/srv/mlstack"
+    stack_root_uid: NumericId = 0
+    stack_root_gid: NumericId = 0
+    stack_root_mode: OctalMode = "0755"
+    # The pip --user ML environment store (versioned envs below it).
+    ml_env_dir: AbsolutePath = "/srv/mlstack/ml-env"
+    ml_env_dir_uid: NumericId = 0
+    ml_env_dir_gid: NumericId = 0
+    ml_env_dir_mode: OctalMode = "0755"
+    # The HuggingFace cache, mounted at /root/.cache/huggingface.
+    model_cache_dir: AbsolutePath = "/srv/mlstack/hf-cache"
+    model_cache_dir_uid: NumericId = 0
+    model_cache_dir_gid: NumericId = 0
+    model_cache_dir_mode: OctalMode = "0755"
+    # Where each host keeps the compose project: its files as they are, compose.mlstack.yml, .env.
+    compose_project_dir: AbsolutePath = "/srv/mlstack/compose"
+    compose_project_dir_uid: NumericId = 0
+    compose_project_dir_gid: NumericId = 0
+    compose_project_dir_mode: OctalMode = "0750"
+
+    # The ML env's requirements: a file name in files/ or a path on the control node (built only when a
+    # service of ml_services uses the env).
+    ml_env_requirements: RequirementsFile = "requirements.ml.txt"
+    # Pin an env id shown by an earlier deploy (rollback); None builds from the requirements.
+    ml_env_id: EnvId = None
+    # Previous envs kept on each host besides the active one.
+    keep_envs: KeepCount = 2
+    # Import-check the active env on every run, not only when switching (verify turns it on).
+    ml_env_check_active: Flag = False
+    # Hash every object of each host's env store, and repair what differs (`verify --hashes` turns it on).
+    ml_env_verify_hashes: Flag = False
+    # The runtime base image the env is built on and checked in (same Python and glibc as the stack).
+    ml_env_base_image: ImageRef = "python:3.11-slim-bookworm"
+    # The docker engine that builds: "" is the control node's own (or DOCKER_HOST), or e.g. "ssh://root@gpu-01".
+    ml_env_builder: EngineUrl = ""
+    # Where the control node keeps built env artifacts and their objects.
+    ml_env_cache_dir: ControlPath = "~/.cache/mlstack/ml-env"
+    # Package index for the env build; credentials as ${VAR} from the control node's environment.
+    pip_index_url: IndexUrl = ""
+    pip_extra_index_urls: UrlList = []
+    pip_find_links: UrlList = []
+    pip_trusted_hosts: HostList = []
+
+    # HuggingFace models placed in every host's cache: {"repo_id", "revision", "repo_type", "allow_patterns",
+    # "ignore_patterns"}. Pin a full commit sha for reproducible fleets.
+    models: list[ModelSpec] = []
+    # The stack's model settings (environment variable -> repo_id): each must be one of `models`.
+    service_models: dict[Annotated[str, BeforeValidator(_env_name)], str] = {}
+    # "control": the control node downloads once and sends hosts what they lack; "host": each host downloads.
+    model_mode: Annotated[str, BeforeValidator(_choice("control", "host"))] = "control"
+    # The HF endpoint: "" is $HF_ENDPOINT or huggingface.co; credentials as ${VAR} ("control" mode only).
+    hf_endpoint: EndpointUrl = ""
+    # Send the control node's HF_TOKEN to a plain http:// endpoint too (by default only to https://).
+    hf_token_over_http: Flag = False
+    # Hash every model file on the hosts on each run (files just transferred are always hashed).
+    model_verify_hashes: Flag = False
+    # Where the control node keeps its HF cache in "control" mode.
+    hf_control_cache_dir: ControlPath = "~/.cache/mlstack/hf"
+
+    # Rollout (`mlstack rollout`): canary hosts first, then batches (a count or "25%"), stopping once more
+    # than rollout_max_failures hosts have failed.
+    rollout_canary: Annotated[int, BeforeValidator(_int_in(0, 10000,
+                                                           "expected a number of canary hosts, 0 or more"))] = 1
+    rollout_batch: Annotated[str, BeforeValidator(_batch)] = "25%"
     rollout_max_failures: Annotated[int, BeforeValidator(_int_in(0, 10000,
-                                                                 "expected a number of failed hosts, 0 or more"))]
+                                                                 "expected a number of failed hosts, 0 or more"))] = 0
 
     def pip_options(self) -> dict:
         """pip's index settings, `${VAR}` references unexpanded (see tasks/secrets.py)."""
@@ -515,6 +569,13 @@ class HostConfig(BaseModel):
             )
             for name in ("stack_root", "ml_env_dir", "model_cache_dir", "compose_project_dir")
         ]
+
+
+# What a missing required setting is for, and how to give it.
+REQUIRED = {"stack": "a value is required: your compose project's directory, an absolute path on the control "
+                     "node (e.g. stack = \"/home/ops/ml-stack\" in the inventory, or --data stack=/path)"}
+# Every default, as pyinfra data (`@deploy(data_defaults=...)`): what a team's own deploy reads from host.data.
+DEFAULTS = {name: field.default for name, field in HostConfig.model_fields.items() if not field.is_required()}
 
 
 def pyinfra_keys() -> set[str]:
@@ -575,9 +636,8 @@ def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | No
                 hint = f" (did you mean {guess[0]!r}?)" if guess else ""
                 problems.append(_problem(host_name, key, value, f"unknown setting{hint}"))
             elif item["type"] == "missing":
-                where = ("defaults: inventory/group_data/all.py" if len(item["loc"]) == 1
-                         else "see the README's models table")
-                problems.append(_problem(host_name, key, _MISSING, f"a value is required ({where})"))
+                problems.append(_problem(host_name, key, _MISSING, REQUIRED.get(key, "a value is required "
+                                                                                 "(see docs/settings.md)")))
             else:
                 expected = item["msg"].removeprefix("Value error, ")
                 problems.append(_problem(host_name, key, value, expected))
@@ -643,7 +703,7 @@ def _ownership_problems(host_name: str, config: HostConfig) -> list[str]:
 
 def _project_problems(host_name: str, config: HostConfig) -> list[str]:
     """The stack's compose project against the settings that name its services and variables."""
-    from tasks.control.stack_project import BASE_IMAGE_VARIABLE, ComposeProject, StackError  # noqa: PLC0415
+    from .control.stack_project import BASE_IMAGE_VARIABLE, ComposeProject, StackError  # noqa: PLC0415
 
     try:
         project = ComposeProject.load(config.stack, tuple(config.compose_files))

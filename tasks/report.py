@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pyinfra.api.state import BaseStateCallback, StateStage
 
-from tasks.control.caches import atomic_write
+from .control.caches import atomic_write
 
 REPORT_FILE = "MLSTACK_REPORT"  # the environment variable naming the file
 VERSION = 1

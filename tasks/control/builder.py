@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.control.caches import atomic_write
+from .caches import atomic_write
 
 if TYPE_CHECKING:
     import docker

@@ -19,9 +19,9 @@ from typing import BinaryIO, Iterable
 
 from packaging.utils import canonicalize_name
 
-from tasks.config import requirement_names
-from tasks.control.caches import atomic_file, atomic_write
-from tasks.secrets import public_url
+from ..config import requirement_names
+from ..secrets import public_url
+from .caches import atomic_file, atomic_write
 
 
 class ArtifactError(Exception):

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from tasks import secrets
-from tasks.config import ENV_ID, FILES, HostConfig, read_requirements
-from tasks.control.builder import BaseImage, builder_engine, known_base_image, probe_base_image, require_base, tar_of
-from tasks.control.caches import atomic_write, once
-from tasks.control.env_artifact import (
+from .. import secrets
+from ..config import ENV_ID, HostConfig, read_requirements
+from ..paths import FILES
+from .builder import BaseImage, builder_engine, known_base_image, probe_base_image, require_base, tar_of
+from .caches import atomic_write, once
+from .env_artifact import (
     ArtifactError,
     Manifest,
     StaleManifest,

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NamedTuple
 
-from tasks.control.caches import atomic_write, once
-from tasks.control.env_artifact import ArtifactError, ChunkReader
+from .caches import atomic_write, once
+from .env_artifact import ArtifactError, ChunkReader
 
 OBJECT = re.compile(r"[0-9a-f]{64}-[0-7]{3,4}")
 BLOCK = 512

@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # before huggingface_hub
 from huggingface_hub.utils import filter_repo_objects  # noqa: E402 (light: HfApi and its HTTP stack load on first request)
 from pyinfra.api.exceptions import PyinfraError  # noqa: E402
 
-from tasks import secrets  # noqa: E402
-from tasks.config import HostConfig, ModelSpec  # noqa: E402
-from tasks.control.caches import atomic_write, once  # noqa: E402
+from .. import secrets  # noqa: E402
+from ..config import HostConfig, ModelSpec  # noqa: E402
+from .caches import atomic_write, once  # noqa: E402
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile

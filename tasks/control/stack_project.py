@@ -26,12 +26,11 @@ from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
 
-from tasks import secrets
-from tasks.config import FILES
-from tasks.control.builder import BaseImage, builder_engine, describe, require_base, tar_of
-from tasks.control.caches import atomic_file
+from .. import secrets
+from ..paths import STACKS
+from .builder import BaseImage, builder_engine, describe, require_base, tar_of
+from .caches import atomic_file
 
-STACKS = FILES / "stacks"
 COMPOSE_NAMES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")  # compose's order
 OVERRIDE_NAMES = ("compose.override.yaml", "compose.override.yml", "docker-compose.override.yml",
                   "docker-compose.override.yaml")  # compose's order, whichever the main file's name

@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
-from tasks.config import ConfigError, HostConfig, validate_host
-from tasks.fleet.runner import DeployRun, limit_args, run_deploy
+from ..config import ConfigError, HostConfig, validate_host
+from .runner import DeployRun, limit_args, run_deploy
 
 
 def batches(hosts: list[str], canary: int, batch: str) -> list[list[str]]:
@@ -123,8 +123,8 @@ def print_table(order: list[str], outcomes: dict[str, HostOutcome]) -> None:
             print(f"{'':14} {'':12} {'':44} {line}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.fleet.rollout", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.rollout") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("inventory")
     parser.add_argument("--limit", action="append", default=[], help="host name patterns, as pyinfra's --limit")
     options, pyinfra_args = parser.parse_known_args(argv)

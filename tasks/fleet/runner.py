@@ -14,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.report import REPORT_FILE, read_report
+from ..report import REPORT_FILE, read_report
 
-REPO = Path(__file__).resolve().parent.parent.parent
+DEPLOY = "mlstack.deploy.mlstack_deploy"  # the packaged deploy (tasks/deploy.py), as pyinfra imports it
 REPORT_HOOK = Path(__file__).with_name("report_hook.py")
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 
@@ -55,10 +55,11 @@ def limit_args(hosts: list[str]) -> list[str]:
 
 def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict | None = None,
                echo: bool = False) -> DeployRun:
-    """`pyinfra INVENTORY deploy.py ARGS --json`, with its report; ECHO streams pyinfra's log to our stderr."""
+    """`pyinfra INVENTORY mlstack.deploy.mlstack_deploy ARGS --json` in the current directory (where pyinfra also
+    looks for group_data/), with its report; ECHO streams pyinfra's log to our stderr."""
     with tempfile.TemporaryDirectory(prefix="mlstack-report-") as folder:
         report_file = Path(folder) / "report.json"
-        run = _run_pyinfra([PYINFRA, "--config", str(REPORT_HOOK), inventory, "deploy.py", *args, "--json"],
+        run = _run_pyinfra([PYINFRA, "--config", str(REPORT_HOOK), inventory, DEPLOY, *args, "--json"],
                            {**os.environ, **(env or {}), REPORT_FILE: str(report_file)}, echo)
         written = read_report(report_file)
         run.report, run.executed = written.get("hosts", {}), written.get("executed", False)
@@ -67,7 +68,7 @@ def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict 
 
 def _run_pyinfra(argv: list[str], env: dict, echo: bool) -> DeployRun:
     started = time.monotonic()
-    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log_lines: list[str] = []
 
     def read_log() -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tasks.fleet.rollout import HostOutcome, inventory_hosts
-from tasks.fleet.runner import limit_args, run_deploy
+from .rollout import HostOutcome, inventory_hosts
+from .runner import limit_args, run_deploy
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.fleet.verify", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.verify") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("inventory")
     parser.add_argument("--hashes", action="store_true", help="hash every model file and env object on the hosts")
     parser.add_argument("--limit", action="append", default=[], help="host name patterns, as pyinfra's --limit")

@@ -15,10 +15,10 @@ from pathlib import PurePosixPath
 from pyinfra import host
 from pyinfra.api import FactBase, operation
 
-from tasks.config import DirectorySpec, HostConfig
-from tasks.host.failure import HostProblem, step
-from tasks.host.probe import ProbePart
-from tasks.report import report
+from ..config import DirectorySpec, HostConfig
+from ..report import report
+from .failure import HostProblem, step
+from .probe import ProbePart
 
 
 @dataclass(frozen=True)

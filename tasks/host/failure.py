@@ -20,7 +20,7 @@ from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.context import ctx_host, ctx_state
 
-from tasks.report import report
+from ..report import report
 
 
 class HostProblem(Exception):

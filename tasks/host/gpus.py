@@ -10,10 +10,10 @@ from pyinfra import host
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-from tasks.host.gpu_checks import QUERY, Gpu, GpuLineError, parse_gpus
-from tasks.host.probe import ProbePart
-from tasks.host.programs import program
-from tasks.report import report
+from ..report import report
+from .gpu_checks import QUERY, Gpu, GpuLineError, parse_gpus
+from .probe import ProbePart
+from .programs import program
 
 BASIC_QUERY = "index,uuid,name,memory.total,driver_version"  # what drivers before compute_cap (510) answer
 DOCKER_GPUS = {"runtime", "cdi", "none"}

@@ -16,10 +16,10 @@ import time
 
 from pyinfra import host, state
 
-from tasks.host.channel import open_channel
-from tasks.host.failure import fail_host
-from tasks.host.programs import program
-from tasks.report import report
+from ..report import report
+from .channel import open_channel
+from .failure import fail_host
+from .programs import program
 
 LOCK_DIR = "/run/mlstack"  # /run: root's alone, and gone at reboot with every holder
 LOCKED = "locked"

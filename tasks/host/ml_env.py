@@ -29,11 +29,11 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FactBase, StringCommand, operation
 
-from tasks.config import HostConfig
-from tasks.control.builder import BaseImage, BuilderError
-from tasks.control.env_artifact import ENV_INFO, ArtifactError, Manifest
-from tasks.control.env_build import EnvSource, base_image, env_source
-from tasks.control.env_store import (
+from ..config import HostConfig
+from ..control.builder import BaseImage, BuilderError
+from ..control.env_artifact import ENV_INFO, ArtifactError, Manifest
+from ..control.env_build import EnvSource, base_image, env_source
+from ..control.env_store import (
     OBJECT,
     Transfer,
     Tree,
@@ -46,14 +46,14 @@ from tasks.control.env_store import (
     transfer_stream,
     tree_objects,
 )
-from tasks.control.stack_project import project_of
-from tasks.host.failure import HostProblem, fail_host, failed, step
-from tasks.host.gpu_checks import CudaEnv, gate_problems, smoke_devices
-from tasks.host.gpus import GpuState
-from tasks.host.probe import ProbePart
-from tasks.host.programs import program
-from tasks.host.transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
-from tasks.report import EnvOutcome, report
+from ..control.stack_project import project_of
+from ..report import EnvOutcome, report
+from .failure import HostProblem, fail_host, failed, step
+from .gpu_checks import CudaEnv, gate_problems, smoke_devices
+from .gpus import GpuState
+from .probe import ProbePart
+from .programs import program
+from .transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
 
 MOUNT = "/root/.local"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -29,14 +29,14 @@ from pathlib import Path, PurePosixPath
 from pyinfra import host
 from pyinfra.api import FactBase, FunctionCommand, operation
 
-from tasks.config import HostConfig, is_revision
-from tasks.control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
-from tasks.host.failure import HostProblem, failed, step
-from tasks.host.ml_env import EnvPlan, runtime_environment
-from tasks.host.probe import ProbePart
-from tasks.host.programs import program
-from tasks.host.transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
-from tasks.report import ModelOutcome, report
+from ..config import HostConfig, is_revision
+from ..control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
+from ..report import ModelOutcome, report
+from .failure import HostProblem, failed, step
+from .ml_env import EnvPlan, runtime_environment
+from .probe import ProbePart
+from .programs import program
+from .transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
 
 BLOB_NAME = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # git sha1 (regular files) or sha256 (LFS files)
 # Names the host reports are taken only when they are names this deploy writes; anything else in the

@@ -14,7 +14,7 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FactBase
 
-from tasks.host.failure import fail_host
+from .failure import fail_host
 
 FRAME = "@@mlstack-fact "  # frames each part's output; no part prints a line starting so
 FAILED = "@@mlstack-fact-failed "  # a part's program exited non-zero: its status follows

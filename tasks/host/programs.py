@@ -8,7 +8,7 @@ from __future__ import annotations
 import shlex
 from functools import cache
 
-from tasks.config import FILES
+from ..paths import FILES
 
 PROGRAMS = FILES / "host"
 INTERPRETERS = {".sh": "sh", ".py": "python3"}

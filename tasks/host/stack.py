@@ -32,11 +32,11 @@ from pyinfra import host
 from pyinfra import state as pyinfra_state
 from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
 
-from tasks.config import HostConfig
-from tasks.control.builder import BaseImage, BuilderError
-from tasks.control.caches import atomic_write, file_sha256, once
-from tasks.control.hub import Snapshot
-from tasks.control.stack_project import (
+from ..config import HostConfig
+from ..control.builder import BaseImage, BuilderError
+from ..control.caches import atomic_write, file_sha256, once
+from ..control.hub import Snapshot
+from ..control.stack_project import (
     BASE_IMAGE_VARIABLE,
     OVERRIDE,
     ComposeProject,
@@ -55,15 +55,15 @@ from tasks.control.stack_project import (
     registry_of,
     resolved_config,
 )
-from tasks.host.failure import HostProblem, failed, step
-from tasks.host.gpu_checks import Gpu, GpuRequestError, assign_gpus
-from tasks.host.gpus import GpuState, device_reservation
-from tasks.host.ml_env import EnvPlan
-from tasks.host.probe import ProbePart
-from tasks.host.programs import program
-from tasks.host.transfer import StreamedUpload
-from tasks.report import ServiceOutcome, StackOutcome, report
-from tasks.secrets import SALT, fingerprint
+from ..report import ServiceOutcome, StackOutcome, report
+from ..secrets import SALT, fingerprint
+from .failure import HostProblem, failed, step
+from .gpu_checks import Gpu, GpuRequestError, assign_gpus
+from .gpus import GpuState, device_reservation
+from .ml_env import EnvPlan
+from .probe import ProbePart
+from .programs import program
+from .transfer import StreamedUpload
 
 HF_HOME = "/root/.cache/huggingface"
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # terminal control, but tab

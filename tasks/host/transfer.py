@@ -23,12 +23,12 @@ import paramiko
 from pyinfra.api import StringCommand
 from pyinfra.api.command import PyinfraCommand
 
-from tasks.host.channel import open_channel, ssh_command
-from tasks.host.failure import failed
-from tasks.host.programs import program
+from .channel import open_channel, ssh_command
+from .failure import failed
+from .programs import program
 
 if TYPE_CHECKING:
-    from tasks.control.env_store import Stream
+    from ..control.env_store import Stream
 
 PROGRESS_EVERY = 2.0  # seconds between upload progress lines
 PROGRESS_FROM = 1_000_000  # smaller files arrive too fast for progress to say anything

@@ -16,7 +16,9 @@ import pytest
 from fault_helpers import BALLAST_DATA, BALLAST_OBJECT, ENV_DIR, active, new_requirements, ssh_sessions, wait_until
 from test_secrets import ArgvWatch
 
-from tasks.fleet.runner import PYINFRA, REPO
+from tasks.fleet.runner import PYINFRA
+
+REPO = Path(__file__).parents[2]
 
 PROJECT = "mlstack-reranker"
 SENDING = re.compile(r"\] ML env (env-[0-9a-f]{16}): [\d.]+ / [\d.]+ MB sent")

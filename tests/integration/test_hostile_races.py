@@ -20,7 +20,9 @@ import pytest
 from fault_helpers import ENV_DIR, active, new_requirements, ssh_sessions, wait_until
 
 from rehearsal import hub
-from tasks.fleet.runner import PYINFRA, REPO, run_deploy
+from tasks.fleet.runner import PYINFRA, run_deploy
+
+REPO = Path(__file__).parents[2]
 
 CACHE = "/srv/mlstack/hf-cache"
 COMMITS = hub.ensure_repos()
@@ -259,8 +261,7 @@ def test_two_hosts_with_other_patterns_for_one_commit_converge_in_one_run_each_w
                                           models=json.dumps(models)))
 
     def deploy():
-        return run_deploy("-y", "--group-data", str(REPO / "inventory" / "group_data"),
-                          "--data", f"hf_control_cache_dir={tmp_path / 'hf-control'}",
+        return run_deploy("-y", "--data", f"hf_control_cache_dir={tmp_path / 'hf-control'}",
                           inventory=str(inventory), env={"MLSTACK_FLEET": fleet.fleet.name})
 
     fleet.wipe()

@@ -8,12 +8,15 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from rehearsal import hub
 from rehearsal.baseimage import IMAGE_NAME
-from tasks.fleet.runner import PYINFRA, REPO
+from tasks.fleet.runner import PYINFRA
+
+REPO = Path(__file__).parents[2]
 
 CACHE = "/srv/mlstack/hf-cache"
 ENV_DIR = "/srv/mlstack/ml-env"

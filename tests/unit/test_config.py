@@ -9,11 +9,8 @@ from tasks import secrets
 from tasks.config import ConfigError, HostConfig, validate_fleet, validate_host
 from tasks.control import hub
 
-DEFAULTS = {
-    key: value
-    for key, value in runpy.run_path(str(Path(__file__).parents[2] / "inventory/group_data/all.py")).items()
-    if not key.startswith("_")
-}
+EXAMPLE = runpy.run_path(str(Path(__file__).parents[2] / "inventory/example_archon.py"))["archon_hosts"][1]
+DEFAULTS = {key: value for key, value in EXAMPLE.items() if not key.startswith(("_", "ssh_"))}  # no connection data
 
 
 def problems_for(**overrides):
@@ -83,11 +80,22 @@ def test_typos_of_pyinfra_keys_are_caught_too():
     assert problems_for(ssh_usr="ops") == ["gpu-01: ssh_usr = 'ops': unknown setting (did you mean 'ssh_user'?)"]
 
 
-def test_a_missing_setting_says_where_defaults_live():
-    data = dict(DEFAULTS)
-    del data["stack_root"]
-    _, problems = validate_host("gpu-01", data)
-    assert problems == ["gpu-01: stack_root = (not set): a value is required (defaults: inventory/group_data/all.py)"]
+def test_unset_settings_take_their_defaults_from_the_code_and_stack_alone_is_required():
+    config, problems = validate_host("gpu-01", {"stack": "reranker"})
+    assert problems == []
+    assert (config.stack_root, config.models, config.ml_services, config.service_gpus, config.http_checks,
+            config.stack_secrets) == ("/srv/mlstack", [], {}, {}, [], [])
+    _, problems = validate_host("gpu-01", {})
+    assert problems == ["gpu-01: stack = (not set): a value is required: your compose project's directory, an "
+                        "absolute path on the control node (e.g. stack = \"/home/ops/ml-stack\" in the inventory, or "
+                        "--data stack=/path)"]
+
+
+def test_a_stack_secret_must_be_set_before_anything_is_built(monkeypatch):
+    monkeypatch.delenv("SUPABASE_SERVICE_KEY")
+    assert problems_for() == [
+        "gpu-01: stack_secrets = ['SUPABASE_URL', 'SUPABASE_SERVICE_KEY']: expected SUPABASE_SERVICE_KEY to be set "
+        "in the control node's environment (stack_secrets are read from it: export it before the deploy)"]
 
 
 def test_two_directories_cannot_share_a_path():
@@ -121,7 +129,8 @@ def test_config_is_immutable():
 def test_the_example_inventory_is_valid():
     example = runpy.run_path(str(Path(__file__).parents[2] / "inventory/example_gpu_fleet.py"))
     hosts, group_data = example["gpu_hosts"]
-    configs = validate_fleet((name, {**DEFAULTS, **group_data, **data}) for name, data in hosts)
+    assert group_data["stack"] == "/home/ops/ml-stack/compose"  # a placeholder: the team's own project
+    configs = validate_fleet((name, {**group_data, "stack": "reranker", **data}) for name, data in hosts)
     assert configs["gpu-01.example.internal"].stack_root == "/data/mlstack"
 
 
@@ -204,7 +213,7 @@ def test_model_entries_get_defaults_and_their_cache_folder():
         ([{"repo_id": "a/b", "repo_type": "space"}],
          "models[0].repo_type = 'space': expected one of 'model', 'dataset'"),
         ([{"repo_id": "a/b", "revison": "v1"}], "models[0].revison = 'v1': unknown setting (did you mean 'revision'?)"),
-        ([{"revision": "v1"}], "models[0].repo_id = (not set): a value is required (see the README's models table)"),
+        ([{"revision": "v1"}], "models[0].repo_id = (not set): a value is required (see docs/settings.md)"),
         ([{"repo_id": "a/b"}, {"repo_id": "a/b", "revision": "v2"}], "models[1].repo_id = 'a/b': each repo once "
                                                                      "(it is also models[0])"),
         ([{"repo_id": "a/b", "ignore_patterns": []}], "models[0].ignore_patterns = []: expected None or a list of glob "
@@ -399,8 +408,10 @@ def test_stack_env_and_secrets_cannot_set_what_compose_reads(name):
     assert problems_for(stack_secrets=[name]) == [f"gpu-01: stack_secrets = [{name!r}]: {COMPOSE_MESSAGE}"]
 
 
-def test_names_that_only_look_like_compose_settings_pass():
+def test_names_that_only_look_like_compose_settings_pass(monkeypatch):
     names = ["MY_COMPOSE_FILE", "DOCKERFILE", "COMPOSEX", "DOCKER", "ARCHON_DOCKER_HOST"]
+    for name in names:
+        monkeypatch.setenv(name, "1")
     assert problems_for(stack_env={name: "1" for name in names},
                         stack_secrets=[*names, "SUPABASE_URL", "SUPABASE_SERVICE_KEY"]) == []
     # service_models variables go to the container's environment, not to .env

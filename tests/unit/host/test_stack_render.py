@@ -32,8 +32,8 @@ from tasks.host.stack import (
     render,
 )
 
-DEFAULTS = {k: v for k, v in runpy.run_path(str(Path(__file__).parents[3] / "inventory/group_data/all.py")).items()
-            if not k.startswith("_")}
+EXAMPLE = runpy.run_path(str(Path(__file__).parents[3] / "inventory/example_archon.py"))["archon_hosts"][1]
+DEFAULTS = {key: value for key, value in EXAMPLE.items() if not key.startswith(("_", "ssh_"))}  # no connection data
 BASE = BaseImage("python:3.11-slim-bookworm", "sha256:base", "python3.11", "linux/amd64")
 QWEN = "Qwen/Qwen3-Reranker-0.6B"
 COMMIT = "a" * 40

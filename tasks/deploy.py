@@ -1,0 +1,37 @@
+"""The deploy, as a pyinfra packaged deploy: `mlstack_deploy()` makes each targeted host ready to serve the
+team's compose project, step by step.
+
+Each step is one concern of `host/` and relies on the steps before it; the control side (builds, downloads,
+caches) is in `control/`. Run it with `mlstack plan|deploy INVENTORY`, `pyinfra INVENTORY deploy.py` from a
+checkout, or call it from a team's own deploy.py. With MLSTACK_REPORT=<file> in the environment, the run
+writes its per-host report there (report.py).
+"""
+
+from pyinfra import host
+from pyinfra.api import deploy
+
+from .config import DEFAULTS, host_config
+from .host import directories, gpus, ml_env, models, stack
+from .host.lock import hold_deploy_lock
+from .host.probe import probe_host
+from .report import report
+
+
+@deploy("mlstack", data_defaults=DEFAULTS)
+def mlstack_deploy() -> None:
+    report.start()
+    config = host_config(host)  # validates every targeted host before anything changes
+    if not hold_deploy_lock():  # one deploy at a time per host, held until this run disconnects
+        return
+    on_host = probe_host(  # every concern's state, read in one round trip
+        directories.probe_part(config), ml_env.probe_part(config), models.probe_part(config), gpus.probe_part(),
+        stack.probe_part(config))
+    if on_host is None:  # a part of the probe failed, and so did this host
+        return
+    paths, env_dir, model_cache, host_gpus, compose_project = on_host
+    directories.converge(config, paths)
+    env = ml_env.converge(config, env_dir, host_gpus)
+    snapshots = models.converge(config, env, model_cache)
+    stack.converge(config, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
+    ml_env.cleanup(config, env)  # last: only once nothing uses the envs it removes
+    report[host.name].planned = True
