@@ -1,28 +1,53 @@
-"""Every setting has one default (group_data/all.py) and one README row that shows it."""
+"""Every setting has one default (tasks/config.py, HostConfig) and one row in docs/settings.md that shows it."""
 
 import re
-import runpy
 from pathlib import Path
 
-from tasks.config import HostConfig
+from tasks.config import DEFAULTS, HostConfig
 
 REPO = Path(__file__).parents[2]
+SETTINGS = REPO / "docs" / "settings.md"
+TABLE_HEADING = "## Every setting"
+README_MAX_LINES = 250
 
 
-def readme_rows() -> dict[str, str]:
-    rows = re.findall(r"^\| `([a-z_]+)` \| `([^`]*)` \|", (REPO / "README.md").read_text(), flags=re.M)
-    return dict(rows)
+def settings_rows() -> list[tuple[str, str]]:
+    """(name, default cell) of each row of the settings table: the rows under "## Every setting", up to the next
+    second-level heading (the per-entry tables of `models` and `ml_services` come after it)."""
+    text = SETTINGS.read_text()
+    assert TABLE_HEADING in text, f"{SETTINGS} has no {TABLE_HEADING!r} section"
+    section = text.split(TABLE_HEADING, 1)[1]
+    section = re.split(r"^## ", section, maxsplit=1, flags=re.M)[0]
+    return re.findall(r"^\| `([a-z_]+)` \| `([^`]*)` \|", section, flags=re.M)
 
 
-def test_defaults_cover_exactly_the_settings():
-    defaults = {k for k in runpy.run_path(str(REPO / "inventory/group_data/all.py")) if not k.startswith("_")}
-    assert defaults == set(HostConfig.model_fields)
+def shown(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
-def test_readme_table_lists_every_setting_with_its_default():
-    defaults = {k: v for k, v in runpy.run_path(str(REPO / "inventory/group_data/all.py")).items()
-                if not k.startswith("_")}
-    rows = readme_rows()
-    assert set(rows) == set(HostConfig.model_fields)
-    for key, value in defaults.items():
-        assert rows[key] == (f'"{value}"' if isinstance(value, str) else repr(value)), key
+def test_every_setting_has_exactly_one_row():
+    names = [name for name, _ in settings_rows()]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    assert duplicates == [], f"settings with more than one row: {duplicates}"
+    assert set(names) == set(HostConfig.model_fields), (
+        f"missing rows: {sorted(set(HostConfig.model_fields) - set(names))}; "
+        f"rows of no setting: {sorted(set(names) - set(HostConfig.model_fields))}")
+
+
+def test_each_row_shows_the_codes_default():
+    rows = dict(settings_rows())
+    for name, field in HostConfig.model_fields.items():
+        if field.is_required():
+            assert rows[name] == "(required)", name
+        else:
+            assert rows[name] == shown(DEFAULTS[name]), name
+
+
+def test_stack_is_the_one_required_setting():
+    assert [name for name, field in HostConfig.model_fields.items() if field.is_required()] == ["stack"]
+    assert dict(settings_rows())["stack"] == "(required)"
+
+
+def test_readme_is_short():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines (at most {README_MAX_LINES})"
