@@ -732,7 +732,7 @@ def _project_problems(host_name: str, config: HostConfig) -> list[str]:
             problems.append(_problem(host_name, f"service_models.{variable}", repo_id,
                                      "a repo_id from models (the stack must use a model the deploy places: "
                                      f"{', '.join(repo_ids) or 'none'})"))
-    given = {BASE_IMAGE_VARIABLE, *config.stack_env, *config.stack_secrets}
+    given = {BASE_IMAGE_VARIABLE, *config.stack_env, *config.stack_secrets, *project.dotenv}
     unset: dict[str, list[str]] = {}
     for service in project.active(config.stack_profiles):
         for variable, has_default in project.reads(service).items():

@@ -41,6 +41,9 @@ VARIABLE = re.compile(r"\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<modifier>:?[-?
                       r"|\$(?P<plain>[A-Za-z_][A-Za-z0-9_]*)")
 SHIPPABLE = re.compile(r"[^\s\\\x00-\x1f\x7f](?:[^\\\x00-\x1f\x7f]*[^\s\\\x00-\x1f\x7f])?")  # one path per line
 SKIPPED = {".git", "__pycache__", ".mypy_cache", ".pytest_cache", ".venv", "node_modules"}
+DOTENV = ".env"  # the project's own: the base of the host's .env, which the deploy writes (not sent as a file)
+# The start of a `.env` entry as compose reads one: `KEY=value`, `export KEY=value` or `KEY: value`.
+DOTENV_ENTRY = re.compile(r"[ \t]*(?:export[ \t]+)?(?P<key>[A-Za-z_][A-Za-z0-9_.-]*)[ \t]*[=:][ \t]*(?P<value>.*)")
 
 
 class StackError(PyinfraError):
@@ -70,18 +73,16 @@ class ComposeProject:
     name: str  # compose's project name
     services: dict = field(hash=False)  # service -> its merged definition, variables not interpolated
     secrets: dict = field(hash=False, default_factory=dict)  # compose's top-level `secrets:`
+    dotenv: dict = field(hash=False, default_factory=dict)  # the project's `.env`: key -> its entry as written
 
     @classmethod
     @cache  # read once per deploy, however many hosts
     def load(cls, stack: str, compose_files: tuple[str, ...] = ()) -> ComposeProject:
         directory = project_directory(stack)
         files = compose_files or default_compose_files(directory)
-        if (directory / ".env").exists():
-            raise StackError(f"stack {stack!r}: {directory / '.env'} would be replaced by the deploy's own .env "
-                             "(COMPOSE_FILE, COMPOSE_PROJECT_NAME and the values): move its values to stack_env "
-                             "or stack_secrets and remove it")
+        dotenv = dotenv_entries(directory / DOTENV)
         model = compose_config(directory, files)
-        return cls(directory, files, model["name"], model.get("services") or {}, model.get("secrets") or {})
+        return cls(directory, files, model["name"], model.get("services") or {}, model.get("secrets") or {}, dotenv)
 
     def reads(self, service: str) -> dict[str, bool]:
         """Variable -> whether it has a default, for every variable SERVICE's definition interpolates, and
@@ -116,7 +117,8 @@ class ComposeProject:
 
     def files_to_ship(self) -> dict[str, bytes]:
         """Every file of the project directory, by relative path: the hosts get the project as it is
-        (symbolic links and tool caches such as .git or __pycache__ excepted). Read once per deploy."""
+        (symbolic links, tool caches such as .git or __pycache__, and the `.env` the deploy writes from the
+        project's excepted). Read once per deploy."""
         return _project_files(self.directory)
 
     def file_hashes(self) -> dict[str, str]:
@@ -124,12 +126,50 @@ class ComposeProject:
         return _project_hashes(self.directory)
 
 
+def dotenv_entries(path: Path) -> dict[str, str]:
+    """Key -> its entry as written (a quoted value may span lines), for each entry of the project's `.env`, in
+    order; a later entry of a key replaces an earlier one, as in compose. Values are kept as written, never
+    parsed: on the host, compose reads them exactly as it does here. Comments and blank lines are left out."""
+    if not path.is_file() or path.is_symlink():
+        return {}
+    entries: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise StackError(f"{path}: expected UTF-8 text, as compose reads a .env file") from None
+    number = 0
+    while number < len(lines):
+        line = lines[number]
+        number += 1
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        entry = DOTENV_ENTRY.fullmatch(line)
+        if entry is None:  # the line itself is never shown: it may hold a secret
+            raise StackError(f"{path}, line {number}: expected KEY=value, as compose reads a .env file")
+        text, quote = [line], entry["value"][:1]
+        while quote in ("'", '"') and not _closes(entry["value"][1:] if len(text) == 1 else text[-1], quote):
+            if number == len(lines):
+                raise StackError(f"{path}: the value of {entry['key']} opens a {quote} quote that never closes")
+            text.append(lines[number])
+            number += 1
+        entries.pop(entry["key"], None)
+        entries[entry["key"]] = "\n".join(text)
+    return entries
+
+
+def _closes(text: str, quote: str) -> bool:
+    """Whether TEXT holds the closing QUOTE (in double quotes, `\\"` is an escaped quote, not the end)."""
+    if quote == "'":
+        return "'" in text
+    return re.search(r'(?<!\\)(?:\\\\)*"', text) is not None
+
+
 @cache
 def _project_files(directory: Path) -> dict[str, bytes]:
     found = {}
     for path in sorted(directory.rglob("*")):
         relative = path.relative_to(directory)
-        if SKIPPED & set(relative.parts) or not path.is_file() or path.is_symlink():
+        if SKIPPED & set(relative.parts) or not path.is_file() or path.is_symlink() or relative.as_posix() == DOTENV:
             continue
         name = relative.as_posix()
         if not SHIPPABLE.fullmatch(name):

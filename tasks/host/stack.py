@@ -3,9 +3,10 @@ generated file (`compose.mlstack.yml`), its built images shipped, validated on t
 recreating exactly the services whose config changed — behind a health gate.
 
 The override is a dict dumped with PyYAML; values the deploy injects (paths, model ids, commits) have `$`
-doubled so compose never interpolates them. `.env` (0600) holds COMPOSE_FILE and COMPOSE_PROJECT_NAME, so
-`docker compose ps` run by hand in the project directory sees the same project, and the values compose
-interpolates (`stack_env`, secrets): a value reaches only the services whose definitions read it.
+doubled so compose never interpolates them. `.env` (0600) holds COMPOSE_FILE, COMPOSE_PROJECT_NAME and
+COMPOSE_PROFILES, so `docker compose` run by hand in the project directory acts on the same project, then the
+values compose interpolates (`stack_env`, secrets), then the project's own `.env` entries the deploy does not
+set: a value reaches only the services whose definitions read it.
 `.env.digest` (key → scrypt fingerprint of the value, with the host's salt) lets later runs see what
 changed without reading a secret back, and the `mlstack.config` label hashes fingerprints, not values;
 `.mlstack-files` (sha256 and path per line) records what the last push placed.
@@ -213,13 +214,26 @@ def digest_salt(config: HostConfig, digest: str | None) -> str:
     return once(("salt", config.image_cache_dir), control_salt)
 
 
+def render_dotenv(project: ComposeProject, config: HostConfig, values: dict[str, str], salt: str
+                  ) -> tuple[str, str, dict[str, str]]:
+    """The host's one `.env`: the deploy's keys (compose's own settings, then VALUES), then each entry of the
+    project's `.env` as written unless the deploy sets its key; with `.env.digest` and key -> fingerprint.
+    The deploy's keys come first, so an entry of the project's that refers to one reads the deploy's value."""
+    ours = {"COMPOSE_FILE": ":".join((*project.files, OVERRIDE)), "COMPOSE_PROJECT_NAME": project.name,
+            "COMPOSE_PROFILES": ",".join(config.stack_profiles), **values}
+    theirs = {key: entry for key, entry in project.dotenv.items() if key not in ours}
+    fingerprints = {**{key: fingerprint(value, salt) for key, value in ours.items()},
+                    **{key: fingerprint(entry, salt) for key, entry in theirs.items()}}
+    dotenv = "".join(dotenv_line(key, value) + "\n" for key, value in ours.items())
+    dotenv += "".join(entry + "\n" for entry in theirs.values())
+    digest = f"# salt {salt}\n" + "".join(f"{key}={value}\n" for key, value in fingerprints.items())
+    return dotenv, digest, fingerprints
+
+
 def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots: list[Snapshot],
            images: dict[str, ServiceImage], gpus: list[Gpu], secrets: dict[str, str], salt: str) -> Rendered:
     values = compose_values(config, env.base, secrets)
-    dotenv_values = {"COMPOSE_FILE": ":".join((*project.files, OVERRIDE)), "COMPOSE_PROJECT_NAME": project.name,
-                     **values}
-    dotenv = "".join(dotenv_line(key, value) + "\n" for key, value in dotenv_values.items())
-    digest = f"# salt {salt}\n" + "".join(f"{key}={fingerprint(value, salt)}\n" for key, value in dotenv_values.items())
+    dotenv, digest, fingerprints = render_dotenv(project, config, values, salt)
     commits = {snapshot.spec.repo_id: snapshot.commit for snapshot in snapshots}
     services, labels = {}, {}
     for name, definition in project.services.items():
@@ -256,7 +270,7 @@ def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots:
             service["environment"] = environment
         if volumes:
             service["volumes"] = volumes
-        read = {var: fingerprint(values[var], salt) for var in sorted(project.reads(name)) if var in values}
+        read = {var: fingerprints[var] for var in sorted(project.reads(name)) if var in fingerprints}
         ours["mlstack.config"] = short_hash([definition, service, ours, read])
         service["labels"] = ours
         services[name], labels[name] = service, ours

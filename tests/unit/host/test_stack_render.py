@@ -3,8 +3,10 @@ The projects are files/stacks/*, read by docker compose itself (the control node
 
 import hashlib
 import json
+import os
 import re
 import runpy
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,7 +78,7 @@ def test_archon_services_get_the_env_the_model_and_gpus_only_where_ml_services_a
         assert set(services[name]["labels"]) == {"mlstack.image", "mlstack.config"}
     assert "k$y" not in out.override and "supabase.co" not in out.override  # secrets only in .env
     assert out.dotenv == ('COMPOSE_FILE="compose.yaml:compose.mlstack.yml"\nCOMPOSE_PROJECT_NAME="archon"\n'
-                          'MLSTACK_BASE_IMAGE="python:3.11-slim-bookworm"\n'
+                          'COMPOSE_PROFILES=""\nMLSTACK_BASE_IMAGE="python:3.11-slim-bookworm"\n'
                           'SUPABASE_URL="https://x.supabase.co"\nSUPABASE_SERVICE_KEY="k\\$y"\n')
 
 
@@ -264,3 +266,85 @@ def test_the_probe_reads_every_images_layers_as_chain_ids_and_whether_docker_loa
     assert held.layers == frozenset(chain_ids([lower, upper])) and held.loads_partial
     assert not HeldLayersFact().process(['store [["driver-type","io.containerd.snapshotter.v1"]]']).loads_partial
     assert not HeldLayersFact().process([]).loads_partial  # no answer: the whole archive, as before
+
+
+PROJECT_DOTENV = """# the team's own settings
+LEVEL=debug
+export GREETING='hello $USER'
+BANNER="two
+lines"
+TOKEN=from-the-project
+"""
+
+
+def dotenv_project(tmp_path: Path, dotenv: str = PROJECT_DOTENV) -> Path:
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "compose.yaml").write_text(
+        "services:\n"
+        "  api:\n    image: x\n    environment:\n"
+        "      - LEVEL=${LEVEL}\n      - GREETING=${GREETING}\n      - BANNER=${BANNER}\n      - TOKEN=${TOKEN}\n"
+        "  web:\n    image: y\n    environment:\n      - NAME=${NAME:-web}\n")
+    (tmp_path / ".env").write_text(dotenv)
+    return tmp_path
+
+
+def render_dotenv_project(project_dir: Path, **overrides):
+    config, problems = validate_host("gpu-01", {"stack": str(project_dir), **overrides})
+    assert problems == []
+    env = EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
+    project = project_of(config)
+    return project, render(project, config, env, [], {}, [], {}, SALT)
+
+
+def test_the_projects_own_dotenv_is_the_base_and_the_deploys_values_override_per_key(tmp_path):
+    project_dir = dotenv_project(tmp_path / "project")
+    project, out = render_dotenv_project(project_dir, stack_env={"TOKEN": "from-the-deploy"}, stack_profiles=["gpu"])
+    assert ".env" not in out.files  # the deploy writes the one .env; the project's is its base, not a file
+    assert out.dotenv.splitlines()[:3] == ['COMPOSE_FILE="compose.yaml:compose.mlstack.yml"',
+                                           f'COMPOSE_PROJECT_NAME="{project.name}"', 'COMPOSE_PROFILES="gpu"']
+    assert "from-the-project" not in out.dotenv and "TOKEN=from-the-project" not in out.digest
+    # What compose itself reads from the host's .env, the project's entries as written (quotes, export, lines).
+    on_host = tmp_path / "on-host"
+    on_host.mkdir()
+    for name, data in out.files.items():
+        (on_host / name).write_bytes(data)
+    (on_host / ".env").write_text(out.dotenv)
+    model = json.loads(subprocess.run(["docker", "compose", "config", "--format", "json"], cwd=on_host, check=True,
+                                      capture_output=True, text=True, env={"PATH": os.environ["PATH"]}).stdout)
+    # (config prints a literal `$` as `$$`: single quotes kept `$USER` from being interpolated)
+    assert model["services"]["api"]["environment"] == {"LEVEL": "debug", "GREETING": "hello $$USER",
+                                                       "BANNER": "two\nlines", "TOKEN": "from-the-deploy"}
+    assert [key for key in re.findall(r"^(\w+)=", out.digest, flags=re.M)] == [
+        "COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES", "MLSTACK_BASE_IMAGE", "TOKEN",
+        "LEVEL", "GREETING", "BANNER"]
+
+
+def test_a_change_in_the_projects_dotenv_recreates_only_the_services_that_read_it(tmp_path):
+    project_dir = dotenv_project(tmp_path)
+    _, before = render_dotenv_project(project_dir)
+    (project_dir / ".env").write_text(PROJECT_DOTENV.replace("LEVEL=debug", "LEVEL=info"))
+    ComposeProject.load.cache_clear()
+    _, after = render_dotenv_project(project_dir)
+    assert masked_env_diff(before.digest, after.digest) == ["~ LEVEL=*** (changed)"]
+    assert before.labels["api"]["mlstack.config"] != after.labels["api"]["mlstack.config"]
+    assert before.labels["web"]["mlstack.config"] == after.labels["web"]["mlstack.config"]
+
+
+def test_a_variable_the_projects_dotenv_gives_needs_no_setting_and_one_it_lacks_is_named(tmp_path):
+    project_dir = dotenv_project(tmp_path)
+    assert validate_host("gpu-01", {"stack": str(project_dir)})[1] == []
+    (project_dir / ".env").write_text("LEVEL=debug\n")
+    ComposeProject.load.cache_clear()
+    problems = validate_host("gpu-01", {"stack": str(project_dir)})[1]
+    assert problems == [f"gpu-01: stack = {str(project_dir)!r}: a value for ${{{name}}}, which api read without a "
+                        "default: set it in stack_env or stack_secrets" for name in ("GREETING", "BANNER", "TOKEN")]
+
+
+@pytest.mark.parametrize(("dotenv", "message"), [
+    ("LEVEL=debug\nnot an entry\n", "line 2: expected KEY=value"),
+    ('BANNER="never closed\n', "the value of BANNER opens a \" quote that never closes"),
+])
+def test_a_dotenv_compose_could_not_read_is_refused_without_showing_its_lines(tmp_path, dotenv, message):
+    project_dir = dotenv_project(tmp_path, dotenv)
+    problems = validate_host("gpu-01", {"stack": str(project_dir)})[1]
+    assert len(problems) == 1 and message in problems[0] and "never closed" not in problems[0].split(":", 3)[-1]
