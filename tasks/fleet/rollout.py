@@ -1,11 +1,15 @@
 """Roll the deploy out across a fleet: canary host(s) first, then batches, stopping once more hosts
-have failed than `rollout_max_failures` allows; hosts not yet reached are left untouched.
+have failed than the failure threshold allows; hosts not yet reached are left untouched and named, with
+the `--limit` flags that resume the rollout with them.
 
-    .venv/bin/python -m tasks.fleet.rollout inventory/<fleet>.py [pyinfra options, e.g. --limit 'gpu-*' --data k=v]
+    mlstack rollout INVENTORY [--canary N] [--batch N|P%] [--max-fail N|P%] [--pause SECONDS]
+                              [--limit HOST|GROUP ...] [--exclude HOST|GROUP ...] [pyinfra options, e.g. --data k=v]
 
-Each batch is one `pyinfra ... deploy.py -y --limit <batch>` run (pyinfra's own --fail-percent
-applies only within a run, and only with -y). The end-of-run table shows, per host, the env, the
-models, the stack and the outcome, from the deploy's per-host report (tasks/report.py).
+The flags default to the rollout_* settings. `--limit` and `--exclude` take host names, globs and group
+names, as pyinfra reads them; the rollout applies them itself, and each batch is one
+`pyinfra INVENTORY mlstack.deploy.mlstack_deploy -y --limit <host> ...` run (pyinfra's own --fail-percent
+applies only within a run). The end-of-run table shows, per host, the env, the models, the stack and the
+outcome, from the deploy's per-host report (report.py).
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 
 from ..config import ConfigError, HostConfig, validate_host
 from .runner import DeployRun, limit_args, run_deploy
+
+
+def share(hosts: int, amount: str) -> int:
+    """AMOUNT ("5" or "25%") of HOSTS hosts: a count as it is, a percentage rounded down."""
+    return math.floor(hosts * int(amount[:-1]) / 100) if amount.endswith("%") else int(amount)
 
 
 def batches(hosts: list[str], canary: int, batch: str) -> list[list[str]]:
@@ -92,21 +101,28 @@ def failed_hosts(run: DeployRun, batch: list[str]) -> list[str]:
     return sorted(name for name in batch if run.report.get(name, {}).get("result") != "ok")
 
 
-def inventory_hosts(inventory: str, limit: list[str], pyinfra_args: list[str] = ()) -> tuple[list[str], HostConfig]:
-    """Host names in inventory order (narrowed by --limit patterns) and the first host's validated config,
-    with the `--data key=value` overrides among PYINFRA_ARGS applied as pyinfra applies them."""
+def inventory_hosts(inventory: str, limit: list[str], pyinfra_args: list[str] = (),
+                    exclude: list[str] = ()) -> tuple[list[str], HostConfig]:
+    """Host names in inventory order, narrowed by LIMIT and EXCLUDE (host names, globs or group names, as
+    pyinfra's --limit and --exclude read them), and the first host's validated config, with the
+    `--data key=value` overrides among PYINFRA_ARGS applied as pyinfra applies them."""
     from pyinfra.api import State  # noqa: PLC0415 (pyinfra's CLI machinery, only for this)
-    from pyinfra.context import ctx_state  # noqa: PLC0415
+    from pyinfra.context import ctx_inventory, ctx_state  # noqa: PLC0415
+    from pyinfra_cli.cli import _apply_inventory_exclude, _apply_inventory_limit  # noqa: PLC0415
     from pyinfra_cli.inventory import make_inventory  # noqa: PLC0415
     from pyinfra_cli.util import parse_cli_arg  # noqa: PLC0415
 
     pairs = [pyinfra_args[i + 1] for i, arg in enumerate(pyinfra_args[:-1]) if arg == "--data"]
     overrides = {key: parse_cli_arg(value) for key, _, value in (pair.partition("=") for pair in pairs)}
     with ctx_state.use(State()):
-        hosts = list(make_inventory(inventory, cwd=".", override_data=overrides))
-    names = [h.name for h in hosts if not limit or any(fnmatch(h.name, pattern) for pattern in limit)]
+        loaded = make_inventory(inventory, cwd=".", override_data=overrides)
+        with ctx_inventory.use(loaded):
+            chosen = _apply_inventory_exclude(loaded, _apply_inventory_limit(loaded, limit), exclude)
+        hosts = list(loaded)
+    names = [h.name for h in hosts if chosen is None or h in chosen]
     if not names:
-        raise SystemExit(f"rollout: no host of {inventory} matches --limit {' '.join(limit)}")
+        raise SystemExit(f"no host of {inventory} is left by --limit {' '.join(limit) or '-'} "
+                         f"--exclude {' '.join(exclude) or '-'}")
     first = hosts[[h.name for h in hosts].index(names[0])]
     config, problems = validate_host(first.name, first.data.dict())
     if problems:
@@ -123,18 +139,50 @@ def print_table(order: list[str], outcomes: dict[str, HostOutcome]) -> None:
             print(f"{'':14} {'':12} {'':44} {line}")
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.rollout") -> int:
+def _amount(zero: bool):
+    """An argparse type: a count of hosts or a percentage ("25%"), 0 allowed only where ZERO says."""
+    def parse(text: str) -> str:
+        number = text.removesuffix("%")
+        if not number.isdigit() or (text.endswith("%") and int(number) > 100) or (not zero and int(number) == 0):
+            raise argparse.ArgumentTypeError(f"expected a number of hosts{' (0 or more)' if zero else ''} or a "
+                                             f"percentage such as 25%, not {text!r}")
+        return str(int(number)) + ("%" if text.endswith("%") else "")
+    return parse
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of hosts, 0 or more, not {text!r}")
+    return int(text)
+
+
+def parse_options(argv: list[str] | None, prog: str) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("inventory")
-    parser.add_argument("--limit", action="append", default=[], help="host name patterns, as pyinfra's --limit")
-    options, pyinfra_args = parser.parse_known_args(argv)
-    order, config = inventory_hosts(options.inventory, options.limit, pyinfra_args)
-    canary, allowed = config.rollout_canary, config.rollout_max_failures
+    parser.add_argument("--limit", action="append", default=[], help="host names, globs or groups (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[], help="host names, globs or groups (repeatable)")
+    parser.add_argument("--canary", type=_count, help="hosts deployed alone first (rollout_canary)")
+    parser.add_argument("--batch", type=_amount(zero=False), help="hosts per batch: N or P%% (rollout_batch)")
+    parser.add_argument("--max-fail", type=_amount(zero=True),
+                        help="failed hosts tolerated before stopping: N or P%% of the hosts (rollout_max_failures)")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds to wait between batches")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.rollout") -> int:
+    options, pyinfra_args = parse_options(argv, prog)
+    order, config = inventory_hosts(options.inventory, options.limit, pyinfra_args, options.exclude)
+    canary = config.rollout_canary if options.canary is None else options.canary
+    allowed = share(len(order), options.max_fail or str(config.rollout_max_failures))  # 10% of 8 hosts: 0
+    threshold = "--max-fail" if options.max_fail else "rollout_max_failures"
     outcomes = {name: HostOutcome() for name in order}
     failures: list[str] = []
-    plan = batches(order, canary, config.rollout_batch)
+    plan = batches(order, canary, options.batch or config.rollout_batch)
     for number, group in enumerate(plan, start=1):
         label = "canary" if number == 1 and canary else f"batch {number - (1 if canary else 0)}"
+        if number > 1 and options.pause:
+            print(f"rollout: pausing {options.pause:g}s before {label}", flush=True)
+            time.sleep(options.pause)
         print(f"rollout: {label}: {', '.join(group)}", flush=True)
         run = run_deploy("-y", *limit_args(group), *pyinfra_args, inventory=options.inventory, echo=True)
         failed = failed_hosts(run, group)
@@ -145,8 +193,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.rollo
         if len(failures) > allowed:
             untouched = [name for later in plan[number:] for name in later]
             print(f"rollout: stopped after {label}: {len(failures)} host(s) failed ({', '.join(failures)}), "
-                  f"more than rollout_max_failures={allowed}; not reached: {', '.join(untouched) or 'none'}",
+                  f"more than {threshold}={allowed}; not reached: {', '.join(untouched) or 'none'}",
                   file=sys.stderr)
+            if untouched:
+                print(f"rollout: to resume with them: {prog} {options.inventory} {' '.join(limit_args(untouched))}",
+                      file=sys.stderr)
             break
     print_table(order, outcomes)
     return 1 if failures else 0

@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.verif
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("inventory")
     parser.add_argument("--hashes", action="store_true", help="hash every model file and env object on the hosts")
-    parser.add_argument("--limit", action="append", default=[], help="host name patterns, as pyinfra's --limit")
+    parser.add_argument("--limit", action="append", default=[], help="host names, globs or groups (repeatable)")
+    parser.add_argument("--exclude", action="append", default=[], help="host names, globs or groups (repeatable)")
     options, pyinfra_args = parser.parse_known_args(argv)
-    hosts, _ = inventory_hosts(options.inventory, options.limit, pyinfra_args)
+    hosts, _ = inventory_hosts(options.inventory, options.limit, pyinfra_args, options.exclude)
     hashes = ["--data", "model_verify_hashes=true", "--data", "ml_env_verify_hashes=true"] if options.hashes else []
     checks = ["--data", "ml_env_check_active=true", *hashes]
     run = run_deploy("--dry", *limit_args(hosts), *checks, *pyinfra_args, inventory=options.inventory)

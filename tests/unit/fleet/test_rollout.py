@@ -1,9 +1,17 @@
 """Rollout order and the arguments that limit each pyinfra run to its batch."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from tasks.fleet.rollout import HostOutcome, batches, failed_hosts
+from tasks.fleet.rollout import HostOutcome, batches, failed_hosts, parse_options, share
 from tasks.fleet.runner import DeployRun, limit_args
+
+REPO = Path(__file__).parents[3]
 
 
 @pytest.mark.parametrize(("hosts", "canary", "batch", "expected"), [
@@ -77,3 +85,53 @@ def test_failed_hosts_are_read_from_the_report_and_a_run_that_did_not_execute_fa
     assert failed_hosts(DeployRun(0, "", 0.0, report={"gpu-01": RECORDS["gpu-01"]}, executed=True), ["gpu-01"]) == []
     # Planned but stopped before executing (an error while planning another host): nothing was deployed.
     assert failed_hosts(DeployRun(1, "", 0.0, report={"gpu-01": RECORDS["gpu-01"]}), ["gpu-01"]) == ["gpu-01"]
+
+
+INVENTORY = '''
+gpus = (["gpu-01", "gpu-02", "gpu-03"], {"stack": "reranker"})
+cpus = (["cpu-01", "cpu-02"], {"stack": "reranker"})
+'''
+
+
+def hosts_chosen(tmp_path, limit: list[str], exclude: list[str]) -> subprocess.CompletedProcess:
+    """inventory_hosts over INVENTORY, in a process of its own: pyinfra's CLI machinery monkey-patches the
+    standard library with gevent when imported, which this test process must not be."""
+    (tmp_path / "inventory.py").write_text(INVENTORY)
+    code = ("import json, sys; from tasks.fleet.rollout import inventory_hosts; "
+            "names, config = inventory_hosts('inventory.py', *json.loads(sys.argv[1])); "
+            "print(json.dumps([names, config.stack]))")
+    return subprocess.run([sys.executable, "-c", code, json.dumps([limit, [], exclude])], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("limit", "exclude", "expected"), [
+    ([], [], ["gpu-01", "gpu-02", "gpu-03", "cpu-01", "cpu-02"]),
+    (["gpus"], [], ["gpu-01", "gpu-02", "gpu-03"]),  # a group, as pyinfra reads --limit
+    (["gpus", "cpu-0[2]"], ["gpu-02"], ["gpu-01", "gpu-03", "cpu-02"]),
+    ([], ["cpus"], ["gpu-01", "gpu-02", "gpu-03"]),  # excluded hosts are not part of the rollout at all
+])
+def test_limit_and_exclude_take_hosts_globs_and_groups_as_pyinfra_does(tmp_path, limit, exclude, expected):
+    chosen = hosts_chosen(tmp_path, limit, exclude)
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout) == [expected, "reranker"]
+
+
+def test_nothing_left_to_roll_out_is_said_before_any_run(tmp_path):
+    chosen = hosts_chosen(tmp_path, ["gpus"], ["gpus"])
+    assert chosen.returncode == 1 and "no host of inventory.py is left by --limit gpus --exclude gpus" in chosen.stderr
+
+
+@pytest.mark.parametrize(("hosts", "amount", "expected"), [(8, "3", 3), (8, "25%", 2), (8, "10%", 0), (3, "100%", 3)])
+def test_a_threshold_is_a_count_or_a_share_of_the_hosts_rounded_down(hosts, amount, expected):
+    assert share(hosts, amount) == expected
+
+
+def test_the_rollout_flags_are_read_and_bad_values_refused(capsys):
+    options, rest = parse_options(["inv.py", "--canary", "2", "--batch", "50%", "--max-fail", "10%", "--pause", "1.5",
+                                   "--data", "k=v"], "mlstack rollout")
+    assert (options.canary, options.batch, options.max_fail, options.pause, rest) == (2, "50%", "10%", 1.5,
+                                                                                       ["--data", "k=v"])
+    for flag, value in (("--batch", "0"), ("--batch", "101%"), ("--max-fail", "-1"), ("--canary", "5%")):
+        with pytest.raises(SystemExit) as stopped:
+            parse_options(["inv.py", flag, value], "mlstack rollout")
+        assert stopped.value.code == 2 and f"not {value!r}" in capsys.readouterr().err
