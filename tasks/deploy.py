@@ -11,7 +11,7 @@ from pyinfra import host
 from pyinfra.api import deploy
 
 from .config import DEFAULTS, host_config
-from .host import directories, gpus, ml_env, models, stack
+from .host import directories, gpus, ml_env, models, runtime_image, stack
 from .host.lock import hold_deploy_lock
 from .host.probe import probe_host
 from .report import report
@@ -30,7 +30,8 @@ def mlstack_deploy() -> None:
         return
     paths, env_dir, model_cache, host_gpus, compose_project = on_host
     directories.converge(config, paths)
-    env = ml_env.converge(config, env_dir, host_gpus)
+    base = runtime_image.converge(config, env_dir)  # the image the env runs in, put on the host if it is wanted
+    env = ml_env.converge(config, env_dir, base, host_gpus)  # NoEnv when no service uses it
     snapshots = models.converge(config, env, model_cache)
     stack.converge(config, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
     ml_env.cleanup(config, env)  # last: only once nothing uses the envs it removes

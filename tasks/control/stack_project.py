@@ -314,6 +314,28 @@ def pull_and_save(image: RegistryImage, builder: str, credentials: dict[str, str
     return archive
 
 
+def base_on_builder(base: BaseImage, builder: str) -> RegistryImage:
+    """The builder's copy of the runtime base image BASE (its very id): the registry digest it was pulled by
+    (`RepoDigests` under BASE.ref's repository; "" for an image built or loaded there, which no registry holds)
+    and its size. Read-only: nothing is pulled."""
+    with builder_engine(builder, f"reading the base image {base.ref!r} ({base.id[:19]}) failed") as client:
+        image = client.images.get(base.id)
+        pulled_as = [entry.partition("@") for entry in image.attrs.get("RepoDigests") or []]
+        digests = [digest for name, _, digest in pulled_as if name == repository_of(base.ref)]
+        return RegistryImage(base.ref, digests[0] if digests else "", image.id, int(image.attrs.get("Size") or 0))
+
+
+def save_base_image(base: BaseImage, builder: str, archive: Path) -> Path:
+    """`docker save | gzip` of the runtime base image, the very id the env was built on (the builder's BASE.ref
+    must still be BASE.id), kept in the control cache by that id; `docker load` on a host tags it BASE.ref."""
+    if archive.exists():
+        return archive
+    with builder_engine(builder, f"saving the base image {base.ref!r} failed") as client:
+        require_base(client, builder, base)
+        save_archive(client, base.ref, archive)
+    return archive
+
+
 def save_archive(client, name: str, archive: Path) -> None:
     """`docker save NAME | gzip` into ARCHIVE, written atomically; NAME is the tag `docker load` restores."""
     with atomic_file(archive) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
@@ -413,13 +435,14 @@ def context_files(build: Build) -> dict[str, bytes]:
     return files
 
 
-def build_and_save(build: Build, tag: str, base: BaseImage, builder: str, archive: Path) -> Path:
+def build_and_save(build: Build, tag: str, base: BaseImage | None, builder: str, archive: Path) -> Path:
     """Build the service's image on the builder once and keep `docker save | gzip` of it in the control cache."""
     if archive.exists():
         return archive
     buffer = io.BytesIO(tar_of(context_files(build), mode=0o644))
     with builder_engine(builder, f"building {tag} failed") as client:
-        require_base(client, builder, base)
+        if base is not None:  # None: the build reads no ${MLSTACK_BASE_IMAGE} (tasks/host/stack.py `stack_base`)
+            require_base(client, builder, base)
         print(f"image {tag}: building service {build.service} on {describe(builder)}", file=sys.stderr, flush=True)
         client.images.build(fileobj=buffer, custom_context=True, dockerfile=build.dockerfile, tag=tag,
                             buildargs={key: str(value) for key, value in build.args.items() if value is not None},

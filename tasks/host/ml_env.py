@@ -18,6 +18,8 @@ more (a link count of 1) is removed with the env that last used it.
 Decisions are made at plan time from this concern's part of the host probe (`MlEnvFact`) and the
 env's manifest: an env id names what pip installed, so a recipe this control node never built is
 built while planning (tasks/control/env_build.py), once for the whole fleet; a dry run changes no host.
+A host needs an env only when a service of `ml_services` mounts it (or it downloads models with it); otherwise
+this concern builds, sends and checks nothing (`NoEnv`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from pyinfra.api import FactBase, StringCommand, operation
 from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
 from ..control.env_artifact import ENV_INFO, ArtifactError, Manifest
-from ..control.env_build import EnvSource, base_image, env_source
+from ..control.env_build import EnvSource, env_source
 from ..control.env_store import (
     OBJECT,
     Transfer,
@@ -158,6 +160,22 @@ class EnvPlan:
         if self.activate:
             return f"ML env: {self.current or 'none'} → {self.wanted} (on the host already)"
         return f"ML env: {self.wanted} (no change)"
+
+
+@dataclass(frozen=True)
+class NoEnv:
+    """No env is wanted (`env_wanted`): nothing is built, sent, checked or mounted on this host. A host that
+    failed its env step gives None instead, so the steps after this one can tell the two apart."""
+
+    host_image: str | None  # the runtime base image's id on this host, if it holds it (for the stack's builds)
+    summary = "ML env: not used by any service (ml_services): nothing built, sent or checked"
+
+
+def env_wanted(config: HostConfig) -> bool:
+    """Whether this host needs the env: a service of `ml_services` mounts it, or the host downloads models with it
+    (`model_mode` "host" runs huggingface_hub from the env)."""
+    return (any(uses.ml_env for uses in config.ml_services.values())
+            or config.model_mode == "host" and bool(config.models))
 
 
 def plan_env(state: MlEnvState, wanted: str, keep_envs: int, base: BaseImage, project: str) -> EnvPlan:
@@ -348,19 +366,14 @@ def env_owner(config: HostConfig) -> tuple[int, int]:
 
 
 def probe_part(config: HostConfig) -> ProbePart:
+    hash_as = env_owner(config) if config.ml_env_verify_hashes and env_wanted(config) else None
     return ProbePart("ml_env", MlEnvFact, {"env_dir": config.ml_env_dir, "image": config.ml_env_base_image,
-                                           "hash_as": env_owner(config) if config.ml_env_verify_hashes else None})
+                                           "hash_as": hash_as})
 
 
 def host_problem(config: HostConfig, state: MlEnvState, base: BaseImage) -> str | None:
-    """Why this host cannot run envs built on BASE, or None."""
-    image = config.ml_env_base_image
-    if state.image_id is None:
-        return (f"the runtime base image {image!r} is not on this host (the import check runs it): "
-                "load or pull it there first")
-    if state.image_id != base.id:
-        return (f"the runtime base image {image!r} is {state.image_id[:19]} on this host but {base.id[:19]} "
-                "on the builder: the env would be built for another image; make them the same")
+    """Why this host cannot run envs built on BASE, or None. (A host that lacks BASE, or holds another id under
+    its tag, gets it: tasks/host/runtime_image.py.)"""
     arch = ARCHES.get(state.arch, state.arch)
     if base.platform != f"linux/{arch}":
         return f"this host is linux/{arch}, the env is built for {base.platform}"
@@ -368,18 +381,20 @@ def host_problem(config: HostConfig, state: MlEnvState, base: BaseImage) -> str 
 
 
 @step("ML env")
-def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan | None:
-    """Install and switch to the wanted env, through the GPU gate on a GPU host; returns the plan (the stack
-    mounts `envs/<plan.wanted>`)."""
+def converge(config: HostConfig, state: MlEnvState, base: BaseImage | None, gpus: GpuState) -> EnvPlan | NoEnv | None:
+    """Install and switch to the wanted env, built on BASE (on the host by now: tasks/host/runtime_image.py),
+    through the GPU gate on a GPU host; returns the plan (the stack mounts `envs/<plan.wanted>`), or `NoEnv` when
+    no env is wanted."""
+    if not env_wanted(config):
+        host.log(NoEnv.summary)
+        return NoEnv(state.image_id)
+    if base is None:
+        return None  # the host failed at its runtime base image; it is reported there
     try:
-        base = base_image(config, Path(config.ml_env_cache_dir).expanduser(), state.image_id)
         source = env_source(config, base)
         cached = source.cached()
     except (ArtifactError, BuilderError) as error:
         raise HostProblem(error) from None
-    problem = host_problem(config, state, base)
-    if problem:
-        raise HostProblem(problem)
     plan = plan_env(state, source.env, config.keep_envs, base, project_of(config).name)
     if plan.upload and cached is None:
         raise HostProblem(f"ml_env_id = {source.env!r}: this env is neither on the host nor in the control cache "
@@ -398,7 +413,11 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
                             "install" if plan.upload else "switch" if plan.activate else "none")
     if plan.activate or plan.remove or state.damaged:
         record.changed("ML env")
-    if config.ml_env_check_active and not plan.activate:
+    placed = state.image_id != base.id  # the base image reaches the host in this run: nothing can run it yet
+    recheck = config.ml_env_check_active and not plan.activate and placed
+    if recheck:
+        host.log(f"ML env: the import check of {plan.wanted} runs once the base image is on the host")
+    if config.ml_env_check_active and not plan.activate and not placed:
         failure = host.get_fact(EnvImportCheckFact, env_dir=config.ml_env_dir, env=plan.wanted, image_id=base.id,
                                 python=base.python)
         if failure:
@@ -413,7 +432,7 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
     if transfer is not None:
         install_env(name=f"Upload and unpack {source.env}", env_dir=config.ml_env_dir, source=source,
                     owner=env_owner(config), links_from=transfer.base)
-    if plan.activate:
+    if plan.activate or recheck:
         activate_env(name=f"Import check, then switch to {source.env}",  # one name on every host: one operation
                      env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,
                      owner=env_owner(config), gpus=gate)
@@ -421,8 +440,8 @@ def converge(config: HostConfig, state: MlEnvState, gpus: GpuState) -> EnvPlan |
 
 
 @step("ML env cleanup")
-def cleanup(config: HostConfig, plan: EnvPlan | None):
+def cleanup(config: HostConfig, plan: EnvPlan | NoEnv | None):
     """After the stack switched: remove envs beyond `keep_envs` and unfinished transfers."""
-    if plan is not None and plan.remove:
+    if isinstance(plan, EnvPlan) and plan.remove:
         remove_old_envs(name=f"Remove {len(plan.remove)} old env(s) or unfinished transfer(s)",
                         env_dir=config.ml_env_dir, paths=plan.remove, owner=env_owner(config))

@@ -33,7 +33,7 @@ from ..config import HostConfig, is_revision
 from ..control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
 from ..report import ModelOutcome, report
 from .failure import HostProblem, failed, step
-from .ml_env import EnvPlan, runtime_environment
+from .ml_env import EnvPlan, NoEnv, runtime_environment
 from .probe import ProbePart
 from .programs import program
 from .transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
@@ -345,7 +345,7 @@ def _room(state, host, needed: int, free: int) -> bool:
 
 
 @step("Models")
-def converge(config: HostConfig, env: EnvPlan | None, state: ModelCacheState) -> list[Snapshot]:
+def converge(config: HostConfig, env: EnvPlan | NoEnv | None, state: ModelCacheState) -> list[Snapshot]:
     """Resolve every model, then bring this host's cache to it; returns the snapshots (for the stack)."""
     try:
         snapshots = [resolve_model(config, index, spec) for index, spec in enumerate(config.models)]
@@ -371,7 +371,7 @@ def converge(config: HostConfig, env: EnvPlan | None, state: ModelCacheState) ->
         if not plan.changes:
             continue
         if config.model_mode == "host" and plan.send:
-            if env is None:
+            if not isinstance(env, EnvPlan):
                 raise HostProblem("model_mode = 'host' needs the ML env (its huggingface_hub runs the download), "
                                   "which this host does not have")
             download_model_on_host(name=f"Model {plan.snapshot.label()} (downloaded by the host)", plan=plan, env=env,

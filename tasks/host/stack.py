@@ -36,6 +36,7 @@ from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
 from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
 from ..control.caches import atomic_write, file_sha256, once
+from ..control.env_build import base_image
 from ..control.hub import Snapshot
 from ..control.stack_project import (
     BASE_IMAGE_VARIABLE,
@@ -61,7 +62,7 @@ from ..secrets import SALT, fingerprint
 from .failure import HostProblem, failed, step
 from .gpu_checks import Gpu, GpuRequestError, assign_gpus
 from .gpus import GpuState, device_reservation
-from .ml_env import EnvPlan
+from .ml_env import EnvPlan, NoEnv
 from .probe import ProbePart
 from .programs import program
 from .transfer import StreamedUpload
@@ -178,9 +179,9 @@ class Rendered:
     labels: dict = field(hash=False, default_factory=dict)  # service -> the mlstack.* labels it carries
 
 
-def compose_values(config: HostConfig, base: BaseImage, secrets: dict[str, str]) -> dict[str, str]:
+def compose_values(config: HostConfig, secrets: dict[str, str]) -> dict[str, str]:
     """What compose interpolates the project with: the runtime base image ref, stack_env, the secrets."""
-    return {BASE_IMAGE_VARIABLE: base.ref, **config.stack_env, **secrets}
+    return {BASE_IMAGE_VARIABLE: config.ml_env_base_image, **config.stack_env, **secrets}
 
 
 @dataclass(frozen=True)
@@ -230,9 +231,9 @@ def render_dotenv(project: ComposeProject, config: HostConfig, values: dict[str,
     return dotenv, digest, fingerprints
 
 
-def render(project: ComposeProject, config: HostConfig, env: EnvPlan, snapshots: list[Snapshot],
+def render(project: ComposeProject, config: HostConfig, env: EnvPlan | NoEnv, snapshots: list[Snapshot],
            images: dict[str, ServiceImage], gpus: list[Gpu], secrets: dict[str, str], salt: str) -> Rendered:
-    values = compose_values(config, env.base, secrets)
+    values = compose_values(config, secrets)
     dotenv, digest, fingerprints = render_dotenv(project, config, values, salt)
     commits = {snapshot.spec.repo_id: snapshot.commit for snapshot in snapshots}
     services, labels = {}, {}
@@ -344,6 +345,15 @@ def _image_ready(state, host, reference: str, make_archive) -> bool:
     except (BuilderError, StackError) as error:
         return failed(host, f"image {reference}: {error}")
     return True
+
+
+def archive_send_size(archive: Path, held: HeldLayers) -> str | None:
+    """What sending ARCHIVE takes to a host holding HELD, for the plan; None while the archive is not made."""
+    if not archive.exists():
+        return None
+    leave_out, total = layers_to_send(archive, held.layers) if held.loads_partial else ((), 0)
+    return (f"{total - len(leave_out)} of {total} layers to send, the host holds the rest" if leave_out
+            else f"{archive.stat().st_size / 1e6:.1f} MB to send")
 
 
 def layers_to_send(archive: Path, held: frozenset[str]) -> tuple[tuple[str, ...], int]:
@@ -502,12 +512,25 @@ def archive_of(config: HostConfig, image: ServiceImage) -> Path:
     return Path(config.image_cache_dir).expanduser() / f"{name}.tar.gz"
 
 
-def service_images(project: ComposeProject, resolved: dict, config: HostConfig, base: BaseImage
+def stack_base(config: HostConfig, project: ComposeProject, host_image: str | None) -> BaseImage | None:
+    """The runtime base image the project's images are built on when no env is wanted: only a `build:` service
+    that reads ${MLSTACK_BASE_IMAGE} needs its id (its image's tag names it; the builder must hold it), from the
+    host's copy (HOST_IMAGE) where an earlier probe recorded it, else from the builder. None when no build reads
+    it: the builder is not asked."""
+    if not any("build" in spec and BASE_IMAGE_VARIABLE in project.reads(name)
+               for name, spec in project.services.items()):
+        return None
+    return base_image(config, Path(config.ml_env_cache_dir).expanduser(), host_image)
+
+
+def service_images(project: ComposeProject, resolved: dict, config: HostConfig, base: BaseImage | None
                    ) -> tuple[dict[str, ServiceImage], dict[str, object]]:
-    """Each service's image, and for each image the deploy sends, how its archive is made (once per fleet)."""
+    """Each service's image, and for each image the deploy sends, how its archive is made (once per fleet).
+    BASE None: no build reads the base image (`stack_base`), so no tag names it."""
     images, makers = {}, {}
+    base_id = base.id if base else ""
     for build in project.builds(resolved):
-        tag = once(("tag", build, base.id), lambda build=build: image_tag(project, build, base.id))
+        tag = once(("tag", build, base_id), lambda build=build: image_tag(project, build, base_id))
         images[build.service] = image = ServiceImage(tag)
         makers[tag] = partial(build_and_save, build, tag, base, config.ml_env_builder, archive_of(config, image))
     for service, reference in registry_images(resolved).items():
@@ -525,10 +548,10 @@ def service_images(project: ComposeProject, resolved: dict, config: HostConfig, 
 
 
 @step("Stack")
-def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot], state: StackState,
+def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Snapshot], state: StackState,
              host_gpus: GpuState) -> StackPlan | None:
     if env is None:
-        return None  # the host failed its ML env check; it is reported there
+        return None  # the host failed its ML env check; it is reported there (NoEnv: no env is wanted)
     project = project_of(config)
     services = project.active(config.stack_profiles)
     gpus = list(host_gpus.gpus)
@@ -538,8 +561,9 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
                           "--runtime=docker` on it (CDI reservations are not supported yet)")
     secrets = control_secrets(config)
     try:
-        values = tuple(sorted(compose_values(config, env.base, secrets).items()))
-        images, makers = service_images(project, resolved_config(project, values), config, env.base)
+        base = env.base if isinstance(env, EnvPlan) else stack_base(config, project, env.host_image)
+        values = tuple(sorted(compose_values(config, secrets).items()))
+        images, makers = service_images(project, resolved_config(project, values), config, base)
         rendered = render(project, config, env, snapshots, images, gpus, secrets,
                           digest_salt(config, state.texts.get(".env.digest")))
     except (StackError, BuilderError, GpuRequestError) as error:
@@ -562,13 +586,10 @@ def converge(config: HostConfig, env: EnvPlan | None, snapshots: list[Snapshot],
     for reference in plan.send_images:
         archive = archive_of(config, by_reference[reference])
         registry = by_reference[reference].registry
-        partial = archive.exists() and held.loads_partial
-        leave_out, total = layers_to_send(archive, held.layers) if partial else ((), 0)
-        size = (f"{total - len(leave_out)} of {total} layers to send, the host holds the rest" if leave_out
-                else f"{archive.stat().st_size / 1e6:.1f} MB to send" if archive.exists()
-                else "to build once, then send" if registry is None
-                else f"{registry.size / 1e6:.1f} MB unpacked, to save once, then send" if registry.id
-                else "to pull once on the builder, then send")
+        size = archive_send_size(archive, held) or ("to build once, then send" if registry is None
+                                                    else f"{registry.size / 1e6:.1f} MB unpacked, to save once, "
+                                                         "then send" if registry.id
+                                                    else "to pull once on the builder, then send")
         host.log(f"stack {project.name}: image {reference} ({size})")
     for reference in sorted({image.reference for name, image in images.items()
                              if image.source == "pull" and name in services and image.reference not in state.images}):
