@@ -4,10 +4,13 @@
     mlstack deploy INVENTORY [pyinfra options]    apply it to every targeted host at once
     mlstack rollout INVENTORY [pyinfra options]   apply it canary first, then in batches
     mlstack verify INVENTORY [--hashes] [...]     read-only: does each host match what a deploy would make it?
+    mlstack status INVENTORY [--json] [...]       read-only: what each host runs (release, env, models, services)
+    mlstack logs INVENTORY SERVICE [--tail N]     read-only: a service's logs on each host, prefixed by host
 
 pyinfra's own options pass through (`--limit HOST`, `--data key=value`, `-v`). pyinfra reads group data
 from `group_data/` in the current directory and beside the inventory. Exit status: 0 when every targeted
-host is ok, 1 when any host failed (or drifted, for verify), 2 on a usage error.
+host is ok, 1 when any host failed (or drifted, for verify; could not be read, for status and logs), 2 on a usage
+error.
 """
 
 from __future__ import annotations
@@ -15,20 +18,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .fleet import rollout, verify
-from .fleet.rollout import HostOutcome, print_table
-from .fleet.runner import run_deploy
-
 COMMANDS = {
     "plan": "what would change on each host, with diffs (a dry run: nothing on the hosts changes)",
     "deploy": "apply the deploy to every targeted host at once",
     "rollout": "apply it canary host(s) first, then in batches (rollout_* settings)",
     "verify": "read-only check: does each host match what a deploy would make it",
+    "status": "read-only: each host's release, env, models, services, GPUs, drift and deploy lock",
+    "logs": "read-only: one service's logs on each host, every line prefixed by the host's name",
 }
 
 
 def run_once(command: str, inventory: str, pyinfra_args: list[str]) -> int:
     """`plan` and `deploy`: one pyinfra run over the targeted hosts, its log streamed, then a table per host."""
+    from .fleet.rollout import HostOutcome, print_table  # noqa: PLC0415 (each command imports only what it runs)
+    from .fleet.runner import run_deploy  # noqa: PLC0415
     mode = ["--dry", "--diff"] if command == "plan" else ["-y"]  # -y: no second planning pass before applying
     run = run_deploy(*mode, *pyinfra_args, inventory=inventory, echo=True)
     if not run.report:
@@ -52,9 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv[:1])  # prints the usage and exits 2 (0 for --help)
     command, rest = argv[0], argv[1:]
     if command == "rollout":
+        from .fleet import rollout  # noqa: PLC0415
         return rollout.main(rest, prog="mlstack rollout")
     if command == "verify":
+        from .fleet import verify  # noqa: PLC0415
         return verify.main(rest, prog="mlstack verify")
+    if command in ("status", "logs"):
+        from .fleet import day_two  # noqa: PLC0415 (light: `mlstack status` waits for its start-up)
+        return day_two.status_main(rest) if command == "status" else day_two.logs_main(rest)
     parser = argparse.ArgumentParser(prog=f"mlstack {command}", description=COMMANDS[command],
                                      epilog="Other options go to pyinfra as they are (--limit, --data k=v, -v).")
     parser.add_argument("inventory", help="a pyinfra inventory file, e.g. inventory.py")

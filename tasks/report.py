@@ -18,8 +18,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pyinfra.api.state import BaseStateCallback, StateStage
-
 from .control.caches import atomic_write
 
 REPORT_FILE = "MLSTACK_REPORT"  # the environment variable naming the file
@@ -76,6 +74,7 @@ class HostRecord:
     docker_gpus: str = ""  # how the host's docker gives containers GPUs: "runtime", "cdi" or ""
     gate: dict | None = None  # the GPU gate's checks and results, once a GPU gate runs
     planned: bool = False  # the deploy planned every step for this host
+    status: dict | None = None  # what `mlstack status` or `mlstack logs` read on the host (tasks/status.py)
     pending: str = field(default="", repr=False)  # the message of a failure not yet tied to its step
 
     def changed(self, concern: str) -> None:
@@ -108,17 +107,19 @@ class Report:
         state = ctx_state.get()
         atexit.register(self.write, Path(os.environ[REPORT_FILE]), state)
         if hasattr(state, "callback_handlers"):  # the state is initialised: we are past the connections
-            state.add_callback_handler(_Callbacks())
+            state.add_callback_handler(_callbacks())
             return
         initialise = state.init  # pyinfra runs config files before State.init, which sets up the callbacks
 
         def init_then_follow(*args, **kwargs):
             initialise(*args, **kwargs)
-            state.add_callback_handler(_Callbacks())
+            state.add_callback_handler(_callbacks())
 
         state.init = init_then_follow
 
     def write(self, path: Path, state) -> None:
+        from pyinfra.api.state import StateStage  # noqa: PLC0415 (only inside a pyinfra run)
+
         for host in state.inventory:
             if not state.is_host_in_limit(host):
                 continue
@@ -138,18 +139,25 @@ class Report:
 report = Report()
 
 
-class _Callbacks(BaseStateCallback):
-    @staticmethod
-    def host_connect_error(state, host, error) -> None:
-        report[host.name].fail("unreachable", str(error.args[0] if error.args else error))
+def _callbacks():
+    """What follows this run's connections and operations; pyinfra is imported only inside a run (the fleet tools
+    read reports without it: `mlstack status` waits for their start-up)."""
+    from pyinfra.api.state import BaseStateCallback  # noqa: PLC0415
 
-    @staticmethod
-    def operation_host_error(state, host, op_hash, retry_count: int = 0, max_retries: int = 0) -> None:
-        if retry_count < max_retries:
-            return
-        record = report[host.name]
-        step = ", ".join(state.get_op_meta(op_hash).names) or "an operation"
-        record.fail("step", record.pending or f"{step} failed (its output is in the log)", step)
+    class Callbacks(BaseStateCallback):
+        @staticmethod
+        def host_connect_error(state, host, error) -> None:
+            report[host.name].fail("unreachable", str(error.args[0] if error.args else error))
+
+        @staticmethod
+        def operation_host_error(state, host, op_hash, retry_count: int = 0, max_retries: int = 0) -> None:
+            if retry_count < max_retries:
+                return
+            record = report[host.name]
+            step = ", ".join(state.get_op_meta(op_hash).names) or "an operation"
+            record.fail("step", record.pending or f"{step} failed (its output is in the log)", step)
+
+    return Callbacks()
 
 
 def read_report(path: Path) -> dict:

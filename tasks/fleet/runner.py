@@ -54,12 +54,13 @@ def limit_args(hosts: list[str]) -> list[str]:
 
 
 def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict | None = None,
-               echo: bool = False) -> DeployRun:
+               echo: bool = False, function: str = DEPLOY) -> DeployRun:
     """`pyinfra INVENTORY mlstack.deploy.mlstack_deploy ARGS --json` in the current directory (where pyinfra also
-    looks for group_data/), with its report; ECHO streams pyinfra's log to our stderr."""
+    looks for group_data/), with its report; ECHO streams pyinfra's log to our stderr. FUNCTION: another
+    packaged function that fills the report (tasks/status.py)."""
     with tempfile.TemporaryDirectory(prefix="mlstack-report-") as folder:
         report_file = Path(folder) / "report.json"
-        run = _run_pyinfra([PYINFRA, "--config", str(REPORT_HOOK), inventory, DEPLOY, *args, "--json"],
+        run = _run_pyinfra([PYINFRA, "--config", str(REPORT_HOOK), inventory, function, *args, "--json"],
                            {**os.environ, **(env or {}), REPORT_FILE: str(report_file)}, echo)
         written = read_report(report_file)
         run.report, run.executed = written.get("hosts", {}), written.get("executed", False)

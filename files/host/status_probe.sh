@@ -1,0 +1,58 @@
+#!/bin/sh
+# What `mlstack status` reads on a host besides the concerns' own facts, changing nothing there:
+# - the deploy lock (files/host/deploy_lock.sh): "lock free", "lock held WHO" (the holder line the deploy
+#   wrote) or "lock unknown WHY". It is read from /proc/locks, never taken, not even for an instant (a
+#   `flock -n` test would hold it while it looks, and a deploy starting then would be refused); only where
+#   /proc/locks cannot be read, or names the lock's inode on another device (a file system whose stat device
+#   is not its lock device), does a `flock -n` on a read-only descriptor tell.
+# - the files the last push recorded in COMPOSE_DIR/.mlstack-files whose content differs now:
+#   "file PATH: FAILED" as `sha256sum -c` says it (edited by hand, or missing).
+# - whether COMPOSE_DIR/.env is still the current release's copy: "dotenv same", "dotenv differs",
+#   "dotenv no-release" or "dotenv unknown" (the release cannot be read: not root).
+# usage: status_probe.sh LOCK_DIR COMPOSE_DIR RELEASES_DIR
+set -eu
+lock_dir=$1
+compose=$2
+releases=$3
+lock=$lock_dir/deploy.lock
+
+holder() { echo "lock held $(head -n 1 -- "$lock" | head -c 300)"; }
+
+if [ ! -e "$lock" ] && [ ! -L "$lock" ]; then
+    echo "lock free"  # never taken on this host since it booted
+elif [ -L "$lock_dir" ] || [ -L "$lock" ] || [ ! -f "$lock" ]; then
+    echo "lock unknown: $lock is not a regular file in a directory"
+elif [ -r /proc/locks ]; then
+    dev=$(stat -c %d -- "$lock")
+    inode=$(stat -c %i -- "$lock")
+    # /proc/locks names a file MAJOR:MINOR:INODE (hex device numbers); stat gives the device as one number.
+    want=$(printf '%02x:%02x:%s' $(((dev >> 8) & 0xfff)) $(((dev & 0xff) | ((dev >> 12) & 0xfff00))) "$inode")
+    held=no
+    while read -r _ kind _ _ _ id _; do
+        [ "$kind" = FLOCK ] || continue  # waiters ("->") and other kinds of lock are not the holder
+        if [ "$id" = "$want" ]; then held=yes && break; fi
+        if [ "${id##*:}" = "$inode" ]; then held=maybe; fi  # a file system whose stat device is not its lock's
+    done </proc/locks
+    if [ "$held" = maybe ] && (exec 9<"$lock" && flock -n 9); then held=no; fi
+    if [ "$held" = no ]; then echo "lock free"; else holder; fi
+elif (exec 9<"$lock" && flock -n 9); then
+    echo "lock free"
+else
+    holder
+fi
+
+if [ -f "$compose/.mlstack-files" ] && [ ! -L "$compose/.mlstack-files" ] && cd -- "$compose" 2>/dev/null; then
+    { sha256sum -c --quiet .mlstack-files 2>/dev/null || true; } | sed 's/^/file /'
+fi
+
+if [ -d "$releases" ] && [ ! -x "$releases" ]; then
+    echo "dotenv unknown"
+elif [ ! -L "$releases/current" ]; then
+    echo "dotenv no-release"
+elif [ ! -r "$releases/current/project/.env" ]; then
+    echo "dotenv unknown"
+elif cmp -s -- "$compose/.env" "$releases/current/project/.env"; then
+    echo "dotenv same"
+else
+    echo "dotenv differs"
+fi

@@ -1,0 +1,253 @@
+"""The read-only day-two views of a fleet, as pyinfra packaged functions: `mlstack_status()` reads what each host
+runs, `mlstack_logs()` one service's logs. Neither adds an operation, takes the deploy lock, builds, downloads or
+sends anything; each reads a host in one round trip. `mlstack status|logs` (tasks/fleet/day_two.py) run them
+with `--dry` and read what they found from the report's `status` field (report.py).
+
+A host's status is a dict, the same in the report and in `mlstack status --json`:
+
+    {"drift": "ok", "problems": [], "errors": [],
+     "release": {"id": "rel-…", "activated": "…Z", "created": "…Z", "control_node": "ci@control"},
+     "releases": ["rel-…", "rel-…"], "env": "env-…", "envs": ["env-…"],
+     "models": [{"repo_id": "org/name", "revision": "main", "commit": "e4ce…", "present": true}],
+     "services": {"reranker": {"state": "running", "health": "healthy"}},
+     "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", …}], "docker_gpus": "runtime",
+     "lock": {"held": false, "holder": ""}}
+
+`drift` is one word (DRIFT in tasks/fleet/day_two.py); `problems` says why it is not `ok`; `errors` names the
+parts of the host that could not be read (their keys then hold what is known: null or empty).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy
+
+from .config import DEFAULTS, HostConfig, host_config
+from .control.stack_project import project_of
+from .fleet.day_two import LOGS_OPTIONS, LogOptions, printable
+from .host import gpus, ml_env, models, releases, stack
+from .host.gpus import GpuState
+from .host.lock import LOCK_DIR
+from .host.ml_env import MlEnvState
+from .host.models import ModelCacheState
+from .host.probe import HostProbe, PartFailure, ProbePart
+from .host.programs import program
+from .host.releases import ReleasesState
+from .host.stack import MANIFEST, StackState
+from .report import report
+
+# -- what the host says, besides the concerns' facts ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostFiles:
+    lock: str = "unknown"  # "free", "held", "unknown"
+    holder: str = ""  # the holder line the deploy wrote, when held; why, when unknown
+    changed: tuple[str, ...] = ()  # files of .mlstack-files whose content differs ("path (missing)" when gone)
+    dotenv: str = "unknown"  # .env against the current release's copy: "same", "differs", "no-release", "unknown"
+
+
+class StatusFact(FactBase):
+    """The deploy lock (held or free, and who holds it, without taking it), the project's files edited since the
+    last push, and whether .env is still the current release's (files/host/status_probe.sh)."""
+
+    def command(self, lock_dir: str, compose_dir: str, releases_dir: str) -> str:
+        return program("status_probe.sh", lock_dir, compose_dir, releases_dir)
+
+    def process(self, output: list[str]) -> HostFiles:
+        lock, holder, changed, dotenv = "unknown", "", [], "unknown"
+        for line in output:
+            kind, _, rest = line.partition(" ")
+            if kind == "lock":
+                state, _, text = rest.partition(" ")
+                lock, holder = (state.rstrip(":"), printable(text)) if state.rstrip(":") in ("free", "held",
+                                                                                            "unknown") else (lock, "")
+            elif kind == "file":
+                path, _, verdict = rest.rpartition(": FAILED")
+                changed.append(printable(path) + (" (missing)" if "open or read" in verdict else ""))
+            elif kind == "dotenv" and rest in ("same", "differs", "no-release", "unknown"):
+                dotenv = rest
+        return HostFiles(lock, holder, tuple(changed), dotenv)
+
+
+def status_parts(config: HostConfig) -> tuple[ProbePart, ...]:
+    """The deploy's own probe parts, less its expensive options (no object or blob is hashed: `mlstack verify
+    --hashes` does that), and the releases and this module's part."""
+    env_part, model_part = ml_env.probe_part(config), models.probe_part(config)
+    return (replace(env_part, arguments={**env_part.arguments, "hash_as": None}),
+            replace(model_part, arguments={**model_part.arguments, "hashes": False}),
+            gpus.probe_part(), stack.probe_part(config), releases.probe_part(config),
+            ProbePart("host", StatusFact, {"lock_dir": LOCK_DIR, "compose_dir": config.compose_project_dir,
+                                           "releases_dir": releases.releases_dir(config)}))
+
+
+# -- a host's status, from what was read (pure) -----------------------------------------------------------------
+
+
+@dataclass
+class Read:
+    """What one probe read; a part that failed is None, and named in ERRORS."""
+
+    env: MlEnvState | None = None
+    models: ModelCacheState | None = None
+    gpus: GpuState | None = None
+    stack: StackState | None = None
+    releases: ReleasesState | None = None
+    host: HostFiles | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def files_digest(texts: dict) -> str | None:
+    """The `files` of a release the host's compose directory holds now (releases.py: sha256 of `.mlstack-files`
+    and `.env.digest`); None without them."""
+    manifest, digest = texts.get(MANIFEST), texts.get(".env.digest")
+    if manifest is None or digest is None:
+        return None
+    return hashlib.sha256((manifest + digest).encode()).hexdigest()
+
+
+def service_states(read: Read) -> dict[str, dict]:
+    """Each service of the current release (the ones it recorded an image id for) and each container of the
+    project, with its state and health ("missing" for a service without a container)."""
+    containers = read.stack.containers if read.stack else {}
+    current = current_release(read)
+    expected = set(current.image_ids) if current else set()
+    return {name: ({"state": containers[name].state, "health": containers[name].health} if name in containers
+                   else {"state": "missing", "health": ""})
+            for name in sorted(expected | set(containers))}
+
+
+def current_release(read: Read):
+    state = read.releases
+    return state.releases.get(state.current) if state and state.current else None
+
+
+def drift(read: Read) -> tuple[str, list[str]]:
+    """The host's drift word (DRIFT) and the problems behind it, every one of them."""
+    if read.releases is None:
+        return "unknown", []
+    release = current_release(read)
+    if release is None:
+        return "none", ["no release recorded"]
+    if read.stack is None or read.host is None:
+        return "unknown", []
+    degraded = [f"{name} {service['state']}" + (f" ({service['health']})" if service["health"] else "")
+                for name, service in service_states(read).items()
+                if service["state"] != "running" or service["health"] not in ("", "healthy")]
+    modified = []
+    if files_digest(read.stack.texts) != release.files:
+        modified.append(f"the compose project's files or .env values are not {release.id}'s")
+    modified += [f"{path} edited since the deploy" for path in read.host.changed]
+    if read.host.dotenv == "differs":
+        modified.append(f".env differs from {release.id}'s")
+    word = "degraded" if degraded else "modified" if modified else "ok"
+    return word, [*degraded, *modified]
+
+
+def model_states(config: HostConfig, state: ModelCacheState | None) -> list[dict]:
+    """Each configured model: the commit its revision names on the host (refs/, or the revision itself when it is
+    a commit) and whether that snapshot is there."""
+    found = []
+    for spec in config.models:
+        repo = state.repos.get(spec.folder) if state else None
+        if repo is None:
+            commit = None
+        elif spec.revision in repo.snapshots:
+            commit = spec.revision
+        else:
+            commit = repo.refs.get(spec.revision)
+        found.append({"repo_id": spec.repo_id, "revision": spec.revision, "commit": commit,
+                      "present": bool(repo and commit in repo.snapshots)})
+    return found
+
+
+def host_status(config: HostConfig, read: Read) -> dict:
+    """The status of one host (the module's docstring shows its shape)."""
+    word, problems = drift(read)
+    release = current_release(read)
+    return {
+        "drift": word, "problems": problems, "errors": list(read.errors),
+        "release": None if release is None else {key: getattr(release, key) for key in
+                                                 ("id", "activated", "created", "control_node")},
+        "releases": list(read.releases.releases) if read.releases else [],
+        "env": read.env.active if read.env else None,
+        "envs": sorted(read.env.envs) if read.env else [],
+        "models": model_states(config, read.models) if read.models else [],
+        "services": service_states(read),
+        "gpus": [asdict(gpu) for gpu in read.gpus.gpus] if read.gpus else [],
+        "docker_gpus": read.gpus.docker_gpus if read.gpus else "",
+        "lock": lock_state(read.host),
+    }
+
+
+def lock_state(files: HostFiles | None) -> dict:
+    """The deploy lock: held true or false, and the holder line the deploy wrote; held null when unknown (then
+    the holder says why, if the host said)."""
+    if files is None or files.lock == "unknown":
+        return {"held": None, "holder": files.holder if files else ""}
+    return {"held": files.lock == "held", "holder": files.holder}
+
+
+# -- the packaged functions -------------------------------------------------------------------------------------
+
+
+@deploy("mlstack status", data_defaults=DEFAULTS)
+def mlstack_status() -> None:
+    """Read each host's status into the report; no operation, no lock."""
+    report.start()
+    config = host_config(host)
+    project_of(config)  # the project's name and files, read on the control node (a bad project stops the run)
+    parts = status_parts(config)
+    values = host.get_fact(HostProbe, parts=parts)  # one round trip; a failed part costs only its own view
+    read = Read(errors=[f"{part.name}: {values[part.name].message}" for part in parts
+                        if isinstance(values[part.name], PartFailure)])
+    for part in parts:
+        if not isinstance(values[part.name], PartFailure):
+            setattr(read, {"ml_env": "env"}.get(part.name, part.name), values[part.name])
+    record = report[host.name]
+    record.status = host_status(config, read)
+    if read.errors:
+        record.fail("step", "could not read " + "; ".join(read.errors), "Status")
+    record.planned = True
+
+
+ERASE_LINE = "\x1b[2K"  # compose starts each log line with it, even with --no-color and without a terminal
+
+
+class ServiceLogsFact(FactBase):
+    """One service's logs (files/host/service_logs.sh): compose's exit status, and the lines it printed."""
+
+    def command(self, compose_dir: str, service: str, since: str, tail: str, timestamps: bool) -> str:
+        return program("service_logs.sh", compose_dir, service, "yes" if timestamps else "no", since, tail)
+
+    def process(self, output: list[str]) -> tuple[int, list[str]]:
+        marker = "@@mlstack-logs-status "
+        lines = [line.removeprefix(ERASE_LINE) for line in output]
+        if not lines or not lines[-1].startswith(marker) or not lines[-1][len(marker):].isdigit():
+            return 255, lines  # cut short: whatever came is shown
+        return int(lines[-1][len(marker):]), lines[:-1]
+
+
+@deploy("mlstack logs", data_defaults=DEFAULTS)
+def mlstack_logs() -> None:
+    """Read one service's logs on each host into the report (options: MLSTACK_LOGS, JSON of LogOptions)."""
+    report.start()
+    options = LogOptions(**json.loads(os.environ.get(LOGS_OPTIONS, "{}")))
+    if options.problems():
+        raise ValueError(f"mlstack logs: {'; '.join(options.problems())}")
+    config = host_config(host)
+    read = host.get_fact(ServiceLogsFact, compose_dir=config.compose_project_dir, service=options.service,
+                         since=options.since, tail=options.tail, timestamps=options.timestamps)
+    status, lines = read if read is not None else (255, [])
+    record = report[host.name]
+    record.status = {"logs": lines, "exit": status}
+    if status != 0:
+        said = " / ".join(line.strip() for line in lines[-3:] if line.strip())
+        record.fail("step", f"docker compose logs exited with status {status}" + (f": {said}" if said else ""),
+                    "Logs")
+    record.planned = True
