@@ -704,6 +704,7 @@ def _ownership_problems(host_name: str, config: HostConfig) -> list[str]:
 def _project_problems(host_name: str, config: HostConfig) -> list[str]:
     """The stack's compose project against the settings that name its services and variables."""
     from .control.stack_project import BASE_IMAGE_VARIABLE, ComposeProject, StackError  # noqa: PLC0415
+    from .host.declarations import gpu_asks  # noqa: PLC0415
 
     try:
         project = ComposeProject.load(config.stack, tuple(config.compose_files))
@@ -718,6 +719,12 @@ def _project_problems(host_name: str, config: HostConfig) -> list[str]:
                 problems.append(_problem(host_name, f"{setting}.{service}",
                                          value.model_dump() if isinstance(value, BaseModel) else value,
                                          f"a service of stack {config.stack!r}: {', '.join(services)}"))
+    for service, request in config.service_gpus.items():  # one source for a service's GPUs, never two reservations
+        asks = gpu_asks(project.services[service]) if service in services else []
+        if asks:
+            problems.append(_problem(host_name, f"service_gpus.{service}", request,
+                                     f"no entry for {service}: its compose definition asks for GPUs itself "
+                                     f"({asks[0]}); keep one of the two"))
     readers: dict[str, list[str]] = {}
     for service, uses in config.ml_services.items():
         for variable in uses.models:

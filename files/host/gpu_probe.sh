@@ -1,7 +1,8 @@
 #!/bin/sh
 # The host's NVIDIA GPUs and how docker gives containers GPUs. Prints nothing on a host without
 # nvidia-smi; else "gpu <line>" for each line nvidia-smi prints (a broken driver's complaint too:
-# the parser fails the host quoting it), then "docker runtime", "docker cdi" or "docker none".
+# the parser fails the host quoting it), then "runtimes" and docker's runtimes by name, then "docker runtime",
+# "docker cdi" or "docker none".
 # A driver too old to know a field of QUERY is asked BASIC_QUERY instead.
 # usage: gpu_probe.sh QUERY BASIC_QUERY
 set -u
@@ -16,6 +17,7 @@ fi
 printf '%s\n' "$lines" | sed 's/^/gpu /'
 # shellcheck disable=SC2016 # a docker template, not shell
 runtimes=$(docker info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/dev/null || true)
+echo "runtimes $runtimes"
 case " $runtimes " in
     *" nvidia "*) echo "docker runtime"; exit 0 ;;
 esac

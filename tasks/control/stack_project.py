@@ -74,6 +74,8 @@ class ComposeProject:
     services: dict = field(hash=False)  # service -> its merged definition, variables not interpolated
     secrets: dict = field(hash=False, default_factory=dict)  # compose's top-level `secrets:`
     dotenv: dict = field(hash=False, default_factory=dict)  # the project's `.env`: key -> its entry as written
+    volumes: dict = field(hash=False, default_factory=dict)  # compose's top-level `volumes:`
+    networks: dict = field(hash=False, default_factory=dict)  # compose's top-level `networks:`
 
     @classmethod
     @cache  # read once per deploy, however many hosts
@@ -82,7 +84,8 @@ class ComposeProject:
         files = compose_files or default_compose_files(directory)
         dotenv = dotenv_entries(directory / DOTENV)
         model = compose_config(directory, files)
-        return cls(directory, files, model["name"], model.get("services") or {}, model.get("secrets") or {}, dotenv)
+        return cls(directory, files, model["name"], model.get("services") or {}, model.get("secrets") or {}, dotenv,
+                   volumes=model.get("volumes") or {}, networks=model.get("networks") or {})
 
     def reads(self, service: str) -> dict[str, bool]:
         """Variable -> whether it has a default, for every variable SERVICE's definition interpolates, and

@@ -23,6 +23,7 @@ DOCKER_GPUS = {"runtime", "cdi", "none"}
 class GpuState:
     gpus: tuple[Gpu, ...]  # by index; () on a CPU host
     docker_gpus: str  # how docker gives containers GPUs: "runtime" (nvidia runtime or hook), "cdi", or ""
+    runtimes: tuple[str, ...] = ()  # docker's runtimes by name (`runtime: nvidia` needs "nvidia"); () on a CPU host
 
 
 class GpuFactError(FactProcessError):
@@ -47,15 +48,17 @@ class GpuFact(FactBase):
         return GpuState((), "")  # pyinfra calls default(), not process(), when the command prints nothing
 
     def process(self, output: list[str]) -> GpuState:
-        lines, docker = [], ""
+        lines, docker, runtimes = [], "", ()
         for line in output:
             key, _, value = line.partition(" ")
             if key == "gpu":
                 lines.append(value)
             elif key == "docker" and value.strip() in DOCKER_GPUS:
                 docker = "" if value.strip() == "none" else value.strip()
+            elif key == "runtimes":
+                runtimes = tuple(value.split())
         try:
-            return GpuState(tuple(parse_gpus(lines)), docker)
+            return GpuState(tuple(parse_gpus(lines)), docker, runtimes)
         except GpuLineError as error:
             raise GpuFactError(str(error)) from None
 

@@ -59,6 +59,7 @@ from ..control.stack_project import (
 )
 from ..report import ServiceOutcome, StackOutcome, report
 from ..secrets import SALT, fingerprint
+from .declarations import declaration_problems, declares_externals, read_name
 from .failure import HostProblem, failed, step
 from .gpu_checks import Gpu, GpuRequestError, assign_gpus
 from .gpus import GpuState, device_reservation
@@ -86,6 +87,8 @@ class StackState:
     images: dict[str, str]  # "repository:tag" -> id, for every image on the host
     containers: dict[str, ContainerState]  # compose service -> its container
     texts: dict = field(hash=False)  # file name -> content on the host: compose files, override, digest, manifest
+    volumes: frozenset[str] | None = None  # every volume's name, read when the project declares an external one
+    networks: frozenset[str] | None = None  # every network's name, likewise
 
 
 @dataclass(frozen=True)
@@ -118,15 +121,25 @@ LAYER_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
 class StackFact(FactBase):
     """The compose project on the host: its containers' state and mlstack labels, its built images, and the
-    text of its compose files, the override, `.env.digest` and `.mlstack-files`."""
+    text of its compose files, the override, `.env.digest` and `.mlstack-files`; with EXTERNALS, the names of
+    the host's volumes and networks (tasks/host/declarations.py)."""
 
-    def command(self, compose_dir: str, project: str, texts: list[str]) -> str:
-        return program("stack_probe.sh", compose_dir, project, ",".join(CONTAINER_LABELS), *texts)
+    def command(self, compose_dir: str, project: str, texts: list[str], externals: bool = False) -> str:
+        return program("stack_probe.sh", compose_dir, project, ",".join(CONTAINER_LABELS),
+                       "yes" if externals else "no", *texts)
 
     def process(self, output: list[str]) -> StackState:
         images, containers, texts, current = {}, {}, {}, None
-        for line in output:
-            if line.startswith("image "):
+        names: dict[str, set[str]] = {"volume": set(), "network": set()}  # the host's, when the probe listed them
+        listed, leading = False, bool(output) and output[0] == "externals"  # the names first, then any other record
+        for line in output[1:] if leading else output:
+            kind = line.partition(" ")[0]
+            if leading:
+                if line == "externals-end":
+                    listed, leading = True, False
+                elif kind in names and (name := read_name(line, kind)):
+                    names[kind].add(name)
+            elif line.startswith("image "):
                 tag, _, image_id = line[6:].partition(" ")
                 images[tag] = image_id.strip()
             elif line.startswith("container "):
@@ -139,13 +152,15 @@ class StackFact(FactBase):
             elif current and line.startswith("|"):
                 texts[current].append(line[2:])
         return StackState(images, containers, {name: "".join(line + "\n" for line in lines)
-                                               for name, lines in texts.items()})
+                                               for name, lines in texts.items()},
+                          *(frozenset(names[kind]) if listed else None for kind in ("volume", "network")))
 
 
 def probe_part(config: HostConfig) -> ProbePart:
     project = project_of(config)
     return ProbePart("stack", StackFact, {"compose_dir": config.compose_project_dir, "project": project.name,
-                                          "texts": [*project.files, OVERRIDE, ".env.digest", MANIFEST]})
+                                          "texts": [*project.files, OVERRIDE, ".env.digest", MANIFEST],
+                                          "externals": declares_externals(project)})
 
 
 def escape(value: str) -> str:
@@ -418,6 +433,19 @@ def push_project(compose_dir: str, rendered: Rendered):
     yield program("install_project.sh", compose_dir)
 
 
+def gate_outcome(project: str, timeout: int, services: list[str], records: list[str]) -> tuple[list[str], str]:
+    """The services the health gate found failing (only names of SERVICES count) and the failure's message,
+    from its RECORDS (stdout lines): compose's own message where `up` itself failed (`up-failed` lines, control
+    characters shown escaped), else the services not healthy within TIMEOUT."""
+    failing = [line.split(" ", 1)[1] for line in records if line.startswith("failing ")]
+    unhealthy = [name for name in failing if name in services]
+    said = [CONTROL.sub(lambda match: repr(match[0])[1:-1], line.removeprefix("up-failed ").strip())
+            for line in records if line.startswith("up-failed ")]
+    if said:
+        return unhealthy, f"stack {project}: docker compose up failed: {' / '.join(said)[-1500:]}"
+    return unhealthy, (f"stack {project}: not healthy within {timeout}s: " + (", ".join(unhealthy) or "see the log"))
+
+
 class HealthGate(StringCommand):
     """`files/host/health_gate.sh`: up, wait for health. What it finds failing goes to the report; only
     names of this project's services count."""
@@ -429,15 +457,12 @@ class HealthGate(StringCommand):
     def execute(self, state, host, connector_arguments):
         status, output = super().execute(state, host, connector_arguments)
         record = report[host.name]
-        failing = [line.split(" ", 1)[1] for line in output.stdout_lines if line.startswith("failing ")]
-        unhealthy = [name for name in failing if name in self.services]
+        unhealthy, message = gate_outcome(self.project, self.timeout, self.services, output.stdout_lines)
         if record.stack is not None:
             record.stack.health = "healthy" if status else "unhealthy"
             record.stack.unhealthy = unhealthy
         if not status:
-            record.pending = (f"stack {self.project}: not healthy within {self.timeout}s: "
-                              + (", ".join(record.stack.unhealthy) if record.stack and record.stack.unhealthy
-                                 else "see the log"))
+            record.pending = message
         return status, output
 
 
@@ -563,6 +588,10 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
     try:
         base = env.base if isinstance(env, EnvPlan) else stack_base(config, project, env.host_image)
         values = tuple(sorted(compose_values(config, secrets).items()))
+        declared = declaration_problems(resolved_config(project, values), services, state.volumes, state.networks,
+                                        gpus, host_gpus.docker_gpus, host_gpus.runtimes)
+        if declared:  # what the project itself asks of the host, before anything on it changes
+            raise HostProblem("; ".join(declared))
         images, makers = service_images(project, resolved_config(project, values), config, base)
         rendered = render(project, config, env, snapshots, images, gpus, secrets,
                           digest_salt(config, state.texts.get(".env.digest")))

@@ -111,7 +111,9 @@ def test_the_probe_prints_nothing_without_nvidia_smi(tmp_path):
 
 def test_the_probe_asks_the_full_query_and_reads_dockers_runtimes(tmp_path):
     result = run_probe(tmp_path, '#!/bin/sh\necho "$@"\n', '#!/bin/sh\necho "io.containerd.runc.v2 nvidia runc "\n')
-    assert result.stdout.splitlines() == [f"gpu --query-gpu={QUERY} --format=csv,noheader,nounits", "docker runtime"]
+    assert result.stdout.splitlines() == [f"gpu --query-gpu={QUERY} --format=csv,noheader,nounits",
+                                          "runtimes io.containerd.runc.v2 nvidia runc ", "docker runtime"]
+    assert GpuFact().process(result.stdout.splitlines()[1:]).runtimes == ("io.containerd.runc.v2", "nvidia", "runc")
 
 
 def test_an_old_driver_is_asked_the_basic_query(tmp_path):
@@ -121,7 +123,7 @@ def test_an_old_driver_is_asked_the_basic_query(tmp_path):
            "echo '0, GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4, Tesla K80, 11441, 470.82.01'\n")
     result = run_probe(tmp_path, old, "#!/bin/sh\nexit 1\n")
     assert result.stdout.splitlines() == [
-        "gpu 0, GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4, Tesla K80, 11441, 470.82.01", "docker none"]
+        "gpu 0, GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4, Tesla K80, 11441, 470.82.01", "runtimes ", "docker none"]
     assert BASIC_QUERY in QUERY
 
 
