@@ -5,6 +5,6 @@
 The steps are in tasks/deploy.py (installed: `mlstack.deploy`), which `mlstack plan|deploy` runs too.
 """
 
-from tasks.deploy import mlstack_deploy
+from tasks.deploy import converge
 
-mlstack_deploy()
+converge()

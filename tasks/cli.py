@@ -6,6 +6,7 @@
     mlstack verify INVENTORY [--hashes] [...]     read-only: does each host match what a deploy would make it?
     mlstack status INVENTORY [--json] [...]       read-only: what each host runs (release, env, models, services)
     mlstack logs INVENTORY SERVICE [--tail N]     read-only: a service's logs on each host, prefixed by host
+    mlstack rollback INVENTORY [--to RELEASE]     put back the previous (or that) release, as a rollout does
 
 pyinfra's own options pass through (`--limit HOST`, `--data key=value`, `-v`). pyinfra reads group data
 from `group_data/` in the current directory and beside the inventory. Exit status: 0 when every targeted
@@ -25,6 +26,7 @@ COMMANDS = {
     "verify": "read-only check: does each host match what a deploy would make it",
     "status": "read-only: each host's release, env, models, services, GPUs, drift and deploy lock",
     "logs": "read-only: one service's logs on each host, every line prefixed by the host's name",
+    "rollback": "put each host back to its previous release (or --to RELEASE), canary first, then in batches",
 }
 
 
@@ -57,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     if command == "rollout":
         from .fleet import rollout  # noqa: PLC0415
         return rollout.main(rest, prog="mlstack rollout")
+    if command == "rollback":
+        from .fleet import rollout  # noqa: PLC0415
+        from .rollback import ROLLBACK_TO  # noqa: PLC0415
+        to = argparse.ArgumentParser(add_help=False)
+        to.add_argument("--to", default="", help="a release id (mlstack status); default: each host's previous")
+        chosen, rest = to.parse_known_args(rest)
+        return rollout.main(rest, prog="mlstack rollback", function="mlstack.rollback.rollback",
+                            env={ROLLBACK_TO: chosen.to})
     if command == "verify":
         from .fleet import verify  # noqa: PLC0415
         return verify.main(rest, prog="mlstack verify")

@@ -1,5 +1,5 @@
-"""The deploy, as a pyinfra packaged deploy: `mlstack_deploy()` makes each targeted host ready to serve the
-team's compose project, step by step.
+"""The deploy: `converge()` makes each targeted host ready to serve the team's compose project, step by step;
+`mlstack_deploy()` is the same as a pyinfra packaged deploy (`@deploy`, with the settings' defaults as data).
 
 Each step is one concern of `host/` and relies on the steps before it; the control side (builds, downloads,
 caches) is in `control/`. Run it with `mlstack plan|deploy INVENTORY`, `pyinfra INVENTORY deploy.py` from a
@@ -11,28 +11,33 @@ from pyinfra import host
 from pyinfra.api import deploy
 
 from .config import DEFAULTS, host_config
-from .host import directories, gpus, ml_env, models, runtime_image, stack
+from .host import directories, gpus, ml_env, models, releases, runtime_image, stack
 from .host.lock import hold_deploy_lock
 from .host.probe import probe_host
 from .report import report
 
 
-@deploy("mlstack", data_defaults=DEFAULTS)
-def mlstack_deploy() -> None:
+def converge() -> None:
+    """The deploy's steps for one host (pyinfra runs it for each). `mlstack plan|deploy` and deploy.py run it
+    as it is, a team's own deploy through `mlstack_deploy` (its operations then named `mlstack | …`)."""
     report.start()
     config = host_config(host)  # validates every targeted host before anything changes
     if not hold_deploy_lock():  # one deploy at a time per host, held until this run disconnects
         return
     on_host = probe_host(  # every concern's state, read in one round trip
         directories.probe_part(config), ml_env.probe_part(config), models.probe_part(config), gpus.probe_part(),
-        stack.probe_part(config))
+        stack.probe_part(config), releases.probe_part(config))
     if on_host is None:  # a part of the probe failed, and so did this host
         return
-    paths, env_dir, model_cache, host_gpus, compose_project = on_host
+    paths, env_dir, model_cache, host_gpus, compose_project, kept = on_host
     directories.converge(config, paths)
     base = runtime_image.converge(config, env_dir)  # the image the env runs in, put on the host if it is wanted
     env = ml_env.converge(config, env_dir, base, host_gpus)  # NoEnv when no service uses it
     snapshots = models.converge(config, env, model_cache)
-    stack.converge(config, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
+    running = stack.converge(config, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
+    releases.converge(config, kept, running)  # once the stack is up and healthy: what a rollback puts back
     ml_env.cleanup(config, env)  # last: only once nothing uses the envs it removes
     report[host.name].planned = True
+
+
+mlstack_deploy = deploy("mlstack", data_defaults=DEFAULTS)(converge)  # pyinfra's packaged deploy, for teams

@@ -24,6 +24,9 @@ for label in $labels; do format="$format|{{.Label \"$label\"}}"; done
 IFS=$old_ifs
 docker images --no-trunc --format 'image {{.Repository}}:{{.Tag}} {{.ID}}'
 docker ps -a --filter "label=com.docker.compose.project=$project" --format "$format"
+# every compose project with containers started from this directory: another one is what a switch replaces
+docker ps -a --filter "label=com.docker.compose.project.working_dir=$compose_dir" \
+    --format 'project {{.Label "com.docker.compose.project"}}' | sort -u
 for file in "$@"; do
     if [ -f "$compose_dir/$file" ] && [ ! -L "$compose_dir/$file" ]; then
         echo "file-begin $file"

@@ -7,7 +7,7 @@ the `--limit` flags that resume the rollout with them.
 
 The flags default to the rollout_* settings. `--limit` and `--exclude` take host names, globs and group
 names, as pyinfra reads them; the rollout applies them itself, and each batch is one
-`pyinfra INVENTORY mlstack.deploy.mlstack_deploy -y --limit <host> ...` run (pyinfra's own --fail-percent
+`pyinfra INVENTORY mlstack.deploy.converge -y --limit <host> ...` run (pyinfra's own --fail-percent
 applies only within a run). The end-of-run table shows, per host, the env, the models, the stack and the
 outcome, from the deploy's per-host report (report.py).
 """
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, HostConfig, validate_host
-from .runner import DeployRun, limit_args, run_deploy
+from .runner import DEPLOY, DeployRun, limit_args, run_deploy
 
 
 def share(hosts: int, amount: str) -> int:
@@ -169,7 +169,9 @@ def parse_options(argv: list[str] | None, prog: str) -> tuple[argparse.Namespace
     return parser.parse_known_args(argv)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.rollout") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.rollout", function: str = DEPLOY,
+         env: dict | None = None) -> int:
+    """Roll FUNCTION (the deploy; or the rollback, tasks/rollback.py) out with ENV in its environment."""
     options, pyinfra_args = parse_options(argv, prog)
     order, config = inventory_hosts(options.inventory, options.limit, pyinfra_args, options.exclude)
     canary = config.rollout_canary if options.canary is None else options.canary
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.rollo
             print(f"rollout: pausing {options.pause:g}s before {label}", flush=True)
             time.sleep(options.pause)
         print(f"rollout: {label}: {', '.join(group)}", flush=True)
-        run = run_deploy("-y", *limit_args(group), *pyinfra_args, inventory=options.inventory, echo=True)
+        run = run_deploy("-y", *limit_args(group), *pyinfra_args, inventory=options.inventory, echo=True,
+                         function=function, env=env)
         failed = failed_hosts(run, group)
         for name in group:
             outcomes[name] = HostOutcome.from_record(run.report[name]) if name in run.report else HostOutcome()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..report import REPORT_FILE, read_report
 
-DEPLOY = "mlstack.deploy.mlstack_deploy"  # the packaged deploy (tasks/deploy.py), as pyinfra imports it
+DEPLOY = "mlstack.deploy.converge"  # the deploy (tasks/deploy.py), as pyinfra imports it
 REPORT_HOOK = Path(__file__).with_name("report_hook.py")
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 
@@ -55,7 +55,7 @@ def limit_args(hosts: list[str]) -> list[str]:
 
 def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict | None = None,
                echo: bool = False, function: str = DEPLOY) -> DeployRun:
-    """`pyinfra INVENTORY mlstack.deploy.mlstack_deploy ARGS --json` in the current directory (where pyinfra also
+    """`pyinfra INVENTORY mlstack.deploy.converge ARGS --json` in the current directory (where pyinfra also
     looks for group_data/), with its report; ECHO streams pyinfra's log to our stderr. FUNCTION: another
     packaged function that fills the report (tasks/status.py)."""
     with tempfile.TemporaryDirectory(prefix="mlstack-report-") as folder:

@@ -349,8 +349,12 @@ def activate_env(env_dir: str, env: str, image_id: str, python: str, owner: tupl
     yield import_check_command(env_dir, env, image_id, python)
     if gpus:
         yield smoke_command(env_dir, env, image_id, python, gpus)
-    yield as_owner(*owner, f"cd {shlex.quote(env_dir)} && ln -sfn envs/{env} active.new && mv -T active.new active "
-                           f"&& touch envs/{env}")
+    yield as_owner(*owner, switch_active_command(env_dir, env))
+
+
+def switch_active_command(env_dir: str, env: str) -> str:
+    """Point `active` at ENV by one rename; its mtime says when (the order in which envs are kept)."""
+    return f"cd {shlex.quote(env_dir)} && ln -sfn envs/{env} active.new && mv -T active.new active && touch envs/{env}"
 
 
 @operation(is_idempotent=False)

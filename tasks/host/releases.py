@@ -18,9 +18,11 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from pyinfra import host
 from pyinfra.api import FactBase, operation
 
 from ..config import HostConfig
+from .failure import step
 from .probe import ProbePart
 from .programs import program
 
@@ -42,6 +44,7 @@ class Release:
     models: dict = field(hash=False)  # model cache folder (`models--org--name`) -> commit
     images: dict = field(hash=False)  # service -> the image the deploy gave it (a tag, or a reference with digest)
     settings: str  # sha256 (16 hex) of the host's settings
+    profiles: tuple = ()  # the compose profiles it runs (also in its .env: COMPOSE_PROFILES)
     created: str = ""  # UTC, when this release was first recorded
     control_node: str = ""  # user@machine that recorded it
     activated: str = ""  # UTC, when it last became the running release (read from the host)
@@ -49,17 +52,18 @@ class Release:
 
     def record(self) -> dict:
         return {"id": self.id, "project": self.project, "files": self.files, "env": self.env, "models": self.models,
-                "images": self.images, "settings": self.settings, "created": self.created,
+                "images": self.images, "settings": self.settings, "profiles": list(self.profiles),
+                "created": self.created,
                 "control_node": self.control_node}
 
 
 def new_release(project: str, files: str, env: str | None, models: dict[str, str], images: dict[str, str],
-                settings: str) -> Release:
+                settings: str, profiles: tuple[str, ...] = ()) -> Release:
     """The release these make, named by its content; the time and the control node only describe it."""
     content = {"project": project, "files": files, "env": env, "models": models, "images": images,
                "settings": settings}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    return Release(f"rel-{digest}", project, files, env, dict(models), dict(images), settings,
+    return Release(f"rel-{digest}", project, files, env, dict(models), dict(images), settings, tuple(profiles),
                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    f"{getpass.getuser()}@{socket.gethostname()}")
 
@@ -117,7 +121,8 @@ def _release(name: str, entry: dict) -> Release | None:
         release = Release(name, str(record["project"]), str(record["files"]), record["env"],
                           {str(repo): str(commit) for repo, commit in record["models"].items()},
                           {str(service): str(image) for service, image in record["images"].items()},
-                          str(record["settings"]), str(record.get("created", "")),
+                          str(record["settings"]), tuple(str(name) for name in record.get("profiles", [])),
+                          str(record.get("created", "")),
                           str(record.get("control_node", "")), entry.get("activated", ""), entry["images"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -135,3 +140,18 @@ def record_release(releases_dir: str, release: Release, compose_dir: str):
     """Keep the release the stack now runs (its project's files and .env, its images' ids) and mark it current."""
     yield program("releases.sh", "record", releases_dir, release.id, compose_dir, release.project,
                   json.dumps(release.record(), sort_keys=True))
+
+
+@step("Release")
+def converge(config: HostConfig, state: ReleasesState, plan) -> None:
+    """Record the release the stack now runs, once its health gate passed (a later operation of the same host:
+    it runs only if every earlier one succeeded); nothing when it is already the current one."""
+    if plan is None or plan.release is None:
+        return  # the stack step failed this host
+    release = plan.release
+    if release.id == state.current and not plan.converge:
+        return
+    kept = "kept: made current again" if release.id in state.releases else "new"
+    host.log(f"release {release.id} ({kept})")
+    record_release(name=f"Release {release.id}", releases_dir=releases_dir(config), release=release,
+                   compose_dir=config.compose_project_dir)

@@ -24,7 +24,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -66,6 +66,7 @@ from .gpus import GpuState, device_reservation
 from .ml_env import EnvPlan, NoEnv
 from .probe import ProbePart
 from .programs import program
+from .releases import Release, new_release, settings_digest
 from .transfer import StreamedUpload
 
 HF_HOME = "/root/.cache/huggingface"
@@ -89,6 +90,7 @@ class StackState:
     texts: dict = field(hash=False)  # file name -> content on the host: compose files, override, digest, manifest
     volumes: frozenset[str] | None = None  # every volume's name, read when the project declares an external one
     networks: frozenset[str] | None = None  # every network's name, likewise
+    projects: frozenset[str] = frozenset()  # compose projects with containers started from the compose dir
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class HeldLayersFact(FactBase):
 
 CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
 LAYER_ID = re.compile(r"sha256:[0-9a-f]{64}")
+PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # compose's rule for a project name
 
 
 class StackFact(FactBase):
@@ -129,7 +132,7 @@ class StackFact(FactBase):
                        "yes" if externals else "no", *texts)
 
     def process(self, output: list[str]) -> StackState:
-        images, containers, texts, current = {}, {}, {}, None
+        images, containers, texts, current, projects = {}, {}, {}, None, set()
         names: dict[str, set[str]] = {"volume": set(), "network": set()}  # the host's, when the probe listed them
         listed, leading = False, bool(output) and output[0] == "externals"  # the names first, then any other record
         for line in output[1:] if leading else output:
@@ -146,6 +149,8 @@ class StackFact(FactBase):
                 service, state, status, *values = line[10:].split("|")
                 health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
                 containers[service] = ContainerState(state, health, dict(zip(CONTAINER_LABELS, values)))
+            elif line.startswith("project ") and PROJECT_NAME.fullmatch(line[8:]):
+                projects.add(line[8:])
             elif line.startswith("file-begin "):
                 current = line.removeprefix("file-begin ")
                 texts[current] = []
@@ -153,7 +158,8 @@ class StackFact(FactBase):
                 texts[current].append(line[2:])
         return StackState(images, containers, {name: "".join(line + "\n" for line in lines)
                                                for name, lines in texts.items()},
-                          *(frozenset(names[kind]) if listed else None for kind in ("volume", "network")))
+                          *(frozenset(names[kind]) if listed else None for kind in ("volume", "network")),
+                          frozenset(projects))
 
 
 def probe_part(config: HostConfig) -> ProbePart:
@@ -304,6 +310,7 @@ class StackPlan:
     push: bool  # the project's files, the override or .env differ from the host's
     recreate: dict = field(hash=False)  # service -> why it will be (re)created
     rendered: Rendered = field(repr=False)
+    release: Release | None = None  # what the stack runs once this plan is carried out
 
     @property
     def converge(self) -> bool:
@@ -420,6 +427,13 @@ def project_tar(rendered: Rendered) -> bytes:
             info.size, info.mode, info.mtime = len(data), 0o600 if name in PRIVATE else 0o644, int(time.time())
             archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+@operation(is_idempotent=False)
+def bring_down(project: str, compose_dir: str):
+    """`docker compose down` of a project by its name (compose finds its containers by their labels): its
+    containers and networks go, its volumes stay."""
+    yield f"cd {shlex.quote(compose_dir)} && docker compose -p {shlex.quote(project)} down --remove-orphans"
 
 
 @operation(is_idempotent=False)
@@ -572,6 +586,17 @@ def service_images(project: ComposeProject, resolved: dict, config: HostConfig, 
     return images, makers
 
 
+def release_of(config: HostConfig, project: ComposeProject, rendered: Rendered, env: EnvPlan | NoEnv,
+               snapshots: list[Snapshot], images: dict[str, ServiceImage], services: list[str]) -> Release:
+    """The release this stack makes (tasks/host/releases.py): its files and .env as fingerprinted, the env,
+    the models' commits and each active service's image."""
+    return new_release(project.name, hashlib.sha256((rendered.manifest + rendered.digest).encode()).hexdigest(),
+                       env.wanted if isinstance(env, EnvPlan) else None,
+                       {snapshot.spec.folder: snapshot.commit for snapshot in snapshots},
+                       {name: images[name].label for name in services if name in images},
+                       settings_digest(config), tuple(config.stack_profiles))
+
+
 @step("Stack")
 def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Snapshot], state: StackState,
              host_gpus: GpuState) -> StackPlan | None:
@@ -597,7 +622,8 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
                           digest_salt(config, state.texts.get(".env.digest")))
     except (StackError, BuilderError, GpuRequestError) as error:
         raise HostProblem(error) from None
-    plan = plan_stack(state, rendered, images, services)
+    plan = replace(plan_stack(state, rendered, images, services),
+                   release=release_of(config, project, rendered, env, snapshots, images, services))
     outcome = StackOutcome(project.name, sorted({images[name].label for name in services if name in images}), {
         name: ServiceOutcome("keep") if name not in plan.recreate
         else ServiceOutcome("recreate" if name in state.containers else "create", plan.recreate[name])
@@ -623,6 +649,8 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
     for reference in sorted({image.reference for name, image in images.items()
                              if image.source == "pull" and name in services and image.reference not in state.images}):
         host.log(f"stack {project.name}: image {reference} (the host pulls it)")
+    for other in sorted(state.projects - {project.name}):
+        host.log(f"stack {project.name}: replaces project {other} (brought down first; its named volumes stay)")
     kept = [name for name in services if name not in plan.recreate]
     host.log(f"stack {project.name}: "
              + (", ".join(f"{service} ({why})" for service, why in plan.recreate.items())
@@ -634,6 +662,9 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
                 host.log(f"  {line}")
         for line in masked_env_diff(state.texts.get(".env.digest"), rendered.digest):
             host.log(f"  {line}")
+    for other in sorted(state.projects - {project.name}):  # what ran from this directory before: its own files
+        bring_down(name=f"Bring project {other} down (replaced by {project.name}; its volumes stay)",
+                   project=other, compose_dir=config.compose_project_dir)
     for reference in plan.send_images:
         ship_image(name=f"Image {reference}", reference=reference, make_archive=makers[reference],
                    archive=archive_of(config, by_reference[reference]), compose_dir=config.compose_project_dir,

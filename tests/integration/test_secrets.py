@@ -96,7 +96,8 @@ def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped,
         assert value not in outputs
     assert watch.hits == []
     # The watch did see the run: pyinfra on the control node, compose on the hosts.
-    assert any(b"mlstack_deploy" in argv for argv in watch.seen) and any(b"compose" in argv for argv in watch.seen)
+    assert any(b"mlstack.deploy.converge" in argv for argv in watch.seen)
+    assert any(b"compose" in argv for argv in watch.seen)
 
     for path in caches.values():
         for value in SECRETS.values():
