@@ -19,9 +19,9 @@ parts of the host that could not be read (their keys then hold what is known: nu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 from pyinfra import host
@@ -30,60 +30,88 @@ from pyinfra.api import FactBase, deploy
 from .config import DEFAULTS, HostConfig, host_config
 from .control.stack_project import project_of
 from .fleet.day_two import LOGS_OPTIONS, LogOptions, printable
-from .host import gpus, ml_env, models, releases, stack
+from .host import gpus, models, releases
 from .host.gpus import GpuState
 from .host.lock import LOCK_DIR
-from .host.ml_env import MlEnvState
 from .host.models import ModelCacheState
 from .host.probe import HostProbe, PartFailure, ProbePart
 from .host.programs import program
 from .host.releases import ReleasesState
-from .host.stack import MANIFEST, StackState
 from .report import report
 
-# -- what the host says, besides the concerns' facts ------------------------------------------------------------
+# -- what the host says, besides the models, GPUs and releases --------------------------------------------------
+
+ENV_ID = re.compile(r"env-[0-9a-f]{16}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
-class HostFiles:
+class Container:
+    state: str  # docker's: running, exited, created, ...
+    health: str = ""  # "healthy", "unhealthy", "starting", or "" without a healthcheck
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What files/host/status_probe.sh read."""
+
     lock: str = "unknown"  # "free", "held", "unknown"
     holder: str = ""  # the holder line the deploy wrote, when held; why, when unknown
+    files: str | None = None  # sha256 of .mlstack-files and .env.digest: a release's `files`; None without them
     changed: tuple[str, ...] = ()  # files of .mlstack-files whose content differs ("path (missing)" when gone)
     dotenv: str = "unknown"  # .env against the current release's copy: "same", "differs", "no-release", "unknown"
+    env: str | None = None  # the env `active` points at
+    envs: tuple[str, ...] = ()  # the envs in envs/
+    containers: dict = field(default_factory=dict, hash=False)  # (project, service) -> Container
+    docker: bool = True  # docker listed the containers
 
 
 class StatusFact(FactBase):
-    """The deploy lock (held or free, and who holds it, without taking it), the project's files edited since the
-    last push, and whether .env is still the current release's (files/host/status_probe.sh)."""
+    """The deploy lock (held or free, and who holds it, without taking it), the compose directory against the
+    current release, the active env and every compose container (files/host/status_probe.sh)."""
 
-    def command(self, lock_dir: str, compose_dir: str, releases_dir: str) -> str:
-        return program("status_probe.sh", lock_dir, compose_dir, releases_dir)
+    def command(self, lock_dir: str, compose_dir: str, releases_dir: str, env_dir: str) -> str:
+        return program("status_probe.sh", lock_dir, compose_dir, releases_dir, env_dir)
 
-    def process(self, output: list[str]) -> HostFiles:
-        lock, holder, changed, dotenv = "unknown", "", [], "unknown"
+    def process(self, output: list[str]) -> HostState:
+        found: dict = {"changed": [], "envs": [], "containers": {}}
         for line in output:
             kind, _, rest = line.partition(" ")
             if kind == "lock":
                 state, _, text = rest.partition(" ")
-                lock, holder = (state.rstrip(":"), printable(text)) if state.rstrip(":") in ("free", "held",
-                                                                                            "unknown") else (lock, "")
+                if state.rstrip(":") in ("free", "held", "unknown"):
+                    found["lock"], found["holder"] = state.rstrip(":"), printable(text)
+            elif kind == "files" and SHA256.fullmatch(rest):
+                found["files"] = rest
             elif kind == "file":
                 path, _, verdict = rest.rpartition(": FAILED")
-                changed.append(printable(path) + (" (missing)" if "open or read" in verdict else ""))
+                found["changed"].append(printable(path) + (" (missing)" if "open or read" in verdict else ""))
             elif kind == "dotenv" and rest in ("same", "differs", "no-release", "unknown"):
-                dotenv = rest
-        return HostFiles(lock, holder, tuple(changed), dotenv)
+                found["dotenv"] = rest
+            elif kind == "env-active" and ENV_ID.fullmatch(rest.removeprefix("envs/")):
+                found["env"] = rest.removeprefix("envs/")
+            elif kind == "env" and ENV_ID.fullmatch(rest):
+                found["envs"].append(rest)
+            elif kind == "container" and rest.count("|") == 4:
+                project, service, state, status, oneoff = rest.split("|")
+                if oneoff != "True":  # `docker compose run`'s containers are not the service's
+                    health = next((word for word in ("unhealthy", "healthy", "starting") if f"({word}" in status), "")
+                    found["containers"][(project, service)] = Container(state, health)
+            elif kind == "docker-failed":
+                found["docker"] = False
+        return HostState(**{**found, "changed": tuple(found["changed"]), "envs": tuple(sorted(found["envs"]))})
 
 
 def status_parts(config: HostConfig) -> tuple[ProbePart, ...]:
-    """The deploy's own probe parts, less its expensive options (no object or blob is hashed: `mlstack verify
-    --hashes` does that), and the releases and this module's part."""
-    env_part, model_part = ml_env.probe_part(config), models.probe_part(config)
-    return (replace(env_part, arguments={**env_part.arguments, "hash_as": None}),
-            replace(model_part, arguments={**model_part.arguments, "hashes": False}),
-            gpus.probe_part(), stack.probe_part(config), releases.probe_part(config),
+    """The model cache (unhashed: `mlstack verify --hashes` hashes), the GPUs and the releases as the deploy reads
+    them, and this module's part in place of the deploy's env and stack parts (which ask docker five times where
+    status needs one `docker ps`: on a fleet sharing the control node's cores, each docker CLI start counts)."""
+    model_part = models.probe_part(config)
+    return (replace(model_part, arguments={**model_part.arguments, "hashes": False}), gpus.probe_part(),
+            releases.probe_part(config),
             ProbePart("host", StatusFact, {"lock_dir": LOCK_DIR, "compose_dir": config.compose_project_dir,
-                                           "releases_dir": releases.releases_dir(config)}))
+                                           "releases_dir": releases.releases_dir(config),
+                                           "env_dir": config.ml_env_dir}))
 
 
 # -- a host's status, from what was read (pure) -----------------------------------------------------------------
@@ -91,35 +119,15 @@ def status_parts(config: HostConfig) -> tuple[ProbePart, ...]:
 
 @dataclass
 class Read:
-    """What one probe read; a part that failed is None, and named in ERRORS."""
+    """What one probe read; a part that failed is None, and named in ERRORS. PROJECT: the compose project the
+    settings name, whose containers count while no release is recorded (a release names its own)."""
 
-    env: MlEnvState | None = None
+    project: str = ""
     models: ModelCacheState | None = None
     gpus: GpuState | None = None
-    stack: StackState | None = None
     releases: ReleasesState | None = None
-    host: HostFiles | None = None
+    host: HostState | None = None
     errors: list[str] = field(default_factory=list)
-
-
-def files_digest(texts: dict) -> str | None:
-    """The `files` of a release the host's compose directory holds now (releases.py: sha256 of `.mlstack-files`
-    and `.env.digest`); None without them."""
-    manifest, digest = texts.get(MANIFEST), texts.get(".env.digest")
-    if manifest is None or digest is None:
-        return None
-    return hashlib.sha256((manifest + digest).encode()).hexdigest()
-
-
-def service_states(read: Read) -> dict[str, dict]:
-    """Each service of the current release (the ones it recorded an image id for) and each container of the
-    project, with its state and health ("missing" for a service without a container)."""
-    containers = read.stack.containers if read.stack else {}
-    current = current_release(read)
-    expected = set(current.image_ids) if current else set()
-    return {name: ({"state": containers[name].state, "health": containers[name].health} if name in containers
-                   else {"state": "missing", "health": ""})
-            for name in sorted(expected | set(containers))}
 
 
 def current_release(read: Read):
@@ -127,20 +135,33 @@ def current_release(read: Read):
     return state.releases.get(state.current) if state and state.current else None
 
 
+def service_states(read: Read) -> dict[str, dict]:
+    """Each service of the current release (those it recorded an image id for) and each container of its
+    project, with its state and health ("missing": a service without a container)."""
+    current = current_release(read)
+    project = current.project if current else read.project
+    containers = {service: container for (name, service), container in
+                  (read.host.containers.items() if read.host else ()) if name == project}
+    expected = set(current.image_ids) if current else set()
+    return {name: ({"state": containers[name].state, "health": containers[name].health} if name in containers
+                   else {"state": "missing", "health": ""})
+            for name in sorted(expected | set(containers))}
+
+
 def drift(read: Read) -> tuple[str, list[str]]:
-    """The host's drift word (DRIFT) and the problems behind it, every one of them."""
+    """The host's drift word (DRIFT in tasks/fleet/day_two.py) and the problems behind it, every one of them."""
     if read.releases is None:
         return "unknown", []
     release = current_release(read)
     if release is None:
         return "none", ["no release recorded"]
-    if read.stack is None or read.host is None:
+    if read.host is None or not read.host.docker:
         return "unknown", []
     degraded = [f"{name} {service['state']}" + (f" ({service['health']})" if service["health"] else "")
                 for name, service in service_states(read).items()
                 if service["state"] != "running" or service["health"] not in ("", "healthy")]
     modified = []
-    if files_digest(read.stack.texts) != release.files:
+    if read.host.files != release.files:
         modified.append(f"the compose project's files or .env values are not {release.id}'s")
     modified += [f"{path} edited since the deploy" for path in read.host.changed]
     if read.host.dotenv == "differs":
@@ -175,8 +196,8 @@ def host_status(config: HostConfig, read: Read) -> dict:
         "release": None if release is None else {key: getattr(release, key) for key in
                                                  ("id", "activated", "created", "control_node")},
         "releases": list(read.releases.releases) if read.releases else [],
-        "env": read.env.active if read.env else None,
-        "envs": sorted(read.env.envs) if read.env else [],
+        "env": read.host.env if read.host else None,
+        "envs": list(read.host.envs) if read.host else [],
         "models": model_states(config, read.models) if read.models else [],
         "services": service_states(read),
         "gpus": [asdict(gpu) for gpu in read.gpus.gpus] if read.gpus else [],
@@ -185,12 +206,12 @@ def host_status(config: HostConfig, read: Read) -> dict:
     }
 
 
-def lock_state(files: HostFiles | None) -> dict:
+def lock_state(state: HostState | None) -> dict:
     """The deploy lock: held true or false, and the holder line the deploy wrote; held null when unknown (then
     the holder says why, if the host said)."""
-    if files is None or files.lock == "unknown":
-        return {"held": None, "holder": files.holder if files else ""}
-    return {"held": files.lock == "held", "holder": files.holder}
+    if state is None or state.lock == "unknown":
+        return {"held": None, "holder": state.holder if state else ""}
+    return {"held": state.lock == "held", "holder": state.holder}
 
 
 # -- the packaged functions -------------------------------------------------------------------------------------
@@ -201,14 +222,15 @@ def mlstack_status() -> None:
     """Read each host's status into the report; no operation, no lock."""
     report.start()
     config = host_config(host)
-    project_of(config)  # the project's name and files, read on the control node (a bad project stops the run)
     parts = status_parts(config)
     values = host.get_fact(HostProbe, parts=parts)  # one round trip; a failed part costs only its own view
-    read = Read(errors=[f"{part.name}: {values[part.name].message}" for part in parts
-                        if isinstance(values[part.name], PartFailure)])
+    read = Read(project_of(config).name, errors=[f"{part.name}: {values[part.name].message}" for part in parts
+                                                 if isinstance(values[part.name], PartFailure)])
     for part in parts:
         if not isinstance(values[part.name], PartFailure):
-            setattr(read, {"ml_env": "env"}.get(part.name, part.name), values[part.name])
+            setattr(read, part.name, values[part.name])
+    if read.host is not None and not read.host.docker:
+        read.errors.append("docker: cannot list the containers")
     record = report[host.name]
     record.status = host_status(config, read)
     if read.errors:

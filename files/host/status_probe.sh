@@ -1,19 +1,26 @@
 #!/bin/sh
-# What `mlstack status` reads on a host besides the concerns' own facts, changing nothing there:
+# What `mlstack status` reads on a host besides the models, GPUs and releases, changing nothing there, in few
+# docker calls (one `docker ps`: on a fleet sharing a control node's cores every docker CLI start counts):
 # - the deploy lock (files/host/deploy_lock.sh): "lock free", "lock held WHO" (the holder line the deploy
-#   wrote) or "lock unknown WHY". It is read from /proc/locks, never taken, not even for an instant (a
+#   wrote) or "lock unknown: WHY". It is read from /proc/locks, never taken, not even for an instant (a
 #   `flock -n` test would hold it while it looks, and a deploy starting then would be refused); only where
 #   /proc/locks cannot be read, or names the lock's inode on another device (a file system whose stat device
 #   is not its lock device), does a `flock -n` on a read-only descriptor tell.
-# - the files the last push recorded in COMPOSE_DIR/.mlstack-files whose content differs now:
-#   "file PATH: FAILED" as `sha256sum -c` says it (edited by hand, or missing).
+# - "files SHA256": the sha256 of COMPOSE_DIR's .mlstack-files and .env.digest one after the other, as a
+#   release's `files` is made (tasks/host/releases.py); nothing without them.
+# - the files the last push recorded in .mlstack-files whose content differs now: "file PATH: FAILED" as
+#   `sha256sum -c` says it (edited by hand, or missing).
 # - whether COMPOSE_DIR/.env is still the current release's copy: "dotenv same", "dotenv differs",
 #   "dotenv no-release" or "dotenv unknown" (the release cannot be read: not root).
-# usage: status_probe.sh LOCK_DIR COMPOSE_DIR RELEASES_DIR
+# - the ML env: "env-active ID" (where `active` points) and "env ID" for each entry of envs/.
+# - "container PROJECT|SERVICE|STATE|STATUS|ONEOFF" for every container of a compose project, or
+#   "docker-failed" when docker cannot list them.
+# usage: status_probe.sh LOCK_DIR COMPOSE_DIR RELEASES_DIR ENV_DIR
 set -eu
 lock_dir=$1
 compose=$2
 releases=$3
+env_dir=$4
 lock=$lock_dir/deploy.lock
 
 holder() { echo "lock held $(head -n 1 -- "$lock" | head -c 300)"; }
@@ -21,7 +28,7 @@ holder() { echo "lock held $(head -n 1 -- "$lock" | head -c 300)"; }
 if [ ! -e "$lock" ] && [ ! -L "$lock" ]; then
     echo "lock free"  # never taken on this host since it booted
 elif [ -L "$lock_dir" ] || [ -L "$lock" ] || [ ! -f "$lock" ]; then
-    echo "lock unknown: $lock is not a regular file in a directory"
+    echo "lock unknown: $lock is not a regular file"
 elif [ -r /proc/locks ]; then
     dev=$(stat -c %d -- "$lock")
     inode=$(stat -c %i -- "$lock")
@@ -41,8 +48,12 @@ else
     holder
 fi
 
-if [ -f "$compose/.mlstack-files" ] && [ ! -L "$compose/.mlstack-files" ] && cd -- "$compose" 2>/dev/null; then
-    { sha256sum -c --quiet .mlstack-files 2>/dev/null || true; } | sed 's/^/file /'
+if [ -f "$compose/.mlstack-files" ] && [ ! -L "$compose/.mlstack-files" ] && [ -f "$compose/.env.digest" ] &&
+    [ ! -L "$compose/.env.digest" ]; then
+    echo "files $(cat -- "$compose/.mlstack-files" "$compose/.env.digest" | sha256sum | cut -c1-64)"
+fi
+if [ -f "$compose/.mlstack-files" ] && [ ! -L "$compose/.mlstack-files" ]; then
+    (cd -- "$compose" && { sha256sum -c --quiet .mlstack-files 2>/dev/null || true; }) | sed 's/^/file /'
 fi
 
 if [ -d "$releases" ] && [ ! -x "$releases" ]; then
@@ -56,3 +67,12 @@ elif cmp -s -- "$compose/.env" "$releases/current/project/.env"; then
 else
     echo "dotenv differs"
 fi
+
+if [ -L "$env_dir/active" ]; then echo "env-active $(readlink -- "$env_dir/active" | head -n 1)"; fi
+for entry in "$env_dir"/envs/env-*; do
+    if [ -d "$entry" ] && [ ! -L "$entry" ]; then echo "env ${entry##*/}"; fi
+done
+
+format='container {{.Label "com.docker.compose.project"}}|{{.Label "com.docker.compose.service"}}|{{.State}}'
+format="$format|{{.Status}}|{{.Label \"com.docker.compose.oneoff\"}}"
+docker ps -a --filter label=com.docker.compose.project --format "$format" 2>/dev/null || echo docker-failed

@@ -15,49 +15,42 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.config import ModelSpec
+from tasks.config import HostConfig, ModelSpec
 from tasks.fleet.day_two import LogOptions, host_order, logs_main, prefixed, status_table, statuses, unread_status
 from tasks.fleet.runner import DeployRun
+from tasks.host.ml_env import NoEnv
 from tasks.host.models import ModelCacheState, RepoCacheState
 from tasks.host.programs import program
 from tasks.host.releases import ReleasesState, new_release
-from tasks.host.stack import ContainerState, StackState
-from tasks.status import (
-    HostFiles,
-    Read,
-    ServiceLogsFact,
-    StatusFact,
-    drift,
-    files_digest,
-    host_status,
-    model_states,
-)
+from tasks.host.stack import Rendered, release_of
+from tasks.status import Container, HostState, Read, ServiceLogsFact, StatusFact, drift, host_status, model_states
 
-MANIFEST = "0" * 64 + "  compose.yaml\n"
-DIGEST = "# salt " + "5a17" * 8 + "\nCOMPOSE_FILE=abc\n"
-TEXTS = {".mlstack-files": MANIFEST, ".env.digest": DIGEST}
+FILES = "f" * 64  # the sha256 of the compose directory's .mlstack-files and .env.digest, as the probe says it
 IMAGE_ID = "sha256:" + "ab" * 32
 COMMIT = "c" * 40
 MODELS = [ModelSpec(repo_id="org/model", revision="main"), ModelSpec(repo_id="org/pinned", revision=COMMIT),
           ModelSpec(repo_id="org/absent")]
 CONFIG = SimpleNamespace(models=MODELS)  # all model_states reads of a HostConfig
+UP = {("shop", "web"): Container("running", "healthy")}
 
 
-def release(files: str | None = None, services=("web",)):
-    made = new_release("shop", files or files_digest(TEXTS), "env-0123456789abcdef", {"org/model": COMMIT},
+def release(files: str = FILES, services=("web",)):
+    made = new_release("shop", files, "env-0123456789abcdef", {"models--org--model": COMMIT},
                        {name: f"shop-{name}:1" for name in services}, "s" * 16)
     return replace(made, activated="2026-12-07T04:00:00Z", image_ids={name: IMAGE_ID for name in services})
 
 
-def read(current=None, containers=None, texts=TEXTS, files=HostFiles("free"), kept=()) -> Read:
+def on_host(**seen) -> HostState:
+    return HostState(**{"lock": "free", "files": FILES, "dotenv": "same", "containers": UP, **seen})
+
+
+def read(current=None, kept=(), project="shop", **seen) -> Read:
     releases = {kept_one.id: kept_one for kept_one in (*kept, *([current] if current else []))}
-    containers = {"web": ContainerState("running", "healthy", {})} if containers is None else containers
-    return Read(releases=ReleasesState(releases, current.id if current else None),
-                stack=StackState({}, containers, dict(texts)), host=files)
+    return Read(project, releases=ReleasesState(releases, current.id if current else None), host=on_host(**seen))
 
 
 def test_a_host_that_runs_its_current_release_as_recorded_is_ok():
-    assert drift(read(release(), files=HostFiles("free", "", (), "same"))) == ("ok", [])
+    assert drift(read(release())) == ("ok", [])
 
 
 def test_no_release_recorded_is_none_whatever_runs():
@@ -70,35 +63,43 @@ def test_no_release_recorded_is_none_whatever_runs():
     ("running", "starting", "web running (starting)"), (None, None, "web missing"),
 ])
 def test_a_service_of_the_release_missing_not_running_or_not_healthy_is_degraded(state, health, says):
-    containers = {} if state is None else {"web": ContainerState(state, health, {})}
+    containers = {} if state is None else {("shop", "web"): Container(state, health)}
     assert drift(read(release(), containers=containers)) == ("degraded", [says])
 
 
 def test_a_running_service_without_a_healthcheck_counts_as_up():
-    assert drift(read(release(), containers={"web": ContainerState("running", "", {})}))[0] == "ok"
+    assert drift(read(release(), containers={("shop", "web"): Container("running")}))[0] == "ok"
+
+
+def test_the_services_are_the_current_releases_project_not_the_one_the_settings_name_now():
+    """After a rollback to a release of another project, the host runs that project's containers."""
+    containers = {**UP, ("greeter", "greeter"): Container("exited")}
+    assert host_status(CONFIG, read(release(), project="greeter", containers=containers))["services"] == {
+        "web": {"state": "running", "health": "healthy"}}
+    assert host_status(CONFIG, read(None, project="greeter", containers=containers))["services"] == {
+        "greeter": {"state": "exited", "health": ""}}
 
 
 def test_project_files_or_env_values_other_than_the_releases_are_modified():
     current = release()
-    edited = {**TEXTS, ".env.digest": DIGEST + "NEW=fingerprint\n"}
-    assert drift(read(current, texts=edited)) == (
+    assert drift(read(current, files="1" * 64)) == (
         "modified", [f"the compose project's files or .env values are not {current.id}'s"])
-    assert drift(read(current, texts={}))[0] == "modified"  # the manifest and digest are gone
-    by_hand = HostFiles("free", "", ("compose.yaml", "api/app.py (missing)"), "same")
-    assert drift(read(current, files=by_hand)) == (
+    assert drift(read(current, files=None))[0] == "modified"  # the manifest or the digest is gone
+    by_hand = ("compose.yaml", "api/app.py (missing)")
+    assert drift(read(current, changed=by_hand)) == (
         "modified", ["compose.yaml edited since the deploy", "api/app.py (missing) edited since the deploy"])
-    assert drift(read(current, files=HostFiles("free", "", (), "differs"))) == (
-        "modified", [f".env differs from {current.id}'s"])
+    assert drift(read(current, dotenv="differs")) == ("modified", [f".env differs from {current.id}'s"])
 
 
 def test_degraded_comes_before_modified_and_every_problem_is_listed():
-    word, problems = drift(read(release(), containers={}, files=HostFiles("free", "", (), "differs")))
+    word, problems = drift(read(release(), containers={}, dotenv="differs"))
     assert word == "degraded" and problems == ["web missing", f".env differs from {release().id}'s"]
 
 
-def test_a_host_whose_releases_or_stack_could_not_be_read_is_unknown():
+def test_a_host_whose_releases_or_containers_could_not_be_read_is_unknown():
     assert drift(Read(errors=["releases: its program exited with status 3"]))[0] == "unknown"
-    assert drift(replace(read(release()), stack=None))[0] == "unknown"
+    assert drift(replace(read(release()), host=None))[0] == "unknown"
+    assert drift(read(release(), docker=False))[0] == "unknown"
 
 
 def test_models_at_the_commit_their_revision_names_on_the_host():
@@ -112,25 +113,25 @@ def test_models_at_the_commit_their_revision_names_on_the_host():
 
 
 def status_of(**kwargs) -> dict:
-    current = release()
     older = replace(release(files="1" * 64), activated="2026-12-06T04:00:00Z")
-    return host_status(CONFIG, read(current, kept=(older,), **kwargs))
+    return host_status(CONFIG, read(release(), kept=(older,), **kwargs))
 
 
 def test_the_status_names_the_current_release_the_kept_ones_and_the_lock():
-    status = status_of(files=HostFiles("held", "ci@control pid 42 since 2026-12-07T05:00:00Z", (), "same"))
+    status = status_of(lock="held", holder="ci@control pid 42 since 2026-12-07T05:00:00Z", env="env-0123456789abcdef")
     assert status["release"] == {"id": release().id, "activated": "2026-12-07T04:00:00Z",
                                  "created": release().created, "control_node": release().control_node}
     assert status["releases"][-1] == release().id and len(status["releases"]) == 2
     assert status["lock"] == {"held": True, "holder": "ci@control pid 42 since 2026-12-07T05:00:00Z"}
     assert status["services"] == {"web": {"state": "running", "health": "healthy"}}
+    assert status["env"] == "env-0123456789abcdef"
     assert json.loads(json.dumps(status)) == status  # what --json prints
 
 
 def test_the_table_has_a_row_per_host_and_an_unreadable_host_says_why():
     run = DeployRun(0, "", 1.0, report={
         "host10": {"result": "failed", "failure": {"cause": "unreachable", "message": "timed out", "step": ""}},
-        "host2": {"result": "ok", "status": status_of(files=HostFiles("held", "ci@control pid 42", (), "differs"))},
+        "host2": {"result": "ok", "status": status_of(lock="held", holder="ci@control pid 42", dotenv="differs")},
     })
     found = statuses(run)
     assert list(found) == ["host2", "host10"]
@@ -211,24 +212,41 @@ def test_only_the_last_line_says_composes_status():
 # -- the host program, run here ----------------------------------------------------------------------------------
 
 
-def probe(lock_dir: Path, compose: Path, releases: Path) -> HostFiles:
-    command = StatusFact().command(str(lock_dir), str(compose), str(releases))
-    output = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=30)
-    assert output.returncode == 0, output.stderr
-    return StatusFact().process(output.stdout.splitlines())
+MANIFEST = "0" * 64 + "  compose.yaml\n"
+DIGEST = "# salt " + "5a17" * 8 + "\nCOMPOSE_FILE=abc\n"
+CONTAINERS = ("shop|web|running|Up 3 minutes (healthy)|", "shop|web|exited|Exited (0) 2 minutes ago|True",
+              "other|db|exited|Exited (1) 1 hour ago|")  # the second: a `docker compose run` of web
 
 
 @pytest.fixture
-def host_dirs(tmp_path):
-    lock_dir, compose, releases = tmp_path / "run-mlstack", tmp_path / "compose", tmp_path / "releases"
+def host_dirs(tmp_path, monkeypatch):
+    """A host's lock directory, compose directory (one file pushed, its .env the current release's), releases
+    and env directory, and a `docker` on PATH that lists CONTAINERS."""
+    lock_dir, compose, releases, env_dir = (tmp_path / name for name in ("run", "compose", "releases", "env"))
     compose.mkdir()
     (compose / "compose.yaml").write_text("services: {}\n")
     (compose / ".env").write_text('COMPOSE_FILE="compose.yaml"\n')
     subprocess.run(["sh", "-c", "sha256sum compose.yaml > .mlstack-files"], cwd=compose, check=True)
+    (compose / ".env.digest").write_text(DIGEST)
     (releases / "rel-0123456789abcdef" / "project").mkdir(parents=True)
     (releases / "rel-0123456789abcdef" / "project" / ".env").write_text('COMPOSE_FILE="compose.yaml"\n')
     (releases / "current").symlink_to("rel-0123456789abcdef")
-    return lock_dir, compose, releases
+    for name in ("env-0123456789abcdef", "env-fedcba9876543210", "env-0123456789abcdef.tmp-x1"):
+        (env_dir / "envs" / name).mkdir(parents=True)
+    (env_dir / "active").symlink_to("envs/env-0123456789abcdef")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "docker").write_text("#!/bin/sh\n" + "".join(f"echo 'container {line}'\n"
+                                                                      for line in CONTAINERS))
+    (tmp_path / "bin" / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    return lock_dir, compose, releases, env_dir
+
+
+def probe(*dirs: Path) -> HostState:
+    output = subprocess.run(["/bin/sh", "-c", StatusFact().command(*map(str, dirs))], capture_output=True,
+                            text=True, timeout=30)
+    assert output.returncode == 0, output.stderr
+    return StatusFact().process(output.stdout.splitlines())
 
 
 def hold_lock(lock_dir: Path, who: str) -> subprocess.Popen:
@@ -239,9 +257,23 @@ def hold_lock(lock_dir: Path, who: str) -> subprocess.Popen:
     return holder
 
 
+def test_the_probe_reads_the_env_the_containers_and_the_files_as_a_release_names_them(host_dirs):
+    compose = host_dirs[1]
+    (compose / ".mlstack-files").write_text(MANIFEST)  # compose.yaml differs from this made-up hash
+    recorded = release_of(HostConfig(stack="reranker"), SimpleNamespace(name="shop"),
+                          Rendered("", "", DIGEST, {}, MANIFEST), NoEnv(None), [], {}, [])
+    seen = probe(*host_dirs)
+    assert seen.files == recorded.files  # as the deploy names a release's files (tasks/host/stack.py)
+    assert seen.changed == ("compose.yaml",)
+    assert seen.env == "env-0123456789abcdef" and seen.envs == ("env-0123456789abcdef", "env-fedcba9876543210")
+    assert seen.containers == {("shop", "web"): Container("running", "healthy"), ("other", "db"): Container("exited")}
+    assert seen.docker
+
+
 def test_the_probe_tells_a_free_lock_from_a_held_one_and_who_holds_it(host_dirs):
-    lock_dir, compose, releases = host_dirs
-    assert probe(*host_dirs) == HostFiles("free", "", (), "same")  # never taken: no lock file
+    lock_dir = host_dirs[0]
+    seen = probe(*host_dirs)
+    assert (seen.lock, seen.holder, seen.changed, seen.dotenv) == ("free", "", (), "same")  # never taken
     holder = hold_lock(lock_dir, "ci@control pid 42 since 2026-12-07T05:00:00Z")
     try:
         assert probe(*host_dirs).lock == "held" and probe(*host_dirs).holder.startswith("ci@control pid 42")
@@ -255,7 +287,7 @@ def test_reading_the_lock_never_takes_it(host_dirs):
     """While the probe reads a free lock over and over, the deploy's own lock program takes it every time."""
     lock_dir = host_dirs[0]
     hold_lock(lock_dir, "first").stdin.close()  # the lock file exists from now on
-    command = StatusFact().command(*(str(path) for path in host_dirs))
+    command = StatusFact().command(*map(str, host_dirs))
     reader = subprocess.Popen(["/bin/sh", "-c", f"while :; do {command} >/dev/null; done"])
     try:
         deadline = time.monotonic() + 3
@@ -272,14 +304,17 @@ def test_reading_the_lock_never_takes_it(host_dirs):
 
 
 def test_the_probe_names_files_edited_or_removed_since_the_push_and_a_changed_env(host_dirs):
-    lock_dir, compose, releases = host_dirs
+    compose, releases = host_dirs[1:3]
     (compose / "compose.yaml").write_text("services: {web: {image: other}}\n")
     assert probe(*host_dirs).changed == ("compose.yaml",)
     (compose / "compose.yaml").unlink()
     (compose / ".env").write_text('COMPOSE_FILE="compose.yaml"\nEXTRA=1\n')
-    assert probe(*host_dirs) == HostFiles("free", "", ("compose.yaml (missing)",), "differs")
+    seen = probe(*host_dirs)
+    assert (seen.changed, seen.dotenv) == (("compose.yaml (missing)",), "differs")
     (releases / "current").unlink()
-    assert probe(*host_dirs).dotenv == "no-release"
+    (compose / ".env.digest").unlink()
+    seen = probe(*host_dirs)
+    assert (seen.dotenv, seen.files) == ("no-release", None)
 
 
 def test_a_release_the_reader_cannot_open_is_unknown_not_a_difference(host_dirs):
@@ -293,7 +328,14 @@ def test_a_release_the_reader_cannot_open_is_unknown_not_a_difference(host_dirs)
         releases.chmod(stat.S_IRWXU)
 
 
+def test_docker_that_cannot_list_the_containers_is_said(host_dirs, tmp_path):
+    (tmp_path / "bin" / "docker").write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    seen = probe(*host_dirs)
+    assert not seen.docker and seen.containers == {}
+
+
 def test_the_probe_program_is_inlined_with_every_argument_quoted():
-    command = StatusFact().command("/run/mlstack", "/srv/my compose", "/srv/mlstack/releases")
-    assert command == program("status_probe.sh", "/run/mlstack", "/srv/my compose", "/srv/mlstack/releases")
+    command = StatusFact().command("/run/mlstack", "/srv/my compose", "/srv/mlstack/releases", "/srv/env")
+    assert command == program("status_probe.sh", "/run/mlstack", "/srv/my compose", "/srv/mlstack/releases",
+                              "/srv/env")
     assert "'/srv/my compose'" in command
