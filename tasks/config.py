@@ -305,14 +305,17 @@ def _flag(value: Any) -> bool:
 
 
 def _stack(value: Any) -> str:
-    """A compose project directory: a name under files/stacks/ or an absolute path on the control node."""
+    """A compose project directory on the control node: an absolute path, a path starting with `./` or `../`
+    (from the directory the deploy runs in; made absolute here), or the name of a project under files/stacks/."""
     names = sorted(path.name for path in STACKS.iterdir() if path.is_dir())
+    if isinstance(value, str) and value.startswith(("./", "../")):
+        value = os.path.normpath(Path.cwd() / value)
     if isinstance(value, str) and value.startswith("/") and Path(value).is_dir():
         return value
     if isinstance(value, str) and value in names:
         return value
-    raise ValueError("expected a compose project directory: a name under files/stacks/ "
-                     f"({', '.join(names)}) or an absolute path on the control node")
+    raise ValueError("expected a compose project directory: an absolute path, one starting with ./ or ../ (from "
+                     f"the directory the deploy runs in), or a name under files/stacks/ ({', '.join(names)})")
 
 
 def _compose_file(value: Any) -> str:
@@ -572,8 +575,8 @@ class HostConfig(BaseModel):
 
 
 # What a missing required setting is for, and how to give it.
-REQUIRED = {"stack": "a value is required: your compose project's directory, an absolute path on the control "
-                     "node (e.g. stack = \"/home/ops/ml-stack\" in the inventory, or --data stack=/path)"}
+REQUIRED = {"stack": "a value is required: your compose project's directory on the control node (e.g. "
+                     "stack = \"./compose\" in the inventory, from the directory you run in, or --data stack=/path)"}
 # Every default, as pyinfra data (`@deploy(data_defaults=...)`): what a team's own deploy reads from host.data.
 DEFAULTS = {name: field.default for name, field in HostConfig.model_fields.items() if not field.is_required()}
 

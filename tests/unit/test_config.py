@@ -86,9 +86,19 @@ def test_unset_settings_take_their_defaults_from_the_code_and_stack_alone_is_req
     assert (config.stack_root, config.models, config.ml_services, config.service_gpus, config.http_checks,
             config.stack_secrets) == ("/srv/mlstack", [], {}, {}, [], [])
     _, problems = validate_host("gpu-01", {})
-    assert problems == ["gpu-01: stack = (not set): a value is required: your compose project's directory, an "
-                        "absolute path on the control node (e.g. stack = \"/home/ops/ml-stack\" in the inventory, or "
+    assert problems == ["gpu-01: stack = (not set): a value is required: your compose project's directory on the "
+                        "control node (e.g. stack = \"./compose\" in the inventory, from the directory you run in, or "
                         "--data stack=/path)"]
+
+
+def test_a_relative_stack_is_read_from_the_directory_the_deploy_runs_in(tmp_path, monkeypatch):
+    (tmp_path / "team/compose").mkdir(parents=True)
+    (tmp_path / "team/compose/compose.yaml").write_text("services:\n  web: {image: nginx}\n")
+    monkeypatch.chdir(tmp_path / "team")
+    config, problems = validate_host("gpu-01", {"stack": "./compose"})
+    assert problems == [] and config.stack == str(tmp_path / "team/compose")
+    assert validate_host("gpu-01", {"stack": "compose"})[1][0].startswith(  # a bare name is a shipped project
+        "gpu-01: stack = 'compose': expected a compose project directory: an absolute path, one starting with ./")
 
 
 def test_a_stack_secret_must_be_set_before_anything_is_built(monkeypatch):
