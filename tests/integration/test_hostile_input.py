@@ -26,7 +26,8 @@ BAD = [
     ("rollout_batch=0%", "rollout_batch = '0%': expected a batch size"),
     ("pip_index_url=pypi.corp/simple", "pip_index_url = 'pypi.corp/simple': expected an http(s):// or file:// URL"),
     ("stack=nginx", "stack = 'nginx': expected a compose project directory: an absolute path, one starting with "
-                     "./ or ../ (from the directory the deploy runs in), or a name under files/stacks/ (archon, reranker)"),
+                     "./ or ../ (from the directory the deploy runs in), or a name under files/stacks/ "
+                     "(archon, reranker)"),
     ("model_mode=everywhere", "model_mode = 'everywhere': expected one of 'control', 'host'"),
     ("ml_env_requirements=no-such.txt", "ml_env_requirements = 'no-such.txt': expected a requirements file, but"),
 ]
