@@ -7,6 +7,7 @@
     mlstack status INVENTORY [--json] [...]       read-only: what each host runs (release, env, models, services)
     mlstack logs INVENTORY SERVICE [--tail N]     read-only: a service's logs on each host, prefixed by host
     mlstack rollback INVENTORY [--to RELEASE]     put back the previous (or that) release, as a rollout does
+    mlstack prune INVENTORY [--keep N] [--dry]    keep N releases per host; remove what no kept release uses
 
 pyinfra's own options pass through (`--limit HOST`, `--data key=value`, `-v`). pyinfra reads group data
 from `group_data/` in the current directory and beside the inventory. Exit status: 0 when every targeted
@@ -27,6 +28,7 @@ COMMANDS = {
     "status": "read-only: each host's release, env, models, services, GPUs, drift and deploy lock",
     "logs": "read-only: one service's logs on each host, every line prefixed by the host's name",
     "rollback": "put each host back to its previous release (or --to RELEASE), canary first, then in batches",
+    "prune": "keep each host's last N releases (--keep, default 3); remove older ones and what only they use",
 }
 
 
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         chosen, rest = to.parse_known_args(rest)
         return rollout.main(rest, prog="mlstack rollback", function="mlstack.rollback.rollback",
                             env={ROLLBACK_TO: chosen.to})
+    if command == "prune":
+        from .fleet import prune  # noqa: PLC0415
+        return prune.main(rest, prog="mlstack prune")
     if command == "verify":
         from .fleet import verify  # noqa: PLC0415
         return verify.main(rest, prog="mlstack verify")

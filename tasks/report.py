@@ -75,6 +75,7 @@ class HostRecord:
     gate: dict | None = None  # the GPU gate's checks and results, once a GPU gate runs
     planned: bool = False  # the deploy planned every step for this host
     status: dict | None = None  # what `mlstack status` or `mlstack logs` read on the host (tasks/status.py)
+    prune: dict | None = None  # what `mlstack prune` keeps and removes on the host (tasks/prune.py)
     pending: str = field(default="", repr=False)  # the message of a failure not yet tied to its step
 
     def changed(self, concern: str) -> None:
