@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -581,10 +582,11 @@ REQUIRED = {"stack": "a value is required: your compose project's directory on t
 DEFAULTS = {name: field.default for name, field in HostConfig.model_fields.items() if not field.is_required()}
 
 
-def pyinfra_keys() -> set[str]:
+@cache  # asked for every host; pyinfra's connectors come from the installed packages' entry points, read once
+def pyinfra_keys() -> frozenset[str]:
     """Data keys that belong to pyinfra (connector data, `_sudo`-style global arguments), not to us."""
     connector_keys = {key for connector in get_all_connectors().values() for key in getattr(connector, "data_meta", {})}
-    return connector_keys | {name for name, _ in all_global_arguments() if name.startswith("_")}
+    return frozenset(connector_keys | {name for name, _ in all_global_arguments() if name.startswith("_")})
 
 
 _MISSING = object()
@@ -781,13 +783,18 @@ def validate_fleet(hosts: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Hos
 
 
 _fleet_configs: dict[str, HostConfig] | None = None
+_validating = threading.Lock()  # gevent's under pyinfra, whose CLI patches threading before it imports us
 
 
 def host_config(host) -> HostConfig:
-    """This host's config; the first call validates every host the deploy targets."""
+    """This host's config; the first call validates every host the deploy targets. pyinfra runs the deploy for
+    every host at once, each in a greenlet: the others wait for that first validation (reading the compose
+    project runs docker compose, and a greenlet waiting on it lets the next one in) rather than each validating
+    the fleet again."""
     global _fleet_configs
-    if _fleet_configs is None:
-        from pyinfra import inventory  # noqa: PLC0415 (only inside a pyinfra run)
+    with _validating:
+        if _fleet_configs is None:
+            from pyinfra import inventory  # noqa: PLC0415 (only inside a pyinfra run)
 
-        _fleet_configs = validate_fleet((h.name, h.data.dict()) for h in inventory.get_active_hosts())
+            _fleet_configs = validate_fleet((h.name, h.data.dict()) for h in inventory.get_active_hosts())
     return _fleet_configs[host.name]

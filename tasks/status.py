@@ -24,10 +24,11 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from pydantic import ValidationError
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
 
-from .config import DEFAULTS, HostConfig, host_config
+from .config import DEFAULTS, HostConfig, host_config, pyinfra_keys
 from .control.stack_project import project_of
 from .fleet.day_two import LOGS_OPTIONS, LogOptions, printable
 from .host import gpus, models, releases
@@ -221,9 +222,13 @@ def lock_state(state: HostState | None) -> dict:
 def mlstack_status() -> None:
     """Read each host's status into the report; no operation, no lock."""
     report.start()
-    config = host_config(host)
-    parts = status_parts(config)
+    try:  # this host's settings alone, to read it while the first host validates the fleet (docker compose…)
+        settings = HostConfig(**{key: value for key, value in host.data.dict().items() if key not in pyinfra_keys()})
+    except ValidationError:
+        settings = host_config(host)  # raises, saying what is wrong
+    parts = status_parts(settings)
     values = host.get_fact(HostProbe, parts=parts)  # one round trip; a failed part costs only its own view
+    config = host_config(host)  # the fleet validated as a deploy validates it (once, whichever host is first)
     read = Read(project_of(config).name, errors=[f"{part.name}: {values[part.name].message}" for part in parts
                                                  if isinstance(values[part.name], PartFailure)])
     for part in parts:

@@ -34,12 +34,12 @@ elif [ -r /proc/locks ]; then
     inode=$(stat -c %i -- "$lock")
     # /proc/locks names a file MAJOR:MINOR:INODE (hex device numbers); stat gives the device as one number.
     want=$(printf '%02x:%02x:%s' $(((dev >> 8) & 0xfff)) $(((dev & 0xff) | ((dev >> 12) & 0xfff00))) "$inode")
-    held=no
-    while read -r _ kind _ _ _ id _; do
-        [ "$kind" = FLOCK ] || continue  # waiters ("->") and other kinds of lock are not the holder
-        if [ "$id" = "$want" ]; then held=yes && break; fi
-        if [ "${id##*:}" = "$inode" ]; then held=maybe; fi  # a file system whose stat device is not its lock's
-    done </proc/locks
+    # waiters ("N: -> FLOCK …") and other kinds of lock are not the holder; "maybe": the same inode on another
+    # device (a file system whose stat device is not its lock's)
+    held=$(awk -v want="$want" -v inode="$inode" '
+        $2 == "FLOCK" && $6 == want { found = 1; exit }
+        $2 == "FLOCK" { split($6, id, ":"); if (id[3] == inode) maybe = 1 }
+        END { print found ? "yes" : maybe ? "maybe" : "no" }' /proc/locks)
     if [ "$held" = maybe ] && (exec 9<"$lock" && flock -n 9); then held=no; fi
     if [ "$held" = no ]; then echo "lock free"; else holder; fi
 elif (exec 9<"$lock" && flock -n 9); then

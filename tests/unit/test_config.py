@@ -592,3 +592,34 @@ def test_registry_credentials_take_the_password_from_the_environment_only(monkey
                           ({"https://registry.corp": "ci:${REG_PW}"}, "expected a registry host[:port]")]:
         (problem,) = problems_for(registry_credentials=bad)
         assert expected in problem and "hunter2" not in problem, problem
+
+
+def test_the_fleet_is_validated_once_however_many_hosts_ask_at_once(monkeypatch):
+    """pyinfra runs the deploy for every host at once: the hosts after the first wait for its validation (which
+    reads the compose project with docker compose) instead of each validating the fleet again."""
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import pyinfra  # noqa: PLC0415
+
+    from tasks import config  # noqa: PLC0415
+
+    calls = []
+
+    def slow_validation(hosts):
+        calls.append(list(hosts))
+        time.sleep(0.2)
+        return {"gpu-01": "first", "gpu-02": "second"}
+
+    monkeypatch.setattr(config, "validate_fleet", slow_validation)
+    monkeypatch.setattr(config, "_fleet_configs", None)
+    monkeypatch.setattr(pyinfra, "inventory", SimpleNamespace(get_active_hosts=lambda: []))
+    found = {}
+    askers = [threading.Thread(target=lambda name=name: found.setdefault(name, config.host_config(
+        SimpleNamespace(name=name)))) for name in ("gpu-01", "gpu-02")]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join()
+    assert found == {"gpu-01": "first", "gpu-02": "second"} and len(calls) == 1
