@@ -29,7 +29,6 @@ from pyinfra import host
 from pyinfra.api import FactBase, deploy
 
 from .config import DEFAULTS, HostConfig, host_config, pyinfra_keys
-from .control.stack_project import project_of
 from .fleet.day_two import LOGS_OPTIONS, LogOptions, printable
 from .host import gpus, models, releases
 from .host.gpus import GpuState
@@ -44,6 +43,7 @@ from .report import report
 
 ENV_ID = re.compile(r"env-[0-9a-f]{16}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # compose's rule for a project name
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class HostState:
     envs: tuple[str, ...] = ()  # the envs in envs/
     containers: dict = field(default_factory=dict, hash=False)  # (project, service) -> Container
     docker: bool = True  # docker listed the containers
+    project: str = ""  # the compose project the compose directory's .env names (COMPOSE_PROJECT_NAME)
 
 
 class StatusFact(FactBase):
@@ -100,6 +101,8 @@ class StatusFact(FactBase):
                     found["containers"][(project, service)] = Container(state, health)
             elif kind == "docker-failed":
                 found["docker"] = False
+            elif kind == "project" and PROJECT_NAME.fullmatch(rest):
+                found["project"] = rest
         return HostState(**{**found, "changed": tuple(found["changed"]), "envs": tuple(sorted(found["envs"]))})
 
 
@@ -120,10 +123,8 @@ def status_parts(config: HostConfig) -> tuple[ProbePart, ...]:
 
 @dataclass
 class Read:
-    """What one probe read; a part that failed is None, and named in ERRORS. PROJECT: the compose project the
-    settings name, whose containers count while no release is recorded (a release names its own)."""
+    """What one probe read; a part that failed is None, and named in ERRORS."""
 
-    project: str = ""
     models: ModelCacheState | None = None
     gpus: GpuState | None = None
     releases: ReleasesState | None = None
@@ -138,9 +139,10 @@ def current_release(read: Read):
 
 def service_states(read: Read) -> dict[str, dict]:
     """Each service of the current release (those it recorded an image id for) and each container of its
-    project, with its state and health ("missing": a service without a container)."""
+    project, with its state and health ("missing": a service without a container). Without a release: the
+    containers of the project the compose directory's .env names (a deploy from before releases were kept)."""
     current = current_release(read)
-    project = current.project if current else read.project
+    project = current.project if current else read.host.project if read.host else ""
     containers = {service: container for (name, service), container in
                   (read.host.containers.items() if read.host else ()) if name == project}
     expected = set(current.image_ids) if current else set()
@@ -218,19 +220,25 @@ def lock_state(state: HostState | None) -> dict:
 # -- the packaged functions -------------------------------------------------------------------------------------
 
 
+def settings(host) -> HostConfig:
+    """This host's settings, as the deploy reads them, without the checks of the compose project against them
+    (those need docker compose on the control node, and status reports what the hosts run whatever the project
+    says now: verify and deploy check it); settings that do not validate stop the run as in a deploy."""
+    try:
+        return HostConfig(**{key: value for key, value in host.data.dict().items() if key not in pyinfra_keys()})
+    except ValidationError:
+        return host_config(host)  # raises the fleet's problems, each named
+
+
 @deploy("mlstack status", data_defaults=DEFAULTS)
 def mlstack_status() -> None:
     """Read each host's status into the report; no operation, no lock."""
     report.start()
-    try:  # this host's settings alone, to read it while the first host validates the fleet (docker compose…)
-        settings = HostConfig(**{key: value for key, value in host.data.dict().items() if key not in pyinfra_keys()})
-    except ValidationError:
-        settings = host_config(host)  # raises, saying what is wrong
-    parts = status_parts(settings)
+    config = settings(host)
+    parts = status_parts(config)
     values = host.get_fact(HostProbe, parts=parts)  # one round trip; a failed part costs only its own view
-    config = host_config(host)  # the fleet validated as a deploy validates it (once, whichever host is first)
-    read = Read(project_of(config).name, errors=[f"{part.name}: {values[part.name].message}" for part in parts
-                                                 if isinstance(values[part.name], PartFailure)])
+    read = Read(errors=[f"{part.name}: {values[part.name].message}" for part in parts
+                        if isinstance(values[part.name], PartFailure)])
     for part in parts:
         if not isinstance(values[part.name], PartFailure):
             setattr(read, part.name, values[part.name])
@@ -267,7 +275,7 @@ def mlstack_logs() -> None:
     options = LogOptions(**json.loads(os.environ.get(LOGS_OPTIONS, "{}")))
     if options.problems():
         raise ValueError(f"mlstack logs: {'; '.join(options.problems())}")
-    config = host_config(host)
+    config = settings(host)
     read = host.get_fact(ServiceLogsFact, compose_dir=config.compose_project_dir, service=options.service,
                          since=options.since, tail=options.tail, timestamps=options.timestamps)
     status, lines = read if read is not None else (255, [])

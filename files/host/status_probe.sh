@@ -6,6 +6,7 @@
 #   `flock -n` test would hold it while it looks, and a deploy starting then would be refused); only where
 #   /proc/locks cannot be read, or names the lock's inode on another device (a file system whose stat device
 #   is not its lock device), does a `flock -n` on a read-only descriptor tell.
+# - "project NAME": the compose project COMPOSE_DIR/.env names.
 # - "files SHA256": the sha256 of COMPOSE_DIR's .mlstack-files and .env.digest one after the other, as a
 #   release's `files` is made (tasks/host/releases.py); nothing without them.
 # - the files the last push recorded in .mlstack-files whose content differs now: "file PATH: FAILED" as
@@ -48,6 +49,9 @@ else
     holder
 fi
 
+if [ -f "$compose/.env" ] && [ ! -L "$compose/.env" ]; then
+    sed -n 's/^COMPOSE_PROJECT_NAME="\{0,1\}\([a-z0-9_-]*\)"\{0,1\}$/project \1/p' -- "$compose/.env"
+fi
 if [ -f "$compose/.mlstack-files" ] && [ ! -L "$compose/.mlstack-files" ] && [ -f "$compose/.env.digest" ] &&
     [ ! -L "$compose/.env.digest" ]; then
     echo "files $(cat -- "$compose/.mlstack-files" "$compose/.env.digest" | sha256sum | cut -c1-64)"

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tasks import status as status_module
 from tasks.config import HostConfig, ModelSpec
 from tasks.fleet.day_two import LogOptions, host_order, logs_main, prefixed, status_table, statuses, unread_status
 from tasks.fleet.runner import DeployRun
@@ -41,12 +42,13 @@ def release(files: str = FILES, services=("web",)):
 
 
 def on_host(**seen) -> HostState:
-    return HostState(**{"lock": "free", "files": FILES, "dotenv": "same", "containers": UP, **seen})
+    return HostState(**{"lock": "free", "files": FILES, "dotenv": "same", "containers": UP, "project": "shop",
+                        **seen})
 
 
-def read(current=None, kept=(), project="shop", **seen) -> Read:
+def read(current=None, kept=(), **seen) -> Read:
     releases = {kept_one.id: kept_one for kept_one in (*kept, *([current] if current else []))}
-    return Read(project, releases=ReleasesState(releases, current.id if current else None), host=on_host(**seen))
+    return Read(releases=ReleasesState(releases, current.id if current else None), host=on_host(**seen))
 
 
 def test_a_host_that_runs_its_current_release_as_recorded_is_ok():
@@ -71,13 +73,15 @@ def test_a_running_service_without_a_healthcheck_counts_as_up():
     assert drift(read(release(), containers={("shop", "web"): Container("running")}))[0] == "ok"
 
 
-def test_the_services_are_the_current_releases_project_not_the_one_the_settings_name_now():
-    """After a rollback to a release of another project, the host runs that project's containers."""
+def test_the_services_are_the_current_releases_project_else_the_one_the_compose_directory_names():
+    """After a deploy of another project, or a rollback to a release of another project, the host runs the
+    current release's project; without a release, the project its compose directory's .env names."""
     containers = {**UP, ("greeter", "greeter"): Container("exited")}
     assert host_status(CONFIG, read(release(), project="greeter", containers=containers))["services"] == {
         "web": {"state": "running", "health": "healthy"}}
     assert host_status(CONFIG, read(None, project="greeter", containers=containers))["services"] == {
         "greeter": {"state": "exited", "health": ""}}
+    assert host_status(CONFIG, read(None, project="", containers=containers))["services"] == {}
 
 
 def test_project_files_or_env_values_other_than_the_releases_are_modified():
@@ -100,6 +104,23 @@ def test_a_host_whose_releases_or_containers_could_not_be_read_is_unknown():
     assert drift(Read(errors=["releases: its program exited with status 3"]))[0] == "unknown"
     assert drift(replace(read(release()), host=None))[0] == "unknown"
     assert drift(read(release(), docker=False))[0] == "unknown"
+
+
+def test_status_reads_a_hosts_settings_without_asking_docker_compose_and_stops_on_bad_ones(monkeypatch):
+    def no_compose(*args, **kwargs):
+        raise AssertionError("status read the compose project")
+
+    def fleet_problems(host):
+        raise RuntimeError(f"the fleet's problems, {host.name}'s among them")
+
+    monkeypatch.setattr("tasks.control.stack_project.compose_config", no_compose)
+    monkeypatch.setattr(status_module, "host_config", fleet_problems)
+    data = {"stack": "reranker", "ssh_user": "ops", "_sudo": True, "compose_project_dir": "/srv/compose"}
+    host = SimpleNamespace(name="gpu-01", data=SimpleNamespace(dict=lambda: data))
+    assert status_module.settings(host).compose_project_dir == "/srv/compose"
+    data["compose_project_dir"] = "relative/compose"
+    with pytest.raises(RuntimeError, match="gpu-01's among them"):
+        status_module.settings(host)
 
 
 def test_models_at_the_commit_their_revision_names_on_the_host():
@@ -225,11 +246,12 @@ def host_dirs(tmp_path, monkeypatch):
     lock_dir, compose, releases, env_dir = (tmp_path / name for name in ("run", "compose", "releases", "env"))
     compose.mkdir()
     (compose / "compose.yaml").write_text("services: {}\n")
-    (compose / ".env").write_text('COMPOSE_FILE="compose.yaml"\n')
+    (compose / ".env").write_text('COMPOSE_FILE="compose.yaml"\nCOMPOSE_PROJECT_NAME="shop"\n')
     subprocess.run(["sh", "-c", "sha256sum compose.yaml > .mlstack-files"], cwd=compose, check=True)
     (compose / ".env.digest").write_text(DIGEST)
     (releases / "rel-0123456789abcdef" / "project").mkdir(parents=True)
-    (releases / "rel-0123456789abcdef" / "project" / ".env").write_text('COMPOSE_FILE="compose.yaml"\n')
+    (releases / "rel-0123456789abcdef" / "project" / ".env").write_text(
+        'COMPOSE_FILE="compose.yaml"\nCOMPOSE_PROJECT_NAME="shop"\n')
     (releases / "current").symlink_to("rel-0123456789abcdef")
     for name in ("env-0123456789abcdef", "env-fedcba9876543210", "env-0123456789abcdef.tmp-x1"):
         (env_dir / "envs" / name).mkdir(parents=True)
@@ -266,6 +288,7 @@ def test_the_probe_reads_the_env_the_containers_and_the_files_as_a_release_names
     assert seen.files == recorded.files  # as the deploy names a release's files (tasks/host/stack.py)
     assert seen.changed == ("compose.yaml",)
     assert seen.env == "env-0123456789abcdef" and seen.envs == ("env-0123456789abcdef", "env-fedcba9876543210")
+    assert seen.project == "shop"
     assert seen.containers == {("shop", "web"): Container("running", "healthy"), ("other", "db"): Container("exited")}
     assert seen.docker
 
