@@ -57,7 +57,7 @@ services:
 NEVER_HEALTHY = APP + """\
     healthcheck: {test: ["CMD", "false"], interval: 1s, retries: 1}
 """
-INVENTORY = '''"""The rehearsal inventory, each host with a compose project of its own (test_project_declarations.py)."""
+INVENTORY = '''"""The rehearsal inventory, each host with a compose project of its own (tests: declarations)."""
 import json
 import runpy
 
