@@ -7,7 +7,7 @@ N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test lint test-unit test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env prereqs venv
+.PHONY: rehearse test lint test-unit test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status prereqs venv
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
@@ -44,6 +44,9 @@ bench-transfer: prereqs venv  ## one 500 MB upload: the deploy's path against Op
 
 bench-env: prereqs venv  ## the production env on 2 hosts: first install, upgrades, disk of 3 versions, throughput
 	$(PY) -m bench.env_store
+
+bench-status: prereqs venv  ## mlstack status against an empty pyinfra run on 8 hosts (make bench-status N=4: on 4)
+	$(PY) -m bench.status $(if $(filter command line,$(origin N)),$(N),8)
 
 ## Set-up
 prereqs:  ## apt packages and the compose v2 plugin (idempotent, asks no registry when all is there)
