@@ -97,7 +97,8 @@ class StatusFact(FactBase):
             elif kind == "container" and rest.count("|") == 4:
                 project, service, state, status, oneoff = rest.split("|")
                 if oneoff != "True":  # `docker compose run`'s containers are not the service's
-                    health = next((word for word in ("unhealthy", "healthy", "starting") if f"({word}" in status), "")
+                    # "Up 2 minutes (healthy)", "(unhealthy)", "(health: starting)"; nothing without a healthcheck
+                    health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
                     found["containers"][(project, service)] = Container(state, health)
             elif kind == "docker-failed":
                 found["docker"] = False

@@ -236,7 +236,8 @@ def test_only_the_last_line_says_composes_status():
 MANIFEST = "0" * 64 + "  compose.yaml\n"
 DIGEST = "# salt " + "5a17" * 8 + "\nCOMPOSE_FILE=abc\n"
 CONTAINERS = ("shop|web|running|Up 3 minutes (healthy)|", "shop|web|exited|Exited (0) 2 minutes ago|True",
-              "other|db|exited|Exited (1) 1 hour ago|")  # the second: a `docker compose run` of web
+              "other|db|exited|Exited (1) 1 hour ago|", "other|api|running|Up 4 seconds (health: starting)|",
+              "other|job|running|Up 1 hour (unhealthy)|")  # the second: a `docker compose run` of web
 
 
 @pytest.fixture
@@ -289,7 +290,9 @@ def test_the_probe_reads_the_env_the_containers_and_the_files_as_a_release_names
     assert seen.changed == ("compose.yaml",)
     assert seen.env == "env-0123456789abcdef" and seen.envs == ("env-0123456789abcdef", "env-fedcba9876543210")
     assert seen.project == "shop"
-    assert seen.containers == {("shop", "web"): Container("running", "healthy"), ("other", "db"): Container("exited")}
+    assert seen.containers == {("shop", "web"): Container("running", "healthy"), ("other", "db"): Container("exited"),
+                               ("other", "api"): Container("running", "starting"),
+                               ("other", "job"): Container("running", "unhealthy")}
     assert seen.docker
 
 
