@@ -7,7 +7,7 @@ N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test lint test-unit test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status prereqs venv
+.PHONY: rehearse test lint test-unit test-fast test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status prereqs venv
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
@@ -22,6 +22,11 @@ lint: prereqs venv  ## ruff over the Python, shellcheck over the shell programs
 
 test-unit: venv  ## unit tests only: no root, no fleet, seconds
 	$(PY) -m pytest tests/unit
+
+test-fast: venv  ## the edit-test loop: ruff, shellcheck (where installed) and the unit tests; no root, no docker engine
+	$(VENV)/bin/ruff check .
+	if command -v shellcheck >/dev/null; then shellcheck files/*.sh files/host/*.sh tests/real_gpu/*.sh; fi
+	$(PY) -m pytest tests/unit -q
 
 test-slow: prereqs venv  ## the heavy opt-in tests
 	$(PY) -m pytest -m slow
