@@ -1,11 +1,12 @@
 """The stack's releases on a host: what each successful deploy put in place, kept so that a rollback can put
 it back without building or downloading anything.
 
-A release is named by its content (`rel-` and 16 hex digits of the sha256 of its record without the time and
-the control node): the compose project's files and .env as fingerprinted (`.mlstack-files`, `.env.digest`),
-the env id, every model's commit, every service's image and a digest of the settings. Deploying the same
-content again is the same release. `files/host/releases.sh` keeps them below `<stack_root>/releases/` (root's,
-0700); `current` links to the running one.
+A release is named by what the stack runs (`rel-` and 16 hex digits of a sha256): the compose project's files
+and .env as fingerprinted (`.mlstack-files`, `.env.digest`), the env id, every model's commit and every
+service's image. Deploying the same again is the same release; a change of settings that changes none of
+these (a directory's mode, a hash check) makes no new one. The record also says when, from which control node
+and under which settings (their digest) it was first recorded. `files/host/releases.sh` keeps them below
+`<stack_root>/releases/` (root's, 0700); `current` links to the running one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from .programs import program
 
 RELEASE_ID = re.compile(r"rel-[0-9a-f]{16}")
 IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
-CONTENT = ("project", "files", "env", "models", "images", "settings")  # what names a release
 
 
 def releases_dir(config: HostConfig) -> str:
@@ -43,7 +43,7 @@ class Release:
     env: str | None  # the env id the services mount, None without an env
     models: dict = field(hash=False)  # model cache folder (`models--org--name`) -> commit
     images: dict = field(hash=False)  # service -> the image the deploy gave it (a tag, or a reference with digest)
-    settings: str  # sha256 (16 hex) of the host's settings
+    settings: str  # sha256 (16 hex) of the host's settings when it was first recorded (not part of its name)
     profiles: tuple = ()  # the compose profiles it runs (also in its .env: COMPOSE_PROFILES)
     created: str = ""  # UTC, when this release was first recorded
     control_node: str = ""  # user@machine that recorded it
@@ -60,8 +60,7 @@ class Release:
 def new_release(project: str, files: str, env: str | None, models: dict[str, str], images: dict[str, str],
                 settings: str, profiles: tuple[str, ...] = ()) -> Release:
     """The release these make, named by its content; the time and the control node only describe it."""
-    content = {"project": project, "files": files, "env": env, "models": models, "images": images,
-               "settings": settings}
+    content = {"project": project, "files": files, "env": env, "models": models, "images": images}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     return Release(f"rel-{digest}", project, files, env, dict(models), dict(images), settings, tuple(profiles),
                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -12,11 +12,14 @@ def listed(release, activated="2026-12-07T04:00:00Z", images=(("web", IMAGE),)) 
             *(f"image {service} {image_id}" for service, image_id in images)]
 
 
-def test_a_release_is_named_by_its_content_not_by_when_or_where_it_was_made():
+def test_a_release_is_named_by_what_the_stack_runs_not_by_when_where_or_under_which_settings():
     first = new_release("shop", "f" * 64, "env-0123456789abcdef", {"org/m": "c" * 40}, {"web": "shop:1"}, "s" * 16)
     again = new_release("shop", "f" * 64, "env-0123456789abcdef", {"org/m": "c" * 40}, {"web": "shop:1"}, "s" * 16)
     other = new_release("shop", "f" * 64, "env-fedcba9876543210", {"org/m": "c" * 40}, {"web": "shop:1"}, "s" * 16)
     assert first.id == again.id != other.id and first.id.startswith("rel-") and len(first.id) == 20
+    other_settings = new_release("shop", "f" * 64, "env-0123456789abcdef", {"org/m": "c" * 40}, {"web": "shop:1"},
+                                 "t" * 16)
+    assert other_settings.id == first.id  # a directory's mode or a hash check changes no release
 
 
 def test_the_host_listing_reads_back_whole_releases_in_activation_order_and_the_current_one():
