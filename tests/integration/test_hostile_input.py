@@ -62,8 +62,8 @@ def test_an_empty_requirements_file_is_refused(wiped, tmp_path):
 def test_a_secret_missing_on_the_control_node_stops_the_deploy_at_plan_time(wiped):
     run = wiped.deploy("--data", 'stack_secrets=["MLSTACK_NOT_SET_ANYWHERE"]')
     assert run.returncode != 0
-    assert ("stack_secrets = ['MLSTACK_NOT_SET_ANYWHERE']: expected MLSTACK_NOT_SET_ANYWHERE in the control node's "
-            "environment (export it before the deploy)") in run.output
+    assert ("stack_secrets = ['MLSTACK_NOT_SET_ANYWHERE']: expected MLSTACK_NOT_SET_ANYWHERE to be set in the "
+            "control node's environment (stack_secrets are read from it: export it before the deploy)") in run.output
     assert all(wiped.ssh(record, "ls /srv/mlstack 2>&1 || true").strip().endswith("No such file or directory")
                for record in wiped.hosts)
     assert "Traceback" not in run.output
