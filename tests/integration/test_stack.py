@@ -269,11 +269,15 @@ def test_a_canary_failing_health_stops_the_rollout_and_what_its_service_prints_c
     assert recovered.returncode == 0, recovered.output[-3000:]
 
 
-def test_the_archon_project_passes_compose_config_on_a_host_with_the_additions_on_its_ml_service_only(fleet):
+def test_the_archon_project_passes_compose_config_on_a_host_with_the_additions_on_its_ml_service_only(
+        fleet, monkeypatch):
     """Archon cannot start here (it needs Supabase and its own source); its project must still be valid compose,
     as the deploy pushes it: the project's files, the generated override and .env."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "host"))
-    from test_stack_render import GPUS, rendered  # noqa: PLC0415 (the unit tests' fixture of a full render)
+    from test_stack_render import GPUS, SECRETS, rendered  # noqa: PLC0415 (the unit tests' fixture of a full render)
+
+    for name, value in SECRETS.items():  # inventory/example_archon.py's stack_secrets, read while validating
+        monkeypatch.setenv(name, value)
 
     from tasks.host.stack import project_tar  # noqa: PLC0415
 
