@@ -117,7 +117,12 @@ def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped,
                           if path.startswith("docker/containers/") and path.endswith("/config.v2.json")}
         docker_records |= {path for path in held if path.endswith("io.containerd.metadata.v1.bolt/meta.db")}
         exec_specs = {path for path in held if re.fullmatch(r"tmp/runc-process\d+", path)}
-        assert held - exec_specs == {env_file, *docker_records} and docker_records, held
+        # the release a rollback puts back keeps its own copy of .env, in root's 0700 releases directory
+        release_envs = {path for path in held if re.fullmatch(r"srv/mlstack/releases/rel-[0-9a-f]{16}/project/\.env",
+                                                                path)}
+        assert held - exec_specs == {env_file, *docker_records, *release_envs} and docker_records, held
+        assert len(release_envs) == 1 and (root / "srv/mlstack/releases").stat().st_mode & 0o777 == 0o700
+        assert all((root / path).stat().st_mode & 0o777 == 0o600 for path in release_envs)
         for path in exec_specs:
             with contextlib.suppress(FileNotFoundError):  # gone already, as it should be
                 spec = (root / path).stat()
