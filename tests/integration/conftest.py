@@ -32,10 +32,10 @@ class TestFleet:
         self.fleet = fleet
         self.hosts = records
 
-    def ssh(self, record: HostRecord, command: str, user: str = "root", check: bool = True) -> str:
+    def ssh(self, record: HostRecord, command: str, user: str = "root", check: bool = True, timeout: int = 60) -> str:
         result = subprocess.run(
             [*self.fleet.ssh_argv(record, user), command],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"{record.name}: {command!r} failed ({result.returncode}): {result.stderr}")

@@ -167,9 +167,9 @@ def test_links_the_cache_owner_plants_never_lead_root_outside_the_cache(fleet, p
             f"&& rm trees/{commit}.json && ln -s /usr/lib/os-release trees/{commit}.json.incoming "
             f"&& printf {'f' * 40} > refs/main && ln -s /root/.profile refs/main.tmp "
             f"&& ln -s /etc snapshots/{commit}.tmp"))
-    before = fleet.ssh(target, SYSTEM_LISTING)
+    before = fleet.ssh(target, SYSTEM_LISTING, timeout=600)  # hashes all of /etc, /root and /usr: minutes under load
     run = fleet.deploy(*by_branch)
-    after = fleet.ssh(target, SYSTEM_LISTING)
+    after = fleet.ssh(target, SYSTEM_LISTING, timeout=600)
     assert run.returncode == 0, run.output[-3000:]
     assert_system_unchanged(before, after)
     assert run.report[target.name]["changes"] == ["models"]
