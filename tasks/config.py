@@ -708,7 +708,7 @@ def _ownership_problems(host_name: str, config: HostConfig) -> list[str]:
 
 def _project_problems(host_name: str, config: HostConfig) -> list[str]:
     """The stack's compose project against the settings that name its services and variables."""
-    from .control.stack_project import BASE_IMAGE_VARIABLE, ComposeProject, StackError  # noqa: PLC0415
+    from .control.compose_project import BASE_IMAGE_VARIABLE, ComposeProject, StackError  # noqa: PLC0415
     from .host.declarations import gpu_asks  # noqa: PLC0415
 
     try:

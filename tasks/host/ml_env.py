@@ -33,6 +33,7 @@ from pyinfra.api import FactBase, StringCommand, operation
 
 from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
+from ..control.compose_project import project_of
 from ..control.env_artifact import ENV_INFO, ArtifactError, Manifest
 from ..control.env_build import EnvSource, env_source
 from ..control.env_store import (
@@ -48,7 +49,6 @@ from ..control.env_store import (
     transfer_stream,
     tree_objects,
 )
-from ..control.stack_project import project_of
 from ..report import EnvOutcome, report
 from .failure import HostProblem, fail_host, failed, step
 from .gpu_checks import CudaEnv, gate_problems, smoke_devices

@@ -29,14 +29,8 @@ from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
 from ..control.caches import once
 from ..control.env_build import base_image
-from ..control.stack_project import (
-    RegistryImage,
-    base_on_builder,
-    docker_config,
-    registry_of,
-    repository_of,
-    save_base_image,
-)
+from ..control.image_archives import save_base_image
+from ..control.registry import RegistryImage, base_on_builder, docker_config, registry_of, repository_of
 from ..report import report
 from .failure import HostProblem, step
 from .ml_env import MlEnvState, env_wanted, host_problem

@@ -36,27 +36,26 @@ from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
 from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
 from ..control.caches import atomic_write, file_sha256, once
-from ..control.env_build import base_image
-from ..control.hub import Snapshot
-from ..control.stack_project import (
+from ..control.compose_project import (
     BASE_IMAGE_VARIABLE,
     OVERRIDE,
     ComposeProject,
-    RegistryImage,
     StackError,
-    archive_layers,
-    build_and_save,
-    chain_ids,
-    docker_config,
-    image_tag,
-    inspect_on_builder,
-    partial_archive,
     project_of,
+    resolved_config,
+)
+from ..control.env_build import base_image
+from ..control.hub import Snapshot
+from ..control.image_archives import archive_layers, chain_ids, partial_archive
+from ..control.registry import (
+    RegistryImage,
+    docker_config,
+    inspect_on_builder,
     pull_and_save,
     registry_images,
     registry_of,
-    resolved_config,
 )
+from ..control.stack_project import build_and_save, image_tag
 from ..report import ServiceOutcome, StackOutcome, report
 from ..secrets import SALT, fingerprint
 from .declarations import declaration_problems, declares_externals, read_name

@@ -113,7 +113,7 @@ def test_status_reads_a_hosts_settings_without_asking_docker_compose_and_stops_o
     def fleet_problems(host):
         raise RuntimeError(f"the fleet's problems, {host.name}'s among them")
 
-    monkeypatch.setattr("tasks.control.stack_project.compose_config", no_compose)
+    monkeypatch.setattr("tasks.control.compose_project.compose_config", no_compose)
     monkeypatch.setattr(status_module, "host_config", fleet_problems)
     data = {"stack": "reranker", "ssh_user": "ops", "_sudo": True, "compose_project_dir": "/srv/compose"}
     host = SimpleNamespace(name="gpu-01", data=SimpleNamespace(dict=lambda: data))

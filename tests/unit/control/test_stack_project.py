@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.control.stack_project import (
-    Build,
-    ComposeProject,
-    StackError,
-    archive_layers,
-    chain_ids,
-    context_files,
-    docker_config,
-    ignore_rules,
-    ignored,
-    partial_archive,
-    registry_of,
-    repository_of,
-)
+from tasks.control.compose_project import Build, ComposeProject, StackError
+from tasks.control.image_archives import archive_layers, chain_ids, partial_archive
+from tasks.control.registry import docker_config, registry_of, repository_of
+from tasks.control.stack_project import context_files, ignore_rules, ignored
 
 RULES = "compose.yaml\n**/__pycache__\n*.md\n!README.md\nsecrets/\n/build\ndocs/**/*.txt\n# a comment\n\n"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import validate_host
-from tasks.control.stack_project import ComposeProject, compose_config
+from tasks.control.compose_project import ComposeProject, compose_config
 from tasks.host.declarations import (
     External,
     GpuAsk,

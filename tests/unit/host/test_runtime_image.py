@@ -8,7 +8,8 @@ import yaml
 
 from tasks.config import validate_host
 from tasks.control.builder import BaseImage
-from tasks.control.stack_project import RegistryImage, project_of
+from tasks.control.compose_project import project_of
+from tasks.control.registry import RegistryImage
 from tasks.host import stack
 from tasks.host.ml_env import MlEnvState, NoEnv, env_wanted, host_problem, probe_part
 from tasks.host.runtime_image import BasePlan, base_archive, plan_base

@@ -14,8 +14,10 @@ import yaml
 
 from tasks.config import ModelSpec, validate_host
 from tasks.control.builder import BaseImage
+from tasks.control.compose_project import ComposeProject, project_of
 from tasks.control.hub import Snapshot
-from tasks.control.stack_project import ComposeProject, RegistryImage, chain_ids, project_of
+from tasks.control.image_archives import chain_ids
+from tasks.control.registry import RegistryImage
 from tasks.host.gpu_checks import Gpu, GpuRequestError
 from tasks.host.ml_env import EnvPlan
 from tasks.host.stack import (

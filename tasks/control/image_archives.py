@@ -1,0 +1,74 @@
+"""Image archives in the control cache: `docker save | gzip` written atomically, the layers an archive holds
+(by chain id), and an archive without the layers a host already holds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+from .builder import BaseImage, builder_engine, require_base
+from .caches import atomic_file
+from .compose_project import StackError
+
+
+def save_base_image(base: BaseImage, builder: str, archive: Path) -> Path:
+    """`docker save | gzip` of the runtime base image, the very id the env was built on (the builder's BASE.ref
+    must still be BASE.id), kept in the control cache by that id; `docker load` on a host tags it BASE.ref."""
+    if archive.exists():
+        return archive
+    with builder_engine(builder, f"saving the base image {base.ref!r} failed") as client:
+        require_base(client, builder, base)
+        save_archive(client, base.ref, archive)
+    return archive
+
+
+def save_archive(client, name: str, archive: Path) -> None:
+    """`docker save NAME | gzip` into ARCHIVE, written atomically; NAME is the tag `docker load` restores."""
+    with atomic_file(archive) as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
+        for chunk in client.images.get(name).save(named=name):
+            out.write(chunk)
+    print(f"image {name}: {archive.stat().st_size / 1e6:.1f} MB archive", file=sys.stderr, flush=True)
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The chain id of each layer of an image whose layers are DIFF_IDS in order: what names a layer in
+    an engine's store together with every layer below it (the OCI image spec's ChainID)."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        chains.append(diff_id if not chains else
+                      "sha256:" + hashlib.sha256(f"{chains[-1]} {diff_id}".encode()).hexdigest())
+    return chains
+
+
+def archive_layers(archive: Path) -> list[tuple[str, str]]:
+    """(member name, chain id) of each layer of the one image in ARCHIVE (`docker save | gzip`), read from
+    its manifest.json and image config."""
+    try:
+        with tarfile.open(archive, "r:gz") as saved:  # a member read after the index was made: a second pass
+            (manifest,) = json.load(saved.extractfile("manifest.json"))
+            diff_ids = json.load(saved.extractfile(manifest["Config"]))["rootfs"]["diff_ids"]
+    except (KeyError, ValueError, TypeError, AttributeError, tarfile.TarError) as error:
+        raise StackError(f"{archive}: not the `docker save` of one image ({error!r}): remove it to save it again")
+    return list(zip(manifest["Layers"], chain_ids(diff_ids), strict=True))
+
+
+def partial_archive(archive: Path, leave_out: tuple[str, ...]) -> Path:
+    """ARCHIVE without the layer files LEAVE_OUT names, kept beside it: `docker load` with the classic
+    image store reads no layer it already holds (by chain id), so a host that holds those gets only
+    the rest."""
+    key = hashlib.sha256("\0".join(leave_out).encode()).hexdigest()[:16]
+    partial = archive.with_name(f"{archive.name.removesuffix('.tar.gz')}-without-{key}.tar.gz")
+    if partial.exists():
+        return partial
+    with tarfile.open(archive, "r:gz") as saved, atomic_file(partial) as raw, \
+            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as compressed, \
+            tarfile.open(fileobj=compressed, mode="w|") as out:
+        for member in saved:
+            if member.name not in leave_out:
+                out.addfile(member, saved.extractfile(member) if member.isfile() else None)
+    return partial
