@@ -11,17 +11,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from types import ModuleType
 from typing import TYPE_CHECKING, Callable, TypeVar
 from urllib.parse import urlsplit
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # before huggingface_hub reads its constants
 
-from huggingface_hub.utils import filter_repo_objects  # noqa: E402 (light: HfApi and its HTTP stack load on first request)
-from pyinfra.api.exceptions import PyinfraError  # noqa: E402
+from huggingface_hub.utils import filter_repo_objects  # light: HfApi and its HTTP stack load on first request
+from pyinfra.api.exceptions import PyinfraError
 
-from .. import secrets  # noqa: E402
-from ..config import HostConfig, ModelSpec  # noqa: E402
-from .caches import atomic_write, once  # noqa: E402
+from .. import secrets
+from ..config import HostConfig, ModelSpec
+from .caches import atomic_write, once
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile
@@ -159,8 +160,8 @@ def entries_of(tree: str, spec: ModelSpec) -> tuple[RepoEntry, ...]:
     """The files SPEC's patterns select from a checked tree listing."""
     files = checked_listing(tree, spec)
     entries = []
-    for path in filter_repo_objects(sorted(files), allow_patterns=spec.allow_patterns,
-                                    ignore_patterns=spec.ignore_patterns):
+    for path in filter_repo_objects(sorted(files), allow_patterns=_patterns(spec.allow_patterns),
+                                    ignore_patterns=_patterns(spec.ignore_patterns)):
         info = files[path]
         blob = info.get("lfs_sha256") or info["blob_id"]
         entries.append(RepoEntry(path, blob, info["lfs_size"] if "lfs_size" in info else info["size"]))
@@ -180,8 +181,8 @@ def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path, token_over
     trees = control_cache / spec.folder / "trees"
     commit = spec.revision if COMMIT.fullmatch(spec.revision) else None
     if commit is None or not (trees / f"{commit}.json").exists():
-        from huggingface_hub import HfApi  # noqa: PLC0415 (~0.25 s: only when the mirror must be asked)
-        from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415
+        from huggingface_hub import HfApi  # here: ~0.25 s, only when the mirror must be asked
+        from huggingface_hub.hf_api import RepoFile
 
         api = HfApi(endpoint=_client_endpoint(endpoint), token=token_for(endpoint, token_over_http))
         try:
@@ -201,17 +202,31 @@ def ask_endpoint(spec: ModelSpec, endpoint: str, control_cache: Path, token_over
     return Snapshot(spec, commit, entries_of(tree, spec), tree, token_over_http)
 
 
+def _patterns(patterns: tuple[str, ...] | None) -> list[str] | None:
+    """A model entry's patterns as huggingface_hub's `allow_patterns`/`ignore_patterns` take them."""
+    return None if patterns is None else list(patterns)
+
+
+def request_errors(httpx: ModuleType) -> tuple[type[BaseException], ...]:
+    """What asking the endpoint raises when it is unreachable or answers an error: huggingface_hub turns an error
+    status into its HfHubHTTPError (a subclass of its HTTP client's HTTPError); a connection failure or timeout
+    comes through as the client's own ConnectError, TimeoutException… (HTTPError too), a file it cannot write as
+    OSError. HTTPX is `huggingface_hub.utils.httpx`: its HTTP client, exported under that name since 1.32 (httpx
+    before 2.0, httpx2 since), so this module names no client itself."""
+    return (httpx.HTTPError, OSError)
+
+
 def repo_exists(spec: ModelSpec, endpoint: str, token_over_http: bool = False) -> bool:
-    import httpx2  # noqa: PLC0415 (huggingface_hub's HTTP client)
-    from huggingface_hub import HfApi  # noqa: PLC0415
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError  # noqa: PLC0415
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.utils import httpx  # its HTTP client, whichever (httpx2 from 2.0): see request_errors
 
     try:
         HfApi(endpoint=_client_endpoint(endpoint), token=token_for(endpoint, token_over_http)).repo_info(
             spec.repo_id, repo_type=spec.repo_type)
     except RepositoryNotFoundError:
         return False
-    except (HfHubHTTPError, httpx2.HTTPError, OSError):
+    except request_errors(httpx):
         return True  # unreachable or failing: not proof that the repo is unknown
     return True
 
@@ -229,12 +244,12 @@ def resolve_model(config: HostConfig, index: int, spec: ModelSpec) -> Snapshot:
         try:
             return ask_endpoint(spec, endpoint, control_cache, over_http)
         except Exception as error:
-            import httpx2  # noqa: PLC0415 (loaded already: ask_endpoint asked the mirror)
-            from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError  # noqa: PLC0415
+            from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+            from huggingface_hub.utils import httpx  # loaded already: ask_endpoint asked the mirror
 
             if isinstance(error, RevisionNotFoundError):
                 raise unknown_revision from None
-            if not isinstance(error, (HfHubHTTPError, httpx2.HTTPError, OSError)):
+            if not isinstance(error, request_errors(httpx)):
                 raise
             # Mirrors answer an unknown revision as an unknown repo (olah: 401) or a server error:
             # ask about the repo alone.
@@ -259,13 +274,14 @@ def download_snapshot(snapshot: Snapshot, endpoint: str, control_cache: Path) ->
     Keyed by the model entry itself: two entries for one commit with other patterns select other files.
     """
     def download() -> Path:
-        from huggingface_hub import snapshot_download  # noqa: PLC0415
+        from huggingface_hub import snapshot_download
 
         spec = snapshot.spec
         return Path(snapshot_download(spec.repo_id, repo_type=spec.repo_type, revision=snapshot.commit,
                                       cache_dir=control_cache, endpoint=_client_endpoint(endpoint),
                                       token=token_for(endpoint, snapshot.token_over_http),
-                                      allow_patterns=spec.allow_patterns, ignore_patterns=spec.ignore_patterns))
+                                      allow_patterns=_patterns(spec.allow_patterns),
+                                      ignore_patterns=_patterns(spec.ignore_patterns)))
 
     return once(("download", endpoint, str(control_cache), snapshot.spec, snapshot.commit, snapshot.token_over_http),
                 _scrubbing(endpoint, download))

@@ -52,3 +52,22 @@ def test_a_good_listing_gives_its_entries():
     entries = entries_of(listing("weights/model.safetensors", lfs), SPEC)
     assert [(entry.path, entry.blob, entry.size) for entry in entries] == [
         ("README.md", "ab" * 20, 7), ("weights/model.safetensors", "cd" * 32, 5000)]
+
+
+def test_an_unreachable_endpoint_is_not_proof_that_the_repo_is_unknown():
+    """A connection refused comes through huggingface_hub as its HTTP client's own ConnectError (not an
+    HfHubHTTPError); `request_errors` catches it without this package naming the client."""
+    import socket
+
+    from huggingface_hub.utils import httpx
+
+    from tasks.control.hub import repo_exists, request_errors
+
+    with socket.socket() as closed:  # a port nothing listens on: bound, never listening
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        with pytest.raises(request_errors(httpx)):
+            from huggingface_hub import HfApi
+
+            HfApi(endpoint=endpoint, token=False).repo_info(SPEC.repo_id)
+        assert repo_exists(SPEC, endpoint) is True
