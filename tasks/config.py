@@ -1,6 +1,8 @@
 """Host data -> a typed, validated config per host, before any host is changed.
 
-Defaults live here, in `HostConfig`; the validators say what a valid value is.
+Defaults live here, in `HostConfig`; the validators say what a valid value is. Only the settings are checked
+here (no docker needed): the compose project against them is tasks/control/project_checks.py, and validating
+the whole fleet (both) is tasks/validation.py.
 Every problem on every host is reported at once, each naming the host, the setting, the value
 and what is expected. Keys that are neither ours nor pyinfra's (connector data, global
 arguments) are typos and fail too, with the closest known key as a suggestion.
@@ -11,11 +13,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Optional
+from typing import Annotated, Any, Optional
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -603,7 +604,7 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
-def _problem(host_name: str, key: str, value: Any, expected: str) -> str:
+def setting_problem(host_name: str, key: str, value: Any, expected: str) -> str:
     if "cred" in key and isinstance(value, dict):  # registry_credentials, or a typo of it: never a password
         value = {registry: f"{str(login).partition(':')[0]}:***" for registry, login in value.items()}
     shown = _shown(value)
@@ -625,7 +626,7 @@ def _located(data: dict[str, Any], loc: tuple) -> tuple[str, Any]:
     return name, value
 
 
-def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | None, list[str]]:
+def validate_settings(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | None, list[str]]:
     theirs = pyinfra_keys()
     ours = {key: value for key, value in data.items() if key not in theirs}
     try:
@@ -639,13 +640,13 @@ def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | No
                 guess = difflib.get_close_matches(str(item["loc"][-1]),
                                                   [*known, *(sorted(theirs) if len(item["loc"]) == 1 else [])], n=1)
                 hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-                problems.append(_problem(host_name, key, value, f"unknown setting{hint}"))
+                problems.append(setting_problem(host_name, key, value, f"unknown setting{hint}"))
             elif item["type"] == "missing":
-                problems.append(_problem(host_name, key, _MISSING, REQUIRED.get(key, "a value is required "
+                problems.append(setting_problem(host_name, key, _MISSING, REQUIRED.get(key, "a value is required "
                                                                                  "(see docs/settings.md)")))
             else:
                 expected = item["msg"].removeprefix("Value error, ")
-                problems.append(_problem(host_name, key, value, expected))
+                problems.append(setting_problem(host_name, key, value, expected))
         return None, problems
     return config, _cross_checks(host_name, config)
 
@@ -656,14 +657,13 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
     for index, model in enumerate(config.models):
         key = (model.repo_type, model.repo_id)
         if key in seen_models:
-            problems.append(_problem(host_name, f"models[{index}].repo_id", model.repo_id,
+            problems.append(setting_problem(host_name, f"models[{index}].repo_id", model.repo_id,
                                      f"each repo once (it is also models[{seen_models[key]}])"))
         seen_models.setdefault(key, index)
-    problems += _project_problems(host_name, config)
     seen: dict[str, str] = {}
     for spec in config.directories():
         if spec.path in seen:
-            problems.append(_problem(host_name, spec.setting, spec.path,
+            problems.append(setting_problem(host_name, spec.setting, spec.path,
                                      f"a path of its own (it is also {seen[spec.path]})"))
         seen[spec.path] = spec.setting
     problems += _nesting_problems(host_name, config)
@@ -671,7 +671,7 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
     endpoint = config.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
     if config.model_mode == "host" and endpoint and secrets.has_credentials(endpoint):
         where = "" if config.hf_endpoint else " ('' is $HF_ENDPOINT, which has them)"
-        problems.append(_problem(host_name, "hf_endpoint", config.hf_endpoint,
+        problems.append(setting_problem(host_name, "hf_endpoint", config.hf_endpoint,
                                  "model_mode 'host' sends the endpoint to every host; an endpoint with credentials "
                                  f"needs model_mode 'control'{where}"))
     return problems
@@ -688,72 +688,21 @@ def _ownership_problems(host_name: str, config: HostConfig) -> list[str]:
                       for other in config.directories())}
     for spec in config.directories():
         if spec.mode & 0o002:
-            problems.append(_problem(host_name, f"{spec.setting}_mode", f"{spec.mode:04o}",
+            problems.append(setting_problem(host_name, f"{spec.setting}_mode", f"{spec.mode:04o}",
                                      "a mode without write for others (every local user could plant links there)"))
         elif spec.setting == "compose_project_dir" and spec.uid != 0:
-            problems.append(_problem(host_name, f"{spec.setting}_uid", spec.uid,
+            problems.append(setting_problem(host_name, f"{spec.setting}_uid", spec.uid,
                                      "0: docker compose runs as root and reads this directory, so its owner decides "
                                      "what root runs (let a group read it with compose_project_dir_gid and mode 0750)"))
         elif spec.setting in holders and spec.uid != 0:
-            problems.append(_problem(host_name, f"{spec.setting}_uid", spec.uid,
+            problems.append(setting_problem(host_name, f"{spec.setting}_uid", spec.uid,
                                      f"0: {spec.setting} holds other configured directories, which a non-root owner "
                                      "could replace with links"))
         elif spec.uid == 0 and spec.gid != 0 and spec.mode & 0o020:
-            problems.append(_problem(host_name, f"{spec.setting}_mode", f"{spec.mode:04o}",
+            problems.append(setting_problem(host_name, f"{spec.setting}_mode", f"{spec.mode:04o}",
                                      f"a mode without group write while {spec.setting}_uid is 0: root works there and "
                                      f"group {spec.gid} could plant links (or make a non-root user its owner: "
                                      "the deploy then works there as that user)"))
-    return problems
-
-
-def _project_problems(host_name: str, config: HostConfig) -> list[str]:
-    """The stack's compose project against the settings that name its services and variables."""
-    from .control.compose_project import BASE_IMAGE_VARIABLE, ComposeProject, StackError  # noqa: PLC0415
-    from .host.declarations import gpu_asks  # noqa: PLC0415
-
-    try:
-        project = ComposeProject.load(config.stack, tuple(config.compose_files))
-    except StackError as error:
-        return [_problem(host_name, "stack", config.stack, f"a compose project docker compose can read: {error}")]
-    problems = []
-    services = list(project.services)
-    for setting in ("ml_services", "service_gpus"):
-        for service in getattr(config, setting):
-            if service not in services:
-                value = getattr(config, setting)[service]
-                problems.append(_problem(host_name, f"{setting}.{service}",
-                                         value.model_dump() if isinstance(value, BaseModel) else value,
-                                         f"a service of stack {config.stack!r}: {', '.join(services)}"))
-    for service, request in config.service_gpus.items():  # one source for a service's GPUs, never two reservations
-        asks = gpu_asks(project.services[service]) if service in services else []
-        if asks:
-            problems.append(_problem(host_name, f"service_gpus.{service}", request,
-                                     f"no entry for {service}: its compose definition asks for GPUs itself "
-                                     f"({asks[0]}); keep one of the two"))
-    readers: dict[str, list[str]] = {}
-    for service, uses in config.ml_services.items():
-        for variable in uses.models:
-            readers.setdefault(variable, []).append(service)
-    for variable, names in readers.items():
-        if variable not in config.service_models:
-            problems.append(_problem(host_name, "service_models", config.service_models,
-                                     f"an entry for {variable} (ml_services: read by {', '.join(names)})"))
-    repo_ids = sorted({model.repo_id for model in config.models})
-    for variable, repo_id in config.service_models.items():
-        if repo_id not in repo_ids:
-            problems.append(_problem(host_name, f"service_models.{variable}", repo_id,
-                                     "a repo_id from models (the stack must use a model the deploy places: "
-                                     f"{', '.join(repo_ids) or 'none'})"))
-    given = {BASE_IMAGE_VARIABLE, *config.stack_env, *config.stack_secrets, *project.dotenv}
-    unset: dict[str, list[str]] = {}
-    for service in project.active(config.stack_profiles):
-        for variable, has_default in project.reads(service).items():
-            if not has_default and variable not in given:
-                unset.setdefault(variable, []).append(service)
-    for variable, names in unset.items():
-        problems.append(_problem(host_name, "stack", config.stack,
-                                 f"a value for ${{{variable}}}, which {', '.join(names)} "
-                                 "read without a default: set it in stack_env or stack_secrets"))
     return problems
 
 
@@ -765,36 +714,7 @@ def _nesting_problems(host_name: str, config: HostConfig) -> list[str]:
     for spec in config.directories():
         for other in own:
             if other.setting != spec.setting and spec.path != other.path and is_within(spec.path, other.path):
-                problems.append(_problem(host_name, spec.setting, spec.path,
+                problems.append(setting_problem(host_name, spec.setting, spec.path,
                                          f"a directory outside {other.setting} ({other.path}), which has its own "
                                          "owner, mode and cleanup"))
     return problems
-
-
-def validate_fleet(hosts: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, HostConfig]:
-    configs, problems = {}, []
-    for host_name, data in hosts:
-        config, host_problems = validate_host(host_name, data)
-        problems += host_problems
-        configs[host_name] = config
-    if problems:
-        raise ConfigError(problems)
-    return configs
-
-
-_fleet_configs: dict[str, HostConfig] | None = None
-_validating = threading.Lock()  # gevent's under pyinfra, whose CLI patches threading before it imports us
-
-
-def host_config(host) -> HostConfig:
-    """This host's config; the first call validates every host the deploy targets. pyinfra runs the deploy for
-    every host at once, each in a greenlet: the others wait for that first validation (reading the compose
-    project runs docker compose, and a greenlet waiting on it lets the next one in) rather than each validating
-    the fleet again."""
-    global _fleet_configs
-    with _validating:
-        if _fleet_configs is None:
-            from pyinfra import inventory  # noqa: PLC0415 (only inside a pyinfra run)
-
-            _fleet_configs = validate_fleet((h.name, h.data.dict()) for h in inventory.get_active_hosts())
-    return _fleet_configs[host.name]

@@ -10,11 +10,12 @@ writes its per-host report there (report.py).
 from pyinfra import host
 from pyinfra.api import deploy
 
-from .config import DEFAULTS, host_config
+from .config import DEFAULTS
 from .host import directories, gpus, ml_env, models, releases, runtime_image, stack
 from .host.lock import hold_deploy_lock
 from .host.probe import probe_host
 from .report import report
+from .validation import host_config
 
 
 def converge() -> None:

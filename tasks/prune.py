@@ -30,7 +30,7 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
 
-from .config import _REPO_PART, ENV_ID, HostConfig, host_config
+from .config import _REPO_PART, ENV_ID, HostConfig
 from .control.hub import COMMIT
 from .fleet.day_two import printable
 from .fleet.prune import DEFAULT_KEEP, PRUNE_OPTIONS, human
@@ -43,6 +43,7 @@ from .host.programs import program
 from .host.releases import IMAGE_ID, Release, ReleasesState
 from .host.transfer import as_owner
 from .report import report
+from .validation import host_config
 
 FOLDER = re.compile(rf"(?:model|dataset)s--{_REPO_PART}(?:--{_REPO_PART})?")  # an HF cache's repo folder
 LINK_TARGET = re.compile(rf"(?:\.\./)+blobs/({BLOB_NAME.pattern})")  # a snapshot file's link to its blob

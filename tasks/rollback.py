@@ -15,7 +15,6 @@ import os
 from pyinfra import host
 from pyinfra.api import operation
 
-from .config import host_config
 from .host import ml_env, releases, stack
 from .host.failure import fail_host
 from .host.lock import hold_deploy_lock
@@ -25,6 +24,7 @@ from .host.programs import program
 from .host.releases import RELEASE_ID, Release, ReleasesState
 from .host.transfer import as_owner
 from .report import ServiceOutcome, StackOutcome, report
+from .validation import host_config
 
 ROLLBACK_TO = "MLSTACK_ROLLBACK_TO"  # a release id; unset or empty: the release that ran before the current one
 

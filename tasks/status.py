@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
 
-from .config import DEFAULTS, HostConfig, host_config, pyinfra_keys
+from .config import DEFAULTS, HostConfig, pyinfra_keys
 from .fleet.day_two import LOGS_OPTIONS, LogOptions, printable
 from .host import gpus, models, releases
 from .host.gpus import GpuState
@@ -38,6 +38,7 @@ from .host.probe import HostProbe, PartFailure, ProbePart
 from .host.programs import program
 from .host.releases import ReleasesState
 from .report import report
+from .validation import host_config
 
 # -- what the host says, besides the models, GPUs and releases --------------------------------------------------
 

@@ -20,7 +20,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, HostConfig, validate_host
+from ..config import ConfigError, HostConfig
+from ..validation import validate_host
 from .runner import DEPLOY, DeployRun, limit_args, run_deploy
 
 

@@ -1,4 +1,6 @@
-"""Config validation: every bad input gets its own exact message naming host, key, value, expectation."""
+"""Settings validation: every bad input gets its own exact message naming host, key, value, expectation.
+
+No docker needed: the compose project against the settings is tests/unit/control/test_project_checks.py."""
 
 import runpy
 from pathlib import Path
@@ -6,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasks import secrets
-from tasks.config import ConfigError, HostConfig, validate_fleet, validate_host
+from tasks.config import HostConfig, validate_settings
 from tasks.control import hub
 
 EXAMPLE = runpy.run_path(str(Path(__file__).parents[2] / "inventory/example_archon.py"))["archon_hosts"][1]
@@ -14,12 +16,12 @@ DEFAULTS = {key: value for key, value in EXAMPLE.items() if not key.startswith((
 
 
 def problems_for(**overrides):
-    config, problems = validate_host("gpu-01", {**DEFAULTS, **overrides})
+    config, problems = validate_settings("gpu-01", {**DEFAULTS, **overrides})
     return problems
 
 
 def test_the_defaults_are_valid_and_typed():
-    config, problems = validate_host("gpu-01", DEFAULTS)
+    config, problems = validate_settings("gpu-01", DEFAULTS)
     assert problems == []
     assert config.ml_env_dir == "/srv/mlstack/ml-env"
     assert config.compose_project_dir_mode == 0o750
@@ -61,12 +63,12 @@ def test_each_bad_value_has_its_exact_message(key, value, message):
 @pytest.mark.parametrize(("value", "mode"),
                          [("0755", 0o755), ("755", 0o755), (755, 0o755), ("2775", 0o2775), ("02775", 0o2775)])
 def test_modes_are_octal_text_or_pyinfra_style_digits(value, mode):
-    config, problems = validate_host("gpu-01", {**DEFAULTS, "ml_env_dir_mode": value})
+    config, problems = validate_settings("gpu-01", {**DEFAULTS, "ml_env_dir_mode": value})
     assert problems == [] and config.ml_env_dir_mode == mode
 
 
 def test_numeric_ids_may_come_as_digit_strings_from_the_command_line():
-    config, problems = validate_host("gpu-01", {**DEFAULTS, "model_cache_dir_uid": "1000"})
+    config, problems = validate_settings("gpu-01", {**DEFAULTS, "model_cache_dir_uid": "1000"})
     assert problems == [] and config.model_cache_dir_uid == 1000
 
 
@@ -81,11 +83,11 @@ def test_typos_of_pyinfra_keys_are_caught_too():
 
 
 def test_unset_settings_take_their_defaults_from_the_code_and_stack_alone_is_required():
-    config, problems = validate_host("gpu-01", {"stack": "reranker"})
+    config, problems = validate_settings("gpu-01", {"stack": "reranker"})
     assert problems == []
     assert (config.stack_root, config.models, config.ml_services, config.service_gpus, config.http_checks,
             config.stack_secrets) == ("/srv/mlstack", [], {}, {}, [], [])
-    _, problems = validate_host("gpu-01", {})
+    _, problems = validate_settings("gpu-01", {})
     assert problems == ["gpu-01: stack = (not set): a value is required: your compose project's directory on the "
                         "control node (e.g. stack = \"./compose\" in the inventory, from the directory you run in, or "
                         "--data stack=/path)"]
@@ -95,9 +97,9 @@ def test_a_relative_stack_is_read_from_the_directory_the_deploy_runs_in(tmp_path
     (tmp_path / "team/compose").mkdir(parents=True)
     (tmp_path / "team/compose/compose.yaml").write_text("services:\n  web: {image: nginx}\n")
     monkeypatch.chdir(tmp_path / "team")
-    config, problems = validate_host("gpu-01", {"stack": "./compose"})
+    config, problems = validate_settings("gpu-01", {"stack": "./compose"})
     assert problems == [] and config.stack == str(tmp_path / "team/compose")
-    assert validate_host("gpu-01", {"stack": "compose"})[1][0].startswith(  # a bare name is a shipped project
+    assert validate_settings("gpu-01", {"stack": "compose"})[1][0].startswith(  # a bare name is a shipped project
         "gpu-01: stack = 'compose': expected a compose project directory: an absolute path, one starting with ./")
 
 
@@ -114,34 +116,10 @@ def test_two_directories_cannot_share_a_path():
     ]
 
 
-def test_every_problem_on_every_host_is_reported_at_once():
-    hosts = [
-        ("gpu-01", {**DEFAULTS, "stack_root_uid": -1}),
-        ("gpu-02", {**DEFAULTS}),
-        ("gpu-03", {**DEFAULTS, "ml_env_dir": "rel", "stack_root_mode": "9"}),
-    ]
-    with pytest.raises(ConfigError) as caught:
-        validate_fleet(hosts)
-    assert caught.value.problems == [
-        "gpu-01: stack_root_uid = -1: expected an integer id from 0 to 4294967294",
-        "gpu-03: stack_root_mode = '9': expected an octal mode such as '0755'",
-        "gpu-03: ml_env_dir = 'rel': expected an absolute path such as '/srv/mlstack'",
-    ]
-    assert str(caught.value).startswith("invalid inventory data, nothing was changed:\n  gpu-01: stack_root_uid")
-
-
 def test_config_is_immutable():
     config = HostConfig(**DEFAULTS)
     with pytest.raises(Exception):
         config.stack_root = "/elsewhere"
-
-
-def test_the_example_inventory_is_valid():
-    example = runpy.run_path(str(Path(__file__).parents[2] / "inventory/example_gpu_fleet.py"))
-    hosts, group_data = example["gpu_hosts"]
-    assert group_data["stack"] == "/home/ops/ml-stack/compose"  # a placeholder: the team's own project
-    configs = validate_fleet((name, {**group_data, "stack": "reranker", **data}) for name, data in hosts)
-    assert configs["gpu-01.example.internal"].stack_root == "/data/mlstack"
 
 
 @pytest.mark.parametrize(
@@ -193,14 +171,14 @@ def test_index_credentials_are_masked_in_every_message(monkeypatch):
 
 def test_index_lists_may_come_comma_separated_from_the_command_line(monkeypatch):
     monkeypatch.setenv("PIP_TOKEN", "hunter2")
-    config, problems = validate_host("gpu-01", {**DEFAULTS, "pip_trusted_hosts": "a.corp,b.corp:8080",
+    config, problems = validate_settings("gpu-01", {**DEFAULTS, "pip_trusted_hosts": "a.corp,b.corp:8080",
                                                 "pip_index_url": "https://ci:${PIP_TOKEN}@a.corp/simple/"})
     assert problems == [] and config.pip_trusted_hosts == ["a.corp", "b.corp:8080"]
     assert config.pip_options()["index_url"] == "https://ci:${PIP_TOKEN}@a.corp/simple/"  # expanded only for pip
 
 
 def test_model_entries_get_defaults_and_their_cache_folder():
-    config, problems = validate_host("gpu-01", {**DEFAULTS, "models": [
+    config, problems = validate_settings("gpu-01", {**DEFAULTS, "models": [
         {"repo_id": "sentence-transformers/all-MiniLM-L6-v2"},
         {"repo_id": "org/data", "repo_type": "dataset", "revision": "v1.0", "allow_patterns": "*.json"},
     ], "service_models": {"RERANKING_MODEL": "sentence-transformers/all-MiniLM-L6-v2"}})
@@ -234,49 +212,10 @@ def test_each_bad_model_entry_has_its_exact_message(models, problem):
     assert problems_for(models=models, service_models={"RERANKING_MODEL": "a/b"}) == [f"gpu-01: {problem}"]
 
 
-def test_a_service_naming_a_model_the_deploy_does_not_place_is_refused():
-    assert problems_for(models=[{"repo_id": "Qwen/Qwen3-Reranker-0.6B"}],
-                        service_models={"RERANKING_MODEL": "Qwen/Qwen3-Reranker-4B"}) == [
-        "gpu-01: service_models.RERANKING_MODEL = 'Qwen/Qwen3-Reranker-4B': a repo_id from models "
-        "(the stack must use a model the deploy places: Qwen/Qwen3-Reranker-0.6B)"
-    ]
-    assert problems_for(service_models={"reranking model": "Qwen/Qwen3-Reranker-0.6B"})[0].startswith(
-        "gpu-01: service_models.reranking model = 'reranking model': expected an environment variable name")
-
-
-def test_a_stack_service_reading_a_model_setting_the_inventory_lacks_is_refused():
-    assert problems_for(stack="reranker", ml_services={"reranker": {"models": ["RERANKING_MODEL"]}},
-                        service_models={}, service_gpus={}) == [
-        "gpu-01: service_models = {}: an entry for RERANKING_MODEL (ml_services: read by reranker)"
-    ]
-
-
-def test_ml_services_name_services_of_the_project():
-    assert problems_for(stack="reranker", ml_services={"rerankr": {}}, service_gpus={}) == [
-        "gpu-01: ml_services.rerankr = {'ml_env': True, 'models': []}: a service of stack 'reranker': docs, reranker"]
-    (problem,) = problems_for(ml_services={"archon-server": {"ml_env": "yes"}})
-    assert problem.startswith("gpu-01: ml_services.archon-server.ml_env = 'yes': expected True or False"), problem
-
-
-def test_a_variable_read_without_a_default_needs_a_value_before_any_host_changes():
-    assert problems_for(stack_secrets=["SUPABASE_URL"]) == [
-        "gpu-01: stack = 'archon': a value for ${SUPABASE_SERVICE_KEY}, which archon-mcp, archon-server read "
-        "without a default: set it in stack_env or stack_secrets"]
-    assert problems_for(stack_secrets=[], stack_env={"SUPABASE_URL": "u", "SUPABASE_SERVICE_KEY": "k"}) == []
-    # archon-agents reads it too, but only with the agents profile
-    assert "archon-agents, archon-mcp" in problems_for(stack_secrets=["SUPABASE_URL"], stack_profiles=["agents"])[0]
-
-
 @pytest.mark.parametrize("files", [["../x.yml"], ["/etc/compose.yml"], ["a:b.yml"], ["a b.yml"]])
 def test_compose_files_are_plain_names_inside_the_project(files):
     (problem,) = problems_for(compose_files=files)
     assert problem.startswith("gpu-01: compose_files = ") and "relative to the project directory" in problem
-
-
-def test_a_stack_directory_without_a_compose_file_is_refused(tmp_path):
-    (problem,) = problems_for(stack=str(tmp_path))
-    assert problem.startswith(f"gpu-01: stack = '{tmp_path}': a compose project docker compose can read: ")
-    assert "none of compose.yaml, compose.yml, docker-compose.yml, docker-compose.yaml is there" in problem
 
 
 # Configured host directories: characters, system locations, nesting.
@@ -484,7 +423,7 @@ def test_host_mode_refuses_an_endpoint_with_credentials(monkeypatch):
 def test_hf_token_over_http_is_a_flag_off_by_default():
     assert HostConfig(**DEFAULTS).hf_token_over_http is False
     assert problems_for(hf_token_over_http="yes") == ["gpu-01: hf_token_over_http = 'yes': expected True or False"]
-    config, problems = validate_host("gpu-01", {**DEFAULTS, "hf_token_over_http": "true"})
+    config, problems = validate_settings("gpu-01", {**DEFAULTS, "hf_token_over_http": "true"})
     assert problems == [] and config.hf_token_over_http is True
 
 
@@ -514,7 +453,7 @@ def test_the_endpoint_is_expanded_only_for_the_control_nodes_request_and_shown_m
             raise ValueError(f"cannot reach {asked[-1][0]}/api/models/{repo_id}")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-    config, problems = validate_host("gpu-01", {**DEFAULTS, "hf_endpoint": "http://ci:${HF_PW}@hf.corp",
+    config, problems = validate_settings("gpu-01", {**DEFAULTS, "hf_endpoint": "http://ci:${HF_PW}@hf.corp",
                                                 "hf_control_cache_dir": str(tmp_path)})
     assert problems == [] and hub.endpoint_of(config) == "http://ci:${HF_PW}@hf.corp"
     with pytest.raises(hub.ModelError) as refused:
@@ -560,11 +499,8 @@ def test_non_root_owners_where_the_deploy_works_as_them_are_valid(overrides):
     assert problems_for(**overrides) == []
 
 
-def test_service_gpus_are_checked_against_the_stack_and_their_shape():
+def test_service_gpus_have_their_shape():
     assert problems_for(service_gpus={"archon-server": [0, 1], "archon-mcp": 2, "archon-agents": "all"}) == []
-    assert problems_for(service_gpus={"archon-srever": "all"}) == [
-        "gpu-01: service_gpus.archon-srever = 'all': a service of stack 'archon': "
-        "archon-agents, archon-frontend, archon-mcp, archon-server"]
     for bad in ({"archon-server": 0}, {"archon-server": [0, 0]}, {"archon-server": []}, {"archon-server": "any"},
                 {"archon-server": True}, {"archon-server": [-1]}):
         (problem,) = problems_for(service_gpus=bad)
@@ -592,34 +528,3 @@ def test_registry_credentials_take_the_password_from_the_environment_only(monkey
                           ({"https://registry.corp": "ci:${REG_PW}"}, "expected a registry host[:port]")]:
         (problem,) = problems_for(registry_credentials=bad)
         assert expected in problem and "hunter2" not in problem, problem
-
-
-def test_the_fleet_is_validated_once_however_many_hosts_ask_at_once(monkeypatch):
-    """pyinfra runs the deploy for every host at once: the hosts after the first wait for its validation (which
-    reads the compose project with docker compose) instead of each validating the fleet again."""
-    import threading  # noqa: PLC0415
-    import time  # noqa: PLC0415
-    from types import SimpleNamespace  # noqa: PLC0415
-
-    import pyinfra  # noqa: PLC0415
-
-    from tasks import config  # noqa: PLC0415
-
-    calls = []
-
-    def slow_validation(hosts):
-        calls.append(list(hosts))
-        time.sleep(0.2)
-        return {"gpu-01": "first", "gpu-02": "second"}
-
-    monkeypatch.setattr(config, "validate_fleet", slow_validation)
-    monkeypatch.setattr(config, "_fleet_configs", None)
-    monkeypatch.setattr(pyinfra, "inventory", SimpleNamespace(get_active_hosts=lambda: []))
-    found = {}
-    askers = [threading.Thread(target=lambda name=name: found.setdefault(name, config.host_config(
-        SimpleNamespace(name=name)))) for name in ("gpu-01", "gpu-02")]
-    for asker in askers:
-        asker.start()
-    for asker in askers:
-        asker.join()
-    assert found == {"gpu-01": "first", "gpu-02": "second"} and len(calls) == 1

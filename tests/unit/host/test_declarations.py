@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import validate_host
 from tasks.control.compose_project import ComposeProject, compose_config
 from tasks.host.declarations import (
     External,
@@ -21,6 +20,7 @@ from tasks.host.declarations import (
 )
 from tasks.host.gpu_checks import Gpu
 from tasks.host.stack import StackFact, gate_outcome
+from tasks.validation import validate_host
 
 TWO = [Gpu(0, "GPU-5a7f8c3e-1b2d-4e6f-9a8b-0c1d2e3f4a5b", "NVIDIA H100 80GB HBM3", 81559, "580.159.04", "9.0"),
        Gpu(1, "GPU-04e3f7c4-4d05-fe38-482c-5a96411275e4", "NVIDIA H100 80GB HBM3", 81559, "580.159.04", "9.0")]

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import validate_host
 from tasks.control.builder import BaseImage
 from tasks.control.compose_project import project_of
 from tasks.control.registry import RegistryImage
@@ -14,6 +13,7 @@ from tasks.host import stack
 from tasks.host.ml_env import MlEnvState, NoEnv, env_wanted, host_problem, probe_part
 from tasks.host.runtime_image import BasePlan, base_archive, plan_base
 from tasks.host.stack import render, stack_base
+from tasks.validation import validate_host
 
 BASE = BaseImage("registry.corp:5000/ml/python:3.11", "sha256:" + "b" * 64, "python3.11", "linux/amd64")
 OTHER = "sha256:" + "0" * 64

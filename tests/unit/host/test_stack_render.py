@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import ModelSpec, validate_host
+from tasks.config import ModelSpec
 from tasks.control.builder import BaseImage
 from tasks.control.compose_project import ComposeProject, project_of
 from tasks.control.hub import Snapshot
@@ -35,6 +35,7 @@ from tasks.host.stack import (
     plan_stack,
     render,
 )
+from tasks.validation import validate_host
 
 EXAMPLE = runpy.run_path(str(Path(__file__).parents[3] / "inventory/example_archon.py"))["archon_hosts"][1]
 DEFAULTS = {key: value for key, value in EXAMPLE.items() if not key.startswith(("_", "ssh_"))}  # no connection data
