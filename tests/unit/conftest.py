@@ -9,3 +9,9 @@ def archon_secrets(monkeypatch):
     """stack_secrets are read from the control node's environment while validating: the example's are set."""
     for name, value in ARCHON_SECRETS.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="session")
+def archon_secret_values() -> dict[str, str]:
+    """The same values, for a child process's environment."""
+    return dict(ARCHON_SECRETS)
