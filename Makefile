@@ -2,12 +2,13 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
+LOCK := requirements.lock
 PY := $(VENV)/bin/python
 N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test lint test-unit test-fast test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status prereqs venv
+.PHONY: rehearse test lint test-unit test-fast test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status prereqs venv lock
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
@@ -59,7 +60,18 @@ prereqs:  ## apt packages and the compose v2 plugin (idempotent, asks no registr
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the lock's versions, each file checked against its hashes; then the project itself, nothing more.
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
+
+# The lock is for Python 3.11 on Linux x86_64 (this machine and CI), resolved by uv from a throwaway venv.
+# Pins still allowed by pyproject.toml stay; `make lock UPGRADE=1` takes the newest allowed versions instead.
+lock:  ## refresh requirements.lock (dependencies and the dev extra, with hashes) after editing pyproject.toml
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(PYTHON) -m venv "$$tmp" && \
+	"$$tmp/bin/pip" install --quiet --disable-pip-version-check uv && \
+	"$$tmp/bin/uv" pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu $(if $(UPGRADE),--upgrade) \
+		--custom-compile-command 'make lock' --quiet --output-file $(LOCK)
