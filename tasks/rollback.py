@@ -15,7 +15,7 @@ import os
 from pyinfra import host
 from pyinfra.api import operation
 
-from .host import ml_env, releases, stack
+from .host import ml_env, releases, stack, stack_health, stack_push
 from .host.failure import fail_host
 from .host.lock import hold_deploy_lock
 from .host.models import ModelCacheFact, ModelCacheState
@@ -89,17 +89,17 @@ def rollback() -> None:
     record.stack.services = {service: ServiceOutcome("recreate", f"rollback to {target.id}")
                              for service in target.image_ids}
     for other in sorted(running.projects - {target.project}):  # a switch back: the running project goes first
-        stack.bring_down(name=f"Bring project {other} down (its volumes stay)", project=other,
-                         compose_dir=config.compose_project_dir)
+        stack_push.bring_down(name=f"Bring project {other} down (its volumes stay)", project=other,
+                              compose_dir=config.compose_project_dir)
     restore_project(name=f"Project files of {target.id}", releases_dir=releases.releases_dir(config),
                     release=target.id, compose_dir=config.compose_project_dir)
     if target.env and target.env != envs.active:
         switch_env(name=f"Switch the env to {target.env}", env_dir=config.ml_env_dir, env=target.env,
                    owner=ml_env.env_owner(config))
-    stack.converge_stack(name=f"Up and healthy: {target.project}", project=target.project,
-                         compose_dir=config.compose_project_dir, profiles=list(target.profiles),
-                         timeout=config.health_timeout, checks=config.http_checks,
-                         services=sorted(target.image_ids))
+    stack_health.converge_stack(name=f"Up and healthy: {target.project}", project=target.project,
+                                compose_dir=config.compose_project_dir, profiles=list(target.profiles),
+                                timeout=config.health_timeout, checks=config.http_checks,
+                                services=sorted(target.image_ids))
     releases.record_release(name=f"Release {target.id}", releases_dir=releases.releases_dir(config),
                             release=target, compose_dir=config.compose_project_dir)
 

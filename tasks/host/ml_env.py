@@ -406,27 +406,12 @@ def converge(config: HostConfig, state: MlEnvState, base: BaseImage | None, gpus
     transfer = planned_transfer(source, state) if plan.upload else None
     host.log(plan.summary(transfer.object_bytes if transfer else 0))
     record = report[host.name]
-    gate = gpus if plan.activate and gpus.gpus else None
-    if gate and cached is not None:  # the plan-time checks, before anything changes
-        problem = record_gate(host.name, cached, gate_problem(gate, cached))
-        if problem:
-            raise HostProblem(problem)
-    elif gate:  # a pinned env only on the host: nothing to check against but the host itself
-        host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
+    gate = plan_gate(gpus, plan, source, cached)
     record.env = EnvOutcome(plan.current, plan.wanted,
                             "install" if plan.upload else "switch" if plan.activate else "none")
     if plan.activate or plan.remove or state.damaged:
         record.changed("ML env")
-    placed = state.image_id != base.id  # the base image reaches the host in this run: nothing can run it yet
-    recheck = config.ml_env_check_active and not plan.activate and placed
-    if recheck:
-        host.log(f"ML env: the import check of {plan.wanted} runs once the base image is on the host")
-    if config.ml_env_check_active and not plan.activate and not placed:
-        failure = host.get_fact(EnvImportCheckFact, env_dir=config.ml_env_dir, env=plan.wanted, image_id=base.id,
-                                python=base.python)
-        if failure:
-            record.changed("ML env")
-            fail_host("ML env", f"the active env {plan.wanted} fails its import check: {failure}")
+    recheck = check_active_env(config, state, base, plan)
     if state.damaged:  # before a new env copies their links
         damaged = repairable(source.cache_dir, state)
         host.log(f"ML env store: {len(damaged)} damaged object(s) ({damaged[0][0][:12]}…): a good copy is sent and "
@@ -441,6 +426,35 @@ def converge(config: HostConfig, state: MlEnvState, base: BaseImage | None, gpus
                      env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,
                      owner=env_owner(config), gpus=gate)
     return plan
+
+
+def plan_gate(gpus: GpuState, plan: EnvPlan, source: EnvSource, cached: Manifest | None) -> GpuState | None:
+    """The GPUs the gate checks the env against (None: no gate: no switch, or no GPU), with its plan-time checks
+    made before anything changes where the control node holds the env's manifest (CACHED)."""
+    gate = gpus if plan.activate and gpus.gpus else None
+    if gate and cached is not None:  # the plan-time checks, before anything changes
+        problem = record_gate(host.name, cached, gate_problem(gate, cached))
+        if problem:
+            raise HostProblem(problem)
+    elif gate:  # a pinned env only on the host: nothing to check against but the host itself
+        host.log(f"GPU gate, {source.env}: no manifest on the control node, so the smoke test alone decides")
+    return gate
+
+
+def check_active_env(config: HostConfig, state: MlEnvState, base: BaseImage, plan: EnvPlan) -> bool:
+    """With ml_env_check_active, the import check of the env that stays active: now where the host holds the base
+    image, else (returns True) once it is on the host, by the switch operation."""
+    placed = state.image_id != base.id  # the base image reaches the host in this run: nothing can run it yet
+    recheck = config.ml_env_check_active and not plan.activate and placed
+    if recheck:
+        host.log(f"ML env: the import check of {plan.wanted} runs once the base image is on the host")
+    if config.ml_env_check_active and not plan.activate and not placed:
+        failure = host.get_fact(EnvImportCheckFact, env_dir=config.ml_env_dir, env=plan.wanted, image_id=base.id,
+                                python=base.python)
+        if failure:
+            report[host.name].changed("ML env")
+            fail_host("ML env", f"the active env {plan.wanted} fails its import check: {failure}")
+    return recheck
 
 
 @step("ML env cleanup")

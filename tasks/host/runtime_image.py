@@ -9,7 +9,7 @@ holds another id under its tag, gets exactly that id before the env's import che
   (`NAME@sha256:…`), with the registry's login streamed as for the stack's images (files/host/pull_images.sh);
 - shipped from the builder (`image_source = "ship"`, and always for an image no registry holds: one built or
   loaded on the builder) as the stack's images are: one `docker save | gzip` per fleet, named by the id, only
-  the layers a host lacks where its engine allows (tasks/host/stack.py `ship_image`).
+  the layers a host lacks where its engine allows (tasks/host/stack_images.py `ship_image`).
 
 Either way the host's tag is then checked to name that very id. A host needs none of this when no env is wanted.
 """
@@ -35,7 +35,7 @@ from ..report import report
 from .failure import HostProblem, step
 from .ml_env import MlEnvState, env_wanted, host_problem
 from .programs import program
-from .stack import HeldLayersFact, archive_send_size, ship_image
+from .stack_images import HeldLayersFact, archive_send_size, ship_image
 from .transfer import StreamedUpload
 
 

@@ -10,32 +10,27 @@ set: a value reaches only the services whose definitions read it.
 `.env.digest` (key → scrypt fingerprint of the value, with the host's salt) lets later runs see what
 changed without reading a secret back, and the `mlstack.config` label hashes fingerprints, not values;
 `.mlstack-files` (sha256 and path per line) records what the last push placed.
+
+Here: the two facts, the plan and the step; the files are rendered in stack_render.py, images
+shipped in stack_images.py, the project pushed in stack_push.py, the health gate is stack_health.py.
 """
 from __future__ import annotations
 
 import difflib
 import hashlib
-import io
-import json
 import os
 import re
-import shlex
-import tarfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import yaml
 from pyinfra import host
 from pyinfra import state as pyinfra_state
-from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
+from pyinfra.api import FactBase
 
 from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
-from ..control.caches import atomic_write, file_sha256, once
+from ..control.caches import once
 from ..control.compose_project import (
     BASE_IMAGE_VARIABLE,
     OVERRIDE,
@@ -46,10 +41,7 @@ from ..control.compose_project import (
 )
 from ..control.env_build import base_image
 from ..control.hub import Snapshot
-from ..control.image_archives import archive_layers, chain_ids, partial_archive
 from ..control.registry import (
-    RegistryImage,
-    docker_config,
     inspect_on_builder,
     pull_and_save,
     registry_images,
@@ -57,22 +49,31 @@ from ..control.registry import (
 )
 from ..control.stack_project import build_and_save, image_tag
 from ..report import ServiceOutcome, StackOutcome, report
-from ..secrets import SALT, fingerprint
 from .declarations import declaration_problems, declares_externals, read_name
-from .failure import HostProblem, failed, step
-from .gpu_checks import Gpu, GpuRequestError, assign_gpus
-from .gpus import GpuState, device_reservation
+from .failure import HostProblem, step
+from .gpu_checks import GpuRequestError
+from .gpus import GpuState
 from .ml_env import EnvPlan, NoEnv
 from .probe import ProbePart
 from .programs import program
 from .releases import Release, new_release, settings_digest
-from .transfer import StreamedUpload
+from .stack_health import CONTROL, converge_stack
+from .stack_images import (
+    HeldLayers,
+    HeldLayersFact,
+    ServiceImage,
+    archive_of,
+    archive_send_size,
+    pull_with_credentials,
+    ship_image,
+)
+from .stack_push import bring_down, push_project
+from .stack_render import MANIFEST, Rendered, compose_values, digest_salt, render
 
-HF_HOME = "/root/.cache/huggingface"
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # terminal control, but tab
-MANIFEST = ".mlstack-files"
-PRIVATE = (".env", ".env.digest")  # 0600: the values, and what could hint at them
-SALT_LINE = re.compile(rf"^# salt ({SALT.pattern})$", re.M)  # .env.digest's first line
+CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
+
+
+PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # compose's rule for a project name
 
 
 @dataclass(frozen=True)
@@ -90,35 +91,6 @@ class StackState:
     volumes: frozenset[str] | None = None  # every volume's name, read when the project declares an external one
     networks: frozenset[str] | None = None  # every network's name, likewise
     projects: frozenset[str] = frozenset()  # compose projects with containers started from the compose dir
-
-
-@dataclass(frozen=True)
-class HeldLayers:
-    layers: frozenset[str] = frozenset()  # the chain id of every layer of every image on the host
-    loads_partial: bool = False  # the classic image store: `docker load` reads no layer it holds
-
-
-class HeldLayersFact(FactBase):
-    """The layers a host holds, for an image about to be sent to it (files/host/image_layers_probe.sh)."""
-
-    def command(self) -> str:
-        return program("image_layers_probe.sh")
-
-    def process(self, output: list[str]) -> HeldLayers:
-        layers, store = set(), ""
-        for line in output:
-            if line.startswith("layers "):
-                diff_ids = line[7:].split()
-                if all(LAYER_ID.fullmatch(diff_id) for diff_id in diff_ids):
-                    layers.update(chain_ids(diff_ids))
-            elif line.startswith("store "):
-                store = line[6:]
-        return HeldLayers(frozenset(layers), store.startswith("[") and "io.containerd.snapshotter" not in store)
-
-
-CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
-LAYER_ID = re.compile(r"sha256:[0-9a-f]{64}")
-PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # compose's rule for a project name
 
 
 class StackFact(FactBase):
@@ -166,141 +138,6 @@ def probe_part(config: HostConfig) -> ProbePart:
     return ProbePart("stack", StackFact, {"compose_dir": config.compose_project_dir, "project": project.name,
                                           "texts": [*project.files, OVERRIDE, ".env.digest", MANIFEST],
                                           "externals": declares_externals(project)})
-
-
-def escape(value: str) -> str:
-    """VALUE as compose must read it literally (no `$` interpolation)."""
-    return value.replace("$", "$$")
-
-
-def dotenv_line(key: str, value: str) -> str:
-    """One `.env` line compose reads back as exactly VALUE, for `env_file:` and `${VAR}` alike.
-
-    Double quotes with `\\`, `"`, `$` and newline escaped (rehearsal/compose-facts.md has the proof):
-    unquoted values lose ` #…` and expand `$X`; single quotes still treat `\\'` as an escape.
-    """
-    if "\0" in value:
-        raise StackError(f"{key}: a NUL character cannot be passed through .env")
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("\n", "\\n")
-    return f'{key}="{escaped}"'
-
-
-def short_hash(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Rendered:
-    override: str  # compose.mlstack.yml
-    dotenv: str  # .env (secrets: never logged)
-    digest: str  # .env.digest: key=hash per line
-    files: dict = field(hash=False, repr=False)  # relative path -> content: the project's files and the override
-    manifest: str = ""  # .mlstack-files: sha256 and path of each of FILES
-    labels: dict = field(hash=False, default_factory=dict)  # service -> the mlstack.* labels it carries
-
-
-def compose_values(config: HostConfig, secrets: dict[str, str]) -> dict[str, str]:
-    """What compose interpolates the project with: the runtime base image ref, stack_env, the secrets."""
-    return {BASE_IMAGE_VARIABLE: config.ml_env_base_image, **config.stack_env, **secrets}
-
-
-@dataclass(frozen=True)
-class ServiceImage:
-    """The image a service runs, as the deploy provides it."""
-
-    reference: str  # a built image's tag, or the registry reference
-    source: str = "build"  # "build": built once, shipped; "ship": pulled once, shipped; "pull": the host pulls
-    registry: RegistryImage | None = None  # "ship": its digest, and its id where the builder holds it
-
-    @property
-    def label(self) -> str:
-        return f"{self.reference} ({self.registry.digest[7:19]})" if self.registry else self.reference
-
-
-def digest_salt(config: HostConfig, digest: str | None) -> str:
-    """The salt of the host's `.env.digest` (DIGEST); for a host without one, the control node's own (made
-    once, in `image_cache_dir`), so hosts it deployed share one and each value is fingerprinted once."""
-    found = SALT_LINE.search(digest or "")
-    if found:
-        return found.group(1)
-
-    def control_salt() -> str:
-        path = Path(config.image_cache_dir).expanduser() / "env-digest.salt"
-        salt = path.read_text().strip() if path.exists() else ""
-        if not SALT.fullmatch(salt):
-            salt = os.urandom(16).hex()
-            atomic_write(path, salt)
-        return salt
-
-    return once(("salt", config.image_cache_dir), control_salt)
-
-
-def render_dotenv(project: ComposeProject, config: HostConfig, values: dict[str, str], salt: str
-                  ) -> tuple[str, str, dict[str, str]]:
-    """The host's one `.env`: the deploy's keys (compose's own settings, then VALUES), then each entry of the
-    project's `.env` as written unless the deploy sets its key; with `.env.digest` and key -> fingerprint.
-    The deploy's keys come first, so an entry of the project's that refers to one reads the deploy's value."""
-    ours = {"COMPOSE_FILE": ":".join((*project.files, OVERRIDE)), "COMPOSE_PROJECT_NAME": project.name,
-            "COMPOSE_PROFILES": ",".join(config.stack_profiles), **values}
-    theirs = {key: entry for key, entry in project.dotenv.items() if key not in ours}
-    fingerprints = {**{key: fingerprint(value, salt) for key, value in ours.items()},
-                    **{key: fingerprint(entry, salt) for key, entry in theirs.items()}}
-    dotenv = "".join(dotenv_line(key, value) + "\n" for key, value in ours.items())
-    dotenv += "".join(entry + "\n" for entry in theirs.values())
-    digest = f"# salt {salt}\n" + "".join(f"{key}={value}\n" for key, value in fingerprints.items())
-    return dotenv, digest, fingerprints
-
-
-def render(project: ComposeProject, config: HostConfig, env: EnvPlan | NoEnv, snapshots: list[Snapshot],
-           images: dict[str, ServiceImage], gpus: list[Gpu], secrets: dict[str, str], salt: str) -> Rendered:
-    values = compose_values(config, secrets)
-    dotenv, digest, fingerprints = render_dotenv(project, config, values, salt)
-    commits = {snapshot.spec.repo_id: snapshot.commit for snapshot in snapshots}
-    services, labels = {}, {}
-    for name, definition in project.services.items():
-        service: dict = {}
-        ours: dict[str, str] = {}
-        environment: dict[str, str] = {}
-        volumes: list[dict] = []
-        image = images.get(name)
-        if image and image.source == "build":
-            service["image"] = image.reference
-        if image and image.source == "ship":
-            service["pull_policy"] = "never"  # the deploy brings it: the host needs no way to the registry
-        if image:
-            ours["mlstack.image"] = escape(image.label)
-        uses = config.ml_services.get(name)
-        if uses and uses.ml_env:
-            volumes.append({"type": "bind", "source": escape(f"{config.ml_env_dir}/envs/{env.wanted}"),
-                            "target": "/root/.local", "read_only": True})
-            environment.update({key: escape(value) for key, value in env.environment().items()})
-            ours["mlstack.env-id"] = env.wanted
-        if uses and uses.models:
-            volumes.append({"type": "bind", "source": escape(config.model_cache_dir), "target": HF_HOME,
-                            "read_only": True})
-            environment.update({"HF_HOME": HF_HOME, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
-            used = {var: config.service_models[var] for var in uses.models}
-            for var, repo_id in used.items():
-                environment[var] = escape(repo_id)
-                environment[f"{var}_REVISION"] = commits[repo_id]
-            ours["mlstack.models"] = escape(",".join(f"{repo}@{commits[repo]}" for repo in sorted(set(used.values()))))
-        given = assign_gpus(gpus, name, config.service_gpus[name]) if name in config.service_gpus else []
-        if given:
-            service["deploy"] = {"resources": {"reservations": device_reservation(given)}}
-        if environment:
-            service["environment"] = environment
-        if volumes:
-            service["volumes"] = volumes
-        read = {var: fingerprints[var] for var in sorted(project.reads(name)) if var in fingerprints}
-        ours["mlstack.config"] = short_hash([definition, service, ours, read])
-        service["labels"] = ours
-        services[name], labels[name] = service, ours
-    override = ("# Generated by the deploy (tasks/host/stack.py): the ML env, models, GPUs and labels.\n"
-                + yaml.safe_dump({"services": services}, sort_keys=False, width=1000))
-    files = {**project.files_to_ship(), OVERRIDE: override.encode()}
-    hashes = {**project.file_hashes(), OVERRIDE: hashlib.sha256(files[OVERRIDE]).hexdigest()}
-    manifest = "".join(f"{hashes[path]}  {path}\n" for path in sorted(files))
-    return Rendered(override, dotenv, digest, files, manifest, labels)
 
 
 @dataclass(frozen=True)
@@ -357,173 +194,6 @@ def control_secrets(config: HostConfig) -> dict[str, str]:
     return {name: os.environ[name] for name in config.stack_secrets}
 
 
-def _image_ready(state, host, reference: str, make_archive) -> bool:
-    try:
-        once(("image", reference), make_archive)
-    except (BuilderError, StackError) as error:
-        return failed(host, f"image {reference}: {error}")
-    return True
-
-
-def archive_send_size(archive: Path, held: HeldLayers) -> str | None:
-    """What sending ARCHIVE takes to a host holding HELD, for the plan; None while the archive is not made."""
-    if not archive.exists():
-        return None
-    leave_out, total = layers_to_send(archive, held.layers) if held.loads_partial else ((), 0)
-    return (f"{total - len(leave_out)} of {total} layers to send, the host holds the rest" if leave_out
-            else f"{archive.stat().st_size / 1e6:.1f} MB to send")
-
-
-def layers_to_send(archive: Path, held: frozenset[str]) -> tuple[tuple[str, ...], int]:
-    """Which layer files of ARCHIVE a host holding the layers HELD (chain ids) can do without, and how many it
-    has; none for an archive that is not one image's `docker save` (it is sent whole, and loaded as it is)."""
-    try:
-        layers = once(("layers", archive), lambda: archive_layers(archive))
-    except (StackError, OSError, tarfile.TarError):
-        return (), 0
-    return tuple(sorted(name for name, chain in layers if chain in held)), len(layers)
-
-
-@operation(is_idempotent=False)
-def ship_image(reference: str, make_archive, archive: Path, compose_dir: str, held: tuple[str, ...] = ()):
-    """Make the archive once for the fleet (MAKE_ARCHIVE: build or pull, then `docker save | gzip`), then
-    `docker load` it on each host that lacks the image, after a sha256 check. A host whose engine skips
-    layers it holds gets only the layers it lacks (HELD: the chain ids of those it has, where it skips)."""
-    yield FunctionCommand(_image_ready, (reference, make_archive), {})
-    leave_out, total = layers_to_send(archive, frozenset(held)) if held else ((), 0)
-    if leave_out:
-        archive = once(("partial", archive, leave_out), lambda: partial_archive(archive, leave_out))
-    label = f"image {reference}" + (f" ({total - len(leave_out)} of {total} layers)" if leave_out else "")
-    incoming, q = f"{compose_dir}/.image.tar.gz", shlex.quote
-    sha256 = once(("sha256", archive), lambda: file_sha256(archive))
-    mismatch = q(f"image {reference}: the archive does not match its sha256; it was removed, run the deploy again")
-    yield StreamedUpload(archive, label, incoming, then=(
-        f"{{ echo {sha256}'  '{q(incoming)} | sha256sum --check --quiet --strict - "
-        f"|| {{ rm -f {q(incoming)}; echo {mismatch} >&2; exit 1; }}; }} "
-        f"&& docker load -q -i {q(incoming)} && rm -f {q(incoming)}"))
-
-
-@operation(is_idempotent=False)
-def pull_with_credentials(compose_dir: str, profiles: list[str], services: list[str], registries: list[str],
-                          credentials: dict[str, str]):
-    """`docker compose pull` of SERVICES on the host, with the logins of REGISTRIES streamed to it on stdin
-    (`files/host/pull_images.sh`): before `up`, which would pull without them."""
-    yield StreamedUpload(docker_config(credentials, registries), "registry credentials", compose_dir,
-                         receiver=program("pull_images.sh", compose_dir, ",".join(profiles), *services))
-
-
-def project_tar(rendered: Rendered) -> bytes:
-    """The project's files, the override, .env and the two records: modes set here, owners root's."""
-    buffer = io.BytesIO()
-    entries = {**rendered.files, ".env": rendered.dotenv.encode(), ".env.digest": rendered.digest.encode(),
-               MANIFEST: rendered.manifest.encode()}
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o600 if name in PRIVATE else 0o644, int(time.time())
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-@operation(is_idempotent=False)
-def bring_down(project: str, compose_dir: str):
-    """`docker compose down` of a project by its name (compose finds its containers by their labels): its
-    containers and networks go, its volumes stay."""
-    yield f"cd {shlex.quote(compose_dir)} && docker compose -p {shlex.quote(project)} down --remove-orphans"
-
-
-@operation(is_idempotent=False)
-def push_project(compose_dir: str, rendered: Rendered):
-    """Stage the project in a 0700 directory, validate it there (`docker compose config -q`), then move each
-    file into place and remove what the last push placed and this one does not."""
-    staged = shlex.quote(f"{compose_dir}/.next")
-    yield f"rm -rf {staged} && install -d -m 0700 {staged}"
-    # streamed into a directory only root can read: the .env never passes through a readable copy
-    yield StreamedUpload(project_tar(rendered), "compose project", f"{compose_dir}/.next/project.tar")
-    yield program("install_project.sh", compose_dir)
-
-
-def gate_outcome(project: str, timeout: int, services: list[str], records: list[str]) -> tuple[list[str], str]:
-    """The services the health gate found failing (only names of SERVICES count) and the failure's message,
-    from its RECORDS (stdout lines): compose's own message where `up` itself failed (`up-failed` lines, control
-    characters shown escaped), else the services not healthy within TIMEOUT."""
-    failing = [line.split(" ", 1)[1] for line in records if line.startswith("failing ")]
-    unhealthy = [name for name in failing if name in services]
-    said = [CONTROL.sub(lambda match: repr(match[0])[1:-1], line.removeprefix("up-failed ").strip())
-            for line in records if line.startswith("up-failed ")]
-    if said:
-        return unhealthy, f"stack {project}: docker compose up failed: {' / '.join(said)[-1500:]}"
-    return unhealthy, (f"stack {project}: not healthy within {timeout}s: " + (", ".join(unhealthy) or "see the log"))
-
-
-class HealthGate(StringCommand):
-    """`files/host/health_gate.sh`: up, wait for health. What it finds failing goes to the report; only
-    names of this project's services count."""
-
-    def __init__(self, project: str, compose_dir: str, profiles: list[str], timeout: int, services: list[str]):
-        super().__init__(program("health_gate.sh", compose_dir, project, timeout, ",".join(profiles)))
-        self.project, self.timeout, self.services = project, timeout, services
-
-    def execute(self, state, host, connector_arguments):
-        status, output = super().execute(state, host, connector_arguments)
-        record = report[host.name]
-        unhealthy, message = gate_outcome(self.project, self.timeout, self.services, output.stdout_lines)
-        if record.stack is not None:
-            record.stack.health = "healthy" if status else "unhealthy"
-            record.stack.unhealthy = unhealthy
-        if not status:
-            record.pending = message
-        return status, output
-
-
-def check_url(template: str, address: str) -> str:
-    """An `http_checks` entry for one host: `{host}` is the address the control node reaches it at."""
-    return template.replace("{host}", f"[{address}]" if ":" in address else address)
-
-
-def ask(url: str, deadline: float) -> str:
-    """'' once URL answers 2xx or 3xx before DEADLINE (asked every 2 s, no proxy), else the last problem."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    while True:
-        try:
-            with opener.open(url, timeout=5) as response:
-                if response.status < 400:
-                    return ""
-                problem = f"HTTP {response.status}"
-        except urllib.error.HTTPError as error:
-            problem = f"HTTP {error.code}"
-        except (OSError, ValueError) as error:
-            problem = str(getattr(error, "reason", None) or error)
-        if time.monotonic() + 2 > deadline:
-            return problem
-        time.sleep(2)
-
-
-def _checks_pass(state, host, project: str, templates: list[str], timeout: int) -> bool:
-    """The `http_checks`, made by the control node against the host, as a person would check the service."""
-    address = host.data.get("ssh_hostname") or host.name
-    deadline = time.monotonic() + timeout
-    failing = [f"check {url}: {problem}" for url in (check_url(template, address) for template in templates)
-               if (problem := ask(url, deadline))]
-    record = report[host.name]
-    if not failing:
-        return True
-    if record.stack is not None:
-        record.stack.health = "unhealthy"
-        record.stack.unhealthy = failing
-    return failed(host, f"stack {project}: " + ", ".join(failing))
-
-
-@operation(is_idempotent=False)
-def converge_stack(project: str, compose_dir: str, profiles: list[str], timeout: int, checks: list[str],
-                   services: list[str]):
-    """Compose recreates exactly the services whose config hash changed; then the health gate: compose's
-    healthchecks on the host, then the HTTP checks from the control node."""
-    yield HealthGate(project, compose_dir, profiles, timeout, services)
-    if checks:
-        yield FunctionCommand(_checks_pass, (project, checks, timeout), {})
-
-
 def _diff(old: str | None, new: str, name: str) -> list[str]:
     """A unified diff for the log; control characters shown escaped (the host's side is read back from it)."""
     lines = difflib.unified_diff((old or "").splitlines(), new.splitlines(), f"{name} (host)", f"{name} (new)",
@@ -539,12 +209,6 @@ def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
     lines += [f"- {key}=***" for key in old if key not in new]
     lines += [f"~ {key}=*** (changed)" for key in new if key in old and old[key] != new[key]]
     return lines
-
-
-def archive_of(config: HostConfig, image: ServiceImage) -> Path:
-    """Where the control cache keeps IMAGE's `docker save | gzip`: by tag when built, by digest when pulled."""
-    name = image.reference.replace(":", "-") if image.registry is None else f"pulled-{image.registry.digest[7:23]}"
-    return Path(config.image_cache_dir).expanduser() / f"{name}.tar.gz"
 
 
 def stack_base(config: HostConfig, project: ComposeProject, host_image: str | None) -> BaseImage | None:
@@ -600,11 +264,40 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
         return None  # the host failed its ML env check; it is reported there (NoEnv: no env is wanted)
     project = project_of(config)
     services = project.active(config.stack_profiles)
+    refuse_cdi(config, host_gpus, services)
+    images, makers, rendered = prepare(config, env, snapshots, state, host_gpus, project, services)
+    plan = replace(plan_stack(state, rendered, images, services),
+                   release=release_of(config, project, rendered, env, snapshots, images, services))
+    outcome = stack_outcome(project, images, plan, state, services)
+    report[host.name].stack = outcome
+    if not (plan.send_images or plan.converge):
+        healthy = sum(c.state == "running" and c.health in ("", "healthy") for c in state.containers.values())
+        host.log(f"stack {project.name}: no change "
+                 f"({healthy}/{len(state.containers)} services running and healthy)")
+        outcome.health = "healthy"  # a service that is not would be recreated
+        return plan
+    report[host.name].changed("stack")
+    by_reference = {image.reference: image for image in images.values()}
+    held = host.get_fact(HeldLayersFact) if plan.send_images else HeldLayers()
+    log_plan(config, project, state, plan, images, by_reference, held, services)
+    carry_out(config, project, state, plan, images, makers, by_reference, held, services)
+    return plan
+
+
+def refuse_cdi(config: HostConfig, host_gpus: GpuState, services: list[str]) -> None:
     gpus = list(host_gpus.gpus)
     if gpus and host_gpus.docker_gpus == "cdi" and set(config.service_gpus) & set(services):
         raise HostProblem("service_gpus: this host's docker gives containers GPUs through CDI only, and compose "
                           "reservations here name the nvidia runtime: run `nvidia-ctk runtime configure "
                           "--runtime=docker` on it (CDI reservations are not supported yet)")
+
+
+def prepare(config: HostConfig, env: EnvPlan | NoEnv, snapshots: list[Snapshot], state: StackState,
+            host_gpus: GpuState, project: ComposeProject, services: list[str]
+            ) -> tuple[dict[str, ServiceImage], dict[str, object], Rendered]:
+    """Each service's image (and how each sent one is made) and the rendered files, once what the project itself
+    asks of the host is there; a problem found fails the host before anything on it changes."""
+    gpus = list(host_gpus.gpus)
     secrets = control_secrets(config)
     try:
         base = env.base if isinstance(env, EnvPlan) else stack_base(config, project, env.host_image)
@@ -618,22 +311,23 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
                           digest_salt(config, state.texts.get(".env.digest")))
     except (StackError, BuilderError, GpuRequestError) as error:
         raise HostProblem(error) from None
-    plan = replace(plan_stack(state, rendered, images, services),
-                   release=release_of(config, project, rendered, env, snapshots, images, services))
-    outcome = StackOutcome(project.name, sorted({images[name].label for name in services if name in images}), {
+    return images, makers, rendered
+
+
+def stack_outcome(project: ComposeProject, images: dict[str, ServiceImage], plan: StackPlan, state: StackState,
+                  services: list[str]) -> StackOutcome:
+    """What the report says of the stack before anything runs: its images, and each service kept or (re)created."""
+    return StackOutcome(project.name, sorted({images[name].label for name in services if name in images}), {
         name: ServiceOutcome("keep") if name not in plan.recreate
         else ServiceOutcome("recreate" if name in state.containers else "create", plan.recreate[name])
         for name in services})
-    report[host.name].stack = outcome
-    if not (plan.send_images or plan.converge):
-        healthy = sum(c.state == "running" and c.health in ("", "healthy") for c in state.containers.values())
-        host.log(f"stack {project.name}: no change "
-                 f"({healthy}/{len(state.containers)} services running and healthy)")
-        outcome.health = "healthy"  # a service that is not would be recreated
-        return plan
-    report[host.name].changed("stack")
-    by_reference = {image.reference: image for image in images.values()}
-    held = host.get_fact(HeldLayersFact) if plan.send_images else HeldLayers()
+
+
+def log_plan(config: HostConfig, project: ComposeProject, state: StackState, plan: StackPlan,
+             images: dict[str, ServiceImage], by_reference: dict[str, ServiceImage], held: HeldLayers,
+             services: list[str]) -> None:
+    """The plan in the log: images sent or pulled, projects replaced, services recreated; with --diff, the files'
+    diffs and the .env keys changed (never their values)."""
     for reference in plan.send_images:
         archive = archive_of(config, by_reference[reference])
         registry = by_reference[reference].registry
@@ -654,10 +348,17 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
              + (f"; kept: {', '.join(kept)}" if kept and plan.recreate else ""))
     if pyinfra_state.config.DIFF:
         for name in (*project.files, OVERRIDE):
-            for line in _diff(state.texts.get(name), rendered.files[name].decode("utf-8", "replace"), name):
+            for line in _diff(state.texts.get(name), plan.rendered.files[name].decode("utf-8", "replace"), name):
                 host.log(f"  {line}")
-        for line in masked_env_diff(state.texts.get(".env.digest"), rendered.digest):
+        for line in masked_env_diff(state.texts.get(".env.digest"), plan.rendered.digest):
             host.log(f"  {line}")
+
+
+def carry_out(config: HostConfig, project: ComposeProject, state: StackState, plan: StackPlan,
+              images: dict[str, ServiceImage], makers: dict[str, object], by_reference: dict[str, ServiceImage],
+              held: HeldLayers, services: list[str]) -> None:
+    """The operations, in order: projects replaced brought down, images shipped, the project pushed, registry
+    images pulled with their logins, then up behind the health gate."""
     for other in sorted(state.projects - {project.name}):  # what ran from this directory before: its own files
         bring_down(name=f"Bring project {other} down (replaced by {project.name}; its volumes stay)",
                    project=other, compose_dir=config.compose_project_dir)
@@ -667,7 +368,7 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
                    held=tuple(sorted(held.layers)) if held.loads_partial else ())
     if plan.push:
         push_project(name=f"Compose project {project.name}", compose_dir=config.compose_project_dir,
-                     rendered=rendered)
+                     rendered=plan.rendered)
     pulling = {name: image for name, image in images.items() if image.source == "pull" and name in services
                and lacks(state, image) and registry_of(image.reference) in config.registry_credentials}
     if pulling and plan.converge:
@@ -680,4 +381,3 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Sn
         converge_stack(name=f"Up and healthy: {project.name}", project=project.name,
                        compose_dir=config.compose_project_dir, profiles=config.stack_profiles,
                        timeout=config.health_timeout, checks=list(config.http_checks), services=services)
-    return plan

@@ -23,7 +23,8 @@ from tasks.host.ml_env import NoEnv
 from tasks.host.models import ModelCacheState, RepoCacheState
 from tasks.host.programs import program
 from tasks.host.releases import ReleasesState, new_release
-from tasks.host.stack import Rendered, release_of
+from tasks.host.stack import release_of
+from tasks.host.stack_render import Rendered
 from tasks.status import Container, HostState, Read, ServiceLogsFact, StatusFact, drift, host_status, model_states
 
 FILES = "f" * 64  # the sha256 of the compose directory's .mlstack-files and .env.digest, as the probe says it

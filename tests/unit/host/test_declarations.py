@@ -19,7 +19,8 @@ from tasks.host.declarations import (
     read_name,
 )
 from tasks.host.gpu_checks import Gpu
-from tasks.host.stack import StackFact, gate_outcome
+from tasks.host.stack import StackFact
+from tasks.host.stack_health import gate_outcome
 from tasks.validation import validate_host
 
 TWO = [Gpu(0, "GPU-5a7f8c3e-1b2d-4e6f-9a8b-0c1d2e3f4a5b", "NVIDIA H100 80GB HBM3", 81559, "580.159.04", "9.0"),

@@ -12,7 +12,8 @@ from tasks.control.registry import RegistryImage
 from tasks.host import stack
 from tasks.host.ml_env import MlEnvState, NoEnv, env_wanted, host_problem, probe_part
 from tasks.host.runtime_image import BasePlan, base_archive, plan_base
-from tasks.host.stack import render, stack_base
+from tasks.host.stack import stack_base
+from tasks.host.stack_render import render
 from tasks.validation import validate_host
 
 BASE = BaseImage("registry.corp:5000/ml/python:3.11", "sha256:" + "b" * 64, "python3.11", "linux/amd64")

@@ -20,21 +20,10 @@ from tasks.control.image_archives import chain_ids
 from tasks.control.registry import RegistryImage
 from tasks.host.gpu_checks import Gpu, GpuRequestError
 from tasks.host.ml_env import EnvPlan
-from tasks.host.stack import (
-    MANIFEST,
-    ContainerState,
-    HeldLayersFact,
-    ServiceImage,
-    StackState,
-    _diff,
-    check_url,
-    digest_salt,
-    dotenv_line,
-    escape,
-    masked_env_diff,
-    plan_stack,
-    render,
-)
+from tasks.host.stack import ContainerState, StackState, _diff, masked_env_diff, plan_stack
+from tasks.host.stack_health import check_url
+from tasks.host.stack_images import HeldLayersFact, ServiceImage
+from tasks.host.stack_render import MANIFEST, digest_salt, dotenv_line, escape, render
 from tasks.validation import validate_host
 
 EXAMPLE = runpy.run_path(str(Path(__file__).parents[3] / "inventory/example_archon.py"))["archon_hosts"][1]

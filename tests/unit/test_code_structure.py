@@ -1,0 +1,114 @@
+"""The package's shape, read with ast: no import cycle among the modules of tasks/, and no long function."""
+
+import ast
+from pathlib import Path
+
+TASKS = Path(__file__).parents[2] / "tasks"
+PACKAGE = "tasks"
+LONGEST = 50  # lines, from the `def` line to the last line of the body
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(TASKS.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(TASKS.rglob("*.py"))}
+
+
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The modules of the package that NAME (at PATH) imports anywhere in it (functions included), relative
+    imports resolved; `from .pkg import module` counts as importing that module."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            targets = [origin, *(f"{origin}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found |= {target for target in targets if target in known and target != name}
+    return {target for target in found if target != PACKAGE}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component that has one (Tarjan), each as the path that closes it."""
+    index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                components.append(set(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return [cycle_in(graph, component) for component in components]
+
+
+def cycle_in(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+    """A path within COMPONENT from its first module back to it."""
+    start = min(component)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        node = frontier.pop(0)
+        for other in sorted(graph[node] & component):
+            if other == start:
+                return [*paths[node], start]
+            if other not in paths:
+                paths[other] = [*paths[node], other]
+                frontier.append(other)
+    raise AssertionError(f"no cycle in {component}")
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported(name, path, known) for name, path in known.items()}
+
+
+def test_the_graph_reader_resolves_relative_imports_and_finds_a_cycle():
+    known = modules()
+    assert "tasks.paths" in imported("tasks.host.programs", known["tasks.host.programs"], known)
+    assert "tasks.control.caches" in imported("tasks.report", known["tasks.report"], known)
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_import_cycle_among_the_modules_of_tasks():
+    found = cycles(import_graph())
+    assert found == [], "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in found)
+
+
+def test_no_function_under_tasks_is_longer_than_50_lines():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > LONGEST:
+                    long.append(f"{path.relative_to(TASKS.parent)}:{node.lineno} {node.name} ({length} lines)")
+    assert long == [], f"functions longer than {LONGEST} lines: " + ", ".join(long)
