@@ -57,7 +57,7 @@ def deploy(fleet: Fleet, records: list[HostRecord], *args: str) -> tuple[DeployR
     before = sent_bytes(fleet, records)
     run = run_deploy(*args, env={"MLSTACK_FLEET": fleet.name}, echo=True)
     assert run.returncode == 0, run.output[-3000:]
-    return run, [after - start for start, after in zip(before, sent_bytes(fleet, records))]
+    return run, [after - start for start, after in zip(before, sent_bytes(fleet, records), strict=True)]
 
 
 def on_host(fleet: Fleet, record: HostRecord, command: str) -> str:
@@ -132,13 +132,13 @@ def main() -> None:
         package = sum(entry.size for path, entry in trees[1].items() if OPENAI_FILES.match(path))
         artifact = (cache / f"{envs[1]}.tar.gz").stat().st_size
     print(f"\nbuilds (dry runs: pip, repack, control store): {', '.join(f'{s:.0f} s' for s in builds)}")
-    print(f"envs: {', '.join(f'{env} (openai {version})' for env, version in zip(envs, VERSIONS))}\n")
+    print(f"envs: {', '.join(f'{env} (openai {version})' for env, version in zip(envs, VERSIONS, strict=True))}\n")
     print("| step | env MB sent to host1 | all MB to host1 | all MB to host2 | deploy s | upload s (host1) "
           "| MB/s (host1) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     rates = []
     for label, (run, sent) in zip(("first install", "upgrade: openai 1.71→1.72", "upgrade: openai 1.72→1.73"),
-                                  installs):
+                                  installs, strict=True):
         uploads = {host: (float(mb), float(seconds)) for host, _, mb, seconds in SENT.findall(run.output)}
         mb, seconds = uploads.get("host1", (0.0, 0.0))
         rate = mb / seconds if seconds else float("nan")

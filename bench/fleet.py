@@ -20,6 +20,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from rehearsal import hub, index
@@ -85,7 +86,7 @@ class Meter:
         before = self.read()
         result = run()
         after = self.read()
-        return result, Traffic([b - a for a, b in zip(before.to_hosts, after.to_hosts)],
+        return result, Traffic([b - a for a, b in zip(before.to_hosts, after.to_hosts, strict=True)],
                                {name: after.served[name] - before.served[name] for name in after.served})
 
 
@@ -112,11 +113,11 @@ def main() -> None:
             up_seconds = time.monotonic() - started
             with Meter(fleet, records) as meter, tempfile.TemporaryDirectory(prefix="mlstack-bench-") as scratch:
                 caches = [arg for key in CACHES for arg in ("--data", f"{key}={scratch}/{key}")]
-                first, first_bytes = meter.during(lambda: deploy("-y", env=env, caches=caches))
+                first, first_bytes = meter.during(partial(deploy, "-y", env=env, caches=caches))
                 assert "building" in first.output  # fresh caches: the env and the image were built
                 noop, noop_bytes = [], None
                 for _ in range(REPEATS):
-                    run, noop_bytes = meter.during(lambda: deploy("-y", env=env, caches=caches))
+                    run, noop_bytes = meter.during(partial(deploy, "-y", env=env, caches=caches))
                     assert not run.changed_operations(), run.changed_operations()
                     noop.append(run.seconds)
                 dry = statistics.median(deploy("--dry", env=env, caches=caches).seconds for _ in range(REPEATS))

@@ -136,7 +136,7 @@ class Fleet:
     def up(self, count: int) -> list[HostRecord]:
         if not 1 <= count <= MAX_HOSTS:
             raise FleetError(f"N={count}: expected a host count from 1 to {MAX_HOSTS}")
-        from rehearsal.baseimage import ensure_archive  # noqa: PLC0415 (debootstrap only when booting)
+        from rehearsal.baseimage import ensure_archive  # debootstrap only when booting
 
         with self.locked():
             live = {}
@@ -307,11 +307,12 @@ class Fleet:
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise FleetError(f"{record.name}: sshd not listening on {record.ip}:22; see {host_dir}/sshd.log")
+                    raise FleetError(
+                        f"{record.name}: sshd not listening on {record.ip}:22; see {host_dir}/sshd.log") from None
                 time.sleep(0.1)
 
     def _load_image(self, record: HostRecord, archive: Path) -> None:
-        import docker  # noqa: PLC0415 (the venv's SDK; prereqs run without it)
+        import docker  # the venv's SDK; prereqs run without it
 
         client = docker.DockerClient(base_url=f"unix://{self.host_dir(record.name) / 'docker.sock'}", timeout=300)
         with archive.open("rb") as data:

@@ -29,7 +29,7 @@ def wait_for_interface(name: str, timeout: float = 30) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise SystemExit(f"{name} never appeared in this namespace")
+                raise SystemExit(f"{name} never appeared in this namespace") from None
             time.sleep(0.05)
 
 

@@ -86,7 +86,7 @@ def has_tools(gateway: str, state_dir: Path) -> bool:
 
 def seed(gateway: str, state_dir: Path, engine_socket: Path, base_image: str) -> None:
     """Build `rehearsal/tools:1` on the engine at ENGINE_SOCKET, push it, and remove it there again."""
-    import docker  # noqa: PLC0415 (the venv's SDK; prereqs run without it)
+    import docker  # the venv's SDK; prereqs run without it
 
     dockerfile = f"FROM {base_image}\nCOPY tools.txt /opt/tools.txt\n".encode()
     note = b"rehearsal/tools: an image of the fleet's registry\n"

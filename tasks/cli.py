@@ -34,8 +34,8 @@ COMMANDS = {
 
 def run_once(command: str, inventory: str, pyinfra_args: list[str]) -> int:
     """`plan` and `deploy`: one pyinfra run over the targeted hosts, its log streamed, then a table per host."""
-    from .fleet.rollout import HostOutcome, print_table  # noqa: PLC0415 (each command imports only what it runs)
-    from .fleet.runner import run_deploy  # noqa: PLC0415
+    from .fleet.rollout import HostOutcome, print_table  # each command imports only what it runs
+    from .fleet.runner import run_deploy
     mode = ["--dry", "--diff"] if command == "plan" else ["-y"]  # -y: no second planning pass before applying
     run = run_deploy(*mode, *pyinfra_args, inventory=inventory, echo=True)
     if not run.report:
@@ -59,24 +59,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv[:1])  # prints the usage and exits 2 (0 for --help)
     command, rest = argv[0], argv[1:]
     if command == "rollout":
-        from .fleet import rollout  # noqa: PLC0415
+        from .fleet import rollout
         return rollout.main(rest, prog="mlstack rollout")
     if command == "rollback":
-        from .fleet import rollout  # noqa: PLC0415
-        from .rollback import ROLLBACK_TO  # noqa: PLC0415
+        from .fleet import rollout
+        from .rollback import ROLLBACK_TO
         to = argparse.ArgumentParser(add_help=False)
         to.add_argument("--to", default="", help="a release id (mlstack status); default: each host's previous")
         chosen, rest = to.parse_known_args(rest)
         return rollout.main(rest, prog="mlstack rollback", function="mlstack.rollback.rollback",
                             env={ROLLBACK_TO: chosen.to})
     if command == "prune":
-        from .fleet import prune  # noqa: PLC0415
+        from .fleet import prune
         return prune.main(rest, prog="mlstack prune")
     if command == "verify":
-        from .fleet import verify  # noqa: PLC0415
+        from .fleet import verify
         return verify.main(rest, prog="mlstack verify")
     if command in ("status", "logs"):
-        from .fleet import day_two  # noqa: PLC0415 (light: `mlstack status` waits for its start-up)
+        from .fleet import day_two  # light: `mlstack status` waits for its start-up
         return day_two.status_main(rest) if command == "status" else day_two.logs_main(rest)
     parser = argparse.ArgumentParser(prog=f"mlstack {command}", description=COMMANDS[command],
                                      epilog="Other options go to pyinfra as they are (--limit, --data k=v, -v).")

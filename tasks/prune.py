@@ -68,8 +68,8 @@ class HostImages:
         for other, theirs in self.layers.items():
             if other in going or other == image_id:
                 continue
-            common = next((index for index, (mine, their) in enumerate(zip(layers, theirs)) if mine != their),
-                          min(len(layers), len(theirs)))
+            pairs = enumerate(zip(layers, theirs, strict=False))  # up to the shorter one's end
+            common = next((index for index, (mine, their) in pairs if mine != their), min(len(layers), len(theirs)))
             shared = max(shared, common)
             if common == len(theirs):
                 known[common] = max(known.get(common, 0), self.sizes.get(other, 0))
@@ -249,7 +249,7 @@ def prune_record(plan: PrunePlan, state: ReleasesState, envs: MlEnvState, env_si
         "snapshots": [{**asdict(snapshot), "refs": list(snapshot.refs), "blobs": len(snapshot.blobs)}
                       for snapshot in plan.snapshots],
         "images": [{"id": image_id, "size": images.sizes.get(image_id, 0),
-                    **dict(zip(("bytes", "exact"), images.freed(image_id, set(plan.images)))),
+                    **dict(zip(("bytes", "exact"), images.freed(image_id, set(plan.images)), strict=True)),
                     "services": sorted({service for release in state.releases.values()
                                         for service, used in release.image_ids.items() if used == image_id})}
                    for image_id in plan.images],
@@ -305,7 +305,7 @@ def prune() -> None:
     read = probe_host(*parts) if parts else ()
     if read is None:
         return
-    values = dict(zip((part.name for part in parts), read))
+    values = dict(zip((part.name for part in parts), read, strict=True))
     cache = values.get("models") or ModelCacheState({}, 0)
     plan = plan_prune(state, keep, envs, cache, images)
     record = report[host.name]

@@ -100,7 +100,7 @@ class Report:
     def start(self) -> None:
         """Follow this run's operations (and connections, when called before pyinfra connects); idempotent:
         deploy.py calls it, and so does tasks/fleet/report_hook.py, which pyinfra runs before connecting."""
-        from pyinfra.context import ctx_state  # noqa: PLC0415 (only inside a pyinfra run)
+        from pyinfra.context import ctx_state  # only inside a pyinfra run
 
         if self.started or not os.environ.get(REPORT_FILE):
             return
@@ -119,7 +119,7 @@ class Report:
         state.init = init_then_follow
 
     def write(self, path: Path, state) -> None:
-        from pyinfra.api.state import StateStage  # noqa: PLC0415 (only inside a pyinfra run)
+        from pyinfra.api.state import StateStage  # only inside a pyinfra run
 
         for host in state.inventory:
             if not state.is_host_in_limit(host):
@@ -143,7 +143,7 @@ report = Report()
 def _callbacks():
     """What follows this run's connections and operations; pyinfra is imported only inside a run (the fleet tools
     read reports without it: `mlstack status` waits for their start-up)."""
-    from pyinfra.api.state import BaseStateCallback  # noqa: PLC0415
+    from pyinfra.api.state import BaseStateCallback
 
     class Callbacks(BaseStateCallback):
         @staticmethod

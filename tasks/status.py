@@ -81,9 +81,7 @@ class StatusFact(FactBase):
         for line in output:
             kind, _, rest = line.partition(" ")
             if kind == "lock":
-                state, _, text = rest.partition(" ")
-                if state.rstrip(":") in ("free", "held", "unknown"):
-                    found["lock"], found["holder"] = state.rstrip(":"), printable(text)
+                found.update(_lock(rest))
             elif kind == "files" and SHA256.fullmatch(rest):
                 found["files"] = rest
             elif kind == "file":
@@ -96,16 +94,30 @@ class StatusFact(FactBase):
             elif kind == "env" and ENV_ID.fullmatch(rest):
                 found["envs"].append(rest)
             elif kind == "container" and rest.count("|") == 4:
-                project, service, state, status, oneoff = rest.split("|")
-                if oneoff != "True":  # `docker compose run`'s containers are not the service's
-                    # "Up 2 minutes (healthy)", "(unhealthy)", "(health: starting)"; nothing without a healthcheck
-                    health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
-                    found["containers"][(project, service)] = Container(state, health)
+                found["containers"].update(_container(rest))
             elif kind == "docker-failed":
                 found["docker"] = False
             elif kind == "project" and PROJECT_NAME.fullmatch(rest):
                 found["project"] = rest
         return HostState(**{**found, "changed": tuple(found["changed"]), "envs": tuple(sorted(found["envs"]))})
+
+
+def _lock(rest: str) -> dict:
+    """A `lock` line: the lock's state and its holder line (or why it is unknown); nothing if malformed."""
+    state, _, text = rest.partition(" ")
+    state = state.rstrip(":")
+    return {"lock": state, "holder": printable(text)} if state in ("free", "held", "unknown") else {}
+
+
+def _container(rest: str) -> dict:
+    """A `container` line (project|service|state|status|oneoff): {(project, service): Container}, or nothing for
+    `docker compose run`'s containers, which are not the service's."""
+    project, service, state, status, oneoff = rest.split("|")
+    if oneoff == "True":
+        return {}
+    # "Up 2 minutes (healthy)", "(unhealthy)", "(health: starting)"; nothing without a healthcheck
+    health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
+    return {(project, service): Container(state, health)}
 
 
 def status_parts(config: HostConfig) -> tuple[ProbePart, ...]:

@@ -42,7 +42,7 @@ def describe(builder: str) -> str:
 
 def connect(builder: str) -> docker.DockerClient:
     """A client of BUILDER ('' = DOCKER_HOST or the local socket); ssh:// uses the system ssh and its config."""
-    import docker  # noqa: PLC0415 (0.1-0.4 s: only when the builder is needed)
+    import docker  # 0.1-0.4 s: only when the builder is needed
 
     try:
         if not builder:
@@ -61,7 +61,7 @@ def builder_engine(builder: str, failing: str):
     """A client of BUILDER for the block, closed after it; a docker error inside becomes a BuilderError
     that names the builder and says FAILING (what was being done)."""
     client = connect(builder)
-    import docker.errors  # noqa: PLC0415 (loaded by connect)
+    import docker.errors  # loaded by connect
 
     try:
         yield client
@@ -72,7 +72,7 @@ def builder_engine(builder: str, failing: str):
 
 
 def _image_on_builder(client: docker.DockerClient, builder: str, ref: str):
-    import docker.errors  # noqa: PLC0415
+    import docker.errors
 
     try:
         try:

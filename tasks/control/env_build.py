@@ -125,7 +125,7 @@ def _loopback(url: str) -> bool:
 def build_network(client: docker.DockerClient, pip_options: dict) -> str:
     """The network the build container joins: the builder's own (host) only when an index setting names its
     loopback, which no other network reaches; else a bridge network of the build's own, made once."""
-    import docker.errors  # noqa: PLC0415 (loaded by the client's caller)
+    import docker.errors  # loaded by the client's caller
 
     if any(_loopback(secrets.expand(url)) for url in index_urls(pip_options)):
         return "host"

@@ -107,11 +107,11 @@ def inventory_hosts(inventory: str, limit: list[str], pyinfra_args: list[str] = 
     """Host names in inventory order, narrowed by LIMIT and EXCLUDE (host names, globs or group names, as
     pyinfra's --limit and --exclude read them), and the first host's validated config, with the
     `--data key=value` overrides among PYINFRA_ARGS applied as pyinfra applies them."""
-    from pyinfra.api import State  # noqa: PLC0415 (pyinfra's CLI machinery, only for this)
-    from pyinfra.context import ctx_inventory, ctx_state  # noqa: PLC0415
-    from pyinfra_cli.cli import _apply_inventory_exclude, _apply_inventory_limit  # noqa: PLC0415
-    from pyinfra_cli.inventory import make_inventory  # noqa: PLC0415
-    from pyinfra_cli.util import parse_cli_arg  # noqa: PLC0415
+    from pyinfra.api import State  # pyinfra's CLI machinery, only for this
+    from pyinfra.context import ctx_inventory, ctx_state
+    from pyinfra_cli.cli import _apply_inventory_exclude, _apply_inventory_limit
+    from pyinfra_cli.inventory import make_inventory
+    from pyinfra_cli.util import parse_cli_arg
 
     pairs = [pyinfra_args[i + 1] for i, arg in enumerate(pyinfra_args[:-1]) if arg == "--data"]
     overrides = {key: parse_cli_arg(value) for key, _, value in (pair.partition("=") for pair in pairs)}

@@ -6,6 +6,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from tasks import secrets
 from tasks.config import HostConfig, validate_settings
@@ -118,7 +119,7 @@ def test_two_directories_cannot_share_a_path():
 
 def test_config_is_immutable():
     config = HostConfig(**DEFAULTS)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.stack_root = "/elsewhere"
 
 

@@ -113,13 +113,13 @@ def test_a_stack_directory_without_a_compose_file_is_refused(tmp_path):
 def test_the_fleet_is_validated_once_however_many_hosts_ask_at_once(monkeypatch):
     """pyinfra runs the deploy for every host at once: the hosts after the first wait for its validation (which
     reads the compose project with docker compose) instead of each validating the fleet again."""
-    import threading  # noqa: PLC0415
-    import time  # noqa: PLC0415
-    from types import SimpleNamespace  # noqa: PLC0415
+    import threading
+    import time
+    from types import SimpleNamespace
 
-    import pyinfra  # noqa: PLC0415
+    import pyinfra
 
-    from tasks import validation  # noqa: PLC0415
+    from tasks import validation
 
     calls = []
 

@@ -120,7 +120,7 @@ def test_published_layout_loads_offline_with_huggingface_hub(tmp_path):
     repo = tmp_path / "hub" / SPEC.folder
     (repo / "blobs").mkdir(parents=True)
     (repo / "trees").mkdir()
-    for entry, data in zip(entries_of(TREE, SPEC), (README, WEIGHTS)):
+    for entry, data in zip(entries_of(TREE, SPEC), (README, WEIGHTS), strict=True):
         (repo / "blobs" / entry.blob).write_bytes(data)
     (repo / "trees" / f"{COMMIT}.json").write_text(TREE)
     plan = ModelPlan(snapshot(), (), False, True, (), True, ("blobs/deadbeef.incoming",))
