@@ -55,6 +55,7 @@ class Build:
     args: dict = field(hash=False)
     target: str | None
     network: str | None  # compose's `build.network`; None: the builder's default
+    spec: str = ""  # the service's whole `build:` section as compose resolved it, as JSON (what names its image)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ class ComposeProject:
             if "build" in spec:
                 build = spec["build"]
                 builds.append(Build(name, Path(build["context"]), build.get("dockerfile", "Dockerfile"),
-                                    build.get("args") or {}, build.get("target"), build.get("network")))
+                                    build.get("args") or {}, build.get("target"), build.get("network"),
+                                    json.dumps(build, sort_keys=True)))
         return builds
 
     def files_to_ship(self) -> dict[str, bytes]:

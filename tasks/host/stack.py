@@ -222,16 +222,18 @@ def stack_base(config: HostConfig, project: ComposeProject, host_image: str | No
     return base_image(config, Path(config.ml_env_cache_dir).expanduser(), host_image)
 
 
-def service_images(project: ComposeProject, resolved: dict, config: HostConfig, base: BaseImage | None
-                   ) -> tuple[dict[str, ServiceImage], dict[str, object]]:
+def service_images(project: ComposeProject, resolved: dict, config: HostConfig, base: BaseImage | None,
+                   values: tuple[tuple[str, str], ...] = ()) -> tuple[dict[str, ServiceImage], dict[str, object]]:
     """Each service's image, and for each image the deploy sends, how its archive is made (once per fleet).
-    BASE None: no build reads the base image (`stack_base`), so no tag names it."""
+    BASE None: no build reads the base image (`stack_base`), so no tag names it. VALUES: what compose
+    interpolates RESOLVED from, for the build (`build.secrets` from `environment:` read them)."""
     images, makers = {}, {}
     base_id = base.id if base else ""
     for build in project.builds(resolved):
         tag = once(("tag", build, base_id), lambda build=build: image_tag(project, build, base_id))
         images[build.service] = image = ServiceImage(tag)
-        makers[tag] = partial(build_and_save, build, tag, base, config.ml_env_builder, archive_of(config, image))
+        makers[tag] = partial(build_and_save, project, build, values, tag, base, config.ml_env_builder,
+                              config.registry_credentials, archive_of(config, image))
     for service, reference in registry_images(resolved).items():
         if "@" not in reference and ":" not in reference.rpartition("/")[2]:
             reference += ":latest"  # as `docker images` lists it
@@ -306,7 +308,7 @@ def prepare(config: HostConfig, env: EnvPlan | NoEnv, snapshots: list[Snapshot],
                                         gpus, host_gpus.docker_gpus, host_gpus.runtimes)
         if declared:  # what the project itself asks of the host, before anything on it changes
             raise HostProblem("; ".join(declared))
-        images, makers = service_images(project, resolved_config(project, values), config, base)
+        images, makers = service_images(project, resolved_config(project, values), config, base, values)
         rendered = render(project, config, env, snapshots, images, gpus, secrets,
                           digest_salt(config, state.texts.get(".env.digest")))
     except (StackError, BuilderError, GpuRequestError) as error:

@@ -1,4 +1,5 @@
-"""The control side of the compose project: build contexts as docker sends them (`.dockerignore`)."""
+"""The control side of the compose project: its files, registry images, archives and layers (builds:
+test_stack_build.py)."""
 
 import base64
 import gzip
@@ -11,37 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.control.compose_project import Build, ComposeProject, StackError
+from tasks.control.compose_project import ComposeProject, StackError
 from tasks.control.image_archives import archive_layers, chain_ids, partial_archive
 from tasks.control.registry import docker_config, registry_of, repository_of
-from tasks.control.stack_project import context_files, ignore_rules, ignored
-
-RULES = "compose.yaml\n**/__pycache__\n*.md\n!README.md\nsecrets/\n/build\ndocs/**/*.txt\n# a comment\n\n"
-
-
-@pytest.mark.parametrize(("relative", "left_out"), [
-    ("compose.yaml", True), ("sub/compose.yaml", False),  # a name without a slash is the context's root only
-    ("a/__pycache__/x.pyc", True), ("__pycache__/y", True),  # ** spans any directories, none included
-    ("notes.md", True), ("README.md", False), ("sub/notes.md", False),  # ! re-includes; the last rule decides
-    ("secrets/key", True), ("build/out", True), ("src/build/x", False),  # a directory takes its content along
-    ("docs/a/b/c.txt", True), ("docs/c.txt", True), ("app.py", False),
-])
-def test_dockerignore_rules_as_docker_reads_them(tmp_path, relative, left_out):
-    (tmp_path / ".dockerignore").write_text(RULES)
-    assert ignored(relative, ignore_rules(tmp_path)) is left_out
-
-
-def test_the_context_leaves_out_what_dockerignore_names_but_never_the_dockerfile(tmp_path):
-    for name, text in {"Dockerfile": "FROM x\n", ".dockerignore": "Dockerfile\n*.yaml\n", "compose.yaml": "",
-                       "app.py": "print()\n"}.items():
-        (tmp_path / name).write_text(text)
-    files = context_files(Build("api", tmp_path, "Dockerfile", {}, None, None))
-    assert sorted(files) == [".dockerignore", "Dockerfile", "app.py"]
-
-
-def test_the_reranker_image_does_not_depend_on_its_compose_file():
-    reranker = Path(__file__).parents[3] / "files/stacks/reranker"
-    assert "compose.yaml" not in context_files(Build("reranker", reranker, "Dockerfile.server", {}, None, None))
 
 
 def test_a_project_file_whose_name_cannot_travel_one_per_line_is_refused(tmp_path):
