@@ -197,47 +197,25 @@ def link_target(path: str, blob: str) -> str:
     return "../" * (2 + depth) + f"blobs/{blob}"
 
 
-def blob_check_command(incoming: str, entry: RepoEntry) -> str:
-    """Succeeds only if INCOMING is a regular file with ENTRY's size and hash; otherwise removes it.
-    Read without following a link or blocking on a FIFO (`dd iflag=nofollow,nonblock`)."""
-    quoted = shlex.quote(incoming)
-    read = f"dd if={quoted} iflag=nofollow,nonblock bs=1M status=none"
-    if len(entry.blob) == 64:
-        hashed = f"[ \"$({read} | sha256sum | cut -c1-64)\" = {entry.blob} ]"
-    else:
-        hashed = f"[ \"$( {{ printf 'blob %s\\000' {entry.size}; {read}; }} | sha1sum | cut -c1-40)\" = {entry.blob} ]"
-    problem = shlex.quote(f"model file {entry.path}: the copy does not match its size or hash; removed, run again")
-    return (f"{{ [ -f {quoted} ] && [ ! -L {quoted} ] && [ \"$(stat -c %s {quoted})\" = {entry.size} ] && {hashed}; }} "
-            f"|| {{ rm -f {quoted}; echo {problem} >&2; exit 1; }}")
-
-
 def publish_commands(repo: str, plan: ModelPlan, owner: tuple[int, int]) -> list[str]:
     """Leftovers (and whatever stands where the snapshot goes) removed, then the snapshot (built under a
-    temporary name, then renamed) and the ref, as the cache's owner."""
+    temporary name, then renamed) and the ref, as the cache's owner (files/host/publish_snapshot.sh)."""
     snapshot, commands = plan.snapshot, []
-    q = shlex.quote
     if plan.leftovers:
-        commands.append(f"cd {q(repo)} && rm -rf -- " + " ".join(q(path) for path in plan.leftovers))
+        commands.append(program("publish_snapshot.sh", "leftovers", repo, *plan.leftovers))
     if plan.publish:
-        tmp = f"{repo}/snapshots/{snapshot.commit}.tmp-{RUN_MARK}"
-        dirs = sorted({str(PurePosixPath(entry.path).parent) for entry in snapshot.entries} - {"."})
-        steps = [f"rm -rf {q(tmp)}", f"mkdir -p {q(tmp)}"]
-        steps += [f"mkdir -p {q(f'{tmp}/{d}')}" for d in dirs]
-        steps += [f"ln -s {link_target(entry.path, entry.blob)} {q(f'{tmp}/{entry.path}')}"
-                  for entry in snapshot.entries]
-        steps += [f"mv -T {q(tmp)} {q(f'{repo}/snapshots/{snapshot.commit}')}"]
-        commands.append(" && ".join(steps))
+        commands.append(program("publish_snapshot.sh", "snapshot", repo, snapshot.commit, RUN_MARK,
+                                *links(snapshot.entries)))
     if plan.relink:  # a wider pattern set at the same commit, or a link removed: each link made whole in place
-        final = f"{repo}/snapshots/{snapshot.commit}"
-        commands.append(" && ".join(
-            f"mkdir -p {q(str(PurePosixPath(final, entry.path).parent))} "
-            f"&& ln -sfn {link_target(entry.path, entry.blob)} {q(f'{final}/{entry.path}')}" for entry in plan.relink))
+        commands.append(program("publish_snapshot.sh", "relink", repo, snapshot.commit, *links(plan.relink)))
     if plan.ref:
-        ref = f"{repo}/refs/{snapshot.spec.revision}"
-        commands.append(f"mkdir -p {q(str(PurePosixPath(ref).parent))} "
-                        f"&& rm -f {q(ref + '.tmp')} && printf %s {snapshot.commit} > {q(ref + '.tmp')} "
-                        f"&& mv -T {q(ref + '.tmp')} {q(ref)}")
+        commands.append(program("publish_snapshot.sh", "ref", repo, snapshot.spec.revision, snapshot.commit))
     return [as_owner(*owner, command) for command in commands]
+
+
+def links(entries: tuple[RepoEntry, ...]) -> list[str]:
+    """PATH TARGET for each entry's link, as publish_snapshot.sh takes them."""
+    return [arg for entry in entries for arg in (entry.path, link_target(entry.path, entry.blob))]
 
 
 def repo_dirs_command(cache_dir: str, folder: str, owner: tuple[int, int], mode: str) -> str:
@@ -247,9 +225,10 @@ def repo_dirs_command(cache_dir: str, folder: str, owner: tuple[int, int], mode:
 
 
 def blob_in_place_command(repo: str, entry: RepoEntry) -> str:
-    """blobs/<name>.incoming-<mark>, once checked, becomes blobs/<name> (a rename: never seen half written)."""
-    incoming, final = incoming_blob(repo, entry), shlex.quote(f"{repo}/blobs/{entry.blob}")
-    return f"{blob_check_command(incoming, entry)} && mv -f {shlex.quote(incoming)} {final}"
+    """blobs/<name>.incoming-<mark>, once checked (a regular file of ENTRY's size and hash; otherwise removed),
+    becomes blobs/<name> (a rename: never seen half written): files/host/place_blob.sh."""
+    return program("place_blob.sh", incoming_blob(repo, entry), f"{repo}/blobs/{entry.blob}", entry.size,
+                   entry.blob, entry.path)
 
 
 def incoming_blob(repo: str, entry: RepoEntry) -> str:

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -13,11 +14,14 @@ from tasks.host.models import (
     ModelCacheFact,
     ModelPlan,
     RepoCacheState,
-    blob_check_command,
+    blob_in_place_command,
+    incoming_blob,
     link_target,
     plan_model,
     publish_commands,
 )
+from tasks.host.programs import program
+from tasks.host.transfer import RUN_MARK
 
 COMMIT = "c0ffee" + "0" * 34
 README, WEIGHTS = b"# tiny\n", os.urandom(3000)
@@ -103,16 +107,48 @@ def test_symlinks_are_relative_like_huggingface_hubs():
 
 
 @pytest.mark.parametrize("corrupt", [False, True])
-def test_the_blob_check_accepts_only_the_right_content(tmp_path, corrupt):
-    incoming = tmp_path / "blob.incoming"
+def test_the_blob_check_places_only_the_right_content(tmp_path, corrupt):
+    """files/host/place_blob.sh: a copy of the wrong size or hash is removed, never renamed into blobs/."""
+    (tmp_path / "blobs").mkdir()
+    readme, weights = entries_of(TREE, SPEC)
+    incoming = Path(incoming_blob(str(tmp_path), weights))
     incoming.write_bytes(WEIGHTS if not corrupt else bytes(len(WEIGHTS)))
-    entry = entries_of(TREE, SPEC)[1]
-    result = sh(blob_check_command(str(incoming), entry))
+    result = sh(blob_in_place_command(str(tmp_path), weights))
     assert (result.returncode == 0) is not corrupt
-    assert incoming.exists() is not corrupt  # a bad copy is removed, never renamed
-    readme = tmp_path / "readme.incoming"
-    readme.write_bytes(README)
-    assert sh(blob_check_command(str(readme), entries_of(TREE, SPEC)[0])).returncode == 0
+    assert not incoming.exists()  # renamed, or removed when bad
+    assert (tmp_path / "blobs" / weights.blob).exists() is not corrupt
+    if corrupt:
+        assert result.stderr == (f"model file {weights.path}: the copy does not match its size or hash; removed, "
+                                 "run again\n")
+    Path(incoming_blob(str(tmp_path), readme)).write_bytes(README)  # a git sha1 blob
+    assert sh(blob_in_place_command(str(tmp_path), readme)).returncode == 0
+    assert (tmp_path / "blobs" / readme.blob).read_bytes() == README
+
+
+def test_the_blob_check_reads_no_link(tmp_path):
+    (tmp_path / "blobs").mkdir()
+    readme = entries_of(TREE, SPEC)[0]
+    (tmp_path / "elsewhere").write_bytes(README)  # the right content, behind a link
+    incoming = Path(incoming_blob(str(tmp_path), readme))
+    incoming.symlink_to(tmp_path / "elsewhere")
+    assert sh(blob_in_place_command(str(tmp_path), readme)).returncode == 1
+    assert not incoming.is_symlink() and not (tmp_path / "blobs" / readme.blob).exists()
+    assert (tmp_path / "elsewhere").read_bytes() == README
+
+
+def test_the_commands_run_the_host_programs_with_each_value_quoted():
+    plan = ModelPlan(snapshot(), (), False, True, (), True, ("blobs/x.incoming-1",))
+    commands = publish_commands("/srv/hf/hub/models--a--b", plan, (0, 0))
+    assert commands[0] == program("publish_snapshot.sh", "leftovers", "/srv/hf/hub/models--a--b",
+                                  "blobs/x.incoming-1")
+    assert commands[1] == program("publish_snapshot.sh", "snapshot", "/srv/hf/hub/models--a--b", COMMIT, RUN_MARK,
+                                  "README.md", f"../../blobs/{git_sha1(README)}", "weights/deep/part.safetensors",
+                                  f"../../../../blobs/{entries_of(TREE, SPEC)[1].blob}")
+    assert commands[2] == program("publish_snapshot.sh", "ref", "/srv/hf/hub/models--a--b", "main", COMMIT)
+    readme = entries_of(TREE, SPEC)[0]
+    assert blob_in_place_command("/r", readme) == program(
+        "place_blob.sh", f"/r/blobs/{readme.blob}.incoming-{RUN_MARK}", f"/r/blobs/{readme.blob}", len(README),
+        readme.blob, "README.md")
 
 
 def test_published_layout_loads_offline_with_huggingface_hub(tmp_path):
