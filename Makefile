@@ -17,15 +17,17 @@ rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second ru
 test: prereqs venv lint  ## lint, then unit and fleet integration tests (slow ones excluded)
 	$(PY) -m pytest -m "not slow" --durations=25
 
-lint: prereqs venv  ## ruff over the Python, shellcheck over the shell programs
+lint: prereqs venv  ## ruff and mypy over the Python, shellcheck over the shell programs
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	shellcheck files/*.sh files/host/*.sh tests/real_gpu/*.sh
 
 test-unit: venv  ## unit tests only: no root, no fleet, seconds
 	$(PY) -m pytest tests/unit
 
-test-fast: venv  ## the edit-test loop: ruff, shellcheck (where installed) and the unit tests; no root, no docker engine
+test-fast: venv  ## the edit-test loop: ruff, mypy, shellcheck (where installed) and the unit tests; no root, no docker engine
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	if command -v shellcheck >/dev/null; then shellcheck files/*.sh files/host/*.sh tests/real_gpu/*.sh; fi
 	$(PY) -m pytest tests/unit -q
 

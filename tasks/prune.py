@@ -348,9 +348,16 @@ def log_plan(plan: PrunePlan, record: dict, dry: bool) -> None:
         host.log(f"prune: {note}")
 
 
+def _done_steps(host_name: str) -> list[str]:
+    """The steps done, in the host's prune record (made when its prune was planned, before any step runs)."""
+    prune = report[host_name].prune
+    assert prune is not None
+    return prune["done"]
+
+
 def _done(state, host, step: str) -> bool:
     """Mark STEP done in the host's report (it runs after the step's commands, only if they succeeded)."""
-    report[host.name].prune["done"].append(step)
+    _done_steps(host.name).append(step)
     return True
 
 
@@ -392,7 +399,7 @@ class ImageRemoval(StringCommand):
             kind, _, rest = line.partition(" ")
             image_id, _, why = rest.partition(" ")
             if kind in ("removed", "gone") and IMAGE_ID.fullmatch(image_id):
-                record.prune["done"].append(f"image {image_id}")
+                _done_steps(host.name).append(f"image {image_id}")
             elif kind == "kept" and IMAGE_ID.fullmatch(image_id):
                 kept.append(f"{image_id[:19]} ({printable(why.strip())})")
         if kept:

@@ -17,16 +17,26 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .control.caches import atomic_write
 
 REPORT_FILE = "MLSTACK_REPORT"  # the environment variable naming the file
 VERSION = 1
 
+# The values the fleet tools (tasks/fleet/) read, exactly as the report writes them.
+Result = Literal["ok", "failed", "not run"]  # "ok": planned, and executed without failure if the run executed
+Cause = Literal["unreachable", "locked", "step"]
+EnvAction = Literal["install", "switch", "none"]  # install: upload, check, switch; switch: on the host already
+ModelAction = Literal["transfer", "repair", "none"]  # repair: metadata only
+ServiceAction = Literal["create", "recreate", "keep"]
+Health = Literal["healthy", "unhealthy", "not checked"]
+DockerGpus = Literal["runtime", "cdi", ""]  # how the host's docker gives containers GPUs; "": it does not
+
 
 @dataclass
 class Failure:
-    cause: str  # "unreachable", "locked" or "step"
+    cause: Cause
     message: str
     step: str = ""  # the operation that failed, for cause "step"
 
@@ -35,7 +45,7 @@ class Failure:
 class EnvOutcome:
     before: str | None  # the active env id before the run
     after: str  # the env id this run makes active
-    action: str  # "install" (upload, check, switch), "switch" (on the host already), "none"
+    action: EnvAction
 
 
 @dataclass
@@ -44,12 +54,12 @@ class ModelOutcome:
     revision: str
     commit: str
     bytes_to_send: int
-    action: str  # "transfer", "repair" (metadata only), "none"
+    action: ModelAction
 
 
 @dataclass
 class ServiceOutcome:
-    action: str  # "create", "recreate", "keep"
+    action: ServiceAction
     reason: str = ""
 
 
@@ -58,20 +68,20 @@ class StackOutcome:
     project: str
     images: list[str]  # the built images its services run (tags)
     services: dict[str, ServiceOutcome] = field(default_factory=dict)
-    health: str = "not checked"  # "healthy", "unhealthy", "not checked"
+    health: Health = "not checked"
     unhealthy: list[str] = field(default_factory=list)  # services the health gate found failing
 
 
 @dataclass
 class HostRecord:
-    result: str = "not run"  # "ok" (planned, and executed without failure if the run executed), "failed", "not run"
+    result: Result = "not run"
     failure: Failure | None = None
     changes: list[str] = field(default_factory=list)  # concerns with planned changes: drift, in a dry run
     env: EnvOutcome | None = None
     models: list[ModelOutcome] = field(default_factory=list)
     stack: StackOutcome | None = None
     gpus: list[dict] = field(default_factory=list)  # as the probe read them (tasks/host/gpu_checks.py `Gpu`)
-    docker_gpus: str = ""  # how the host's docker gives containers GPUs: "runtime", "cdi" or ""
+    docker_gpus: DockerGpus = ""
     gate: dict | None = None  # the GPU gate's checks and results, once a GPU gate runs
     planned: bool = False  # the deploy planned every step for this host
     status: dict | None = None  # what `mlstack status` or `mlstack logs` read on the host (tasks/status.py)
@@ -82,7 +92,7 @@ class HostRecord:
         if concern not in self.changes:
             self.changes.append(concern)
 
-    def fail(self, cause: str, message: str, step: str = "") -> None:
+    def fail(self, cause: Cause, message: str, step: str = "") -> None:
         if self.failure is None:  # the first failure is the cause; what follows it is consequence
             self.failure = Failure(cause, message, step)
 

@@ -64,7 +64,7 @@ def literal_credentials(url: str) -> bool:
     """URL's secret (its password, or a user name given alone) is written out rather than a `${VAR}` reference."""
     username, password = _userinfo(url)
     secret = password if password is not None else username
-    return bool(secret) and REFERENCE.sub("", secret) != ""
+    return bool(secret and REFERENCE.sub("", secret))
 
 
 def scrubbed(text: str, template: str) -> str:

@@ -62,9 +62,9 @@ class Once:
                     self.results[key] = (make(), None)
                 except Exception as error:  # noqa: BLE001 (re-raised below, to every caller)
                     self.results[key] = (None, error)
-        value, error = self.results[key]
-        if error is not None:
-            raise error
+        value, failure = self.results[key]
+        if failure is not None:
+            raise failure
         return value
 
 

@@ -220,8 +220,13 @@ def repack_user_site(chunks: Iterable[bytes], cache_dir: Path, requirements: str
     wanted = set(requirement_names(requirements))
     metadata: dict[str, dict[str, str]] = {}
     unpacked = files = 0
-    manifest = None
-    with atomic_file(cache_dir / "artifact.tar.gz", name=lambda: f"{manifest.env_id}.tar.gz") as raw, \
+    manifest: Manifest | None = None
+
+    def artifact_name() -> str:  # asked once the artifact is whole: its manifest is made by then
+        assert manifest is not None
+        return f"{manifest.env_id}.tar.gz"
+
+    with atomic_file(cache_dir / "artifact.tar.gz", name=artifact_name) as raw, \
             _HashingWriter(raw) as hashing:
         with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=1, mtime=0) as compressed:
             with tarfile.open(fileobj=ChunkReader(chunks), mode="r|") as source, \

@@ -104,7 +104,8 @@ def _read_torch_info(container) -> dict:
     chunks, _ = container.get_archive("/build/torch.json")
     with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
         member = archive.next()
-        data = archive.extractfile(member).read() if member is not None and member.isfile() else b""
+        content = archive.extractfile(member) if member is not None and member.isfile() else None
+        data = content.read() if content is not None else b""
     try:
         info = json.loads(data)
     except ValueError:
@@ -185,7 +186,7 @@ def build_env(client: docker.DockerClient, recipe: str, base: BaseImage, require
     _remove_stopped_builds(client)
     config = pip_conf(pip_options).encode()
     container = client.containers.create(  # stdin open and not detached: docker sets StdinOnce
-        image.id, ["sh", "/build/env_build.sh", str(len(config))], network=build_network(client, pip_options),
+        image, ["sh", "/build/env_build.sh", str(len(config))], network=build_network(client, pip_options),
         labels={"mlstack.env-build": recipe}, stdin_open=True, tmpfs={"/run/pip": "size=1m,mode=0700"})
     try:
         programs = {f"build/{name}": (FILES / name).read_bytes() for name in BUILD_PROGRAMS}

@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, NamedTuple
+from typing import IO, BinaryIO, Callable, Iterator, NamedTuple
 
 from .caches import atomic_write, once
 from .env_artifact import ArtifactError, ChunkReader
@@ -92,7 +92,10 @@ def _unpack(cache_dir: Path, env: str, artifact: Path) -> Tree:
                     tree[member.name] = tree[member.linkname]
                 elif member.isfile():
                     mode = member.mode & 0o7777
-                    digest = _store(objects, archive.extractfile(member), mode)
+                    content = archive.extractfile(member)
+                    if content is None:  # a regular file always has content: a tar that says otherwise is broken
+                        raise tarfile.TarError(f"{member.name}: no content")
+                    digest = _store(objects, content, mode)
                     tree[member.name] = Entry("f", mode, object_name(digest, mode), member.size)
     except (tarfile.TarError, KeyError) as error:
         raise ArtifactError(f"{artifact} cannot be unpacked into the env store: {error}") from None
@@ -101,7 +104,7 @@ def _unpack(cache_dir: Path, env: str, artifact: Path) -> Tree:
     return tree
 
 
-def _store(objects: Path, data: BinaryIO, mode: int) -> str:
+def _store(objects: Path, data: IO[bytes], mode: int) -> str:
     """DATA as an object of OBJECTS (kept if one of that content is there); its sha256."""
     descriptor, temporary = tempfile.mkstemp(prefix=".object.", suffix=".partial", dir=objects)
     try:

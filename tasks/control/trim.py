@@ -95,7 +95,8 @@ def env_cache_trims(cache_dir: Path, keep: set[str]) -> list[Trim]:
             continue
         if env in going:
             recipes.setdefault(env, []).append(record)
-    trims, counted = [], set()
+    trims: list[Trim] = []
+    counted: set[str] = set()
     for env in going:
         objects = sorted(set(tree_objects(read_tree(cache_dir, env) or {})) - staying - counted)
         counted.update(objects)
@@ -139,9 +140,9 @@ def image_cache_trims(cache_dir: Path, images: set[str]) -> list[Trim]:
     for stem, paths in sorted(found.items()):
         if stem.startswith("base-") or stem in stems or any(stem.startswith(prefix) for prefix in shipped):
             continue
-        whole = cache_dir / f"{stem}.tar.gz"
-        ordered = [*(path for path in paths if path != whole), *(path for path in paths if path == whole)]
-        copies = len(paths) - (whole in paths)
+        archive = cache_dir / f"{stem}.tar.gz"
+        ordered = [*(path for path in paths if path != archive), *(path for path in paths if path == archive)]
+        copies = len(paths) - (archive in paths)
         trims.append(Trim("images", f"archive {stem}.tar.gz", tuple(ordered), size_of(ordered),
                           f"and {copies} partial cop{'y' if copies == 1 else 'ies'}" if copies else ""))
     return trims
@@ -176,7 +177,7 @@ def hf_cache_trims(cache_dir: Path, models: dict[str, set[str]]) -> list[Trim]:
         if not going:
             continue
         staying = set().union(*(snapshot_links(repo / "snapshots" / commit) for commit in snapshots - set(going)))
-        refs = {}
+        refs: dict[str, list[Path]] = {}
         for ref in (repo / "refs").rglob("*") if (repo / "refs").is_dir() else []:
             if ref.is_file() and not ref.is_symlink():
                 refs.setdefault(ref.read_text(errors="replace").strip(), []).append(ref)

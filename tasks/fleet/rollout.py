@@ -18,6 +18,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, HostConfig
@@ -102,8 +103,8 @@ def failed_hosts(run: DeployRun, batch: list[str]) -> list[str]:
     return sorted(name for name in batch if run.report.get(name, {}).get("result") != "ok")
 
 
-def inventory_hosts(inventory: str, limit: list[str], pyinfra_args: list[str] = (),
-                    exclude: list[str] = ()) -> tuple[list[str], HostConfig]:
+def inventory_hosts(inventory: str, limit: Sequence[str], pyinfra_args: Sequence[str] = (),
+                    exclude: Sequence[str] = ()) -> tuple[list[str], HostConfig]:
     """Host names in inventory order, narrowed by LIMIT and EXCLUDE (host names, globs or group names, as
     pyinfra's --limit and --exclude read them), and the first host's validated config, with the
     `--data key=value` overrides among PYINFRA_ARGS applied as pyinfra applies them."""
@@ -126,7 +127,7 @@ def inventory_hosts(inventory: str, limit: list[str], pyinfra_args: list[str] = 
                          f"--exclude {' '.join(exclude) or '-'}")
     first = hosts[[h.name for h in hosts].index(names[0])]
     config, problems = validate_host(first.name, first.data.dict())
-    if problems:
+    if problems or config is None:
         raise SystemExit(ConfigError(problems))
     return names, config
 

@@ -71,9 +71,11 @@ def _run_pyinfra(argv: list[str], env: dict, echo: bool) -> DeployRun:
     started = time.monotonic()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log_lines: list[str] = []
+    assert process.stdout is not None and process.stderr is not None  # both PIPE
+    stdout_pipe, stderr_pipe = process.stdout, process.stderr
 
     def read_log() -> None:
-        for line in process.stderr:
+        for line in stderr_pipe:
             log_lines.append(line)
             if echo:
                 sys.stderr.write(line)
@@ -81,7 +83,7 @@ def _run_pyinfra(argv: list[str], env: dict, echo: bool) -> DeployRun:
     # Both pipes drained at once: a large JSON result must not block pyinfra while we read its log.
     log_reader = threading.Thread(target=read_log)
     log_reader.start()
-    stdout = process.stdout.read()
+    stdout = stdout_pipe.read()
     log_reader.join()
     process.wait()
     try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import shutil
+from collections.abc import Mapping
+from typing import Any
 
 from pyinfra.api import StringCommand
 from pyinfra.api.arguments import pop_global_arguments
@@ -20,15 +22,18 @@ WRAPPING = set(inspect.signature(make_unix_command).parameters) - {"command"}  #
 HOST_KEY_CHECKING = {"yes", "no", "accept-new", "off"}  # what OpenSSH takes without asking
 
 
-def _wrapped(state, host, command: str, arguments: dict | None) -> str:
+def _arguments(state, host, arguments: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """ARGUMENTS, or by default the host's and the run's own connector arguments (e.g. `--sudo`)."""
+    return arguments if arguments is not None else pop_global_arguments(state, host, {})[0]
+
+
+def _wrapped(state, host, command: str, arguments: Mapping[str, Any] | None) -> str:
     """COMMAND as pyinfra would run it on HOST with ARGUMENTS (by default the host's and the run's own)."""
-    if arguments is None:
-        arguments, _ = pop_global_arguments(state, host, {})
-    wrapping = {key: value for key, value in arguments.items() if key in WRAPPING}
+    wrapping = {key: value for key, value in _arguments(state, host, arguments).items() if key in WRAPPING}
     return make_unix_command_for_host(state, host, StringCommand(command), **wrapping).get_raw_value()
 
 
-def open_channel(state, host, command: str, arguments: dict | None = None):
+def open_channel(state, host, command: str, arguments: Mapping[str, Any] | None = None):
     """A channel running COMMAND on HOST with ARGUMENTS (an operation's connector arguments; by default
     the host's and the run's own, e.g. `--sudo`); None when the host is not reached over SSH."""
     client = getattr(host.connector, "client", None)
@@ -39,7 +44,7 @@ def open_channel(state, host, command: str, arguments: dict | None = None):
     return channel
 
 
-def ssh_command(state, host, command: str, arguments: dict | None = None) -> list[str] | None:
+def ssh_command(state, host, command: str, arguments: Mapping[str, Any] | None = None) -> list[str] | None:
     """The argv of `ssh` running COMMAND on HOST as the deploy's connection reaches it: its host name,
     user, port, key, config file, known hosts and host key checking, agent and key lookup settings; or
     None where OpenSSH cannot stand in for that connection: another connector, custom paramiko arguments,
@@ -47,8 +52,7 @@ def ssh_command(state, host, command: str, arguments: dict | None = None) -> lis
     data = getattr(host.connector, "data", None)
     if getattr(host.connector, "client", None) is None or data is None or not shutil.which("ssh"):
         return None
-    if arguments is None:
-        arguments, _ = pop_global_arguments(state, host, {})
+    arguments = _arguments(state, host, arguments)
     checking, known_hosts = data["ssh_strict_host_key_checking"] or "accept-new", data["ssh_known_hosts_file"] or ""
     if data["ssh_password"] or data["ssh_key_password"] or data["ssh_paramiko_connect_kwargs"] \
             or arguments.get("_sudo_password") or arguments.get("_su_password") \

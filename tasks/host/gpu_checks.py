@@ -59,8 +59,8 @@ def parse_gpu_line(number: int, line: str) -> Gpu:
     else:
         capability, mig = "", None
     if len(parts) >= 5:
-        index, uuid, *name, memory, driver = parts
-        name = ", ".join(name)
+        index, uuid, *names, memory, driver = parts
+        name = ", ".join(names)
         if index.isdigit() and UUID.fullmatch(uuid) and name and memory.isdigit() and DRIVER.fullmatch(driver):
             return Gpu(int(index), uuid, name, int(memory), driver, capability, mig)
     raise GpuLineError(f"nvidia-smi line {number}: {line.strip()!r}: expected {FIELDS!r}, e.g. {EXAMPLE!r}")
@@ -165,6 +165,8 @@ def assign_gpus(gpus: list[Gpu], service: str, request: str | int | tuple[int, .
         if request > len(ordered):
             raise GpuRequestError(f"service_gpus.{service} = {request}: this host has {len(ordered)} GPU(s)")
         return ordered[:request]
+    if isinstance(request, str):  # validating lets no other text through
+        raise GpuRequestError(f"service_gpus.{service} = {request!r}: expected \"all\", a count or a list of indices")
     by_index = {gpu.index: gpu for gpu in ordered}
     missing = [index for index in request if index not in by_index]
     if missing:

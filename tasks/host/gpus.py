@@ -10,19 +10,19 @@ from pyinfra import host
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-from ..report import report
+from ..report import DockerGpus, report
 from .gpu_checks import QUERY, Gpu, GpuLineError, parse_gpus
 from .probe import ProbePart
 from .programs import program
 
 BASIC_QUERY = "index,uuid,name,memory.total,driver_version"  # what drivers before compute_cap (510) answer
-DOCKER_GPUS = {"runtime", "cdi", "none"}
+DOCKER_GPUS: dict[str, DockerGpus] = {"runtime": "runtime", "cdi": "cdi", "none": ""}  # gpu_probe.sh's word: ours
 
 
 @dataclass(frozen=True)
 class GpuState:
     gpus: tuple[Gpu, ...]  # by index; () on a CPU host
-    docker_gpus: str  # how docker gives containers GPUs: "runtime" (nvidia runtime or hook), "cdi", or ""
+    docker_gpus: DockerGpus  # how docker gives containers GPUs: "runtime" (nvidia runtime or hook), "cdi", or ""
     runtimes: tuple[str, ...] = ()  # docker's runtimes by name (`runtime: nvidia` needs "nvidia"); () on a CPU host
 
 
@@ -48,13 +48,15 @@ class GpuFact(FactBase):
         return GpuState((), "")  # pyinfra calls default(), not process(), when the command prints nothing
 
     def process(self, output: list[str]) -> GpuState:
-        lines, docker, runtimes = [], "", ()
+        lines: list[str] = []
+        docker: DockerGpus = ""
+        runtimes: tuple[str, ...] = ()
         for line in output:
             key, _, value = line.partition(" ")
             if key == "gpu":
                 lines.append(value)
             elif key == "docker" and value.strip() in DOCKER_GPUS:
-                docker = "" if value.strip() == "none" else value.strip()
+                docker = DOCKER_GPUS[value.strip()]
             elif key == "runtimes":
                 runtimes = tuple(value.split())
         try:

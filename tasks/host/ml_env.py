@@ -209,7 +209,8 @@ def planned_transfer(source: EnvSource, state: MlEnvState) -> Transfer:
         raise HostProblem(f"ML env {source.env}: {error}") from None
     held = held_trees(source.cache_dir, state)
     base = choose_base(tree, held)
-    transfer = plan_transfer(tree, base, held.get(base), set().union(*map(tree_objects, held.values())))
+    transfer = plan_transfer(tree, base, held[base] if base is not None else None,
+                             set().union(*map(tree_objects, held.values())))
     problem = room_problem(state.free_bytes, transfer.object_bytes, "the env's new files")
     if problem:
         raise HostProblem(f"ML env {source.env}: {problem}")

@@ -113,11 +113,12 @@ def converge(config: HostConfig, state: MlEnvState) -> BaseImage | None:
         pull_base_image(name=f"{name}: pull", pinned=plan.pinned, reference=base.ref,
                         compose_dir=config.compose_project_dir, credentials=config.registry_credentials)
     else:
-        archive = base_archive(config, base)
+        archive, copy = base_archive(config, base), plan.copy
+        assert copy is not None  # a "ship" plan carries the builder's copy
         layers = host.get_fact(HeldLayersFact)
-        why = "" if plan.copy.digest or config.image_source == "ship" else ", no registry holds it"
+        why = "" if copy.digest or config.image_source == "ship" else ", no registry holds it"
         size = (archive_send_size(archive, layers)
-                or f"{plan.copy.size / 1e6:.0f} MB unpacked, to save once on the builder, then send")
+                or f"{copy.size / 1e6:.0f} MB unpacked, to save once on the builder, then send")
         host.log(f"{name}: ship {size} (from the builder{why}{held})")
         ship_image(name=f"{name}: ship", reference=f"{base.ref} ({base.id[:19]}…)",
                    make_archive=partial(save_base_image, base, config.ml_env_builder, archive), archive=archive,

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import paramiko
 from pyinfra.api import StringCommand
@@ -83,7 +83,7 @@ class StreamedUpload(PyinfraCommand):
     def __repr__(self):  # op hashes and logs: never the data (bytes may be a .env)
         return f"StreamedUpload({self.label}, {self.dest})"
 
-    def _open(self) -> tuple[io.BufferedIOBase, int]:
+    def _open(self) -> tuple[BinaryIO, int]:
         if isinstance(self.source, bytes):
             return io.BytesIO(self.source), len(self.source)
         if isinstance(self.source, Path):
@@ -115,11 +115,13 @@ class StreamedUpload(PyinfraCommand):
         """Stream SOURCE into `ssh` (ARGV); its exit status (LOST: ssh's own 255) and what the host said."""
         with tempfile.TemporaryFile() as said:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=said)
+            stdin = process.stdin
+            assert stdin is not None  # PIPE
             with contextlib.suppress(OSError):  # a 1 MiB pipe: a chunk per write, not 16 waits for ssh (gevent)
-                fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
+                fcntl.fcntl(stdin.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
             try:
-                self._send(source, total, process.stdin.write, host)
-                process.stdin.close()
+                self._send(source, total, stdin.write, host)
+                stdin.close()
             except (BrokenPipeError, ValueError):
                 pass  # the program on the host (or ssh) ended first: its status says why
             status = process.wait()
