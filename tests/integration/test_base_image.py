@@ -11,7 +11,7 @@ import re
 import docker
 import pytest
 import yaml
-from fault_helpers import ENV_DIR, active
+from fleet_helpers import ENV_DIR, active
 
 from rehearsal import registry
 from rehearsal.baseimage import IMAGE_NAME

@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from test_secrets import ArgvWatch
+from fleet_helpers import ArgvWatch
 
 from rehearsal import registry
 from tasks.control.stack_project import context_paths, ignore_patterns

@@ -4,24 +4,14 @@ and a switch to another compose project."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from fault_helpers import new_requirements
+from fleet_helpers import mlstack, new_requirements, project_copy, sent_to
 
 from rehearsal import hub
 
 REPO = Path(__file__).parents[2]
 COMPOSE = "/srv/mlstack/compose"
-
-
-def mlstack(fleet, *args: str) -> subprocess.CompletedProcess:
-    """`mlstack ARGS` (as `python -m tasks.cli`) against the test fleet, from the checkout."""
-    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name}, timeout=900)
 
 
 def test_a_rollout_limited_to_a_group_leaves_an_excluded_host_out_and_does_not_count_it_failed(fleet):
@@ -40,12 +30,6 @@ RERANKER = REPO / "files/stacks/reranker"
 PROJECT = "mlstack-reranker"
 
 
-def sent_to(fleet, record) -> int:
-    """Bytes the control node has sent on RECORD's link (the host-side veth's peer)."""
-    device = fleet.fleet.veth(int(record.name.removeprefix("host")))
-    return int(Path(f"/sys/class/net/{device}/statistics/tx_bytes").read_text())
-
-
 def release_state(fleet, record, project: str = PROJECT) -> dict:
     """What a release is, as the host shows it: each service's image id and mlstack labels, the env `active`
     names, and the sha256 of every file of the compose directory (.env included)."""
@@ -56,13 +40,6 @@ def release_state(fleet, record, project: str = PROJECT) -> dict:
     files = fleet.ssh(record, f"cd {COMPOSE} && find . -type f ! -path './.next/*' | sort | xargs sha256sum")
     active = fleet.ssh(record, "readlink /srv/mlstack/ml-env/active || true").strip()
     return {"containers": sorted(containers.splitlines()), "files": files, "active": active}
-
-
-def project_copy(tmp_path: Path, version: str) -> Path:
-    project = tmp_path / f"reranker-{version}"
-    shutil.copytree(RERANKER, project)
-    (project / "app.py").write_text((RERANKER / "app.py").read_text() + f"# version {version}\n")
-    return project
 
 
 def test_a_rollback_puts_the_whole_release_back_from_the_host_without_building_or_sending(fleet, tmp_path):

@@ -13,8 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_helpers import BALLAST_DATA, BALLAST_OBJECT, ENV_DIR, active, new_requirements, ssh_sessions, wait_until
-from test_secrets import ArgvWatch
+from fleet_helpers import (
+    BALLAST_DATA,
+    BALLAST_OBJECT,
+    ENV_DIR,
+    ArgvWatch,
+    active,
+    new_requirements,
+    ssh_sessions,
+    wait_until,
+)
 
 from tasks.fleet.runner import PYINFRA
 

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from fleet_helpers import ENV_DIR, active, envs_on
 
-ENV_DIR = "/srv/mlstack/ml-env"
 FILES = Path(__file__).parents[2] / "files"
 FIXTURES = Path(__file__).parents[1] / "unit/host/fixtures"
 H100 = (FIXTURES / "nvidia-smi-h100.txt").read_text().splitlines()[0]  # the lent H100, driver 580.159.04
@@ -37,16 +37,8 @@ def deploy(fleet, cache, *data: str):
     return fleet.deploy("--data", f"ml_env_cache_dir={cache}", *[arg for item in data for arg in ("--data", item)])
 
 
-def active(fleet, record) -> str:
-    return fleet.ssh(record, f"readlink {ENV_DIR}/active || true").strip().removeprefix("envs/")
-
-
 def listing(fleet, record, path: str = ENV_DIR) -> str:
     return fleet.ssh(record, f"find {path} -printf '%p %m %s %T@\\n' | sort")
-
-
-def envs_on(fleet, record) -> list[str]:
-    return fleet.ssh(record, f"ls {ENV_DIR}/envs").split()
 
 
 @pytest.fixture()

@@ -17,14 +17,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from fault_helpers import ENV_DIR, active, new_requirements, ssh_sessions, wait_until
+from fleet_helpers import CACHE, ENV_DIR, active, new_requirements, snapshot_hashes, ssh_sessions, wait_until
 
 from rehearsal import hub
 from tasks.fleet.runner import PYINFRA, run_deploy
 
 REPO = Path(__file__).parents[2]
 
-CACHE = "/srv/mlstack/hf-cache"
 COMMITS = hub.ensure_repos()
 MINILM_SHA, NESTED_SHA = COMMITS[hub.MINILM]["main"], COMMITS[hub.NESTED]["main"]
 MINILM_FOLDER, NESTED_FOLDER = "models--sentence-transformers--all-MiniLM-L6-v2", "models--mlstack-test--nested-tiny"
@@ -240,12 +239,6 @@ _hosts, _data = runpy.run_path({inventory!r})["rehearsal"]
 _models = json.loads({models!r})
 rehearsal = ([(name, {{**data, "models": _models[name]}}) for name, data in _hosts], _data)
 '''
-
-
-def snapshot_hashes(fleet, record, folder: str, commit: str) -> dict[str, str]:
-    """sha256 of every file of the snapshot on the host, read through its symlinks."""
-    output = fleet.ssh(record, f"cd {CACHE}/hub/{folder}/snapshots/{commit} && find . -type l -exec sha256sum {{}} +")
-    return {path.removeprefix("./"): digest for digest, path in (line.split(None, 1) for line in output.splitlines())}
 
 
 def test_two_hosts_with_other_patterns_for_one_commit_converge_in_one_run_each_with_exactly_its_files(

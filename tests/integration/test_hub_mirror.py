@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fleet_helpers import hub_requests
+
 from rehearsal import hub
 
 CLIENT = r"""
@@ -52,10 +54,6 @@ def hf(fleet, home: Path, **call) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def requests(fleet) -> list[hub.Request]:
-    return hub.access_log(fleet.fleet.dir)
-
-
 def test_the_seed_repos_have_the_same_commits_on_every_machine(fleet):
     repos = hub.ensure_repos()
     assert {repo_id: repo["commits"] for repo_id, repo in repos.items()} == hub.SEED_COMMITS
@@ -86,7 +84,7 @@ def test_branches_tags_and_shas_resolve_and_the_tree_lists_lfs_files(fleet, tmp_
 def test_snapshot_download_fetches_both_repos_and_a_complete_cache_asks_nothing(fleet, tmp_path):
     cache = tmp_path / "hub-cache"
     minilm_sha, v1 = hub.SEED_COMMITS[hub.MINILM]["main"], hub.SEED_COMMITS[hub.NESTED]["v1"]
-    before = len(requests(fleet))
+    before = len(hub_requests(fleet))
 
     nested = hf(fleet, tmp_path, op="download", repo=hub.NESTED, revision="v1", cache=str(cache))["result"]
     minilm = hf(fleet, tmp_path, op="download", repo=hub.MINILM, revision="main", cache=str(cache))["result"]
@@ -102,7 +100,7 @@ def test_snapshot_download_fetches_both_repos_and_a_complete_cache_asks_nothing(
     assert tree["files"]["model.safetensors"]["lfs_sha256"] == hub.MINILM_SAFETENSORS_SHA256
     assert (cache / f"models--mlstack-test--nested-tiny/trees/{v1}.json").exists()
 
-    fetched = requests(fleet)[before:]
+    fetched = hub_requests(fleet)[before:]
     assert {(r.method, r.path.split("?")[0]) for r in fetched} >= {
         ("GET", f"/api/models/{hub.MINILM}/revision/main"),
         ("GET", f"/sentence-transformers/all-MiniLM-L6-v2/resolve/{minilm_sha}/model.safetensors"),
@@ -111,11 +109,11 @@ def test_snapshot_download_fetches_both_repos_and_a_complete_cache_asks_nothing(
     assert all(r.status in (200, 307) and r.client.startswith(f"{fleet.fleet.gateway}:") for r in fetched)
 
     # Full shas and a complete cache: not one request, in a fresh process.
-    settled = len(requests(fleet))
+    settled = len(hub_requests(fleet))
     again = [hf(fleet, tmp_path, op="download", repo=repo, revision=sha, cache=str(cache))["result"]
              for repo, sha in ((hub.NESTED, v1), (hub.MINILM, minilm_sha))]
     assert [result["folder"] for result in again] == [nested["folder"], minilm["folder"]]
-    assert requests(fleet)[settled:] == []
+    assert hub_requests(fleet)[settled:] == []
 
 
 def test_unknown_repos_and_revisions_fail_with_huggingface_hub_errors(fleet, tmp_path):
@@ -135,4 +133,4 @@ def test_hosts_reach_the_hub_by_the_control_name(fleet):
     assert json.loads(answer)["sha"] == hub.SEED_COMMITS[hub.NESTED]["v1"]
     body = fleet.ssh(record, f"curl -sf http://control:{hub.PORT}/{hub.NESTED}/resolve/main/sub/dir/deep.json")
     assert json.loads(body) == {"deep": True}
-    assert requests(fleet)[-1].client.startswith(f"{record.ip}:")
+    assert hub_requests(fleet)[-1].client.startswith(f"{record.ip}:")

@@ -12,13 +12,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from fleet_helpers import ENV_DIR, active, envs_on, requirements_file, sent_to
 
 from rehearsal.baseimage import IMAGE_NAME
 from rehearsal.index import WHEELHOUSE, add_to_wheelhouse
 from tasks.control.env_store import read_tree, tree_objects
 from tasks.host.ml_env import runtime_environment
 
-ENV_DIR = "/srv/mlstack/ml-env"
 FILES = Path(__file__).parents[2] / "files"
 REHEARSAL = (FILES / "requirements.rehearsal.txt").read_text()  # what the rehearsal's reranker imports
 ENV_LINE = re.compile(r"\[(host\d+)\] ML env: (none|env-[0-9a-f]{16}) → (env-[0-9a-f]{16})")
@@ -38,20 +38,6 @@ def fresh_hosts(fleet):
 def deploy(fleet, cache, *data: str, user: str = "root"):
     args = [arg for item in data for arg in ("--data", item)]
     return fleet.deploy("--data", f"ml_env_cache_dir={cache}", *args, env={"MLSTACK_FLEET_USER": user})
-
-
-def requirements(tmp_path, name: str, text: str) -> str:
-    path = tmp_path / name
-    path.write_text(text)
-    return f"ml_env_requirements={path}"
-
-
-def active(fleet, record) -> str:
-    return fleet.ssh(record, f"readlink {ENV_DIR}/active || true").strip().removeprefix("envs/")
-
-
-def envs_on(fleet, record) -> list[str]:
-    return fleet.ssh(record, f"ls {ENV_DIR}/envs 2>/dev/null || true").split()
 
 
 def switched_to(run) -> set[str]:
@@ -96,12 +82,6 @@ def test_first_deploy_installs_the_env_everywhere_and_the_rerun_builds_and_sends
     assert (cache / f"{env}.tar.gz").stat().st_mtime_ns == artifact.st_mtime_ns
 
 
-def sent_to(fleet, record) -> int:
-    """Bytes the control node has sent on RECORD's link (the host-side veth's peer), deploy traffic included."""
-    device = fleet.fleet.veth(int(record.name.removeprefix("host")))
-    return int(Path(f"/sys/class/net/{device}/statistics/tx_bytes").read_text())
-
-
 def objects_on(fleet, record) -> set[str]:
     return set(fleet.ssh(record, f"ls {ENV_DIR}/objects").split())
 
@@ -118,7 +98,7 @@ def test_a_new_env_sends_only_its_new_files_shares_the_rest_keep_envs_collects_a
     whole = sum(tree_objects(tree_a).values())
     assert whole > 20e6  # the rehearsal env: what a whole-env transfer would send again
 
-    requirements_b = requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n")
+    requirements_b = requirements_file(tmp_path, "b.txt", REHEARSAL + "packaging\n")
     dry = fleet.deploy("--dry", "--data", f"ml_env_cache_dir={cache}", "--data", requirements_b)
     assert dry.returncode == 0, dry.output[-3000:]
     (env_b,) = switched_to(dry)
@@ -148,7 +128,7 @@ def test_a_new_env_sends_only_its_new_files_shares_the_rest_keep_envs_collects_a
         assert objects_on(fleet, record) == set(tree_objects(tree_a)) | set(tree_objects(tree_b))
 
     # As the sudo user this time: the upload goes through sudo, the import check runs docker through sudo.
-    c = deploy(fleet, cache, "keep_envs=1", requirements(tmp_path, "c.txt", REHEARSAL + "tqdm\n"), user="deploy")
+    c = deploy(fleet, cache, "keep_envs=1", requirements_file(tmp_path, "c.txt", REHEARSAL + "tqdm\n"), user="deploy")
     assert c.returncode == 0, c.output[-3000:]
     (env_c,) = switched_to(c)
     tree_c = read_tree(cache, env_c)
@@ -190,7 +170,7 @@ def test_an_env_that_does_not_import_fails_with_the_error_and_the_old_env_stays_
     (env_good,) = switched_to(good)
     wheel = broken_wheel(WHEELHOUSE)
     try:
-        bad = deploy(fleet, cache, requirements(tmp_path, "bad.txt", "pyyaml>=6\nmlstack-broken-import==1.0\n"))
+        bad = deploy(fleet, cache, requirements_file(tmp_path, "bad.txt", "pyyaml>=6\nmlstack-broken-import==1.0\n"))
     finally:
         wheel.unlink()
     assert bad.returncode != 0
@@ -286,13 +266,13 @@ def test_an_env_a_container_of_another_project_mounts_outlives_keep_envs(fleet, 
     fleet.ssh(holder, f"docker run -d --name other-team --network none -v {ENV_DIR}/envs/{env_a}:/env:ro "
                       f"--entrypoint '' {IMAGE_NAME} sleep 600 >/dev/null")
     try:
-        b = deploy(fleet, cache, "keep_envs=0", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
+        b = deploy(fleet, cache, "keep_envs=0", requirements_file(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
         assert b.returncode == 0, b.output[-3000:]
         (env_b,) = switched_to(b)
         assert sorted(envs_on(fleet, holder)) == sorted([env_a, env_b])  # still mounted: kept
         assert envs_on(fleet, other) == [env_b]
     finally:
         fleet.ssh(holder, "docker rm -f other-team >/dev/null")
-    again = deploy(fleet, cache, "keep_envs=0", requirements(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
+    again = deploy(fleet, cache, "keep_envs=0", requirements_file(tmp_path, "b.txt", REHEARSAL + "packaging\n"))
     assert again.returncode == 0, again.output[-3000:]
     assert envs_on(fleet, holder) == [env_b]  # no longer mounted: removed

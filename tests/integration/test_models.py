@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fleet_helpers import CACHE, ENV_DIR, hub_requests, snapshot_hashes
 
 from rehearsal import hub
 from rehearsal.baseimage import IMAGE_NAME
@@ -18,8 +19,6 @@ from tasks.fleet.runner import PYINFRA
 
 REPO = Path(__file__).parents[2]
 
-CACHE = "/srv/mlstack/hf-cache"
-ENV_DIR = "/srv/mlstack/ml-env"
 COMMITS = hub.ensure_repos()
 MINILM_SHA, NESTED_SHA = COMMITS[hub.MINILM]["main"], COMMITS[hub.NESTED]["main"]
 MINILM_FOLDER, NESTED_FOLDER = "models--sentence-transformers--all-MiniLM-L6-v2", "models--mlstack-test--nested-tiny"
@@ -46,16 +45,6 @@ def deploy(fleet, control_cache, *data: str, dry: bool = False, limit: str | Non
 
 def models_data(*entries: dict) -> str:
     return "models=" + json.dumps(list(entries))
-
-
-def requests(fleet) -> list[hub.Request]:
-    return hub.access_log(fleet.fleet.dir)
-
-
-def snapshot_hashes(fleet, record, folder: str, commit: str, cache: str = CACHE) -> dict[str, str]:
-    """sha256 of every file of the snapshot on the host, read through its symlinks."""
-    output = fleet.ssh(record, f"cd {cache}/hub/{folder}/snapshots/{commit} && find . -type l -exec sha256sum {{}} +")
-    return {path.removeprefix("./"): digest for digest, path in (line.split(None, 1) for line in output.splitlines())}
 
 
 def in_runtime_image(fleet, record, script: str) -> str:
@@ -87,12 +76,12 @@ def test_both_models_land_in_the_standard_layout_load_offline_and_the_rerun_asks
     stamps = {record.name: fleet.ssh(record, f"find {CACHE}/hub -type f -printf '%i %T@ %p\\n' | sort")
               for record in fleet.hosts}
 
-    before = len(requests(fleet))
+    before = len(hub_requests(fleet))
     second = deploy(fleet, control_cache)
     assert second.returncode == 0, second.output[-3000:]
     assert second.changed_operations() == []
     assert f"[host2] model {hub.NESTED}@{NESTED_SHA} ({NESTED_SHA[:12]}): no change" in second.output
-    assert len(requests(fleet)) == before  # full shas and a complete control cache: the endpoint is not asked
+    assert len(hub_requests(fleet)) == before  # full shas and a complete control cache: the endpoint is not asked
     for record in fleet.hosts:
         assert fleet.ssh(record, f"find {CACHE}/hub -type f -printf '%i %T@ %p\\n' | sort") == stamps[record.name]
 
@@ -194,10 +183,11 @@ def test_a_transfer_killed_mid_blob_leaves_no_visible_snapshot_and_the_rerun_com
 
 def test_host_mode_downloads_on_each_host_and_a_branch_revision_gets_its_ref(fleet, control_cache):
     entries = [{"repo_id": hub.MINILM, "revision": MINILM_SHA}, {"repo_id": hub.NESTED, "revision": "v1"}]
-    before = len(requests(fleet))
+    before = len(hub_requests(fleet))
     run = deploy(fleet, control_cache, models_data(*entries), "model_mode=host")
     assert run.returncode == 0, run.output[-3000:]
-    clients = {request.client.rsplit(":", 1)[0] for request in requests(fleet)[before:] if "/resolve/" in request.path}
+    clients = {request.client.rsplit(":", 1)[0] for request in hub_requests(fleet)[before:]
+               if "/resolve/" in request.path}
     assert clients == {record.ip for record in fleet.hosts}  # the hosts fetched the files, not the control node
     v1 = COMMITS[hub.NESTED]["v1"]
     for record in fleet.hosts:

@@ -6,13 +6,10 @@ release still needs no transfer."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from fault_helpers import ENV_DIR, active, new_requirements
+from fleet_helpers import ENV_DIR, active, mlstack, new_requirements, project_copy, sent_to
 
 from rehearsal import hub
 from rehearsal.baseimage import CACHE_DIR
@@ -22,11 +19,6 @@ RERANKER = REPO / "files/stacks/reranker"
 PROJECT = "mlstack-reranker"
 RELEASES = "/srv/mlstack/releases"
 NESTED_FOLDER = "/srv/mlstack/hf-cache/hub/models--mlstack-test--nested-tiny"
-
-
-def mlstack(fleet, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name}, timeout=900)
 
 
 def private_caches(tmp_path: Path) -> tuple[dict[str, Path], list[str]]:
@@ -43,13 +35,6 @@ def private_caches(tmp_path: Path) -> tuple[dict[str, Path], list[str]]:
                                       ("image_cache_dir", "images"))
             for arg in ("--data", f"{setting}={caches[name]}")]
     return caches, data
-
-
-def project_copy(tmp_path: Path, version: str) -> Path:
-    project = tmp_path / f"reranker-{version}"
-    shutil.copytree(RERANKER, project)
-    (project / "app.py").write_text((RERANKER / "app.py").read_text() + f"# prune test, version {version}\n")
-    return project
 
 
 def running(fleet, record) -> dict:
@@ -78,12 +63,6 @@ def has(fleet, record, path: str) -> bool:
 
 def holds_image(fleet, record, image_id: str) -> bool:
     return fleet.ssh(record, f"docker image inspect {image_id} >/dev/null 2>&1 && echo yes || echo no").strip() == "yes"
-
-
-def sent_to(fleet, record) -> int:
-    """Bytes the control node has sent on RECORD's link."""
-    device = fleet.fleet.veth(int(record.name.removeprefix("host")))
-    return int(Path(f"/sys/class/net/{device}/statistics/tx_bytes").read_text())
 
 
 def test_prune_keeps_the_last_releases_and_removes_only_what_the_oldest_alone_used(fleet, tmp_path):

@@ -10,10 +10,10 @@ import contextlib
 import hashlib
 import json
 import re
-import threading
 from pathlib import Path
 
 import pytest
+from fleet_helpers import ArgvWatch
 
 from rehearsal.fleet import STATE_ROOT
 
@@ -24,35 +24,6 @@ SECRETS = {
     "MLSTACK_API_KEY": "api-key-5c4b3a21",
 }
 ROTATED = "api-key-rotated-77e1"
-
-
-class ArgvWatch(threading.Thread):
-    """Samples every process's argv on this machine (the hosts share its pid namespace) until stopped."""
-
-    def __init__(self, needles: list[str]):
-        super().__init__(daemon=True)
-        self.needles, self.seen, self.hits = [needle.encode() for needle in needles], set(), []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            for entry in Path("/proc").iterdir():
-                try:
-                    argv = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
-                except OSError:
-                    continue
-                self.seen.add(argv[:200])
-                if any(needle in argv for needle in self.needles):
-                    self.hits.append(argv.replace(b"\0", b" ")[:300])
-            self.done.wait(0.01)
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.join()
 
 
 def files_holding(root: Path, needle: str) -> set[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_secrets import ArgvWatch
+from fleet_helpers import ArgvWatch
 
 from rehearsal import hub, registry
 from rehearsal.baseimage import IMAGE_NAME

@@ -4,11 +4,11 @@ changes nothing there and takes no lock."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
+
+from fleet_helpers import mlstack
 
 from tasks.host.lock import LOCK_DIR
 from tasks.host.programs import program
@@ -21,12 +21,6 @@ COMPOSE = f"{ROOT}/compose"
 HOST_STATE = (f"find {ROOT} -printf '%p %m %u %g %s %T@\\n' | sort | sha256sum; "
               f"find {COMPOSE} -type f -exec sha256sum {{}} + | sort | sha256sum; "
               "docker ps -a -q --no-trunc | sort | sha256sum")
-
-
-def mlstack(fleet, *args: str) -> subprocess.CompletedProcess:
-    """`mlstack ARGS` (as `python -m tasks.cli`) against the test fleet, from the checkout."""
-    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name}, timeout=600)
 
 
 def status(fleet, *args: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -1,0 +1,153 @@
+"""What the fleet test modules share: a new env to install, a host's active env and envs, the bytes sent to
+a host, the mlstack command, copies of the reranker project, a host's SSH sessions (to kill a connection on
+the host's side), an argv watch, and waiting for a condition."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+from rehearsal import hub
+from rehearsal.index import WHEELHOUSE
+
+REPO = Path(__file__).parents[2]
+RERANKER = REPO / "files/stacks/reranker"
+ENV_DIR = "/srv/mlstack/ml-env"
+CACHE = "/srv/mlstack/hf-cache"
+REHEARSAL = (Path(__file__).parents[2] / "files" / "requirements.rehearsal.txt").read_text()
+BALLAST = "mlstack-ballast"
+BALLAST_DATA = random.Random(15).randbytes(6_000_000)
+BALLAST_OBJECT = hashlib.sha256(BALLAST_DATA).hexdigest() + "-644"  # its name in an env store
+
+
+def ballast_wheel() -> Path:
+    """A real wheel in the rehearsal index holding 6 MB that no other env has: a new env with it is sent at
+    least that much (only new files travel), so a transfer lasts long enough to be interrupted. Its
+    content is fixed, and so is the id of every env built with it."""
+    wheel = WHEELHOUSE / "mlstack_ballast-1.0-py3-none-any.whl"
+    if not wheel.exists():
+        files = {
+            "mlstack_ballast/__init__.py": b"",
+            "mlstack_ballast/ballast.bin": BALLAST_DATA,
+            "mlstack_ballast-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: mlstack-ballast\nVersion: 1.0\n",
+            "mlstack_ballast-1.0.dist-info/WHEEL":
+                b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            "mlstack_ballast-1.0.dist-info/top_level.txt": b"mlstack_ballast\n",
+        }
+        record = "".join(f"{name},,\n" for name in files) + "mlstack_ballast-1.0.dist-info/RECORD,,\n"
+        partial = wheel.with_suffix(".partial")
+        with zipfile.ZipFile(partial, "w") as archive:
+            for name, data in {**files, "mlstack_ballast-1.0.dist-info/RECORD": record.encode()}.items():
+                archive.writestr(zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0)), data)
+        partial.rename(wheel)
+    return wheel
+
+
+def new_requirements(tmp_path: Path) -> str:
+    """Requirements that make a new env on the next deploy, with 6 MB of new files (`ballast_wheel`)."""
+    ballast_wheel()
+    path = tmp_path / "next.txt"
+    path.write_text(REHEARSAL + f"{BALLAST}==1.0\n")
+    return f"ml_env_requirements={path}"
+
+
+def requirements_file(tmp_path: Path, name: str, text: str) -> str:
+    """`ml_env_requirements=` a file NAME holding TEXT."""
+    path = tmp_path / name
+    path.write_text(text)
+    return f"ml_env_requirements={path}"
+
+
+def active(fleet, record) -> str:
+    return fleet.ssh(record, f"readlink {ENV_DIR}/active || true").strip().removeprefix("envs/")
+
+
+def envs_on(fleet, record) -> list[str]:
+    return fleet.ssh(record, f"ls {ENV_DIR}/envs 2>/dev/null || true").split()
+
+
+def sent_to(fleet, record) -> int:
+    """Bytes the control node has sent on RECORD's link (the host-side veth's peer), deploy traffic included."""
+    device = fleet.fleet.veth(int(record.name.removeprefix("host")))
+    return int(Path(f"/sys/class/net/{device}/statistics/tx_bytes").read_text())
+
+
+def mlstack(fleet, *args: str) -> subprocess.CompletedProcess:
+    """`mlstack ARGS` (as `python -m tasks.cli`) against the test fleet, from the checkout."""
+    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name}, timeout=900)
+
+
+def project_copy(tmp_path: Path, version: str) -> Path:
+    """A copy of the reranker project whose app differs by VERSION (so its built image does too)."""
+    project = tmp_path / f"reranker-{version}"
+    shutil.copytree(RERANKER, project)
+    (project / "app.py").write_text((RERANKER / "app.py").read_text() + f"# version {version}\n")
+    return project
+
+
+def snapshot_hashes(fleet, record, folder: str, commit: str, cache: str = CACHE) -> dict[str, str]:
+    """sha256 of every file of the snapshot on the host, read through its symlinks."""
+    output = fleet.ssh(record, f"cd {cache}/hub/{folder}/snapshots/{commit} && find . -type l -exec sha256sum {{}} +")
+    return {path.removeprefix("./"): digest for digest, path in (line.split(None, 1) for line in output.splitlines())}
+
+
+def hub_requests(fleet) -> list[hub.Request]:
+    """What the fleet's HF mirror has been asked, in order."""
+    return hub.access_log(fleet.fleet.dir)
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def ssh_sessions(fleet, record) -> list[int]:
+    """The host's sshd processes serving a connection (children of its listening sshd)."""
+    sshd = {}
+    for pid in fleet.fleet.host_pids(record):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd":
+                sshd[pid] = int(fields[1])  # its parent
+    return [pid for pid, parent in sshd.items() if parent in sshd]
+
+
+class ArgvWatch(threading.Thread):
+    """Samples every process's argv on this machine (the hosts share its pid namespace) until stopped."""
+
+    def __init__(self, needles: list[str]):
+        super().__init__(daemon=True)
+        self.needles, self.seen, self.hits = [needle.encode() for needle in needles], set(), []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    argv = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+                except OSError:
+                    continue
+                self.seen.add(argv[:200])
+                if any(needle in argv for needle in self.needles):
+                    self.hits.append(argv.replace(b"\0", b" ")[:300])
+            self.done.wait(0.01)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join()
