@@ -93,6 +93,13 @@ class TestFleet:
 
 
 @pytest.fixture(scope="session")
+def env_cache(tmp_path_factory) -> Path:
+    """One ML env cache (`ml_env_cache_dir`) for the modules that only need an env built once, not a fresh or
+    private one: it is content-addressed, so an env built by one module is the same for the next."""
+    return tmp_path_factory.mktemp("env-cache")
+
+
+@pytest.fixture(scope="session")
 def fleet():
     fleet = Fleet(TEST_FLEET)
     try:

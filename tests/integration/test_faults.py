@@ -32,23 +32,18 @@ PROJECT = "mlstack-reranker"
 SENDING = re.compile(r"\] ML env (env-[0-9a-f]{16}): [\d.]+ / [\d.]+ MB sent")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults-env-cache")
-
-
 @pytest.fixture(autouse=True)
-def converged(fleet, cache):
+def converged(fleet, env_cache):
     """Every test starts from a converged fleet (the rehearsal env active, the stack healthy)."""
-    run = deploy(fleet, cache)
+    run = deploy(fleet, env_cache)
     assert run.returncode == 0, run.output[-3000:]
     yield
     fleet.wipe()
 
 
-def deploy(fleet, cache, *data: str, limit: str | None = None):
+def deploy(fleet, env_cache, *data: str, limit: str | None = None):
     args = [arg for item in data for arg in ("--data", item)]
-    return fleet.deploy("--data", f"ml_env_cache_dir={cache}", *args, *(("--limit", limit) if limit else ()))
+    return fleet.deploy("--data", f"ml_env_cache_dir={env_cache}", *args, *(("--limit", limit) if limit else ()))
 
 
 def env_listing(fleet, record, env: str) -> str:
@@ -64,9 +59,9 @@ def veth(fleet, record) -> str:
     return fleet.fleet.veth(int(record.name.removeprefix("host")))
 
 
-def start_deploy(fleet, cache, *data: str, limit: str | None = None) -> subprocess.Popen:
+def start_deploy(fleet, env_cache, *data: str, limit: str | None = None) -> subprocess.Popen:
     argv = [PYINFRA, "inventory/rehearsal.py", "deploy.py", "-y", *(("--limit", limit) if limit else ()),
-            "--data", f"ml_env_cache_dir={cache}", *[arg for item in data for arg in ("--data", item)]]
+            "--data", f"ml_env_cache_dir={env_cache}", *[arg for item in data for arg in ("--data", item)]]
     return subprocess.Popen(argv, cwd=REPO, env={**os.environ, "MLSTACK_FLEET": fleet.fleet.name},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -97,14 +92,14 @@ def finish(process: subprocess.Popen, log: list[str]) -> str:
 
 
 def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host_converges_and_the_rerun_too(
-        fleet, cache, tmp_path):
+        fleet, env_cache, tmp_path):
     victim, other = fleet.hosts
     old = active(fleet, victim)
     old_files, old_containers = env_listing(fleet, victim, old), container_ids(fleet, victim)
     held = set(fleet.ssh(victim, f"ls {ENV_DIR}/envs").split())  # the old env, and any an earlier module left
     log: list[str] = []
     with fleet.throttled(victim):
-        process = start_deploy(fleet, cache, new_requirements(tmp_path))
+        process = start_deploy(fleet, env_cache, new_requirements(tmp_path))
         new = wait_for_upload(process, log)
         # the ballast's object half there: the host cannot have the whole stream when its connection dies
         wait_for_bytes(fleet.fleet.host_dir(victim.name) / f"srv{ENV_DIR.removeprefix('/srv')}/incoming",
@@ -134,19 +129,20 @@ def test_ssh_killed_mid_env_upload_keeps_the_old_env_active_there_the_other_host
     assert active(fleet, victim) == old
     assert fleet.ssh(victim, f"find {ENV_DIR}/objects -type f -links 1") == ""  # none that no env links to
 
-    rerun = deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
+    rerun = deploy(fleet, env_cache, new_requirements(tmp_path), limit=victim.name)
     assert rerun.returncode == 0, rerun.output[-3000:]
     assert active(fleet, victim) == new
     assert fleet.ssh(victim, f"ls -A {ENV_DIR}/incoming; ls {ENV_DIR}/envs | grep -c tmp || true").split() == ["0"]
 
 
-def test_a_host_down_at_the_start_fails_the_run_names_it_and_the_others_converge(fleet, cache):
+def test_a_host_down_at_the_start_fails_the_run_names_it_and_the_others_converge(fleet, env_cache):
     up, down = fleet.hosts
     device = veth(fleet, down)
     subprocess.run(["ip", "link", "set", device, "down"], check=True)
     try:
-        rollout = fleet.tool("tasks.fleet.rollout", "--data", f"ml_env_cache_dir={cache}", "--data", "rollout_canary=0",
-                             "--data", "rollout_batch=2", "--data", "compose_project_dir_mode=0700")
+        rollout = fleet.tool("tasks.fleet.rollout", "--data", f"ml_env_cache_dir={env_cache}",
+                             "--data", "rollout_canary=0", "--data", "rollout_batch=2",
+                             "--data", "compose_project_dir_mode=0700")
     finally:
         subprocess.run(["ip", "link", "set", device, "up"], check=True)
     assert rollout.returncode == 1, rollout.stdout + rollout.stderr[-3000:]
@@ -155,7 +151,7 @@ def test_a_host_down_at_the_start_fails_the_run_names_it_and_the_others_converge
     assert fleet.ssh(up, "stat -c %a /srv/mlstack/compose").strip() == "700"
     assert fleet.ssh(down, "stat -c %a /srv/mlstack/compose").strip() == "750"
 
-    back = deploy(fleet, cache, "compose_project_dir_mode=0700")
+    back = deploy(fleet, env_cache, "compose_project_dir_mode=0700")
     assert back.returncode == 0, back.output[-3000:]
     assert [name for name, _ in back.changed_operations()] == ["Host directories | Directory compose_project_dir "
                                                                "/srv/mlstack/compose (0:0 0700)"]
@@ -163,7 +159,7 @@ def test_a_host_down_at_the_start_fails_the_run_names_it_and_the_others_converge
 
 
 def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_installed_and_the_rerun_converges(
-        fleet, cache, tmp_path):
+        fleet, env_cache, tmp_path):
     victim = fleet.hosts[1]
     fleet.wipe()
     # /srv is a 600 MB tmpfs: room enough for the preflight; then another process takes it all mid upload.
@@ -174,7 +170,7 @@ def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_in
                                    "-type f -size +0 | head -n 1)\" ]; do sleep 0.05; done; "
                                    "dd if=/dev/zero of=/srv/filler bs=1M' </dev/null >/dev/null 2>&1 & echo $!").strip()
         with fleet.throttled(victim):
-            run = deploy(fleet, cache, limit=victim.name)
+            run = deploy(fleet, env_cache, limit=victim.name)
         assert run.returncode != 0
         assert re.search(r"ML env env-[0-9a-f]{16}: the upload failed \(the objects did not arrive whole \(tar: "
                          r"[0-9a-f]{64}-\d+: (Cannot (write|open): No space left on device|Wrote only \d+ of \d+ "
@@ -186,7 +182,7 @@ def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_in
         assert fleet.ssh(victim, "docker ps -aq") == ""  # the stack never started
 
         fleet.ssh(victim, "rm /srv/filler")  # the operator frees the disk
-        rerun = deploy(fleet, cache, limit=victim.name)
+        rerun = deploy(fleet, env_cache, limit=victim.name)
         assert rerun.returncode == 0, rerun.output[-3000:]
         assert active(fleet, victim).startswith("env-")
         assert fleet.ssh(victim, f"ls -A {ENV_DIR}/incoming; ls {ENV_DIR}/envs | grep -c tmp || true").split() == ["0"]
@@ -196,13 +192,13 @@ def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_in
         fleet.ssh(victim, "umount /srv")
 
 
-def test_a_second_deploy_during_a_first_fails_clearly_and_leaves_the_first_to_finish(fleet, cache, tmp_path):
+def test_a_second_deploy_during_a_first_fails_clearly_and_leaves_the_first_to_finish(fleet, env_cache, tmp_path):
     victim = fleet.hosts[0]
     log: list[str] = []
     with fleet.throttled(victim):
-        first = start_deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)
+        first = start_deploy(fleet, env_cache, new_requirements(tmp_path), limit=victim.name)
         new = wait_for_upload(first, log)
-        second = deploy(fleet, cache, limit=victim.name)  # the old requirements: it would switch back
+        second = deploy(fleet, env_cache, limit=victim.name)  # the old requirements: it would switch back
         output = finish(first, log)
     assert second.returncode != 0
     assert re.search(rf"\[{victim.name}\] {victim.name}: another deploy holds this host's lock "
@@ -212,27 +208,27 @@ def test_a_second_deploy_during_a_first_fails_clearly_and_leaves_the_first_to_fi
     assert first.returncode == 0, output[-3000:]
     assert active(fleet, victim) == new
 
-    after = deploy(fleet, cache, new_requirements(tmp_path), limit=victim.name)  # the lock went with the first run
+    after = deploy(fleet, env_cache, new_requirements(tmp_path), limit=victim.name)  # the lock went with the first run
     assert after.returncode == 0 and after.changed_operations() == [], after.output[-3000:]
 
 
 def test_large_uploads_go_through_openssh_and_over_the_deploys_own_connection_where_ssh_cannot_stand_in(
-        fleet, cache):
+        fleet, env_cache):
     """The 90 MB model file reaches each fresh host through OpenSSH (key logins, as in the rehearsal), and
     over the deploy's own connection where ssh cannot stand in (here custom paramiko arguments, as a
     password login would); both times it arrives whole."""
     # the tail of tasks/host/channel.py's ssh_command argv to this fleet's hosts (others may run beside it)
     uploading = [f"\0IdentityAgent=none\0--\0{record.ip}\0" for record in fleet.hosts]
-    model = "find /srv/mlstack/hf-cache/hub -path '*/snapshots/*/model.safetensors' -exec sha256sum {} +"
+    model = "find /srv/mlstack/hf-env_cache/hub -path '*/snapshots/*/model.safetensors' -exec sha256sum {} +"
     fleet.wipe()
     with ArgvWatch(uploading) as watch, fleet.throttled(fleet.hosts[1], "200mbit"):  # seen for seconds
-        by_openssh = deploy(fleet, cache)
+        by_openssh = deploy(fleet, env_cache)
     assert by_openssh.returncode == 0, by_openssh.output[-3000:]
     assert watch.hits, "no upload went through OpenSSH"
     arrived = {fleet.ssh(record, model).split()[0] for record in fleet.hosts}
     fleet.wipe()
     with ArgvWatch(uploading) as watch:
-        by_channel = deploy(fleet, cache, 'ssh_paramiko_connect_kwargs={"timeout": 60}')
+        by_channel = deploy(fleet, env_cache, 'ssh_paramiko_connect_kwargs={"timeout": 60}')
     assert by_channel.returncode == 0, by_channel.output[-3000:]
     assert watch.hits == []
     assert {fleet.ssh(record, model).split()[0] for record in fleet.hosts} == arrived and len(arrived) == 1

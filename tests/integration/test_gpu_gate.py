@@ -21,11 +21,6 @@ V100 = "0, GPU-2c1a6f0e-5b7d-4c2e-9f3a-8d6e4b1c0a97, Tesla V100-SXM2-32GB, 32768
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("ml-env-cache")
-
-
-@pytest.fixture(scope="module")
 def second_env(tmp_path_factory) -> str:
     """Requirements of a second env (the rehearsal set and one more package): a switch to gate."""
     path = tmp_path_factory.mktemp("requirements") / "b.txt"
@@ -33,8 +28,8 @@ def second_env(tmp_path_factory) -> str:
     return str(path)
 
 
-def deploy(fleet, cache, *data: str):
-    return fleet.deploy("--data", f"ml_env_cache_dir={cache}", *[arg for item in data for arg in ("--data", item)])
+def deploy(fleet, env_cache, *data: str):
+    return fleet.deploy("--data", f"ml_env_cache_dir={env_cache}", *[arg for item in data for arg in ("--data", item)])
 
 
 def listing(fleet, record, path: str = ENV_DIR) -> str:
@@ -42,10 +37,10 @@ def listing(fleet, record, path: str = ENV_DIR) -> str:
 
 
 @pytest.fixture()
-def on_first_env(fleet, cache) -> str:
+def on_first_env(fleet, env_cache) -> str:
     """Both hosts wiped, then running the rehearsal env; returns its id."""
     fleet.wipe()
-    first = deploy(fleet, cache)
+    first = deploy(fleet, env_cache)
     assert first.returncode == 0, first.output[-3000:]
     envs = {active(fleet, record) for record in fleet.hosts}
     assert len(envs) == 1
@@ -56,15 +51,15 @@ def message(run, record) -> str:
     return run.report[record.name]["failure"]["message"]
 
 
-def test_old_driver_and_unsupported_gpu_are_refused_before_the_switch(fleet, cache, second_env, on_first_env):
+def test_old_driver_and_unsupported_gpu_are_refused_before_the_switch(fleet, env_cache, second_env, on_first_env):
     old_driver, volta = fleet.hosts
     with fleet.gpu_shaped(old_driver, [H100_R570]), fleet.gpu_shaped(volta, [V100]):
         # The second env is not built yet: the checks run at execution, once it is, before it is sent.
-        built = deploy(fleet, cache, f"ml_env_requirements={second_env}")
+        built = deploy(fleet, env_cache, f"ml_env_requirements={second_env}")
         after_build = {record.name: (active(fleet, record), envs_on(fleet, record)) for record in fleet.hosts}
-        # Now it is in the control cache: the checks run at plan time, and nothing changes on either host.
+        # Now it is in the control env_cache: the checks run at plan time, and nothing changes on either host.
         before = {record.name: listing(fleet, record) for record in fleet.hosts}
-        planned = deploy(fleet, cache, f"ml_env_requirements={second_env}")
+        planned = deploy(fleet, env_cache, f"ml_env_requirements={second_env}")
         after = {record.name: listing(fleet, record) for record in fleet.hosts}
     for run in (built, planned):
         assert run.returncode != 0
@@ -79,11 +74,11 @@ def test_old_driver_and_unsupported_gpu_are_refused_before_the_switch(fleet, cac
     assert after == before  # refused at plan time: not a byte sent, nothing switched
 
 
-def test_no_container_runtime_is_refused_and_the_cpu_host_of_a_mixed_fleet_converges(fleet, cache, second_env,
+def test_no_container_runtime_is_refused_and_the_cpu_host_of_a_mixed_fleet_converges(fleet, env_cache, second_env,
                                                                                         on_first_env):
     gpu_host, cpu_host = fleet.hosts
     with fleet.gpu_shaped(gpu_host, [H100], hook=False):
-        run = deploy(fleet, cache, f"ml_env_requirements={second_env}")
+        run = deploy(fleet, env_cache, f"ml_env_requirements={second_env}")
     assert run.returncode != 0
     assert "docker cannot give containers GPUs (no nvidia runtime and no CDI spec for nvidia.com/gpu)" in message(
         run, gpu_host)
@@ -94,10 +89,10 @@ def test_no_container_runtime_is_refused_and_the_cpu_host_of_a_mixed_fleet_conve
 
 
 def test_a_host_that_passes_the_checks_still_needs_the_smoke_test_in_a_container_given_its_gpus(
-        fleet, cache, second_env, on_first_env):
+        fleet, env_cache, second_env, on_first_env):
     gpu_host, cpu_host = fleet.hosts
     with fleet.gpu_shaped(gpu_host, [H100]):  # the real H100 capture: every plan-time check passes
-        run = deploy(fleet, cache, f"ml_env_requirements={second_env}")
+        run = deploy(fleet, env_cache, f"ml_env_requirements={second_env}")
         envs = envs_on(fleet, gpu_host)
     assert run.returncode != 0
     assert run.report[gpu_host.name]["gate"]["result"] == "checked"
@@ -112,12 +107,12 @@ def test_a_host_that_passes_the_checks_still_needs_the_smoke_test_in_a_container
     assert run.report[cpu_host.name]["result"] == "ok"
 
 
-def test_a_service_asking_for_more_gpus_than_a_host_has_fails_that_host_before_it_changes(fleet, cache,
+def test_a_service_asking_for_more_gpus_than_a_host_has_fails_that_host_before_it_changes(fleet, env_cache,
                                                                                           on_first_env):
     gpu_host, cpu_host = fleet.hosts
     with fleet.gpu_shaped(gpu_host, [H100]):
         before = {record.name: listing(fleet, record, "/srv/mlstack") for record in fleet.hosts}
-        run = deploy(fleet, cache, f"service_gpus={json.dumps({'reranker': 2})}",
+        run = deploy(fleet, env_cache, f"service_gpus={json.dumps({'reranker': 2})}",
                      f"stack_env={json.dumps({'CHANGED': '1'})}")
         after = {record.name: listing(fleet, record, "/srv/mlstack") for record in fleet.hosts}
     assert run.returncode != 0
@@ -126,7 +121,7 @@ def test_a_service_asking_for_more_gpus_than_a_host_has_fails_that_host_before_i
     assert after == before  # the .env change was planned, and not made
 
 
-def test_a_cdi_only_host_with_a_service_given_gpus_fails_before_the_stack_changes(fleet, cache, on_first_env):
+def test_a_cdi_only_host_with_a_service_given_gpus_fails_before_the_stack_changes(fleet, env_cache, on_first_env):
     gpu_host, cpu_host = fleet.hosts
     # No container toolkit hook, and a CDI spec for nvidia.com/gpu in the host's own /run (a fixture too).
     fleet.ssh(gpu_host, "mkdir -p /run/cdi && printf 'cdiVersion: 0.5.0\\nkind: nvidia.com/gpu\\n' "
@@ -134,7 +129,7 @@ def test_a_cdi_only_host_with_a_service_given_gpus_fails_before_the_stack_change
     try:
         with fleet.gpu_shaped(gpu_host, [H100], hook=False):
             before = listing(fleet, gpu_host, "/srv/mlstack")
-            run = deploy(fleet, cache, f"stack_env={json.dumps({'CHANGED': '2'})}")
+            run = deploy(fleet, env_cache, f"stack_env={json.dumps({'CHANGED': '2'})}")
             after = listing(fleet, gpu_host, "/srv/mlstack")
     finally:
         fleet.ssh(gpu_host, "rm -r /run/cdi")

@@ -84,11 +84,6 @@ def clean_hosts(fleet):
     fleet.wipe()
 
 
-@pytest.fixture(scope="module")
-def env_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("races-env-cache")
-
-
 def installed_files(fleet, record, env: str) -> dict[str, str]:
     """Every file of an installed env and its sha256, every link and its target."""
     output = fleet.ssh(record, f"cd {ENV_DIR}/envs/{env} && find . -type f -exec sha256sum {{}} + && "
