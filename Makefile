@@ -8,14 +8,14 @@ N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test lint test-unit test-fast test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status prereqs venv lock
+.PHONY: rehearse test lint test-unit test-fast test-heavy test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status prereqs venv lock
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
 	$(PY) -m rehearsal.rehearse
 
-test: prereqs venv lint  ## lint, then unit and fleet integration tests (slow ones excluded)
-	$(PY) -m pytest -m "not slow" --durations=25
+test: prereqs venv lint  ## lint, unit tests, then the fleet tier (heavy and slow tests excluded): under 15 minutes
+	$(PY) -m pytest -m "not heavy and not slow" --durations=25
 
 lint: prereqs venv  ## ruff and mypy over the Python, shellcheck over the shell programs
 	$(VENV)/bin/ruff check .
@@ -31,7 +31,10 @@ test-fast: venv  ## the edit-test loop: ruff, mypy, shellcheck (where installed)
 	if command -v shellcheck >/dev/null; then shellcheck files/*.sh files/host/*.sh tests/real_gpu/*.sh; fi
 	$(PY) -m pytest tests/unit -q
 
-test-slow: prereqs venv  ## the heavy opt-in tests
+test-heavy: prereqs venv  ## the long fleet scenarios (faults, races, release histories, hostile hosts); CI runs them after make test
+	$(PY) -m pytest -m "heavy and not slow" --durations=25
+
+test-slow: prereqs venv  ## the opt-in CUDA production env (2.9 GB of wheels)
 	$(PY) -m pytest -m slow
 
 ## The rehearsal fleet

@@ -76,6 +76,7 @@ def test_with_no_service_using_the_env_nothing_of_it_is_built_sent_checked_or_mo
     assert again.changed_operations() == []
 
 
+@pytest.mark.heavy
 def test_a_host_without_the_base_image_gets_the_builders_id_before_its_import_check(fleet, tmp_path):
     fleet.wipe()  # no container of an earlier test uses the image any more
     builder, other = fleet.hosts  # the rehearsal's ml_env_builder is the first host's engine
@@ -123,6 +124,7 @@ def test_a_host_without_the_base_image_gets_the_builders_id_before_its_import_ch
     assert f"[{other.name}] ML env: the import check of" in retagged.output  # rechecked once the image is back
 
 
+@pytest.mark.heavy
 def test_a_base_image_from_the_registry_is_pulled_by_digest_with_the_registry_login(fleet, tmp_path):
     """The fleet registry's rehearsal/tools:1 (the base plus a file) as the runtime base image: the builder holds it,
     pulled from the registry, so the other host pulls that very digest itself, with the login on stdin."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from fleet_helpers import mlstack, new_requirements, project_copy, sent_to
 
 from rehearsal import hub
@@ -42,6 +43,7 @@ def release_state(fleet, record, project: str = PROJECT) -> dict:
     return {"containers": sorted(containers.splitlines()), "files": files, "active": active}
 
 
+@pytest.mark.heavy
 def test_a_rollback_puts_the_whole_release_back_from_the_host_without_building_or_sending(fleet, tmp_path):
     fleet.wipe()
     commits = hub.ensure_repos()
@@ -73,6 +75,7 @@ def test_a_rollback_puts_the_whole_release_back_from_the_host_without_building_o
     assert {record.name: release_state(fleet, record) for record in fleet.hosts} == b
 
 
+@pytest.mark.heavy
 def test_a_project_switch_brings_the_old_project_down_and_a_rollback_brings_it_back(fleet, tmp_path):
     fleet.wipe()
     assert fleet.deploy().returncode == 0

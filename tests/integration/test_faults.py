@@ -26,6 +26,8 @@ from fleet_helpers import (
 
 from tasks.fleet.runner import PYINFRA
 
+pytestmark = pytest.mark.heavy  # long scenarios: make test-heavy
+
 REPO = Path(__file__).parents[2]
 
 PROJECT = "mlstack-reranker"

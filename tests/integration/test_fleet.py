@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from rehearsal.baseimage import archive_path, image_id_of
 from rehearsal.fleet import Fleet, is_alive, pids_in_netns
 
@@ -54,6 +56,7 @@ def kill_like_a_finished_session(fleet, record) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.heavy
 def test_up_is_idempotent_grows_recovers_from_a_dead_fleet_and_down_leaves_nothing():
     fleet = Fleet("ilife")
     try:

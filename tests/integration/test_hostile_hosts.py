@@ -149,6 +149,7 @@ def assert_system_unchanged(before: str, after: str) -> None:
     assert not gone and not new, f"changed under /etc /root /usr: before {sorted(gone)[:10]}, after {sorted(new)[:10]}"
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("plant", ["hub-to-etc", "links-in-the-repo"])
 def test_links_the_cache_owner_plants_never_lead_root_outside_the_cache(fleet, plant):
     by_branch = ("--data", json_data("models", [{"repo_id": repo, "revision": "main"} for repo in (

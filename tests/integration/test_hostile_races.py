@@ -22,6 +22,8 @@ from fleet_helpers import CACHE, ENV_DIR, active, new_requirements, snapshot_has
 from rehearsal import hub
 from tasks.fleet.runner import PYINFRA, run_deploy
 
+pytestmark = pytest.mark.heavy  # long scenarios: make test-heavy
+
 REPO = Path(__file__).parents[2]
 
 COMMITS = hub.ensure_repos()

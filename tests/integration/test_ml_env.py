@@ -90,6 +90,7 @@ def inodes(fleet, record, *paths: str) -> set[str]:
     return set(fleet.ssh(record, "stat -c %i " + " ".join(f"{ENV_DIR}/{path}" for path in paths)).split())
 
 
+@pytest.mark.heavy
 def test_a_new_env_sends_only_its_new_files_shares_the_rest_keep_envs_collects_and_a_pin_rolls_back(
         fleet, cache, tmp_path):
     a = deploy(fleet, cache, "keep_envs=1")
@@ -257,6 +258,7 @@ def test_the_cuda_production_env_is_built_once_and_imports_on_every_host(fleet, 
               f"whole deploy (build, then install on {len(fleet.hosts)} hosts) {took:.0f}s")
 
 
+@pytest.mark.heavy
 def test_an_env_a_container_of_another_project_mounts_outlives_keep_envs(fleet, cache, tmp_path):
     a = deploy(fleet, cache, "keep_envs=0")
     assert a.returncode == 0, a.output[-3000:]

@@ -147,6 +147,7 @@ def test_an_unknown_repo_or_revision_fails_at_plan_time_and_no_host_changes(flee
         assert fleet.ssh(record, "ls /srv/mlstack 2>&1 || true").strip().endswith("No such file or directory")
 
 
+@pytest.mark.heavy
 def test_a_transfer_killed_mid_blob_leaves_no_visible_snapshot_and_the_rerun_completes(fleet, control_cache):
     victim = fleet.hosts[0]
     assert deploy(fleet, control_cache, limit=victim.name).returncode == 0
@@ -181,6 +182,7 @@ def test_a_transfer_killed_mid_blob_leaves_no_visible_snapshot_and_the_rerun_com
     assert fleet.ssh(victim, f"find {repo} -name '*.incoming*'") == ""
 
 
+@pytest.mark.heavy
 def test_host_mode_downloads_on_each_host_and_a_branch_revision_gets_its_ref(fleet, control_cache):
     entries = [{"repo_id": hub.MINILM, "revision": MINILM_SHA}, {"repo_id": hub.NESTED, "revision": "v1"}]
     before = len(hub_requests(fleet))
@@ -221,6 +223,7 @@ def test_a_tree_listing_a_path_outside_the_repo_is_refused_before_any_host_chang
                                  " find / -xdev -name mlstack-escape 2>/dev/null | head -3") == ""
 
 
+@pytest.mark.heavy
 def test_widening_the_patterns_at_one_commit_publishes_the_new_files_and_verify_sees_a_lost_link(
         fleet, control_cache):
     minilm = {"repo_id": hub.MINILM, "revision": MINILM_SHA}

@@ -9,10 +9,13 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from fleet_helpers import ENV_DIR, active, mlstack, new_requirements, project_copy, sent_to
 
 from rehearsal import hub
 from rehearsal.baseimage import CACHE_DIR
+
+pytestmark = pytest.mark.heavy  # long scenarios: make test-heavy
 
 REPO = Path(__file__).parents[2]
 RERANKER = REPO / "files/stacks/reranker"

@@ -44,6 +44,7 @@ def wiped(fleet):
     fleet.wipe()
 
 
+@pytest.mark.heavy
 def test_no_secret_reaches_output_argv_labels_caches_or_host_files(fleet, wiped, tmp_path):
     caches = {key: tmp_path / key for key in ("ml_env_cache_dir", "hf_control_cache_dir", "image_cache_dir")}
     index = fleet.fleet.index_url.replace("http://", "http://mlstack:${MLSTACK_INDEX_PASSWORD}@")

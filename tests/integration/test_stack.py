@@ -174,6 +174,7 @@ def test_a_variable_without_a_value_fails_before_any_host_changes(fleet, tmp_pat
             for record in fleet.hosts} == before
 
 
+@pytest.mark.heavy
 def test_a_service_failing_health_after_an_env_switch_fails_the_host_with_its_logs_and_a_rollback_recovers(
         fleet, tmp_path):
     good = fleet.deploy()
@@ -439,6 +440,7 @@ def test_editing_one_service_recreates_only_it(fleet, tmp_path):
         assert after["reranker"] == before[record.name]["reranker"] and after["docs"] != before[record.name]["docs"]
 
 
+@pytest.mark.heavy
 def test_a_built_image_travels_as_the_layers_the_host_lacks_and_runs_there(fleet, tmp_path):
     """The reranker's image is the runtime base (on every host: the import check runs it) and layers of its
     own (BuildKit: the COPY, and WORKDIR's): host2, which lacks the image the builder (host1) made, gets those
