@@ -277,7 +277,7 @@ def test_the_archon_project_passes_compose_config_on_a_host_with_the_additions_o
     """Archon cannot start here (it needs Supabase and its own source); its project must still be valid compose,
     as the deploy pushes it: the project's files, the generated override and .env."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "host"))
-    from test_stack_render import GPUS, SECRETS, rendered  # noqa: PLC0415 (the unit tests' fixture of a full render)
+    from archon_render import GPUS, SECRETS, rendered  # the render unit tests' fixture
 
     for name, value in SECRETS.items():  # inventory/example_archon.py's stack_secrets, read while validating
         monkeypatch.setenv(name, value)
