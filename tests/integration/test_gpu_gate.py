@@ -74,6 +74,7 @@ def test_old_driver_and_unsupported_gpu_are_refused_before_the_switch(fleet, env
     assert after == before  # refused at plan time: not a byte sent, nothing switched
 
 
+@pytest.mark.heavy
 def test_no_container_runtime_is_refused_and_the_cpu_host_of_a_mixed_fleet_converges(fleet, env_cache, second_env,
                                                                                         on_first_env):
     gpu_host, cpu_host = fleet.hosts
@@ -88,6 +89,7 @@ def test_no_container_runtime_is_refused_and_the_cpu_host_of_a_mixed_fleet_conve
     assert run.report[cpu_host.name]["gate"] is None  # no GPU: no gate
 
 
+@pytest.mark.heavy
 def test_a_host_that_passes_the_checks_still_needs_the_smoke_test_in_a_container_given_its_gpus(
         fleet, env_cache, second_env, on_first_env):
     gpu_host, cpu_host = fleet.hosts
@@ -121,6 +123,7 @@ def test_a_service_asking_for_more_gpus_than_a_host_has_fails_that_host_before_i
     assert after == before  # the .env change was planned, and not made
 
 
+@pytest.mark.heavy
 def test_a_cdi_only_host_with_a_service_given_gpus_fails_before_the_stack_changes(fleet, env_cache, on_first_env):
     gpu_host, cpu_host = fleet.hosts
     # No container toolkit hook, and a CDI spec for nvidia.com/gpu in the host's own /run (a fixture too).
