@@ -176,8 +176,8 @@ def test_a_disk_filled_during_the_env_upload_fails_clearly_shows_nothing_half_in
         assert run.returncode != 0
         assert re.search(r"ML env env-[0-9a-f]{16}: the upload failed \(the objects did not arrive whole \(tar: "
                          r"[0-9a-f]{64}-\d+: (Cannot (write|open): No space left on device|Wrote only \d+ of \d+ "
-                         r"bytes)\)\); No space left on device on /srv; nothing was installed, the next run sends it "
-                         r"again", run.output), run.output[-3000:]
+                         r"bytes)\)\); (No space left on device|\d+ MB free) on /srv; "  # partial gone: a few MB free
+                         r"nothing was installed, the next run sends it again", run.output), run.output[-3000:]
         assert fleet.ssh(victim, "ls /srv/filler")  # the filler did fill it
         assert fleet.ssh(victim, f"readlink {ENV_DIR}/active || echo none").strip() == "none"
         assert fleet.ssh(victim, f"ls {ENV_DIR}/envs 2>/dev/null | grep -v '[.]tmp' || true") == ""
