@@ -19,7 +19,7 @@ from .host import ml_env, releases, stack, stack_health, stack_push
 from .host.failure import fail_host
 from .host.lock import hold_deploy_lock
 from .host.models import ModelCacheFact, ModelCacheState
-from .host.probe import probe_host
+from .host.probe import ProbePart, probe_host
 from .host.programs import program
 from .host.releases import RELEASE_ID, Release, ReleasesState
 from .host.transfer import as_owner
@@ -54,6 +54,13 @@ def missing_parts(release: Release, envs: ml_env.MlEnvState, models: ModelCacheS
     return missing
 
 
+def held_models(config, target: Release) -> ModelCacheState | None:
+    """The model cache's state for TARGET's models (framed like every probe: a cut-off part fails the host)."""
+    read = probe_host(ProbePart("models", ModelCacheFact, {"cache_dir": config.model_cache_dir,
+                                                          "folders": tuple(sorted(target.models))}))
+    return read[0] if read else None
+
+
 def rollback() -> None:
     """The rollback's steps for one host (pyinfra runs it for each)."""
     report.start()
@@ -76,7 +83,8 @@ def rollback() -> None:
         host.log(f"rollback: {target.id} is already the running release: no change")
         record.stack.health = "healthy"
         return
-    models = host.get_fact(ModelCacheFact, cache_dir=config.model_cache_dir, folders=tuple(sorted(target.models)))
+    if (models := held_models(config, target)) is None:
+        return  # the host failed, naming the part that did not read whole
     missing = missing_parts(target, envs, models, set(running.images.values()))
     if missing:
         fail_host("Rollback", f"release {target.id} cannot be put back without a transfer: "

@@ -34,7 +34,7 @@ from .host import gpus, models, releases
 from .host.gpus import GpuState
 from .host.lock import LOCK_DIR
 from .host.models import ModelCacheState
-from .host.probe import HostProbe, PartFailure, ProbePart
+from .host.probe import PartFailure, ProbePart, carried, probe_values, received
 from .host.programs import program
 from .host.releases import ReleasesState
 from .report import report
@@ -250,7 +250,7 @@ def mlstack_status() -> None:
     report.start()
     config = settings(host)
     parts = status_parts(config)
-    values = host.get_fact(HostProbe, parts=parts)  # one round trip; a failed part costs only its own view
+    values = probe_values(*parts)  # one round trip; a failed part costs only its own view
     read = Read(errors=[f"{part.name}: {values[part.name].message}" for part in parts
                         if isinstance(values[part.name], PartFailure)])
     for part in parts:
@@ -272,11 +272,14 @@ class ServiceLogsFact(FactBase):
     """One service's logs (files/host/service_logs.sh): compose's exit status, and the lines it printed."""
 
     def command(self, compose_dir: str, service: str, since: str, tail: str, timestamps: bool) -> str:
-        return program("service_logs.sh", compose_dir, service, "yes" if timestamps else "no", since, tail)
+        return carried(program("service_logs.sh", compose_dir, service, "yes" if timestamps else "no", since, tail))
 
     def process(self, output: list[str]) -> tuple[int, list[str]]:
         marker = "@@mlstack-logs-status "
-        lines = [line.removeprefix(ERASE_LINE) for line in output]
+        try:  # a log line with a byte that is not UTF-8 comes as \xNN, and every line after it still comes
+            lines = [line.removeprefix(ERASE_LINE) for line in received(output)]
+        except ValueError as error:
+            return 255, [str(error)]
         if not lines or not lines[-1].startswith(marker) or not lines[-1][len(marker):].isdigit():
             return 255, lines  # cut short: whatever came is shown
         return int(lines[-1][len(marker):]), lines[:-1]

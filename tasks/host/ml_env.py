@@ -53,7 +53,7 @@ from ..report import EnvOutcome, report
 from .failure import HostProblem, fail_host, failed, step
 from .gpu_checks import CudaEnv, gate_problems, smoke_devices
 from .gpus import GpuState
-from .probe import ProbePart
+from .probe import ProbePart, carried, received
 from .programs import program
 from .transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
 
@@ -231,11 +231,15 @@ class EnvUpload(StreamedUpload):
 
     def execute(self, state, host, connector_arguments) -> bool:
         listing = as_owner(*self.owner, program("env_store.sh", "list", self.env_dir))
-        listed, output = host.run_shell_command(StringCommand(listing), **connector_arguments)
+        listed, output = host.run_shell_command(StringCommand(carried(listing)), **connector_arguments)
+        try:  # every name comes back whole (one that is not UTF-8 as \xNN), never cut off at it
+            names = received(output.stdout_lines) if listed else []
+        except ValueError as error:
+            listed, names = False, [str(error)]
         if not listed:
             return failed(host, f"{self.label}: the host's env store could not be listed "
-                                f"({' '.join(output.stderr_lines[-1:])}); nothing was sent")
-        present = {line for line in output.stdout_lines if OBJECT.fullmatch(line)}
+                                f"({' '.join((names or output.stderr_lines)[-1:])}); nothing was sent")
+        present = {line for line in names if OBJECT.fullmatch(line)}
         cache_dir = self.env_source.cache_dir
         base = read_tree(cache_dir, self.links_from) if self.links_from else None
         transfer = plan_transfer(env_tree(cache_dir, self.env_source.env, self.env_source.artifact()),
@@ -336,10 +340,14 @@ class EnvImportCheckFact(FactBase):
     """The import check of an installed env, run now: None when it passes, else what failed (read-only)."""
 
     def command(self, env_dir: str, env: str, image_id: str, python: str) -> str:
-        return f"{import_check_command(env_dir, env, image_id, python)} 2>&1 >/dev/null | tail -5; true"
+        return carried(f"{import_check_command(env_dir, env, image_id, python)} 2>&1 >/dev/null | tail -5; true")
 
     def process(self, output: list[str]) -> str | None:
-        return " / ".join(line.strip() for line in output if line.strip()) or None
+        try:
+            lines = received(output)
+        except ValueError as error:
+            return str(error)
+        return " / ".join(line.strip() for line in lines if line.strip()) or None
 
 
 @operation(is_idempotent=False)

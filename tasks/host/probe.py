@@ -2,12 +2,20 @@
 
 Each concern owns its part (`<concern>.probe_part(config)`: its fact and the fact's arguments);
 deploy.py hands the parts to `probe_host` and each concern plans from its own value. A part that
-fails (its program exits non-zero, or its output is not what its fact reads, e.g. a broken
-`nvidia-smi`) fails that host only.
+fails (its program exits non-zero, its output is not what its fact reads, e.g. a broken
+`nvidia-smi`, or its output stops before its end marker) fails that host only.
+
+What a host prints is carried as base64 (`carried`, `received`): pyinfra reads a command's output
+through paramiko, which decodes each line strictly and stops reading at the first byte that is not
+UTF-8 (a file name a local user chose), with the exit status still 0. Decoded here, such a byte
+becomes `\\xNN` and every line after it still arrives; each part's end marker says it finished.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +24,26 @@ from pyinfra.api import FactBase
 
 from .failure import fail_host
 
-FRAME = "@@mlstack-fact "  # frames each part's output; no part prints a line starting so
-FAILED = "@@mlstack-fact-failed "  # a part's program exited non-zero: its status follows
+FRAME = "@@mlstack-fact "  # "@@mlstack-fact <mark> <part>" opens a part's output
+END = "@@mlstack-fact-end "  # "@@mlstack-fact-end <mark> <part> <status>" closes it: the part finished
+# <mark> is new for every probe, so no output of a part (a file name it prints) can pose as either
+
+
+def carried(command: str) -> str:
+    """COMMAND with its output made safe to read back: stdout as base64 (read with `received`), stderr with
+    every byte that is not printable ASCII shown as '?' (pyinfra only shows it)."""
+    return ("{ { " + command + "\n} 2>&1 1>&3 3>&- | LC_ALL=C tr -c '\\n\\40-\\176' '?' >&2 3>&-; } 3>&1 | base64")
+
+
+def received(output: list[str]) -> list[str]:
+    """The lines a `carried` command printed: every byte kept, one that is not UTF-8 as `\\xNN`.
+    ValueError when the output is not base64 (then it is not what the command sent)."""
+    try:
+        data = base64.b64decode("".join(output), validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"its output is not the base64 it sends ({error})") from None
+    lines = data.decode("utf-8", errors="backslashreplace").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 @dataclass(frozen=True)
@@ -35,37 +61,58 @@ class PartFailure:
 
 
 class HostProbe(FactBase):
-    """Several facts in one round trip: each part's command runs in its own subshell, and the lines
-    it prints go to that fact's own process() (every part makes sense of no lines at all)."""
+    """Several facts in one round trip: each part's command runs in its own subshell, between its frame and
+    its end marker (with its exit status), and the lines it printed go to that fact's own process(); a part
+    whose end marker is missing or not 0 is a `PartFailure`, never an empty value."""
 
     def command(self, parts: tuple[ProbePart, ...]) -> str:
         self.facts = {part.name: part.fact() for part in parts}
-        return "\n".join(f"echo '{FRAME}{part.name}'\n( {self.facts[part.name].command(**part.arguments)}\n) "
-                         f"|| echo \"{FAILED}$?\"" for part in parts)
+        self.mark = secrets.token_hex(8)
+        return carried("\n".join(
+            f"echo '{FRAME}{self.mark} {part.name}'\n( {self.facts[part.name].command(**part.arguments)}\n)\n"
+            f"echo \"{END}{self.mark} {part.name} $?\"" for part in parts))
 
     def process(self, output: list[str]) -> dict[str, Any]:
-        lines: dict[str, list[str]] = {}
+        try:
+            lines = received(output)
+        except ValueError as error:
+            return {name: PartFailure(str(error)) for name in self.facts}
+        frame, end = f"{FRAME}{self.mark} ", f"{END}{self.mark} "
+        parts: dict[str, list[str]] = {}
+        statuses: dict[str, str] = {}
         current = None
-        for line in output:
-            if line.startswith(FRAME):
-                current = lines.setdefault(line[len(FRAME):], [])
+        for line in lines:
+            if line.startswith(frame):
+                current = parts.setdefault(line[len(frame):], [])
+            elif line.startswith(end):
+                name, _, status = line[len(end):].rpartition(" ")
+                statuses.setdefault(name, status)
+                current = None
             elif current is not None:
                 current.append(line)
-        return {name: _value(fact, lines.get(name, [])) for name, fact in self.facts.items()}
+        return {name: _value(fact, parts.get(name, []), statuses.get(name)) for name, fact in self.facts.items()}
 
 
-def _value(fact: FactBase, lines: list[str]) -> Any:
-    if lines and lines[-1].startswith(FAILED):  # printed after the part, so its own output cannot pose as it
-        return PartFailure(f"its program exited with status {lines[-1][len(FAILED):]}")
+def _value(fact: FactBase, lines: list[str], status: str | None) -> Any:
+    if status is None:
+        return PartFailure(f"its output stopped before its end marker, after {len(lines)} line(s): it did not finish")
+    if status != "0":
+        return PartFailure(f"its program exited with status {status}")
     try:
         return fact.process(lines)
     except Exception as error:  # noqa: BLE001 (whatever a fact makes of bad output, it is this host's problem)
         return PartFailure(str(error))
 
 
+def probe_values(*parts: ProbePart) -> dict[str, Any]:
+    """Each part's value or PartFailure, by name, in one round trip."""
+    values = host.get_fact(HostProbe, parts=parts) or {}  # None: the probe printed nothing at all
+    return {part.name: values.get(part.name, PartFailure("the probe printed nothing")) for part in parts}
+
+
 def probe_host(*parts: ProbePart) -> tuple | None:
     """The value of each part, in the order given; None when a part failed (the host is failed then)."""
-    values = host.get_fact(HostProbe, parts=parts)
+    values = probe_values(*parts)
     failures = [f"{part.name}: {values[part.name].message}" for part in parts
                 if isinstance(values[part.name], PartFailure)]
     if failures:

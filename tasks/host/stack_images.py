@@ -25,6 +25,7 @@ from ..control.registry import (
     docker_config,
 )
 from .failure import failed
+from .probe import carried, received
 from .programs import program
 from .transfer import StreamedUpload
 
@@ -41,11 +42,15 @@ class HeldLayersFact(FactBase):
     """The layers a host holds, for an image about to be sent to it (files/host/image_layers_probe.sh)."""
 
     def command(self) -> str:
-        return program("image_layers_probe.sh")
+        return carried(program("image_layers_probe.sh"))
 
     def process(self, output: list[str]) -> HeldLayers:
         layers, store = set(), ""
-        for line in output:
+        try:
+            lines = received(output)
+        except ValueError:
+            lines = []  # not what the probe sends: no layer is taken as held, every one is sent
+        for line in lines:
             if line.startswith("layers "):
                 diff_ids = line[7:].split()
                 if all(LAYER_ID.fullmatch(diff_id) for diff_id in diff_ids):

@@ -4,6 +4,7 @@ that reach compose (untrusted input)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -224,11 +225,27 @@ def test_a_service_the_project_does_not_have_is_an_error_not_an_empty_log(tmp_pa
     assert ServiceLogsFact().process(output) == (1, ["no service we in the project (its services: web api)"])
 
 
+def sent(lines: list[str]) -> list[str]:
+    """LINES as a host sends them (tasks/host/probe.py `carried`: base64)."""
+    return base64.encodebytes("".join(line + "\n" for line in lines).encode()).decode().splitlines()
+
+
 def test_only_the_last_line_says_composes_status():
     fact = ServiceLogsFact()
-    assert fact.process(["@@mlstack-logs-status 0", "a line", "@@mlstack-logs-status 1"]) == (
+    assert fact.process(sent(["@@mlstack-logs-status 0", "a line", "@@mlstack-logs-status 1"])) == (
         1, ["@@mlstack-logs-status 0", "a line"])
-    assert fact.process(["cut short"]) == (255, ["cut short"])
+    assert fact.process(sent(["cut short"])) == (255, ["cut short"])
+
+
+def test_a_log_line_that_is_not_utf8_comes_escaped_and_the_lines_after_it_still_come(tmp_path):
+    """Issue 26: paramiko decodes each line strictly, and pyinfra's reader stopped at such a line."""
+    env = fake_docker(tmp_path)
+    (tmp_path / "bin" / "docker").write_text("#!/bin/sh\nif [ \"$2\" = config ]; then echo web; exit 0; fi\n"
+                                             "printf 'before\\n\\377 bad\\nafter\\n'\n")
+    output = subprocess.run(["/bin/sh", "-c", ServiceLogsFact().command(str(tmp_path), "web", "", "", False)],
+                            env=env, capture_output=True, timeout=30).stdout
+    assert all(line.isascii() for line in output.split(b"\n"))  # nothing for paramiko to stop at
+    assert ServiceLogsFact().process(output.decode().splitlines()) == (0, ["before", "\\xff bad", "after"])
 
 
 # -- the host program, run here ----------------------------------------------------------------------------------

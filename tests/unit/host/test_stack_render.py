@@ -1,6 +1,7 @@
 """The deploy's additions as data: the override it generates, what it escapes, what it leaves to the project.
 The projects are files/stacks/*, read by docker compose itself (the control node's CLI)."""
 
+import base64
 import hashlib
 import json
 import os
@@ -233,11 +234,17 @@ def test_a_diff_shows_control_characters_read_back_from_a_host_escaped():
 
 def test_the_probe_reads_every_images_layers_as_chain_ids_and_whether_docker_load_skips_those_it_holds():
     lower, upper = "sha256:" + "a" * 64, "sha256:" + "b" * 64
-    held = HeldLayersFact().process([f"layers {lower} {upper} ", "layers sha256:not-a-layer",
-                                     'store [["Backing Filesystem","extfs"],["Supports d_type","true"]]'])
+    held = HeldLayersFact().process(sent([f"layers {lower} {upper} ", "layers sha256:not-a-layer",
+                                          'store [["Backing Filesystem","extfs"],["Supports d_type","true"]]']))
     assert held.layers == frozenset(chain_ids([lower, upper])) and held.loads_partial
-    assert not HeldLayersFact().process(['store [["driver-type","io.containerd.snapshotter.v1"]]']).loads_partial
+    assert not HeldLayersFact().process(sent(['store [["driver-type","io.containerd.snapshotter.v1"]]'])).loads_partial
     assert not HeldLayersFact().process([]).loads_partial  # no answer: the whole archive, as before
+    assert HeldLayersFact().process(["not base64!"]) == HeldLayersFact().process([])  # not what the probe sends
+
+
+def sent(lines: list[str]) -> list[str]:
+    """LINES as a host sends them (tasks/host/probe.py `carried`: base64)."""
+    return base64.encodebytes("".join(line + "\n" for line in lines).encode()).decode().splitlines()
 
 
 PROJECT_DOTENV = """# the team's own settings
