@@ -20,7 +20,7 @@ from typing import Annotated, Any, Optional
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
@@ -120,7 +120,7 @@ class RequirementsError(ValueError):
 
 def requirement_names(requirements: str) -> list[str]:
     """Canonical distribution names of the top-level requirements (options and comments skipped)."""
-    names = []
+    names: list[str] = []
     for number, raw in enumerate(requirements.splitlines(), start=1):
         line = raw.split(" #", 1)[0].strip()
         if not line or line.startswith(("#", "-")):
@@ -490,26 +490,28 @@ class HostConfig(BaseModel):
     # Where the control node keeps built and shipped image archives.
     image_cache_dir: ControlPath = "~/.cache/mlstack/images"
 
-    # The stack root: parent of everything the deploy manages.
+    # The stack root: parent of everything the deploy manages. A mode's default is the text one writes, turned
+    # into an int by validation (pydantic types Field(default, validate_default=True) as Any for this), and so
+    # what DEFAULTS hands pyinfra and the settings table shows.
     stack_root: AbsolutePath = "/srv/mlstack"
     stack_root_uid: NumericId = 0
     stack_root_gid: NumericId = 0
-    stack_root_mode: OctalMode = "0755"
+    stack_root_mode: OctalMode = Field("0755", validate_default=True)
     # The pip --user ML environment store (versioned envs below it).
     ml_env_dir: AbsolutePath = "/srv/mlstack/ml-env"
     ml_env_dir_uid: NumericId = 0
     ml_env_dir_gid: NumericId = 0
-    ml_env_dir_mode: OctalMode = "0755"
+    ml_env_dir_mode: OctalMode = Field("0755", validate_default=True)
     # The HuggingFace cache, mounted at /root/.cache/huggingface.
     model_cache_dir: AbsolutePath = "/srv/mlstack/hf-cache"
     model_cache_dir_uid: NumericId = 0
     model_cache_dir_gid: NumericId = 0
-    model_cache_dir_mode: OctalMode = "0755"
+    model_cache_dir_mode: OctalMode = Field("0755", validate_default=True)
     # Where each host keeps the compose project: its files as they are, compose.mlstack.yml, .env.
     compose_project_dir: AbsolutePath = "/srv/mlstack/compose"
     compose_project_dir_uid: NumericId = 0
     compose_project_dir_gid: NumericId = 0
-    compose_project_dir_mode: OctalMode = "0750"
+    compose_project_dir_mode: OctalMode = Field("0750", validate_default=True)
 
     # The ML env's requirements: a file name in files/ or a path on the control node (built only when a
     # service of ml_services uses the env).

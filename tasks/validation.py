@@ -22,11 +22,13 @@ def validate_host(host_name: str, data: dict[str, Any]) -> tuple[HostConfig | No
 
 
 def validate_fleet(hosts: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, HostConfig]:
-    configs, problems = {}, []
+    configs: dict[str, HostConfig] = {}
+    problems: list[str] = []
     for host_name, data in hosts:
         config, host_problems = validate_host(host_name, data)
         problems += host_problems
-        configs[host_name] = config
+        if config is not None:  # None comes with problems: raised below
+            configs[host_name] = config
     if problems:
         raise ConfigError(problems)
     return configs
@@ -44,7 +46,7 @@ def host_config(host) -> HostConfig:
     global _fleet_configs
     with _validating:
         if _fleet_configs is None:
-            from pyinfra import inventory  # noqa: PLC0415 (only inside a pyinfra run)
+            from pyinfra import inventory  # only inside a pyinfra run
 
             _fleet_configs = validate_fleet((h.name, h.data.dict()) for h in inventory.get_active_hosts())
     return _fleet_configs[host.name]

@@ -10,6 +10,7 @@ import json
 import sys
 import tarfile
 from pathlib import Path
+from typing import IO
 
 from .builder import BaseImage, builder_engine, require_base
 from .caches import atomic_file
@@ -50,11 +51,21 @@ def archive_layers(archive: Path) -> list[tuple[str, str]]:
     its manifest.json and image config."""
     try:
         with tarfile.open(archive, "r:gz") as saved:  # a member read after the index was made: a second pass
-            (manifest,) = json.load(saved.extractfile("manifest.json"))
-            diff_ids = json.load(saved.extractfile(manifest["Config"]))["rootfs"]["diff_ids"]
-    except (KeyError, ValueError, TypeError, AttributeError, tarfile.TarError) as error:
-        raise StackError(f"{archive}: not the `docker save` of one image ({error!r}): remove it to save it again")
+            (manifest,) = json.load(_member(saved, "manifest.json"))
+            diff_ids = json.load(_member(saved, manifest["Config"]))["rootfs"]["diff_ids"]
+    except (KeyError, ValueError, TypeError, AttributeError, tarfile.TarError) as error:  # AttributeError: a
+        # "Config" that is no string, which tarfile takes for a member
+        raise StackError(f"{archive}: not the `docker save` of one image ({error!r}): remove it to save it "
+                         "again") from error
     return list(zip(manifest["Layers"], chain_ids(diff_ids), strict=True))
+
+
+def _member(saved: tarfile.TarFile, name: str) -> IO[bytes]:
+    """The file NAME of SAVED; KeyError where there is none, or where NAME is not a regular file."""
+    member = saved.extractfile(name)
+    if member is None:
+        raise KeyError(f"{name!r} is not a file")
+    return member
 
 
 def partial_archive(archive: Path, leave_out: tuple[str, ...]) -> Path:

@@ -69,7 +69,7 @@ def docker_config(credentials: dict[str, str], registries: list[str]) -> bytes:
 def inspect_on_builder(reference: str, builder: str, credentials: dict[str, str]) -> RegistryImage:
     """What REFERENCE names in its registry now, and whether the builder already holds it: read-only (the
     registry is asked for the digest; nothing is pulled), so a dry run changes nothing."""
-    import docker.errors  # noqa: PLC0415 (loaded by builder_engine)
+    import docker.errors  # loaded by builder_engine
 
     with builder_engine(builder, f"asking the registry for {reference} failed") as client:
         digest = client.images.get_registry_data(reference,

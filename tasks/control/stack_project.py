@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .builder import ENGINE_TIMEOUT, BaseImage, builder_engine, describe, require_base
 from .compose_project import Build, ComposeProject, StackError
@@ -44,8 +45,9 @@ def image_tag(project: ComposeProject, build: Build, base_id: str) -> str:
     """Named by content: the build context as docker's rules send it (its ignore file applied, links as
     links), the Dockerfile, the whole `build:` section but its context's path (args, target, secrets' and
     ssh's names: never a secret's value), additional local contexts, and the base image id (not the service)."""
-    spec = json.loads(build.spec) if build.spec else {"dockerfile": build.dockerfile, "args": build.args,
-                                                      "target": build.target, "network": build.network}
+    spec: dict[str, Any] = (json.loads(build.spec) if build.spec else
+                            {"dockerfile": build.dockerfile, "args": build.args, "target": build.target,
+                             "network": build.network})
     spec.pop("context", None)
     digest = hashlib.sha256(json.dumps([base_id, spec], sort_keys=True).encode())
     dockerfile = dockerfile_path(build)

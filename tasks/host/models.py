@@ -25,13 +25,14 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, TypedDict
 
 from pyinfra import host
 from pyinfra.api import FactBase, FunctionCommand, operation
 
 from ..config import HostConfig, is_revision
 from ..control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
-from ..report import ModelOutcome, report
+from ..report import ModelAction, ModelOutcome, report
 from .failure import HostProblem, failed, step
 from .ml_env import EnvPlan, NoEnv, runtime_environment
 from .probe import ProbePart
@@ -77,7 +78,9 @@ class ModelCacheFact(FactBase):
         return program("model_cache_probe.sh", cache_dir, int(hashes), *folders)
 
     def process(self, output: list[str]) -> ModelCacheState:
-        free, repos, current = None, {}, None
+        free: int | None = None
+        repos: dict[str, dict[str, Any]] = {}  # folder -> RepoCacheState's fields, as they are read
+        current: dict[str, Any] | None = None
         for line in output:
             kind, _, rest = line.partition(" ")
             if kind == "free" and free is None:
@@ -99,20 +102,12 @@ class ModelCacheFact(FactBase):
         )
 
 
-def _read_record(repo: dict, kind: str, rest: str) -> None:
+def _read_record(repo: dict[str, Any], kind: str, rest: str) -> None:
     """One line of a repo folder's records into REPO; a line of any other shape is ignored."""
     if kind == "blob":
-        size, _, name = rest.partition(" ")
-        if BLOB_NAME.fullmatch(name) and size.isdigit():
-            repo["blobs"][name] = int(size)
-        elif LEFTOVER["blob"].fullmatch(name):
-            repo["leftovers"].append(f"blobs/{name}")
-    elif kind == "snapshot":  # "d <commit>" is published; anything else named as ours is in the way
-        file_type, _, name = rest.partition(" ")
-        if file_type == "d" and COMMIT.fullmatch(name):
-            repo["snapshots"].add(name)
-        elif COMMIT.fullmatch(name) or LEFTOVER["snapshot"].fullmatch(name):
-            repo["leftovers"].append(f"snapshots/{name}")
+        _read_blob(repo, rest)
+    elif kind == "snapshot":
+        _read_snapshot(repo, rest)
     elif kind == "link":
         target, _, path = rest.partition(" ")
         if COMMIT.fullmatch(path.split("/", 1)[0]):
@@ -127,6 +122,23 @@ def _read_record(repo: dict, kind: str, rest: str) -> None:
         name, _, computed = rest.partition(" ")
         if BLOB_NAME.fullmatch(name) and BLOB_NAME.fullmatch(computed):
             repo["hashes"][name] = computed
+
+
+def _read_blob(repo: dict[str, Any], rest: str) -> None:
+    size, _, name = rest.partition(" ")
+    if BLOB_NAME.fullmatch(name) and size.isdigit():
+        repo["blobs"][name] = int(size)
+    elif LEFTOVER["blob"].fullmatch(name):
+        repo["leftovers"].append(f"blobs/{name}")
+
+
+def _read_snapshot(repo: dict[str, Any], rest: str) -> None:
+    """A "d <commit>" record is a published snapshot; anything else named as ours is in the way."""
+    file_type, _, name = rest.partition(" ")
+    if file_type == "d" and COMMIT.fullmatch(name):
+        repo["snapshots"].add(name)
+    elif COMMIT.fullmatch(name) or LEFTOVER["snapshot"].fullmatch(name):
+        repo["leftovers"].append(f"snapshots/{name}")
 
 
 def cache_owner(config: HostConfig) -> tuple[int, int]:
@@ -323,6 +335,16 @@ def _room(state, host, needed: int, free: int) -> bool:
     return failed(host, f"models: {problem}") if problem else True
 
 
+class _CacheArguments(TypedDict):
+    """What place_model and download_model_on_host both take: where the cache is and how it is written."""
+
+    cache_dir: str
+    endpoint: str
+    control_cache: Path
+    owner: tuple[int, int]
+    mode: str
+
+
 @step("Models")
 def converge(config: HostConfig, env: EnvPlan | NoEnv | None, state: ModelCacheState) -> list[Snapshot]:
     """Resolve every model, then bring this host's cache to it; returns the snapshots (for the stack)."""
@@ -335,17 +357,17 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, state: ModelCacheS
     for plan in plans:
         host.log(plan.summary())
         spec = plan.snapshot.spec
-        action = "transfer" if plan.send else "repair" if plan.changes else "none"
+        action: ModelAction = "transfer" if plan.send else "repair" if plan.changes else "none"
         record.models.append(ModelOutcome(spec.repo_id, spec.revision, plan.snapshot.commit, plan.bytes, action))
         if plan.changes:
             record.changed("models")
     needed = sum(plan.bytes for plan in plans)
     if needed:
         check_room(name=f"Model cache room for {needed / 1e6:.1f} MB", needed=needed, free=state.free_bytes)
-    where = dict(cache_dir=config.model_cache_dir, endpoint=endpoint_of(config),
-                 control_cache=Path(config.hf_control_cache_dir).expanduser(),
-                 owner=cache_owner(config),
-                 mode=f"{config.model_cache_dir_mode:04o}")
+    where = _CacheArguments(cache_dir=config.model_cache_dir, endpoint=endpoint_of(config),
+                            control_cache=Path(config.hf_control_cache_dir).expanduser(),
+                            owner=cache_owner(config),
+                            mode=f"{config.model_cache_dir_mode:04o}")
     for plan in plans:
         if not plan.changes:
             continue

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from pyinfra import host
 from pyinfra import state as pyinfra_state
@@ -73,6 +74,9 @@ from .stack_render import MANIFEST, Rendered, compose_values, digest_salt, rende
 CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
 
 
+# How the archive of an image the deploy sends is made, once per fleet: build or pull, then `docker save | gzip`.
+ArchiveMaker = Callable[[], Path]
+
 PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # compose's rule for a project name
 
 
@@ -87,7 +91,7 @@ class ContainerState:
 class StackState:
     images: dict[str, str]  # "repository:tag" -> id, for every image on the host
     containers: dict[str, ContainerState]  # compose service -> its container
-    texts: dict = field(hash=False)  # file name -> content on the host: compose files, override, digest, manifest
+    texts: dict[str, str] = field(hash=False)  # name -> content on the host: compose files, override, digest, manifest
     volumes: frozenset[str] | None = None  # every volume's name, read when the project declares an external one
     networks: frozenset[str] | None = None  # every network's name, likewise
     projects: frozenset[str] = frozenset()  # compose projects with containers started from the compose dir
@@ -103,7 +107,8 @@ class StackFact(FactBase):
                        "yes" if externals else "no", *texts)
 
     def process(self, output: list[str]) -> StackState:
-        images, containers, texts, current, projects = {}, {}, {}, None, set()
+        images, containers, current, projects = {}, {}, None, set()
+        texts: dict[str, list[str]] = {}  # file name -> its lines
         names: dict[str, set[str]] = {"volume": set(), "network": set()}  # the host's, when the probe listed them
         listed, leading = False, bool(output) and output[0] == "externals"  # the names first, then any other record
         for line in output[1:] if leading else output:
@@ -119,7 +124,8 @@ class StackFact(FactBase):
             elif line.startswith("container "):
                 service, state, status, *values = line[10:].split("|")
                 health = next((word for word in ("unhealthy", "healthy", "starting") if word in status), "")
-                containers[service] = ContainerState(state, health, dict(zip(CONTAINER_LABELS, values)))
+                # strict=False: a label value holding "|" splits into more values than labels
+                containers[service] = ContainerState(state, health, dict(zip(CONTAINER_LABELS, values, strict=False)))
             elif line.startswith("project ") and PROJECT_NAME.fullmatch(line[8:]):
                 projects.add(line[8:])
             elif line.startswith("file-begin "):
@@ -129,8 +135,9 @@ class StackFact(FactBase):
                 texts[current].append(line[2:])
         return StackState(images, containers, {name: "".join(line + "\n" for line in lines)
                                                for name, lines in texts.items()},
-                          *(frozenset(names[kind]) if listed else None for kind in ("volume", "network")),
-                          frozenset(projects))
+                          volumes=frozenset(names["volume"]) if listed else None,
+                          networks=frozenset(names["network"]) if listed else None,
+                          projects=frozenset(projects))
 
 
 def probe_part(config: HostConfig) -> ProbePart:
@@ -223,11 +230,12 @@ def stack_base(config: HostConfig, project: ComposeProject, host_image: str | No
 
 
 def service_images(project: ComposeProject, resolved: dict, config: HostConfig, base: BaseImage | None,
-                   values: tuple[tuple[str, str], ...] = ()) -> tuple[dict[str, ServiceImage], dict[str, object]]:
+                   values: tuple[tuple[str, str], ...] = ()) -> tuple[dict[str, ServiceImage], dict[str, ArchiveMaker]]:
     """Each service's image, and for each image the deploy sends, how its archive is made (once per fleet).
     BASE None: no build reads the base image (`stack_base`), so no tag names it. VALUES: what compose
     interpolates RESOLVED from, for the build (`build.secrets` from `environment:` read them)."""
-    images, makers = {}, {}
+    images: dict[str, ServiceImage] = {}
+    makers: dict[str, ArchiveMaker] = {}
     base_id = base.id if base else ""
     for build in project.builds(resolved):
         tag = once(("tag", build, base_id), lambda build=build: image_tag(project, build, base_id))
@@ -296,7 +304,7 @@ def refuse_cdi(config: HostConfig, host_gpus: GpuState, services: list[str]) -> 
 
 def prepare(config: HostConfig, env: EnvPlan | NoEnv, snapshots: list[Snapshot], state: StackState,
             host_gpus: GpuState, project: ComposeProject, services: list[str]
-            ) -> tuple[dict[str, ServiceImage], dict[str, object], Rendered]:
+            ) -> tuple[dict[str, ServiceImage], dict[str, ArchiveMaker], Rendered]:
     """Each service's image (and how each sent one is made) and the rendered files, once what the project itself
     asks of the host is there; a problem found fails the host before anything on it changes."""
     gpus = list(host_gpus.gpus)
@@ -357,7 +365,7 @@ def log_plan(config: HostConfig, project: ComposeProject, state: StackState, pla
 
 
 def carry_out(config: HostConfig, project: ComposeProject, state: StackState, plan: StackPlan,
-              images: dict[str, ServiceImage], makers: dict[str, object], by_reference: dict[str, ServiceImage],
+              images: dict[str, ServiceImage], makers: dict[str, ArchiveMaker], by_reference: dict[str, ServiceImage],
               held: HeldLayers, services: list[str]) -> None:
     """The operations, in order: projects replaced brought down, images shipped, the project pushed, registry
     images pulled with their logins, then up behind the health gate."""

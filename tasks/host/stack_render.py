@@ -109,6 +109,18 @@ def render_dotenv(project: ComposeProject, config: HostConfig, values: dict[str,
     return dotenv, digest, fingerprints
 
 
+def mount_env(config: HostConfig, env: EnvPlan | NoEnv, volumes: list[dict], environment: dict[str, str],
+              ours: dict[str, str]) -> None:
+    """The ML env, read-only at /root/.local, for a service of ml_services that uses it: such a service is what
+    makes the env wanted (env_wanted), so ENV is an EnvPlan."""
+    if not isinstance(env, EnvPlan):
+        raise TypeError(f"a service mounts the ML env, yet none is planned: {env!r}")
+    volumes.append({"type": "bind", "source": escape(f"{config.ml_env_dir}/envs/{env.wanted}"),
+                    "target": "/root/.local", "read_only": True})
+    environment.update({key: escape(value) for key, value in env.environment().items()})
+    ours["mlstack.env-id"] = env.wanted
+
+
 def render(project: ComposeProject, config: HostConfig, env: EnvPlan | NoEnv, snapshots: list[Snapshot],
            images: dict[str, ServiceImage], gpus: list[Gpu], secrets: dict[str, str], salt: str) -> Rendered:
     values = compose_values(config, secrets)
@@ -129,10 +141,7 @@ def render(project: ComposeProject, config: HostConfig, env: EnvPlan | NoEnv, sn
             ours["mlstack.image"] = escape(image.label)
         uses = config.ml_services.get(name)
         if uses and uses.ml_env:
-            volumes.append({"type": "bind", "source": escape(f"{config.ml_env_dir}/envs/{env.wanted}"),
-                            "target": "/root/.local", "read_only": True})
-            environment.update({key: escape(value) for key, value in env.environment().items()})
-            ours["mlstack.env-id"] = env.wanted
+            mount_env(config, env, volumes, environment, ours)
         if uses and uses.models:
             volumes.append({"type": "bind", "source": escape(config.model_cache_dir), "target": HF_HOME,
                             "read_only": True})

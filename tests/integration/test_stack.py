@@ -282,7 +282,7 @@ def test_the_archon_project_passes_compose_config_on_a_host_with_the_additions_o
     for name, value in SECRETS.items():  # inventory/example_archon.py's stack_secrets, read while validating
         monkeypatch.setenv(name, value)
 
-    from tasks.host.stack_push import project_tar  # noqa: PLC0415
+    from tasks.host.stack_push import project_tar
 
     _, out = rendered(gpus=GPUS, ml_env_dir="/srv/ml-env_1")
     record = fleet.hosts[0]
