@@ -8,7 +8,7 @@ N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test lint test-unit test-fast test-heavy test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status prereqs venv lock
+.PHONY: rehearse test lint test-unit test-fast test-heavy test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status bench-noop prereqs venv lock
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
@@ -58,6 +58,9 @@ bench-env: prereqs venv  ## the production env on 2 hosts: first install, upgrad
 
 bench-status: prereqs venv  ## mlstack status against an empty pyinfra run on 8 hosts (make bench-status N=4: on 4)
 	$(PY) -m bench.status $(if $(filter command line,$(origin N)),$(N),8)
+
+bench-noop: prereqs venv  ## control-node CPU of a no-op deploy against an empty pyinfra deploy at 1, 8, 16 hosts (SIZES="1 8")
+	$(PY) -m bench.noop $(SIZES)
 
 ## Set-up
 prereqs:  ## apt packages and the compose v2 plugin (idempotent, asks no registry when all is there)

@@ -21,6 +21,7 @@ from pathlib import Path
 from pyinfra.api.exceptions import PyinfraError
 
 from ..paths import STACKS
+from .caches import once
 
 COMPOSE_NAMES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")  # compose's order
 OVERRIDE_NAMES = ("compose.override.yaml", "compose.override.yml", "docker-compose.override.yml",
@@ -224,6 +225,8 @@ def compose_config(directory: Path, files: tuple[str, ...], values: dict[str, st
     return json.loads(result.stdout)
 
 
-@cache
 def resolved_config(project: ComposeProject, values: tuple[tuple[str, str], ...]) -> dict:
-    return compose_config(project.directory, project.files, dict(values))
+    """The project as compose interpolates it from VALUES: one `docker compose config` per deploy and VALUES, however
+    many hosts ask at once (`once`: a greenlet waiting on compose lets the next host's in, which a plain cache
+    would let run compose again)."""
+    return once(("resolved", project, values), lambda: compose_config(project.directory, project.files, dict(values)))
