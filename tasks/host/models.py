@@ -58,6 +58,7 @@ class RepoCacheState:
     trees: frozenset[str]  # commit shas with a cached tree listing
     hashes: dict[str, str]  # blob name -> its content hash as computed on the host (when asked)
     leftovers: tuple[str, ...]  # unfinished transfers, relative to the repo folder
+    hashed: bool = False  # hashes were asked: a blob without one is of unknown content, never taken as good
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ModelCacheFact(FactBase):
     """
 
     def command(self, cache_dir: str, folders: tuple[str, ...], hashes: bool = False) -> str:
-        self.folders = set(folders)
+        self.folders, self.hashed = set(folders), hashes
         return program("model_cache_probe.sh", cache_dir, int(hashes), *folders)
 
     def process(self, output: list[str]) -> ModelCacheState:
@@ -95,7 +96,8 @@ class ModelCacheFact(FactBase):
         return ModelCacheState(
             repos={
                 folder: RepoCacheState(state["blobs"], frozenset(state["snapshots"]), state["links"], state["refs"],
-                                       frozenset(state["trees"]), state["hashes"], tuple(sorted(state["leftovers"])))
+                                       frozenset(state["trees"]), state["hashes"], tuple(sorted(state["leftovers"])),
+                                       getattr(self, "hashed", False))
                 for folder, state in repos.items()
             },
             free_bytes=free or 0,
@@ -185,7 +187,8 @@ def plan_model(snapshot: Snapshot, state: RepoCacheState | None) -> ModelPlan:
     send: dict[str, RepoEntry] = {}
     for entry in snapshot.entries:
         held = state.blobs.get(entry.blob)
-        if held != entry.size or state.hashes.get(entry.blob, entry.blob) != entry.blob:
+        content = state.hashes.get(entry.blob, None if state.hashed else entry.blob)  # unknown when hashed and not read
+        if held != entry.size or content != entry.blob:
             send.setdefault(entry.blob, entry)
     revision = snapshot.spec.revision
     needs_ref = not COMMIT.fullmatch(revision) and state.refs.get(revision) != snapshot.commit

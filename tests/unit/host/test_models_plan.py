@@ -257,3 +257,14 @@ def test_the_probe_reads_a_hostile_cache_without_hanging_following_links_or_forg
     assert state.refs == {"v1": COMMIT} and state.leftovers == ()
     linked_state = ModelCacheFact().process(result.stdout.splitlines()).repos["models--org--linked"]
     assert linked_state.blobs == {} and linked_state.hashes == {}
+
+
+def test_a_blob_the_host_did_not_hash_when_asked_is_of_unknown_content_and_sent_again():
+    """Issue 26: a hash line the probe lost counted as a good hash, so a damaged blob was never repaired."""
+    lfs = hashlib.sha256(WEIGHTS).hexdigest()
+    lost = complete_state(hashes={git_sha1(README): git_sha1(README)}, hashed=True)
+    assert [e.path for e in plan_model(snapshot(), lost).send] == ["weights/deep/part.safetensors"]
+    assert not plan_model(snapshot(), complete_state(hashes={git_sha1(README): git_sha1(README)})).changes  # not asked
+    asked = ModelCacheFact()
+    asked.command("/srv/cache", (SPEC.folder,), hashes=True)
+    assert asked.process([f"repo {SPEC.folder}", f"blob 5 {lfs}"]).repos[SPEC.folder].hashed
