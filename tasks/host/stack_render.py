@@ -36,6 +36,7 @@ HF_HOME = "/root/.cache/huggingface"
 MANIFEST = ".mlstack-files"
 
 
+FINGERPRINT = re.compile(r"[0-9a-f]{32}")  # `fingerprint`'s, hex
 SALT_LINE = re.compile(rf"^# salt ({SALT.pattern})$", re.M)  # .env.digest's first line
 
 
@@ -93,6 +94,46 @@ def digest_salt(config: HostConfig, digest: str | None) -> str:
     return once(("salt", config.image_cache_dir), control_salt)
 
 
+class PublicFingerprints:
+    """Fingerprints of the deploy's own values (`public_keys`: no secret), remembered on the control node in
+    `<image_cache_dir>/env-digest.public.json` (salt and value -> fingerprint), so that a run that changes none
+    of them computes no scrypt for them. A secret's or a project `.env` entry's fingerprint is never kept."""
+
+    LIMIT = 256  # entries kept, the newest
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        self.known: dict[str, str] = {key: value for key, value in known.items()
+                                      if isinstance(value, str) and FINGERPRINT.fullmatch(value)
+                                      } if isinstance(known, dict) else {}
+
+    def __call__(self, value: str, salt: str) -> str:
+        key = f"{salt} {value}"
+        if key not in self.known:
+            self.known[key] = fingerprint(value, salt)
+            for old in list(self.known)[:-self.LIMIT]:
+                del self.known[old]
+            if self.path.parent.is_dir():
+                atomic_write(self.path, json.dumps(self.known, indent=0))
+        return self.known[key]
+
+
+def public_keys(config: HostConfig) -> set[str]:
+    """The `.env` keys whose values are the deploy's own and no secret: compose's settings (also in the project's
+    labels and files) and the runtime base image's reference, unless stack_env or a secret sets that key."""
+    return ({"COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PROFILES", BASE_IMAGE_VARIABLE}
+            - set(config.stack_env) - set(config.stack_secrets))
+
+
+def public_fingerprints(config: HostConfig) -> PublicFingerprints:
+    path = Path(config.image_cache_dir).expanduser() / "env-digest.public.json"
+    return once(("public fingerprints", str(path)), lambda: PublicFingerprints(path))
+
+
 def render_dotenv(project: ComposeProject, config: HostConfig, values: dict[str, str], salt: str
                   ) -> tuple[str, str, dict[str, str]]:
     """The host's one `.env`: the deploy's keys (compose's own settings, then VALUES), then each entry of the
@@ -101,7 +142,8 @@ def render_dotenv(project: ComposeProject, config: HostConfig, values: dict[str,
     ours = {"COMPOSE_FILE": ":".join((*project.files, OVERRIDE)), "COMPOSE_PROJECT_NAME": project.name,
             "COMPOSE_PROFILES": ",".join(config.stack_profiles), **values}
     theirs = {key: entry for key, entry in project.dotenv.items() if key not in ours}
-    fingerprints = {**{key: fingerprint(value, salt) for key, value in ours.items()},
+    public, remembered = public_keys(config), public_fingerprints(config)
+    fingerprints = {**{key: (remembered if key in public else fingerprint)(value, salt) for key, value in ours.items()},
                     **{key: fingerprint(entry, salt) for key, entry in theirs.items()}}
     dotenv = "".join(dotenv_line(key, value) + "\n" for key, value in ours.items())
     dotenv += "".join(entry + "\n" for entry in theirs.values())

@@ -327,3 +327,18 @@ def test_a_dotenv_compose_could_not_read_is_refused_without_showing_its_lines(tm
     project_dir = dotenv_project(tmp_path, dotenv)
     problems = validate_host("gpu-01", {"stack": str(project_dir)})[1]
     assert len(problems) == 1 and message in problems[0] and "never closed" not in problems[0].split(":", 3)[-1]
+
+
+def test_public_fingerprints_are_remembered_and_equal(tmp_path, monkeypatch):
+    """The deploy's own values' fingerprints come from the control node's memo once made, equal to scrypt's."""
+    from types import SimpleNamespace
+
+    from tasks.host import stack_render
+    from tasks.secrets import fingerprint
+
+    memo = stack_render.PublicFingerprints(tmp_path / "memo.json")
+    assert memo("reranker", SALT) == fingerprint("reranker", SALT)
+    monkeypatch.setattr(stack_render, "fingerprint", lambda value, salt: pytest.fail("scrypt on a remembered value"))
+    assert stack_render.PublicFingerprints(tmp_path / "memo.json")("reranker", SALT) == fingerprint("reranker", SALT)
+    settings = SimpleNamespace(stack_env={"MLSTACK_BASE_IMAGE": "x"}, stack_secrets=["COMPOSE_PROFILES"])
+    assert stack_render.public_keys(settings) == {"COMPOSE_FILE", "COMPOSE_PROJECT_NAME"}  # type: ignore[arg-type]
