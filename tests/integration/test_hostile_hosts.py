@@ -9,6 +9,7 @@ import re
 import shlex
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +198,39 @@ def test_a_lock_a_local_user_holds_does_not_block_the_deploy(fleet):
     assert run.returncode == 0, run.output[-3000:]
     assert run.report[target.name]["result"] == "ok"
     assert fleet.ssh(target, "stat -c '%u %a %F' /run/mlstack").strip() == "0 700 directory"
+
+
+NOT_UTF8 = "$(printf '\\377')"  # a name with a byte that is not UTF-8 (issue 26)
+H100 = (Path(__file__).parents[1] / "unit/host/fixtures/nvidia-smi-h100.txt").read_text().splitlines()[0]
+
+
+def containers(fleet, record) -> str:
+    return fleet.ssh(record, "docker ps -aq --no-trunc --filter label=com.docker.compose.project=mlstack-reranker "
+                             "| sort")
+
+
+def test_names_that_are_not_utf8_neither_cut_the_probe_off_nor_change_the_plan(fleet):
+    """Issue 26: the probe printed such a name raw; paramiko's strict decoding stopped pyinfra's reader at that
+    line with the exit status still 0, so every later part read as empty: the GPU part (a GPU host taken for a CPU
+    host, its reservations dropped), the stack part (every service planned as new), the hash lines."""
+    assert fleet.deploy().returncode == 0
+    before = {record.name: containers(fleet, record) for record in fleet.hosts}
+    for record in fleet.hosts:
+        fleet.ssh(record, as_cache_owner(f'printf y > "blobs/{NOT_UTF8}" && mkdir "snapshots/{NOT_UTF8}" '
+                                         f'&& printf {"0" * 40} > "refs/{NOT_UTF8}"'))
+        fleet.ssh(record, f'cd /srv/mlstack && touch "ml-env/envs/{NOT_UTF8}" "compose/{NOT_UTF8}" '
+                          f'&& if [ -d ml-env/objects ]; then touch "ml-env/objects/{NOT_UTF8}-644"; fi')
+    run = fleet.deploy("--data", "model_verify_hashes=true", "--data", "ml_env_verify_hashes=true")
+    assert run.returncode == 0, run.output[-3000:]
+    assert [run.report[record.name]["changes"] for record in fleet.hosts] == [[], []]
+    assert run.changed_operations() == []
+    assert {record.name: containers(fleet, record) for record in fleet.hosts} == before
+
+    gpu_host, cpu_host = fleet.hosts
+    with fleet.gpu_shaped(gpu_host, [H100]):  # the GPU part is read whole: the reranker's reservation is planned
+        dry = fleet.deploy("--dry", "--diff")
+    assert dry.report[gpu_host.name]["result"] == "ok", dry.output[-3000:]
+    uuid = H100.split(", ")[1]
+    assert any(f"[{gpu_host.name}]" in line and f"- {uuid}" in line for line in dry.output.splitlines()), \
+        dry.output[-3000:]
+    assert dry.report[cpu_host.name]["changes"] == []
