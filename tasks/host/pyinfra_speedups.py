@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+from types import FrameType
 
 import pyinfra
 from pyinfra.api import arguments, util
@@ -29,7 +30,7 @@ def operation_order(state) -> list[int]:
     """What `pyinfra.api.util.get_operation_order_from_stack` returns for the same call stack: the line numbers
     of the calling frames, outermost first, from the deploy file on, leaving out pyinfra's own frames."""
     frames = []
-    frame = sys._getframe(1)  # the caller: pyinfra's operation wrapper, as in pyinfra's own (its frame is left out)
+    frame: FrameType | None = sys._getframe(1)  # the caller, pyinfra's operation wrapper (pyinfra's own is left out)
     while frame is not None:
         frames.append(frame)
         frame = frame.f_back
@@ -45,11 +46,11 @@ def operation_order(state) -> list[int]:
 
 
 def apply() -> None:
-    if operation.get_operation_order_from_stack is util.get_operation_order_from_stack:
-        operation.get_operation_order_from_stack = operation_order
+    if getattr(operation, "get_operation_order_from_stack", None) is util.get_operation_order_from_stack:
+        setattr(operation, "get_operation_order_from_stack", operation_order)  # noqa: B010 (a module's name)
     original = arguments.all_global_arguments
     if not hasattr(original, "cache_info"):
         cached = functools.cache(original)
-        arguments.all_global_arguments = cached
-        if facts.all_global_arguments is original:
-            facts.all_global_arguments = cached
+        setattr(arguments, "all_global_arguments", cached)  # noqa: B010 (a module's name)
+        if getattr(facts, "all_global_arguments", None) is original:
+            setattr(facts, "all_global_arguments", cached)  # noqa: B010 (a module's name)
