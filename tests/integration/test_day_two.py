@@ -15,6 +15,7 @@ REPO = Path(__file__).parents[2]
 COMPOSE = "/srv/mlstack/compose"
 
 
+@pytest.mark.heavy
 def test_a_rollout_limited_to_a_group_leaves_an_excluded_host_out_and_does_not_count_it_failed(fleet):
     fleet.wipe()
     first, second = fleet.hosts

@@ -54,6 +54,7 @@ def test_drift_on_one_host_is_repaired_there_only(fleet):
     assert stat_dirs(fleet, drifted, ["/srv/mlstack/hf-cache"])["/srv/mlstack/hf-cache"][0] == "1000:1000:2775"
 
 
+@pytest.mark.heavy
 def test_sudo_login_creates_missing_parents_as_roots_and_the_directory_as_configured(fleet):
     data = [
         "--data", "stack_root=/srv/sudo-stack",

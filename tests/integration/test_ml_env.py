@@ -166,6 +166,7 @@ def broken_wheel(path: Path) -> Path:
     return wheel
 
 
+@pytest.mark.heavy
 def test_an_env_that_does_not_import_fails_with_the_error_and_the_old_env_stays_active(fleet, cache, tmp_path):
     good = deploy(fleet, cache)
     (env_good,) = switched_to(good)

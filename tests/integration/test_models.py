@@ -98,6 +98,7 @@ def test_dry_run_lists_files_and_bytes_per_host_and_changes_nothing(fleet, contr
     assert not (control_cache / MINILM_FOLDER / "blobs").exists()  # nothing downloaded either
 
 
+@pytest.mark.heavy
 def test_a_corrupted_blob_is_found_by_the_hash_check_and_repaired_on_that_host_only(fleet, control_cache):
     assert deploy(fleet, control_cache).returncode == 0
     damaged, healthy = fleet.hosts

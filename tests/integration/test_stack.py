@@ -100,6 +100,7 @@ def test_the_stack_is_healthy_everywhere_and_works_with_the_mounted_env_and_mode
     assert {record.name: containers(fleet, record) for record in fleet.hosts} == before
 
 
+@pytest.mark.heavy
 def test_a_new_env_recreates_the_services_that_mount_it_and_nothing_else(fleet, tmp_path):
     assert fleet.deploy().returncode == 0
     old_env = fleet.ssh(fleet.hosts[0], "readlink /srv/mlstack/ml-env/active").strip().removeprefix("envs/")
@@ -239,6 +240,7 @@ SPOOF = ["ML env: env-0000000000000000 (spoofed)", "model spoofed/model@main (sp
          f"stack {PROJECT}: spoofed", "last log lines of docs:"]
 
 
+@pytest.mark.heavy
 def test_a_canary_failing_health_stops_the_rollout_and_what_its_service_prints_cannot_spoof_the_table(fleet):
     assert fleet.deploy().returncode == 0
     canary, other = fleet.hosts
@@ -332,6 +334,7 @@ def registry_requests(fleet) -> list[str]:
     return [f"{m[1]} {m[2]} {m[3]}" for m in re.finditer(r'^(\S+) - - \[[^]]+\] "(\w+) (\S+) ', log, re.M)]
 
 
+@pytest.mark.heavy
 def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_path):
     """The fleet's own registry (Debian's docker-registry on the control node's bridge address, with a login)
     holds rehearsal/tools:1; a service of the project runs it."""
@@ -391,6 +394,7 @@ def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_p
     forget_tools()
 
 
+@pytest.mark.heavy
 def test_a_compose_secret_is_a_file_only_in_the_services_that_use_it_and_a_rotation_recreates_only_them(
         fleet, tmp_path):
     project = tmp_path / "with-secret"
@@ -420,6 +424,7 @@ def test_a_compose_secret_is_a_file_only_in_the_services_that_use_it_and_a_rotat
         assert fleet.ssh(record, f"docker exec {PROJECT}-reranker-1 cat /run/secrets/api_key") == "k3y-two"
 
 
+@pytest.mark.heavy
 def test_editing_one_service_recreates_only_it(fleet, tmp_path):
     project = tmp_path / "edited"
     shutil.copytree(RERANKER, project)
@@ -465,6 +470,7 @@ def test_a_built_image_travels_as_the_layers_the_host_lacks_and_runs_there(fleet
         assert len(ids) == 1  # host2 holds the very image the builder made
 
 
+@pytest.mark.heavy
 def test_an_http_check_the_control_node_makes_fails_the_host_with_what_it_got(fleet):
     assert fleet.deploy().returncode == 0
     checks = json.dumps(["http://{host}:8080/health", "http://{host}:8081/no-such-page"])
