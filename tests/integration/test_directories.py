@@ -124,6 +124,7 @@ def test_dry_run_reports_the_change_and_changes_nothing(fleet):
         assert fleet.ssh(record, "test -e /srv/dry-run-env || echo absent").strip() == "absent"
 
 
+@pytest.mark.heavy
 def test_limit_changes_only_the_named_host(fleet):
     first, second = fleet.hosts
     run = fleet.deploy("--limit", first.name, "--data", "ml_env_dir=/srv/limited-env")

@@ -109,6 +109,7 @@ def test_a_host_that_passes_the_checks_still_needs_the_smoke_test_in_a_container
     assert run.report[cpu_host.name]["result"] == "ok"
 
 
+@pytest.mark.heavy
 def test_a_service_asking_for_more_gpus_than_a_host_has_fails_that_host_before_it_changes(fleet, env_cache,
                                                                                           on_first_env):
     gpu_host, cpu_host = fleet.hosts

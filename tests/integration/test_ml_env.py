@@ -200,6 +200,7 @@ def evil_artifact(cache: Path, env: str) -> None:
     }))
 
 
+@pytest.mark.heavy
 def test_an_artifact_with_an_escaping_member_is_refused_before_any_byte_is_sent(fleet, cache):
     env = deploy(fleet, cache)
     (env_good,) = switched_to(env)

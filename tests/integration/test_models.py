@@ -117,6 +117,7 @@ def test_a_corrupted_blob_is_found_by_the_hash_check_and_repaired_on_that_host_o
         hub.expected_files(hub.MINILM, MINILM_SHA)["model.safetensors"]
 
 
+@pytest.mark.heavy
 def test_a_host_without_room_fails_the_preflight_and_receives_nothing(fleet, control_cache):
     small, roomy = fleet.hosts
     fleet.ssh(small, "mkdir -p /srv/small && mount -t tmpfs -o size=64m,mode=0755 tmpfs /srv/small")

@@ -8,6 +8,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
 from fleet_helpers import mlstack
 
 from tasks.host.lock import LOCK_DIR
@@ -93,6 +94,7 @@ def test_status_reports_a_held_lock_and_its_holder_without_taking_it_and_a_deplo
     assert reads and all(read.returncode == 0 for read in reads), [read.stderr[-500:] for read in reads]
 
 
+@pytest.mark.heavy
 def test_status_calls_a_stopped_service_degraded_and_a_hand_edit_modified_and_names_an_unreachable_host(fleet):
     first, second = fleet.hosts
     original = fleet.ssh(first, f"cat {COMPOSE}/compose.yaml")
