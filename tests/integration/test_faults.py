@@ -221,7 +221,7 @@ def test_large_uploads_go_through_openssh_and_over_the_deploys_own_connection_wh
     password login would); both times it arrives whole."""
     # the tail of tasks/host/channel.py's ssh_command argv to this fleet's hosts (others may run beside it)
     uploading = [f"\0IdentityAgent=none\0--\0{record.ip}\0" for record in fleet.hosts]
-    model = "find /srv/mlstack/hf-env_cache/hub -path '*/snapshots/*/model.safetensors' -exec sha256sum {} +"
+    model = "find /srv/mlstack/hf-cache/hub -path '*/snapshots/*/model.safetensors' -exec sha256sum {} +"
     fleet.wipe()
     with ArgvWatch(uploading) as watch, fleet.throttled(fleet.hosts[1], "200mbit"):  # seen for seconds
         by_openssh = deploy(fleet, env_cache)
