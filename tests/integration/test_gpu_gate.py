@@ -57,7 +57,7 @@ def test_old_driver_and_unsupported_gpu_are_refused_before_the_switch(fleet, env
         # The second env is not built yet: the checks run at execution, once it is, before it is sent.
         built = deploy(fleet, env_cache, f"ml_env_requirements={second_env}")
         after_build = {record.name: (active(fleet, record), envs_on(fleet, record)) for record in fleet.hosts}
-        # Now it is in the control env_cache: the checks run at plan time, and nothing changes on either host.
+        # Now it is in the control env cache: the checks run at plan time, and nothing changes on either host.
         before = {record.name: listing(fleet, record) for record in fleet.hosts}
         planned = deploy(fleet, env_cache, f"ml_env_requirements={second_env}")
         after = {record.name: listing(fleet, record) for record in fleet.hosts}
