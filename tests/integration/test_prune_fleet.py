@@ -79,7 +79,8 @@ def test_prune_keeps_the_last_releases_and_removes_only_what_the_oldest_alone_us
     for version, extra in (("a", ["--data", f"models={old_models}"]),
                            ("b", ["--data", new_requirements(tmp_path)]),
                            ("c", ["--data", new_requirements(tmp_path)])):
-        run = fleet.deploy(*data, "--data", f"stack={project_copy(tmp_path, version)}", *extra)
+        # versions of its own: an image another module built (day two's "a") would already be on the builder
+        run = fleet.deploy(*data, "--data", f"stack={project_copy(tmp_path, f'prune-{version}')}", *extra)
         assert run.returncode == 0, run.output[-3000:]
         releases.append({record.name: running(fleet, record) for record in fleet.hosts})
     a, b, c = releases
