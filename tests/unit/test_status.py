@@ -9,7 +9,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -334,17 +333,13 @@ def test_reading_the_lock_never_takes_it(host_dirs):
     command = StatusFact().command(*map(str, host_dirs))
     reader = subprocess.Popen(["/bin/sh", "-c", f"while :; do {command} >/dev/null; done"])
     try:
-        deadline = time.monotonic() + 3
-        takes = 0
-        while time.monotonic() < deadline:
-            take = program("deploy_lock.sh", str(lock_dir), "deploy") + " </dev/null"
+        take = program("deploy_lock.sh", str(lock_dir), "deploy") + " </dev/null"
+        for _ in range(20):  # a count, not a time window: under load fewer takes fit in any window
             taker = subprocess.run(["/bin/sh", "-c", take], capture_output=True, text=True, timeout=30)
             assert taker.stdout.strip() == "locked", taker.stdout
-            takes += 1
     finally:
         reader.kill()
         reader.wait()
-    assert takes > 10
 
 
 def test_the_probe_names_files_edited_or_removed_since_the_push_and_a_changed_env(host_dirs):
