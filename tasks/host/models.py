@@ -246,6 +246,12 @@ def blob_in_place_command(repo: str, entry: RepoEntry) -> str:
                    entry.blob, entry.path)
 
 
+def take_staged_command(staging: str, staged: str, repo: str, entry: RepoEntry) -> str:
+    """The blob a host download left behind ENTRY's path in the snapshot STAGED (of the staging cache
+    STAGING) moved to its incoming name: files/host/take_staged.sh."""
+    return program("take_staged.sh", staging, f"{staged}/{entry.path}", incoming_blob(repo, entry))
+
+
 def incoming_blob(repo: str, entry: RepoEntry) -> str:
     return f"{repo}/blobs/{entry.blob}.incoming-{RUN_MARK}"
 
@@ -324,8 +330,7 @@ def download_model_on_host(cache_dir: str, plan: ModelPlan, env: EnvPlan, env_di
         yield host_download_command(staging, plan, env, env_dir, endpoint, owner)
         staged = f"{staging}/hub/{snapshot.spec.folder}/snapshots/{snapshot.commit}"
         for entry in plan.send:
-            incoming = q(incoming_blob(repo, entry))
-            yield as_owner(*owner, f"mv -f \"$(readlink -f {q(f'{staged}/{entry.path}')})\" {incoming} "
+            yield as_owner(*owner, f"{take_staged_command(staging, staged, repo, entry)} "
                                    f"&& {blob_in_place_command(repo, entry)}")
         yield as_owner(*owner, f"rm -rf {q(staging)}")
     if plan.write_tree:

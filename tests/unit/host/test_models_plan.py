@@ -19,6 +19,7 @@ from tasks.host.models import (
     link_target,
     plan_model,
     publish_commands,
+    take_staged_command,
 )
 from tasks.host.programs import program
 from tasks.host.transfer import RUN_MARK
@@ -134,6 +135,44 @@ def test_the_blob_check_reads_no_link(tmp_path):
     assert sh(blob_in_place_command(str(tmp_path), readme)).returncode == 1
     assert not incoming.is_symlink() and not (tmp_path / "blobs" / readme.blob).exists()
     assert (tmp_path / "elsewhere").read_bytes() == README
+
+
+def staged_download(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
+    """A scratch cache with a staging cache as a host download leaves it: the snapshot path NAME links to its
+    blob; (repo, staging, snapshot)."""
+    repo, staging = tmp_path / "cache" / "hub" / SPEC.folder, tmp_path / "cache" / ".staging-x"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = staging / "hub" / SPEC.folder / "snapshots" / COMMIT
+    (snapshot / name).parent.mkdir(parents=True)
+    (staging / "hub" / SPEC.folder / "blobs").mkdir()
+    return repo, staging, snapshot
+
+
+def test_a_host_downloaded_blob_moves_from_the_staging_cache_to_its_incoming_name(tmp_path):
+    """files/host/take_staged.sh: the blob behind the snapshot link is moved, whatever its path holds."""
+    readme = entries_of(TREE, SPEC)[0]
+    weights = RepoEntry("it's $(x) a \"file\".bin", entries_of(TREE, SPEC)[1].blob, len(WEIGHTS))
+    repo, staging, snapshot = staged_download(tmp_path, weights.path)
+    for entry, data in ((readme, README), (weights, WEIGHTS)):
+        blob = staging / "hub" / SPEC.folder / "blobs" / entry.blob
+        blob.write_bytes(data)
+        (snapshot / entry.path).symlink_to(os.path.relpath(blob, (snapshot / entry.path).parent))
+        result = sh(f"{take_staged_command(str(staging), str(snapshot), str(repo), entry)} "
+                    f"&& {blob_in_place_command(str(repo), entry)}")
+        assert result.returncode == 0, result.stderr
+        assert (repo / "blobs" / entry.blob).read_bytes() == data and not blob.exists()
+
+
+def test_a_staged_link_leading_out_of_the_staging_cache_is_not_followed(tmp_path):
+    readme = entries_of(TREE, SPEC)[0]
+    repo, staging, snapshot = staged_download(tmp_path, readme.path)
+    (tmp_path / "elsewhere").write_bytes(README)  # the right content, outside the staging cache
+    (snapshot / readme.path).symlink_to(tmp_path / "elsewhere")
+    result = sh(take_staged_command(str(staging), str(snapshot), str(repo), readme))
+    assert result.returncode == 1
+    assert result.stderr == (f"model file {snapshot / readme.path}: the download left no file of its own in "
+                             f"{staging}\n")
+    assert (tmp_path / "elsewhere").read_bytes() == README and not Path(incoming_blob(str(repo), readme)).exists()
 
 
 def test_the_commands_run_the_host_programs_with_each_value_quoted():
