@@ -27,7 +27,7 @@ from ..control.registry import (
 from .failure import failed
 from .probe import carried, received
 from .programs import program
-from .transfer import StreamedUpload
+from .transfer import RUN_MARK, StreamedUpload
 
 LAYER_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -116,7 +116,7 @@ def ship_image(reference: str, make_archive, archive: Path, compose_dir: str, he
     if leave_out:
         archive = once(("partial", archive, leave_out), lambda: partial_archive(archive, leave_out))
     label = f"image {reference}" + (f" ({total - len(leave_out)} of {total} layers)" if leave_out else "")
-    incoming = f"{compose_dir}/.image.tar.gz"
+    incoming = f"{compose_dir}/.image-{RUN_MARK}.tar.gz"  # this run's own: an orphaned load keeps to its own
     sha256 = once(("sha256", archive), lambda: file_sha256(archive))
     yield StreamedUpload(archive, label, incoming, then=program("load_image.sh", incoming, sha256, reference))
 
