@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tasks.host.programs import program
 from tasks.host.stack_images import ship_image
+from tasks.host.transfer import RUN_MARK
 
 
 def run_load(tmp_path: Path, data: bytes, sha256: str) -> subprocess.CompletedProcess:
@@ -47,5 +48,5 @@ def test_ship_image_runs_the_program_after_receiving(tmp_path):
     commands = list(ship_image._inner(reference="api:1", make_archive=lambda: archive, archive=archive,
                                       compose_dir="/srv/compose"))
     upload = commands[-1]
-    assert upload.receive.endswith(" && " + program("load_image.sh", "/srv/compose/.image.tar.gz",
+    assert upload.receive.endswith(" && " + program("load_image.sh", f"/srv/compose/.image-{RUN_MARK}.tar.gz",
                                                      hashlib.sha256(b"archive").hexdigest(), "api:1"))
