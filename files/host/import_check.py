@@ -6,10 +6,12 @@ Runs inside the runtime image with the env mounted read-only at MOUNT (argv[1]);
 
 import importlib
 import json
+import os
 import sys
 
 mount, info_name = sys.argv[1], sys.argv[2]
-with open(f"{mount}/{info_name}") as file:
+# the env's owner controls the file: not followed if a link, no wait if a FIFO
+with open(os.open(f"{mount}/{info_name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)) as file:
     info = json.load(file)
 have = "python%d.%d" % sys.version_info[:2]
 if info["python"] != have:
