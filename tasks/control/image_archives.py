@@ -7,10 +7,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import posixpath
 import sys
 import tarfile
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 from .builder import BaseImage, builder_engine, require_base
 from .caches import atomic_file
@@ -46,18 +47,49 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return chains
 
 
-def archive_layers(archive: Path) -> list[tuple[str, str]]:
-    """(member name, chain id) of each layer of the one image in ARCHIVE (`docker save | gzip`), read from
-    its manifest.json and image config."""
+class SavedLayer(NamedTuple):
+    member: str  # the layer's file, as the archive's manifest.json names it
+    chain: str  # its chain id
+    reads: tuple[str, ...]  # what reading MEMBER goes through: MEMBER, then where each link leads (docker 20.10
+    # saves a layer that repeats, the empty one, as a link to its first copy)
+
+
+def archive_layers(archive: Path) -> list[SavedLayer]:
+    """Each layer of the one image in ARCHIVE (`docker save | gzip`), read from its manifest.json and image
+    config."""
     try:
         with tarfile.open(archive, "r:gz") as saved:  # a member read after the index was made: a second pass
             (manifest,) = json.load(_member(saved, "manifest.json"))
             diff_ids = json.load(_member(saved, manifest["Config"]))["rootfs"]["diff_ids"]
+            return [SavedLayer(name, chain, _reads(saved, name))
+                    for name, chain in zip(manifest["Layers"], chain_ids(diff_ids), strict=True)]
     except (KeyError, ValueError, TypeError, AttributeError, tarfile.TarError) as error:  # AttributeError: a
         # "Config" that is no string, which tarfile takes for a member
         raise StackError(f"{archive}: not the `docker save` of one image ({error!r}): remove it to save it "
                          "again") from error
-    return list(zip(manifest["Layers"], chain_ids(diff_ids), strict=True))
+
+
+def _reads(saved: tarfile.TarFile, name: str) -> tuple[str, ...]:
+    """NAME, then each member its links lead to (a symlink's target is relative to its directory, a hard
+    link's to the archive's root), up to a regular file; KeyError where one is missing or links loop."""
+    path = [name]
+    while len(path) <= 8:
+        member = saved.getmember(path[-1])
+        if member.issym():
+            path.append(posixpath.normpath(posixpath.join(posixpath.dirname(member.name), member.linkname)))
+        elif member.islnk():
+            path.append(member.linkname)
+        else:
+            return tuple(path)
+    raise KeyError(f"{name!r}: more than 8 links")
+
+
+def needless_layers(layers: list[SavedLayer], held: frozenset[str]) -> tuple[str, ...]:
+    """The layer files of an archive whose layers are LAYERS that a host holding the layers HELD (chain ids) can
+    do without: `docker load` reads none of the layers it holds, but a file stays while a layer the host lacks
+    reads it, by its name (docker 25 names a repeated layer's one blob again) or through a link."""
+    needed = {name for layer in layers if layer.chain not in held for name in layer.reads}
+    return tuple(sorted({layer.member for layer in layers if layer.chain in held} - needed))
 
 
 def _member(saved: tarfile.TarFile, name: str) -> IO[bytes]:

@@ -19,7 +19,7 @@ from ..control.caches import file_sha256, once
 from ..control.compose_project import (
     StackError,
 )
-from ..control.image_archives import archive_layers, chain_ids, partial_archive
+from ..control.image_archives import archive_layers, chain_ids, needless_layers, partial_archive
 from ..control.registry import (
     RegistryImage,
     docker_config,
@@ -103,7 +103,7 @@ def layers_to_send(archive: Path, held: frozenset[str]) -> tuple[tuple[str, ...]
         layers = once(("layers", archive), lambda: archive_layers(archive))
     except (StackError, OSError, tarfile.TarError):
         return (), 0
-    return tuple(sorted(name for name, chain in layers if chain in held)), len(layers)
+    return needless_layers(layers, held), len(layers)
 
 
 @operation(is_idempotent=False)

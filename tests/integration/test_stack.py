@@ -463,7 +463,7 @@ def test_a_built_image_travels_as_the_layers_the_host_lacks_and_runs_there(fleet
         assert sent.stat().st_size * 20 < whole.stat().st_size  # the base's layers stayed behind
         base_layers = int(fleet.ssh(fleet.hosts[0], f"docker image inspect -f '{{{{len .RootFS.Layers}}}}' "
                                                     f"{IMAGE_NAME}"))
-        layers = [name for name, _ in archive_layers(whole)]  # docker 20.10's layout or docker 25's
+        layers = [layer.member for layer in archive_layers(whole)]  # docker 20.10's layout or docker 25's
         with tarfile.open(sent) as archive:
             assert {member.name for member in archive} & set(layers) == set(layers[base_layers:])
         ids = {fleet.ssh(record, f"docker image inspect -f '{{{{.Id}}}}' {tag}").strip() for record in fleet.hosts}

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tasks.control.compose_project import ComposeProject, StackError
-from tasks.control.image_archives import archive_layers, chain_ids, partial_archive
+from tasks.control.image_archives import SavedLayer, archive_layers, chain_ids, partial_archive
 from tasks.control.registry import docker_config, registry_of, repository_of
+from tasks.host.stack_images import layers_to_send
 
 
 def test_a_project_file_whose_name_cannot_travel_one_per_line_is_refused(tmp_path):
@@ -87,7 +88,8 @@ def test_a_host_holding_the_lower_layers_is_sent_the_archive_without_them(tmp_pa
     archive = tmp_path / "app-2.tar.gz"
     diff_ids = saved_image(archive, {"blobs/sha256/base": b"b" * 4096, "blobs/sha256/app": b"a" * 512})
     chains = chain_ids(diff_ids)
-    assert archive_layers(archive) == [("blobs/sha256/base", chains[0]), ("blobs/sha256/app", chains[1])]
+    assert archive_layers(archive) == [SavedLayer("blobs/sha256/base", chains[0], ("blobs/sha256/base",)),
+                                       SavedLayer("blobs/sha256/app", chains[1], ("blobs/sha256/app",))]
     partial = partial_archive(archive, ("blobs/sha256/base",))
     with tarfile.open(partial) as sent:
         assert sent.getnames() == ["blobs/sha256/app", "blobs/sha256/config", "manifest.json"]
@@ -97,3 +99,51 @@ def test_a_host_holding_the_lower_layers_is_sent_the_archive_without_them(tmp_pa
     (tmp_path / "broken.tar.gz").write_bytes(gzip.compress(b""))
     with pytest.raises(StackError, match="not the `docker save` of one image"):
         archive_layers(tmp_path / "broken.tar.gz")
+
+
+def saved_with_repeats(path: Path, layout: str, layers: list[bytes]) -> list[str]:
+    """A `docker save | gzip` of one image whose layers are LAYERS in order, some repeated, as LAYOUT's docker
+    writes it: docker 20.10 gives each position a directory and a repeated layer a link to its first copy;
+    docker 25 stores each blob once and names it at each position. Returns the members the manifest names."""
+    diff_ids = ["sha256:" + hashlib.sha256(data).hexdigest() for data in layers]
+    members: dict[str, bytes | str] = {}  # a str: a symbolic link's target
+    names, first = [], {}
+    for position, (data, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
+        if layout == "docker 25":
+            name = f"blobs/sha256/{diff_id[7:]}"
+            members[name] = data
+        else:
+            directory = hashlib.sha256(f"{position} {diff_id}".encode()).hexdigest()  # the position's v1 id
+            name = f"{directory}/layer.tar"
+            members[f"{directory}/json"] = b"{}"
+            members[name] = f"../{first[diff_id]}" if diff_id in first else data
+        first.setdefault(diff_id, name)
+        names.append(name)
+    members["config.json"] = json.dumps({"rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    members["manifest.json"] = json.dumps([{"Config": "config.json", "RepoTags": ["app:2"], "Layers": names}]).encode()
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                archive.addfile(info)
+            else:
+                info.size = len(content)
+                archive.addfile(info, io.BytesIO(content))
+    return names
+
+
+@pytest.mark.parametrize("layout", ["docker 20.10", "docker 25"])
+def test_a_repeated_layer_stays_in_the_sent_archive_while_a_layer_the_host_lacks_reads_it(tmp_path, layout):
+    """The empty layer at positions 2 and 4: a host holding the first two layers lacks the last two, which
+    `docker load` reads (by the repeated blob's name, or through the link to its first copy)."""
+    archive = tmp_path / "app-2.tar.gz"
+    data = [b"b" * 4096, b"\0" * 1024, b"a" * 512, b"\0" * 1024]
+    names = saved_with_repeats(archive, layout, data)
+    held = frozenset(chain_ids(["sha256:" + hashlib.sha256(layer).hexdigest() for layer in data])[:2])
+    leave_out, total = layers_to_send(archive, held)
+    assert (total, leave_out) == (4, (names[0],))  # the base layer alone stays behind
+    with tarfile.open(partial_archive(archive, leave_out)) as sent:
+        assert names[0] not in sent.getnames()
+        for position in (2, 3):  # tarfile follows a link as `docker load` does: its target must be there
+            assert sent.extractfile(names[position]).read() == data[position]
