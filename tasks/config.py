@@ -48,11 +48,15 @@ _BREAKS = {":": "docker -v", ",": "docker --mount", "$": "compose", "#": "a .env
 # the parents it creates), which would hand a system directory to the configured owner.
 SYSTEM_TREES = ("/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
                 "/libx32", "/root", "/run", "/var/run", "/var/lib/docker", "/var/lib/containerd", "/var/lib/dpkg",
-                "/var/lib/apt", "/var/log", "/snap", "/lost+found")
+                "/var/lib/apt", "/var/log", "/snap", "/lost+found", "/var/spool", "/var/lib/sudo", "/var/lib/systemd",
+                "/var/mail", "/var/backups")
+# Configured directories lie below these (an allow-list: no list of system places is ever complete), or below a
+# directory named in `allow_paths_outside`, which confirms that the deploy may own it.
+ALLOWED_TREES = ("/srv", "/opt", "/data", "/mnt", "/var/lib/mlstack")
 # Nor below these world-writable temp dirs: any local user could plant the path (or a link on it) first.
 WORLD_WRITABLE_TREES = ("/tmp", "/var/tmp", "/dev/shm")
 # These may hold a deploy's directories below them, but are never one: it would chown all they hold.
-SHARED_PARENTS = ("/home", "/var", "/var/lib", "/srv", "/opt", "/mnt", "/media")
+SHARED_PARENTS = ("/home", "/var", "/var/lib", "/srv", "/opt", "/data", "/mnt", "/media")
 
 
 def is_within(path: str, tree: str) -> bool:
@@ -72,6 +76,8 @@ def _path(value: Any) -> str:
         raise ValueError(f"expected a normalised path (did you mean {normal!r}?)")
     if value == "/":
         raise ValueError("expected a directory below '/', not '/' itself")
+    if "/.ssh/" in value + "/":
+        raise ValueError("expected a path without a .ssh directory (SSH keys: the deploy would chown them)")
     for tree in WORLD_WRITABLE_TREES:
         if is_within(value, tree):
             raise ValueError(f"expected a directory outside {tree} (world-writable: a local user could plant "
@@ -512,6 +518,9 @@ class HostConfig(BaseModel):
     compose_project_dir_uid: NumericId = 0
     compose_project_dir_gid: NumericId = 0
     compose_project_dir_mode: OctalMode = Field("0750", validate_default=True)
+    # Directories outside /srv, /opt, /data, /mnt and /var/lib/mlstack that the four above may be or lie below:
+    # naming one confirms the deploy may own it (system places stay refused).
+    allow_paths_outside: Annotated[list[str], BeforeValidator(_list_of(_path))] = []
 
     # The ML env's requirements: a file name in files/ or a path on the control node (built only when a
     # service of ml_services uses the env).
@@ -668,6 +677,7 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
             problems.append(setting_problem(host_name, spec.setting, spec.path,
                                      f"a path of its own (it is also {seen[spec.path]})"))
         seen[spec.path] = spec.setting
+    problems += _placement_problems(host_name, config)
     problems += _nesting_problems(host_name, config)
     problems += _ownership_problems(host_name, config)
     endpoint = config.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
@@ -706,6 +716,17 @@ def _ownership_problems(host_name: str, config: HostConfig) -> list[str]:
                                      f"group {spec.gid} could plant links (or make a non-root user its owner: "
                                      "the deploy then works there as that user)"))
     return problems
+
+
+def _placement_problems(host_name: str, config: HostConfig) -> list[str]:
+    """Each directory lies below ALLOWED_TREES, or below a directory `allow_paths_outside` names."""
+    allowed = (*ALLOWED_TREES, *config.allow_paths_outside)
+    trees = f"{', '.join(ALLOWED_TREES[:-1])} or {ALLOWED_TREES[-1]}"
+    return [setting_problem(host_name, spec.setting, spec.path,
+                            f"a directory below {trees}, or below one named in allow_paths_outside (the deploy "
+                            "chowns it and the parents it creates; to confirm that it may, name it or a directory "
+                            f"above it: allow_paths_outside=['{spec.path}'])")
+            for spec in config.directories() if not any(is_within(spec.path, tree) for tree in allowed)]
 
 
 def _nesting_problems(host_name: str, config: HostConfig) -> list[str]:

@@ -24,6 +24,16 @@ BAD = [
     ("ml_env_dri=/x", "ml_env_dri = '/x': unknown setting (did you mean 'ml_env_dir'?)"),
     ("compose_project_dir=/srv/mlstack/ml-env",
      "compose_project_dir = '/srv/mlstack/ml-env': a path of its own (it is also ml_env_dir)"),
+    ("ml_env_dir=/var/spool/cron/env",
+     "ml_env_dir = '/var/spool/cron/env': expected a directory outside /var/spool (a system location: the deploy "
+     "would chown it)"),
+    ("ml_env_dir=/home/ops/.ssh/env", "ml_env_dir = '/home/ops/.ssh/env': expected a path without a .ssh directory"),
+    ("compose_project_dir=/home/ops/compose",
+     "compose_project_dir = '/home/ops/compose': a directory below /srv, /opt, /data, /mnt or /var/lib/mlstack, or "
+     "below one named in allow_paths_outside (the deploy chowns it and the parents it creates; to confirm that it "
+     "may, name it or a directory above it: allow_paths_outside=['/home/ops/compose'])"),
+    ("allow_paths_outside=/home", "allow_paths_outside = '/home': expected a directory of its own, such as "
+                                  "'/home/mlstack', not /home itself (the deploy would chown it)"),
     ('models=[{"repo_id": "../etc/passwd"}]',
      "models[0].repo_id = '../etc/passwd': expected a HuggingFace repo id such as"
      " 'sentence-transformers/all-MiniLM-L6-v2'"),

@@ -248,7 +248,8 @@ def test_a_directory_of_letters_digits_and_dot_underscore_dash_plus_at_passes():
 
 SYSTEM = ["/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
           "/root", "/run", "/var/run", "/var/lib/docker", "/var/lib/containerd", "/var/lib/dpkg", "/var/lib/apt",
-          "/var/log", "/snap", "/lost+found"]
+          "/var/log", "/snap", "/lost+found", "/var/spool", "/var/lib/sudo", "/var/lib/systemd", "/var/mail",
+          "/var/backups"]
 
 
 @pytest.mark.parametrize("tree", SYSTEM)
@@ -274,13 +275,64 @@ def test_a_shared_parent_may_hold_the_directories_but_not_be_one(parent):
         f"gpu-01: ml_env_dir = {parent!r}: expected a directory of its own, such as '{parent}/mlstack', "
         f"not {parent} itself (the deploy would chown it)"
     ]
-    assert problems_for(ml_env_dir=f"{parent}/ml-env") == []
+    assert problems_for(ml_env_dir=f"{parent}/ml-env", allow_paths_outside=[f"{parent}/ml-env"]) == []
 
 
 @pytest.mark.parametrize("value", ["/etcetera", "/usr-local-data/x", "/tmpfs/x", "/var/lib/docker-data",
-                                   "/var/logs", "/runner/x", "/home/ops/mlstack", "/data/etc", "/srv/root"])
-def test_neighbours_of_system_locations_pass(value):
+                                   "/var/logs", "/runner/x", "/home/ops/mlstack", "/data/etc", "/srv/root",
+                                   "/var/spooler/x", "/home/ops/ssh", "/home/ops/x.ssh"])
+def test_neighbours_of_system_locations_pass_once_confirmed(value):
+    assert problems_for(ml_env_dir=value, allow_paths_outside=[value]) == []
+
+
+def outside(key: str, value: str) -> str:
+    return (f"gpu-01: {key} = {value!r}: a directory below /srv, /opt, /data, /mnt or /var/lib/mlstack, or below "
+            "one named in allow_paths_outside (the deploy chowns it and the parents it creates; to confirm that it "
+            f"may, name it or a directory above it: allow_paths_outside=[{value!r}])")
+
+
+@pytest.mark.parametrize("value", ["/srv/x", "/opt/x", "/data/x", "/mnt/x", "/var/lib/mlstack",
+                                   "/var/lib/mlstack/env"])
+def test_directories_below_the_allowed_places_need_no_confirmation(value):
     assert problems_for(ml_env_dir=value) == []
+
+
+@pytest.mark.parametrize("value", ["/home/ops/mlstack", "/var/lib/mlstack2/env", "/var/lib/other/env", "/media/usb/env",
+                                   "/usr-local-data/env", "/var/cache/env", "/nfs/env"])
+def test_a_directory_outside_the_allowed_places_is_refused_until_confirmed(value):
+    assert problems_for(ml_env_dir=value) == [outside("ml_env_dir", value)]
+    assert problems_for(ml_env_dir=value, allow_paths_outside=[value.rsplit("/", 1)[0] + "-x"]) == [
+        outside("ml_env_dir", value)]  # a name that merely starts like it confirms nothing
+    assert problems_for(ml_env_dir=value, allow_paths_outside=[value]) == []
+    assert problems_for(ml_env_dir=value, allow_paths_outside=f"/x/y,{value.rsplit('/', 1)[0]}") == []  # --data
+
+
+def test_each_directory_outside_is_named_and_one_confirmation_covers_a_tree():
+    tree = {"stack_root": "/home/ml/stack", "ml_env_dir": "/home/ml/stack/env", "model_cache_dir": "/srv/cache",
+            "compose_project_dir": "/home/ml/compose"}
+    assert problems_for(**tree) == [outside(key, tree[key]) for key in ("stack_root", "ml_env_dir",
+                                                                        "compose_project_dir")]
+    assert problems_for(**tree, allow_paths_outside=["/home/ml"]) == []
+
+
+@pytest.mark.parametrize("place", ["/var/spool/cron/crontabs", "/var/lib/sudo/lectured", "/home/ops/.ssh",
+                                   "/home/ops/.ssh/env", "/var/lib/systemd/env", "/var/mail/env", "/var/backups/env",
+                                   "/etc/env"])
+def test_system_places_stay_refused_even_when_confirmed(place):
+    problems = problems_for(ml_env_dir=place, allow_paths_outside=[place])
+    assert len(problems) == 2 and all("expected a directory outside" in problem or ".ssh directory" in problem
+                                      for problem in problems), problems
+    assert [problem.split(" = ")[0] for problem in problems] == ["gpu-01: ml_env_dir", "gpu-01: allow_paths_outside"]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("/home", "expected a directory of its own, such as '/home/mlstack', not /home itself (the deploy would chown it)"),
+    ("home/ml", "expected an absolute path such as '/srv/mlstack'"),
+    ("/", "expected a directory below '/', not '/' itself"),
+    ("/tmp/ml", "expected a directory outside /tmp (world-writable: a local user could plant the path first)"),
+])
+def test_each_confirmation_is_checked_like_a_directory(value, message):
+    assert problems_for(allow_paths_outside=[value]) == [f"gpu-01: allow_paths_outside = [{value!r}]: {message}"]
 
 
 def test_directories_may_lie_below_stack_root_but_not_inside_one_another():
