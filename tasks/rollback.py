@@ -115,8 +115,8 @@ def rollback() -> None:
 @operation(is_idempotent=False)
 def restore_project(releases_dir: str, release: str, compose_dir: str):
     """The release's own copy of the project staged, checked by compose and moved into place, as a push does."""
-    yield program("releases.sh", "stage", releases_dir, release, compose_dir)
-    yield program("install_project.sh", compose_dir)
+    yield program("releases.sh", "stage", releases_dir, release, compose_dir, stack_push.STAGE)
+    yield stack_push.stack_locked(compose_dir, "install_project.sh", compose_dir, stack_push.STAGE)
 
 
 @operation(is_idempotent=False)

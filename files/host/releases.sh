@@ -7,7 +7,7 @@
 # under a temporary name, then renamed).
 # usage: releases.sh record RELEASES_DIR ID COMPOSE_DIR PROJECT JSON  (JSON: release.json, one line)
 #        releases.sh list RELEASES_DIR
-#        releases.sh stage RELEASES_DIR ID COMPOSE_DIR            (its project as COMPOSE_DIR/.next/project.tar)
+#        releases.sh stage RELEASES_DIR ID COMPOSE_DIR STAGE      (its project as COMPOSE_DIR/STAGE/project.tar)
 #        releases.sh forget RELEASES_DIR ID...                    (never the current one)
 set -eu
 umask 077
@@ -35,7 +35,8 @@ record)
         docker ps -aq --filter "label=com.docker.compose.project=$project" | while read -r container; do
             docker inspect --format '{{index .Config.Labels "com.docker.compose.service"}} {{.Image}}' "$container"
         done >"$tmp/images"
-        while read -r _ path; do
+        while read -r sum path; do
+            case $sum in '#'*) continue ;; esac  # a `# mode` line: cp -p keeps the file's mode
             case $path in /* | *..*) continue ;; esac  # only relative names the deploy wrote
             mkdir -p -- "$tmp/project/$(dirname -- "$path")"
             cp -p -- "$compose/$path" "$tmp/project/$path"
@@ -61,11 +62,10 @@ list)
     if [ -L "$dir/current" ]; then echo "current $(readlink -- "$dir/current")"; fi
     ;;
 stage)
-    id=$1 compose=$2
+    id=$1 compose=$2 stage=$3  # STAGE: the run's own name (stage_project.sh)
     safe_dir
-    rm -rf -- "$compose/.next"
-    mkdir -m 0700 -- "$compose/.next"
-    tar -cf "$compose/.next/project.tar" -C "$dir/$id/project" .
+    mkdir -m 0700 -- "$compose/$stage"
+    tar -cf "$compose/$stage/project.tar" -C "$dir/$id/project" .
     ;;
 forget)
     safe_dir

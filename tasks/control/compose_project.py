@@ -122,6 +122,10 @@ class ComposeProject:
         """sha256 of each of `files_to_ship`, computed once per deploy."""
         return _project_hashes(self.directory)
 
+    def file_modes(self) -> dict[str, int]:
+        """The mode each of `files_to_ship` gets on hosts (`shipped_mode`), read once per deploy."""
+        return _project_modes(self.directory)
+
 
 def dotenv_entries(path: Path) -> dict[str, str]:
     """Key -> its entry as written (a quoted value may span lines), for each entry of the project's `.env`, in
@@ -162,7 +166,8 @@ def _closes(text: str, quote: str) -> bool:
 
 
 @cache
-def _project_files(directory: Path) -> dict[str, bytes]:
+def _project_paths(directory: Path) -> dict[str, Path]:
+    """Each file of the project directory that is shipped, by its relative name."""
     found = {}
     for path in sorted(directory.rglob("*")):
         relative = path.relative_to(directory)
@@ -172,13 +177,30 @@ def _project_files(directory: Path) -> dict[str, bytes]:
         if not SHIPPABLE.fullmatch(name):
             raise StackError(f"stack {str(directory)!r}: the file name {name!r} cannot be shipped (control "
                              "characters, a backslash, or spaces at either end): rename it")
-        found[name] = path.read_bytes()
+        found[name] = path
     return found
+
+
+def _project_files(directory: Path) -> dict[str, bytes]:
+    return {name: path.read_bytes() for name, path in _project_paths(directory).items()}
 
 
 @cache
 def _project_hashes(directory: Path) -> dict[str, str]:
     return {name: hashlib.sha256(data).hexdigest() for name, data in _project_files(directory).items()}
+
+
+def shipped_mode(mode: int) -> int:
+    """The mode a project file whose mode is MODE gets on hosts: the owner (root) reads and writes; group and
+    others read only where the source lets them, and never write; execute where the source's owner may,
+    for whoever may read (0644 at most, 0755 for a program, 0600 stays 0600)."""
+    readable = 0o600 | (mode & 0o044)
+    return readable | (readable & 0o444) >> 2 if mode & 0o100 else readable
+
+
+@cache
+def _project_modes(directory: Path) -> dict[str, int]:
+    return {name: shipped_mode(path.stat().st_mode) for name, path in _project_paths(directory).items()}
 
 
 def project_of(config) -> ComposeProject:

@@ -13,7 +13,7 @@ from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from ..report import report
 from .failure import failed
-from .programs import program
+from .stack_push import stack_locked
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # terminal control, but tab
 
@@ -36,7 +36,7 @@ class HealthGate(StringCommand):
     names of this project's services count."""
 
     def __init__(self, project: str, compose_dir: str, profiles: list[str], timeout: int, services: list[str]):
-        super().__init__(program("health_gate.sh", compose_dir, project, timeout, ",".join(profiles)))
+        super().__init__(stack_locked(compose_dir, "health_gate.sh", compose_dir, project, timeout, ",".join(profiles)))
         self.project, self.timeout, self.services = project, timeout, services
 
     def execute(self, state, host, connector_arguments):
@@ -56,19 +56,38 @@ def check_url(template: str, address: str) -> str:
     return template.replace("{host}", f"[{address}]" if ":" in address else address)
 
 
+class _FirstAnswer(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, never followed: it would send the control node to any address the service
+    names, and let a broken service pass by redirecting to one that answers 2xx."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+def problem_of(code: int, location: str | None) -> str:
+    """What is wrong with an answer CODE (LOCATION: its Location header), or '' for a 2xx."""
+    if 200 <= code < 300:
+        return ""
+    if 300 <= code < 400:
+        where = CONTROL.sub(lambda match: repr(match[0])[1:-1], location or "nowhere")
+        return f"HTTP {code}: redirected to {where} (not followed: a check passes on a 2xx answer only)"
+    return f"HTTP {code}"
+
+
 def ask(url: str, deadline: float) -> str:
-    """'' once URL answers 2xx or 3xx before DEADLINE (asked every 2 s, no proxy), else the last problem."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    """'' once URL's own answer is 2xx before DEADLINE (asked every 2 s, no proxy, no redirect followed), else
+    the last problem."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _FirstAnswer())
     while True:
         try:
             with opener.open(url, timeout=5) as response:
-                if response.status < 400:
-                    return ""
-                problem = f"HTTP {response.status}"
+                problem = problem_of(response.status, response.headers.get("Location"))
         except urllib.error.HTTPError as error:
-            problem = f"HTTP {error.code}"
+            problem = problem_of(error.code, error.headers.get("Location") if error.headers else None)
         except (OSError, ValueError) as error:
             problem = str(getattr(error, "reason", None) or error)
+        if not problem:
+            return ""
         if time.monotonic() + 2 > deadline:
             return problem
         time.sleep(2)

@@ -34,6 +34,14 @@ HF_HOME = "/root/.cache/huggingface"
 
 
 MANIFEST = ".mlstack-files"
+SHIPPED_MODE = 0o644  # a project file's mode on hosts unless its source's says otherwise (`shipped_mode`)
+
+
+def mode_lines(modes: dict[str, int]) -> str:
+    """MODES (path -> mode) as `.mlstack-files` records them after the sha256 lines: `# mode 0600 PATH`, a
+    comment to `sha256sum -c`, so that a mode-only change is a change of the project (pushed again, a release
+    of its own)."""
+    return "".join(f"# mode {modes[path]:04o} {path}\n" for path in sorted(modes))
 
 
 FINGERPRINT = re.compile(r"[0-9a-f]{32}")  # `fingerprint`'s, hex
@@ -67,8 +75,9 @@ class Rendered:
     dotenv: str  # .env (secrets: never logged)
     digest: str  # .env.digest: key=hash per line
     files: dict = field(hash=False, repr=False)  # relative path -> content: the project's files and the override
-    manifest: str = ""  # .mlstack-files: sha256 and path of each of FILES
+    manifest: str = ""  # .mlstack-files: sha256 and path of each of FILES, then `# mode` lines (`mode_lines`)
     labels: dict = field(hash=False, default_factory=dict)  # service -> the mlstack.* labels it carries
+    modes: dict = field(hash=False, default_factory=dict)  # relative path -> mode on the host, where not 0644
 
 
 def compose_values(config: HostConfig, secrets: dict[str, str]) -> dict[str, str]:
@@ -208,5 +217,6 @@ def render(project: ComposeProject, config: HostConfig, env: EnvPlan | NoEnv, sn
                 + yaml.safe_dump({"services": services}, sort_keys=False, width=1000))
     files = {**project.files_to_ship(), OVERRIDE: override.encode()}
     hashes = {**project.file_hashes(), OVERRIDE: hashlib.sha256(files[OVERRIDE]).hexdigest()}
-    manifest = "".join(f"{hashes[path]}  {path}\n" for path in sorted(files))
-    return Rendered(override, dotenv, digest, files, manifest, labels)
+    modes = {path: mode for path, mode in project.file_modes().items() if mode != SHIPPED_MODE}
+    manifest = "".join(f"{hashes[path]}  {path}\n" for path in sorted(files)) + mode_lines(modes)
+    return Rendered(override, dotenv, digest, files, manifest, labels, modes)
