@@ -216,7 +216,7 @@ def _endpoint(value: Any) -> str:
     value = _url(value)
     if secrets.literal_credentials(value):
         raise ValueError("expected credentials as ${VAR} from the control node's environment, "
-                         "not written in the inventory")
+                         "not written out")
     return value
 
 
@@ -680,13 +680,47 @@ def _cross_checks(host_name: str, config: HostConfig) -> list[str]:
     problems += _placement_problems(host_name, config)
     problems += _nesting_problems(host_name, config)
     problems += _ownership_problems(host_name, config)
-    endpoint = config.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
+    problems += _endpoint_problems(host_name, config, os.environ)
+    problems += _builder_problems(host_name, config, os.environ)
+    return problems
+
+
+def _endpoint_problems(host_name: str, config: HostConfig, environ) -> list[str]:
+    """hf_endpoint '' is $HF_ENDPOINT from ENVIRON: it is held to the setting's own rules; and an endpoint with
+    credentials stays on the control node."""
+    endpoint = config.hf_endpoint or environ.get("HF_ENDPOINT", "")
+    if not config.hf_endpoint and endpoint:
+        try:
+            _endpoint(endpoint)
+        except ValueError as error:
+            return [setting_problem(host_name, "hf_endpoint", "", f"{error} ('' is $HF_ENDPOINT, which is "
+                                    f"{secrets.masked(endpoint)!r})")]
     if config.model_mode == "host" and endpoint and secrets.has_credentials(endpoint):
         where = "" if config.hf_endpoint else " ('' is $HF_ENDPOINT, which has them)"
-        problems.append(setting_problem(host_name, "hf_endpoint", config.hf_endpoint,
-                                 "model_mode 'host' sends the endpoint to every host; an endpoint with credentials "
-                                 f"needs model_mode 'control'{where}"))
-    return problems
+        return [setting_problem(host_name, "hf_endpoint", config.hf_endpoint,
+                                "model_mode 'host' sends the endpoint to every host; an endpoint with credentials "
+                                f"needs model_mode 'control'{where}")]
+    return []
+
+
+def _builder_problems(host_name: str, config: HostConfig, environ) -> list[str]:
+    """The builder gets the index credentials (in pip's config), the registry logins and whatever a build reads
+    of stack_secrets: never over plain tcp://, where anyone on the path reads them. An explicit tcp:// builder
+    is always plain (the deploy gives it no TLS settings); '' is $DOCKER_HOST, with TLS where ENVIRON sets
+    DOCKER_TLS_VERIFY (as docker and compose read it)."""
+    engine = config.ml_env_builder or environ.get("DOCKER_HOST", "")
+    tls = not config.ml_env_builder and bool(environ.get("DOCKER_TLS_VERIFY"))
+    given = [name for name, value in (
+        ("index credentials", any(secrets.has_credentials(url) for url in
+                                  (config.pip_index_url, *config.pip_extra_index_urls, *config.pip_find_links))),
+        ("registry_credentials", config.registry_credentials), ("stack_secrets", config.stack_secrets)) if value]
+    if not engine.startswith("tcp://") or tls or not given:
+        return []
+    where = "" if config.ml_env_builder else f" ('' is $DOCKER_HOST, {engine!r}, without DOCKER_TLS_VERIFY)"
+    return [setting_problem(host_name, "ml_env_builder", config.ml_env_builder,
+                            f"an engine reached by ssh:// or TLS while {' and '.join(given)} are configured: a "
+                            f"plain tcp:// engine gets them in clear{where}; use 'ssh://root@<builder>', or '' "
+                            "with DOCKER_HOST=tcp://<builder>:2376 and DOCKER_TLS_VERIFY=1 (and DOCKER_CERT_PATH)")]
 
 
 def _ownership_problems(host_name: str, config: HostConfig) -> list[str]:

@@ -48,6 +48,8 @@ BAD = [
     ("health_timeout=0", "health_timeout = 0: expected seconds from 5 to 3600"),
     ("rollout_batch=0%", "rollout_batch = '0%': expected a batch size"),
     ("pip_index_url=pypi.corp/simple", "pip_index_url = 'pypi.corp/simple': expected an http(s):// or file:// URL"),
+    ("ml_env_builder=tcp://10.0.0.5:2375", "ml_env_builder = 'tcp://10.0.0.5:2375': an engine reached by ssh:// or "
+     "TLS while stack_secrets are configured: a plain tcp:// engine gets them in clear; use 'ssh://root@<builder>'"),
     ("stack=nginx", "stack = 'nginx': expected a compose project directory: an absolute path, one starting with "
                      "./ or ../ (from the directory the deploy runs in), or a name under files/stacks/ "
                      "(archon, reranker)"),

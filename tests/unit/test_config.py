@@ -423,7 +423,7 @@ def test_names_that_only_look_like_compose_settings_pass(monkeypatch):
 
 # The HF endpoint's credentials, and HF_TOKEN over plain http.
 
-LITERAL = "expected credentials as ${VAR} from the control node's environment, not written in the inventory"
+LITERAL = "expected credentials as ${VAR} from the control node's environment, not written out"
 
 
 @pytest.mark.parametrize("endpoint", ["https://ci:hunter2@hf.corp", "https://hf_sEcReT@hf.corp:8443/",
@@ -467,10 +467,59 @@ def test_host_mode_refuses_an_endpoint_with_credentials(monkeypatch):
     assert problems_for(model_mode="host", hf_endpoint="http://hf.corp:8090") == []
     assert problems_for(model_mode="control", hf_endpoint="https://ci:${HF_PW}@hf.corp") == []
     assert problems_for(model_mode="host") == []
-    monkeypatch.setenv("HF_ENDPOINT", "https://ci:pw@hf.corp")  # "" is $HF_ENDPOINT: it goes to the hosts then
+    monkeypatch.setenv("HF_ENDPOINT", "https://ci:${HF_PW}@hf.corp")  # "" is $HF_ENDPOINT: it goes to the hosts
     assert problems_for(model_mode="host") == [
         f"gpu-01: hf_endpoint = '': {HOST_MODE} ('' is $HF_ENDPOINT, which has them)"
     ]
+
+
+def test_hf_endpoint_from_the_environment_is_held_to_the_settings_own_rules(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://ci:hunter2@hf.corp")
+    problems = problems_for()
+    assert problems == [f"gpu-01: hf_endpoint = '': {LITERAL} ('' is $HF_ENDPOINT, which is 'https://***@hf.corp')"]
+    assert "hunter2" not in problems[0]
+    assert problems_for(hf_endpoint="https://hf.corp") == []  # the setting, when given, is what is used
+    monkeypatch.setenv("HF_ENDPOINT", "https://ci:${HF_PW}@hf.corp")
+    monkeypatch.delenv("HF_PW", raising=False)
+    assert problems_for() == ["gpu-01: hf_endpoint = '': expected ${HF_PW} to be set in the control node's "
+                              "environment ('' is $HF_ENDPOINT, which is 'https://***@hf.corp')"]
+    monkeypatch.setenv("HF_PW", "pw")
+    assert problems_for() == []
+    monkeypatch.setenv("HF_ENDPOINT", "hf.corp")
+    assert problems_for() == ["gpu-01: hf_endpoint = '': expected an http(s):// or file:// URL ('' is "
+                              "$HF_ENDPOINT, which is 'hf.corp')"]
+
+
+# A builder reached over plain tcp:// gets the credentials it is given in clear.
+
+PLAIN_TCP = ("an engine reached by ssh:// or TLS while {given} are configured: a plain tcp:// engine gets them in "
+             "clear{where}; use 'ssh://root@<builder>', or '' with DOCKER_HOST=tcp://<builder>:2376 and "
+             "DOCKER_TLS_VERIFY=1 (and DOCKER_CERT_PATH)")
+
+
+@pytest.mark.parametrize(("credentials", "given"), [
+    ({"pip_index_url": "https://ci:${IDX_PW}@pypi.corp/simple"}, "index credentials"),
+    ({"pip_find_links": ["https://pypi.corp/links?token=${IDX_PW}"]}, "index credentials"),
+    ({"registry_credentials": {"registry.corp": "ci:${IDX_PW}"}}, "registry_credentials"),
+    ({"stack_secrets": ["IDX_PW"]}, "stack_secrets"),
+])
+def test_a_plain_tcp_builder_is_refused_where_it_would_get_credentials(monkeypatch, credentials, given):
+    monkeypatch.setenv("IDX_PW", "pw")
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    settings = {"stack_secrets": [], **credentials}
+    assert problems_for(ml_env_builder="tcp://10.0.0.5:2375", **settings) == [
+        f"gpu-01: ml_env_builder = 'tcp://10.0.0.5:2375': {PLAIN_TCP.format(given=given, where='')}"]
+    assert problems_for(ml_env_builder="tcp://10.0.0.5:2376", **settings)  # the port says nothing: no TLS is set
+    assert problems_for(ml_env_builder="ssh://root@10.0.0.5", **settings) == []
+    assert problems_for(ml_env_builder="unix:///run/docker.sock", **settings) == []
+    assert problems_for(ml_env_builder="tcp://10.0.0.5:2375", stack_secrets=[]) == []  # nothing secret to send
+    monkeypatch.setenv("DOCKER_HOST", "tcp://10.0.0.5:2375")  # '' is $DOCKER_HOST, plain unless TLS is asked for
+    monkeypatch.setenv("DOCKER_TLS_VERIFY", "")
+    where = " ('' is $DOCKER_HOST, 'tcp://10.0.0.5:2375', without DOCKER_TLS_VERIFY)"
+    assert problems_for(ml_env_builder="", **settings) == [
+        f"gpu-01: ml_env_builder = '': {PLAIN_TCP.format(given=given, where=where)}"]
+    monkeypatch.setenv("DOCKER_TLS_VERIFY", "1")
+    assert problems_for(ml_env_builder="", **settings) == []
 
 
 def test_hf_token_over_http_is_a_flag_off_by_default():
