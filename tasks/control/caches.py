@@ -9,7 +9,9 @@ control node never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -44,6 +46,33 @@ def atomic_write(target: Path, data: bytes | str) -> None:
 def file_sha256(path: Path) -> str:
     with path.open("rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+class Remembered:
+    """Values the control node made before, remembered in PATH (JSON: key -> value, the newest LIMIT), so a run
+    whose inputs did not change makes none of them again. Only what a VALID value matches is read back; the
+    file holds no secret (the callers' keys and values are the deploy's own, or digests)."""
+
+    LIMIT = 256
+
+    def __init__(self, path: Path, valid: re.Pattern):
+        self.path = path
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        self.known: dict[str, str] = {key: value for key, value in known.items()
+                                      if isinstance(value, str) and valid.fullmatch(value)
+                                      } if isinstance(known, dict) else {}
+
+    def __call__(self, key: str, make: Callable[[], str]) -> str:
+        if key not in self.known:
+            self.known[key] = make()
+            for old in list(self.known)[:-self.LIMIT]:
+                del self.known[old]
+            if self.path.parent.is_dir():
+                atomic_write(self.path, json.dumps(self.known, indent=0))
+        return self.known[key]
 
 
 class Once:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .builder import ENGINE_TIMEOUT, BaseImage, builder_engine, describe, require_base
+from .caches import Remembered, once
 from .compose_project import Build, ComposeProject, StackError
 from .image_archives import save_archive
 from .registry import docker_config
@@ -63,6 +64,48 @@ def image_tag(project: ComposeProject, build: Build, base_id: str) -> str:
         if Path(source).is_absolute():  # a local directory; else an image (docker-image://) or a URL
             _digest_tree(digest, build, f"additional context {name}", Path(source), [])
     return f"{project.name}:{digest.hexdigest()[:16]}"  # services built alike share one image
+
+
+TAG = re.compile(r"[a-z0-9][a-z0-9_.-]*:[0-9a-f]{16}")  # `image_tag`'s
+
+
+def remembered_tag(cache_dir: Path, project: ComposeProject, build: Build, base_id: str) -> str:
+    """`image_tag`, remembered in <CACHE_DIR>/image-tags.json by `tag_key`: a deploy whose build inputs did not
+    change reads no file of them again, nor imports the docker SDK for their ignore rules."""
+    memo = once(("image tags", cache_dir), lambda: Remembered(cache_dir / "image-tags.json", TAG))
+    return memo(tag_key(project, build, base_id), lambda: image_tag(project, build, base_id))
+
+
+def tag_key(project: ComposeProject, build: Build, base_id: str) -> str:
+    """What `image_tag` reads, by lstat alone, as a digest (no build arg kept in clear): the project's name, the
+    build section, the base image, and every path below each local context, the Dockerfile and the ignore files
+    (inode, mode, size, and modification and change times in ns: a write changes a file's ctime, which its
+    owner cannot set back), so any change to them makes a new key."""
+    digest = hashlib.sha256(json.dumps([project.name, build.spec, build.dockerfile, build.args, build.target,
+                                        build.network, base_id], sort_keys=True, default=str).encode())
+    dockerfile = dockerfile_path(build)
+    spec = json.loads(build.spec) if build.spec else {}
+    roots = [build.context, *(Path(source) for source in (spec.get("additional_contexts") or {}).values()
+                              if Path(source).is_absolute())]
+    singles = [dockerfile, dockerfile.with_name(f"{dockerfile.name}{IGNORE_FILE}")] if dockerfile else []
+    for path in [*singles, *roots]:
+        digest.update(f"\0{path}\0{_stat_line(path)}".encode())
+    for root in roots:
+        for folder, folders, files in os.walk(root):
+            folders.sort()
+            for name in sorted(folders + files):
+                path = Path(folder, name)
+                digest.update(f"\0{path.relative_to(root)}\0{_stat_line(path)}".encode())
+    return digest.hexdigest()
+
+
+def _stat_line(path: Path) -> str:
+    try:
+        found = path.lstat()
+    except OSError as error:
+        return f"absent {error.errno}"
+    return (f"{found.st_dev} {found.st_ino} {found.st_mode:o} {found.st_size} {found.st_mtime_ns} "
+            f"{found.st_ctime_ns}")
 
 
 def dockerfile_path(build: Build) -> Path | None:

@@ -48,7 +48,7 @@ from ..control.registry import (
     registry_images,
     registry_of,
 )
-from ..control.stack_project import build_and_save, image_tag
+from ..control.stack_project import build_and_save, remembered_tag
 from ..report import ServiceOutcome, StackOutcome, report
 from .declarations import declaration_problems, declares_externals, read_name
 from .failure import HostProblem, step
@@ -238,7 +238,8 @@ def service_images(project: ComposeProject, resolved: dict, config: HostConfig, 
     makers: dict[str, ArchiveMaker] = {}
     base_id = base.id if base else ""
     for build in project.builds(resolved):
-        tag = once(("tag", build, base_id), lambda build=build: image_tag(project, build, base_id))
+        tag = once(("tag", build, base_id), lambda build=build: remembered_tag(
+            Path(config.image_cache_dir).expanduser(), project, build, base_id))
         images[build.service] = image = ServiceImage(tag)
         makers[tag] = partial(build_and_save, project, build, values, tag, base, config.ml_env_builder,
                               config.registry_credentials, archive_of(config, image))

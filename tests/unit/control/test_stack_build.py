@@ -4,6 +4,8 @@ its patterns, the paths that name the image (its tag), and what a failed build s
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from tasks.control.stack_project import (
     ignore_file,
     ignore_patterns,
     image_tag,
+    remembered_tag,
 )
 
 RERANKER = Path(__file__).parents[3] / "files/stacks/reranker"
@@ -161,3 +164,36 @@ def test_a_frontend_image_that_cannot_be_fetched_is_named(tmp_path):
     assert message.startswith("service api: its Dockerfile names the frontend image 10.213.9.1:5000/dockerfile:1.7 "
                               "(`# syntax=`), which BuildKit on the control node's docker engine (ml_env_builder "
                               "'') must fetch from its registry, and that failed: failed to solve:")
+
+
+def test_a_remembered_tag_is_the_tag_and_any_write_to_the_context_makes_a_new_key(tmp_path):
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\n")
+    (context / "app.py").write_text("print(1)\n")
+    build, cache = build_of(context), tmp_path / "cache"
+    cache.mkdir()
+    project = ComposeProject(build.context, ("compose.yaml",), "proj", {})
+    assert remembered_tag(cache, project, build, "sha256:base") == tag_of(build)
+    assert list(json.loads((cache / "image-tags.json").read_text()).values()) == [tag_of(build)]
+    before, first = (context / "app.py").stat(), tag_of(build)
+    (context / "app.py").write_text("print(2)\n")  # same size, its times put back: only its ctime tells
+    os.utime(context / "app.py", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert remembered_tag(cache, project, build, "sha256:base") == tag_of(build) != first
+    assert len(json.loads((cache / "image-tags.json").read_text())) == 2
+    assert remembered_tag(cache, project, build, "sha256:other") == image_tag(project, build, "sha256:other")
+
+
+def test_an_unchanged_context_is_not_read_again_nor_the_docker_sdk_imported(tmp_path):
+    """The no-op's part: a second deploy (a new process) finds the tag in the memo by a stat walk alone."""
+    build, cache = build_of(RERANKER, "Dockerfile.server"), tmp_path
+    program = ("import json, sys; from pathlib import Path; from tasks.control.compose_project import *; "
+               "from tasks.control.stack_project import remembered_tag; "
+               f"build = Build(**json.loads(sys.argv[1]) | {{'context': Path({str(RERANKER)!r})}}); "
+               f"print(remembered_tag(Path({str(cache)!r}), ComposeProject(build.context, (), 'proj', {{}}), build, "
+               "'sha256:base'), 'docker' in sys.modules)")
+    fields = {"service": build.service, "dockerfile": build.dockerfile, "args": build.args, "target": None,
+              "network": None, "spec": build.spec}
+    runs = [subprocess.run([sys.executable, "-c", program, json.dumps(fields)], capture_output=True, text=True,
+                           check=True, cwd=Path(__file__).parents[3]).stdout.split() for _ in range(2)]
+    assert runs == [[tag_of(build), "True"], [tag_of(build), "False"]]
