@@ -11,7 +11,7 @@ from pyinfra import host
 from pyinfra.api import deploy
 
 from .config import DEFAULTS
-from .host import directories, gpus, ml_env, models, pyinfra_speedups, releases, runtime_image, stack
+from .host import directories, gpus, ml_env, models, owners, pyinfra_speedups, releases, runtime_image, stack
 from .host.lock import hold_deploy_lock
 from .host.probe import probe_host
 from .report import report
@@ -29,10 +29,12 @@ def converge() -> None:
         return
     on_host = probe_host(  # every concern's state, read in one round trip
         directories.probe_part(config), ml_env.probe_part(config), models.probe_part(config), gpus.probe_part(),
-        stack.probe_part(config), releases.probe_part(config))
+        stack.probe_part(config), releases.probe_part(config), owners.probe_part(config))
     if on_host is None:  # a part of the probe failed, and so did this host
         return
-    paths, env_dir, model_cache, host_gpus, compose_project, kept = on_host
+    paths, env_dir, model_cache, host_gpus, compose_project, kept, found = on_host
+    if not owners.check(config, found):  # the deploy never works as root through paths another user owns
+        return
     directories.converge(config, paths)
     base = runtime_image.converge(config, env_dir)  # the image the env runs in, put on the host if it is wanted
     env = ml_env.converge(config, env_dir, base, host_gpus)  # NoEnv when no service uses it

@@ -49,7 +49,7 @@ case $action in
         ref=$repo/refs/$1
         mkdir -p "${ref%/*}"
         rm -f "$ref.tmp"
-        printf %s "$2" > "$ref.tmp"
+        printf %s "$2" | dd of="$ref.tmp" conv=excl status=none  # O_EXCL: never through a link swapped in
         mv -T "$ref.tmp" "$ref"
         ;;
     *)
