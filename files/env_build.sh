@@ -6,16 +6,17 @@
 # its source (and, the env mounted read-only, be compiled again at every import).
 #
 # pip's config (index settings, credentials too) is the first CONFIG_BYTES bytes of stdin and lives
-# only in the tmpfs /run/pip, gone when the container stops. stdin then stays open for as long as the
-# deploy that started the build is connected: when it closes (the deploy was killed), pip is stopped,
-# so no credential outlives the deploy on the builder.
+# only in the tmpfs /run/pip, gone when the container stops; pip_install.py removes it from there once
+# open, and lets pip alone read it (no sdist's build backend sees it). stdin then stays open for as long
+# as the deploy that started the build is connected: when it closes (the deploy was killed), pip is
+# stopped, so no credential outlives the deploy on the builder.
 # usage: env_build.sh CONFIG_BYTES
 set -eu
 exec 3<&0  # the deploy's stdin, for the watcher: a background job's own stdin is /dev/null
 config=/run/pip/pip.conf
 head -c "$1" >"$config"
-export PIP_CONFIG_FILE="$config"
-python3 -m pip install --user --no-compile --no-warn-script-location -r /build/requirements.txt &
+python3 /build/pip_install.py "$config" install --user --no-compile --no-warn-script-location \
+    -r /build/requirements.txt &
 pip=$!
 { cat <&3 >/dev/null; kill "$pip" 2>/dev/null || true; } &
 status=0

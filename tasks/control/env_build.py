@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import docker
 
 BOOTSTRAP_DOCKERFILE = "Dockerfile.server.bootstrap"
-BUILD_PROGRAMS = ("env_build.sh", "torch_info.py")  # what the bootstrap container runs (files/)
+BUILD_PROGRAMS = ("env_build.sh", "pip_install.py", "torch_info.py")  # what the bootstrap container runs (files/)
 LOG_TAIL = 20
 BUILD_NETWORK = "mlstack-build"
 
