@@ -489,6 +489,11 @@ class HostConfig(BaseModel):
     http_checks: Annotated[list[str], BeforeValidator(_list_of(_http_check))] = []
     # Seconds a host's services get to become healthy after a change.
     health_timeout: Annotated[int, BeforeValidator(_int_in(5, 3600, "expected seconds from 5 to 3600"))] = 180
+    # Seconds any one command may run on a host before it is stopped and the host fails (probes, steps).
+    host_command_timeout: Annotated[int, BeforeValidator(_int_in(5, 86400, "expected seconds from 5 to 86400"))] = 1800
+    # Seconds any one upload to a host may take, with what reads it there (env, model files, images).
+    host_transfer_timeout: Annotated[int, BeforeValidator(_int_in(5, 604800, "expected seconds from 5 to 604800"))] \
+        = 21600
     # Registry images: "pull": each host pulls them; "ship": the builder pulls each once and sends it to hosts.
     image_source: Annotated[str, BeforeValidator(_choice("pull", "ship"))] = "pull"
     # Logins for those registries (host[:port] -> "user:${PASSWORD_VAR}"), read from the control node's environment.

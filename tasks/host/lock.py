@@ -15,8 +15,11 @@ import socket
 import time
 
 from pyinfra import host, state
+from pyinfra.api.arguments import pop_global_arguments
 
+from .. import validation
 from ..report import report
+from . import deadline
 from .channel import open_channel
 from .failure import fail_host
 from .programs import program
@@ -53,8 +56,12 @@ def first_line(channel) -> str:
 
 def hold_deploy_lock() -> bool:
     """Take this host's deploy lock for the rest of the run; when another deploy holds it, fail the
-    host with who holds it (its other operations are skipped) and return False."""
-    channel = open_channel(state, host, lock_command(holder()))
+    host with who holds it (its other operations are skipped) and return False. Once it is held, every
+    other command of the host has its deadline (deadline.py); the lock's own has none: it lasts the run."""
+    config = validation.host_config(host)
+    deadline.apply(state, host, config.host_command_timeout, config.host_transfer_timeout)
+    arguments = {**pop_global_arguments(state, host, {})[0], **deadline.arguments(host, "none")}
+    channel = open_channel(state, host, lock_command(holder()), arguments)
     if channel is None:  # not an SSH connection (e.g. @local): nothing to tie the lock to
         return True
     channel.settimeout(ANSWER_TIMEOUT)

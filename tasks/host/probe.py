@@ -22,6 +22,7 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import FactBase
 
+from . import deadline
 from .failure import fail_host
 
 FRAME = "@@mlstack-fact "  # "@@mlstack-fact <mark> <part>" opens a part's output
@@ -35,13 +36,20 @@ def carried(command: str) -> str:
     return ("{ { " + command + "\n} 2>&1 1>&3 3>&- | LC_ALL=C tr -c '\\n\\40-\\176' '?' >&2 3>&-; } 3>&1 | base64")
 
 
-def received(output: list[str]) -> list[str]:
-    """The lines a `carried` command printed: every byte kept, one that is not UTF-8 as `\\xNN`.
-    ValueError when the output is not base64 (then it is not what the command sent)."""
-    try:
-        data = base64.b64decode("".join(output), validate=True)
-    except binascii.Error as error:
-        raise ValueError(f"its output is not the base64 it sends ({error})") from None
+def received(output: list[str], cut: bool = False) -> list[str]:
+    """The lines one or more `carried` commands printed: every byte kept, one that is not UTF-8 as `\\xNN`.
+    ValueError when the output is not base64 (then it is not what the commands sent). Each line is decoded
+    alone (base64 writes 57 bytes a line), so outputs sent one after another read as one. CUT: the command
+    was stopped, so its last line may end anywhere: it is left out if it does not decode."""
+    chunks = []
+    for number, line in enumerate(output):
+        try:
+            chunks.append(base64.b64decode(line, validate=True))
+        except binascii.Error as error:
+            if cut and number == len(output) - 1:
+                break
+            raise ValueError(f"its output is not the base64 it sends ({error})") from None
+    data = b"".join(chunks)
     lines = data.decode("utf-8", errors="backslashreplace").split("\n")
     return lines[:-1] if lines[-1] == "" else lines
 
@@ -68,13 +76,17 @@ class HostProbe(FactBase):
     def command(self, parts: tuple[ProbePart, ...]) -> str:
         self.facts = {part.name: part.fact() for part in parts}
         self.mark = secrets.token_hex(8)
-        return carried("\n".join(
-            f"echo '{FRAME}{self.mark} {part.name}'\n( {self.facts[part.name].command(**part.arguments)}\n)\n"
-            f"echo \"{END}{self.mark} {part.name} $?\"" for part in parts))
+        # each frame and each part's output is sent on its own, as it ends: a probe stopped at its deadline has
+        # sent the frame of the part that was running, and everything before it
+        return "\n".join(
+            carried(f"echo '{FRAME}{self.mark} {part.name}'") + "\n" + carried(
+                f"( {self.facts[part.name].command(**part.arguments)}\n)\necho \"{END}{self.mark} {part.name} $?\"")
+            for part in parts)
 
     def process(self, output: list[str]) -> dict[str, Any]:
+        output, expired = deadline.stopped_at(output)
         try:
-            lines = received(output)
+            lines = received(output, cut=bool(expired))
         except ValueError as error:
             return {name: PartFailure(str(error)) for name in self.facts}
         frame, end = f"{FRAME}{self.mark} ", f"{END}{self.mark} "
@@ -90,10 +102,15 @@ class HostProbe(FactBase):
                 current = None
             elif current is not None:
                 current.append(line)
-        return {name: _value(fact, parts.get(name, []), statuses.get(name)) for name, fact in self.facts.items()}
+        return {name: _value(fact, parts.get(name), statuses.get(name), expired) for name, fact in self.facts.items()}
 
 
-def _value(fact: FactBase, lines: list[str], status: str | None) -> Any:
+def _value(fact: FactBase, lines: list[str] | None, status: str | None, expired: str) -> Any:
+    """A part's value from the LINES it printed (None: it did not start) and its STATUS (None: it did not end);
+    EXPIRED: what deadline.sh said when it stopped the probe ("" if it did not)."""
+    if status is None and expired:
+        return PartFailure(expired if lines is not None else "not read: the probe stopped at its deadline before it")
+    lines = lines or []
     if status is None:
         return PartFailure(f"its output stopped before its end marker, after {len(lines)} line(s): it did not finish")
     if status != "0":
@@ -106,7 +123,9 @@ def _value(fact: FactBase, lines: list[str], status: str | None) -> Any:
 
 def probe_values(*parts: ProbePart) -> dict[str, Any]:
     """Each part's value or PartFailure, by name, in one round trip."""
-    values = host.get_fact(HostProbe, parts=parts) or {}  # None: the probe printed nothing at all
+    # a probe stopped at its deadline (deadline.py) is read too: its parts say which one was running
+    values = host.get_fact(HostProbe, parts=parts, _success_exit_codes=[0, deadline.EXPIRED]) or {}
+    # None: the probe printed nothing at all
     return {part.name: values.get(part.name, PartFailure("the probe printed nothing")) for part in parts}
 
 

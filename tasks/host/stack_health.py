@@ -8,10 +8,12 @@ import re
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from ..report import report
+from . import deadline
 from .failure import failed
 from .stack_push import stack_locked
 
@@ -40,9 +42,13 @@ class HealthGate(StringCommand):
         self.project, self.timeout, self.services = project, timeout, services
 
     def execute(self, state, host, connector_arguments):
-        status, output = super().execute(state, host, connector_arguments)
+        # the gate waits up to `timeout` for health: its deadline is that much longer than other commands'
+        arguments: Any = {**connector_arguments, **deadline.arguments(host, "commands", self.timeout)}
+        status, output = super().execute(state, host, arguments)
         record = report[host.name]
-        unhealthy, message = gate_outcome(self.project, self.timeout, self.services, output.stdout_lines)
+        lines, expired = deadline.stopped_at(output.stdout_lines)
+        unhealthy, message = gate_outcome(self.project, self.timeout, self.services, lines)
+        message = f"stack {self.project}: the health gate {expired}" if expired else message
         if record.stack is not None:
             record.stack.health = "healthy" if status else "unhealthy"
             record.stack.unhealthy = unhealthy

@@ -23,6 +23,7 @@ import paramiko
 from pyinfra.api import StringCommand
 from pyinfra.api.command import PyinfraCommand
 
+from . import deadline
 from .channel import open_channel, ssh_command
 from .failure import failed
 from .programs import program
@@ -91,6 +92,7 @@ class StreamedUpload(PyinfraCommand):
         return self.source.open()
 
     def execute(self, state, host, connector_arguments) -> bool:
+        connector_arguments = {**connector_arguments, **deadline.arguments(host, "transfers")}
         try:
             source, total = self._open()
         except OSError as error:

@@ -135,9 +135,9 @@ def test_a_part_without_its_end_marker_is_a_failure_naming_it_never_an_empty_val
     assert all(isinstance(value, PartFailure) for value in stopped.values())
 
     failures = []
-    monkeypatch.setattr(probe_module, "host", SimpleNamespace(get_fact=lambda fact, parts: None))  # nothing printed
+    monkeypatch.setattr(probe_module, "host", SimpleNamespace(get_fact=lambda fact, parts, **_: None))  # no output
     assert set(probe_module.probe_values(*parts).values()) == {PartFailure("the probe printed nothing")}
-    monkeypatch.setattr(probe_module, "host", SimpleNamespace(get_fact=lambda fact, parts: values))
+    monkeypatch.setattr(probe_module, "host", SimpleNamespace(get_fact=lambda fact, parts, **_: values))
     monkeypatch.setattr(probe_module, "fail_host", lambda step, message: failures.append(message))
     assert probe_module.probe_host(*parts) is None
     assert failures == ["the host probe failed: gpus: its output stopped before its end marker, after 1 line(s): "
