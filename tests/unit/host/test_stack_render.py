@@ -342,3 +342,14 @@ def test_public_fingerprints_are_remembered_and_equal(tmp_path, monkeypatch):
     assert stack_render.PublicFingerprints(tmp_path / "memo.json")("reranker", SALT) == fingerprint("reranker", SALT)
     settings = SimpleNamespace(stack_env={"MLSTACK_BASE_IMAGE": "x"}, stack_secrets=["COMPOSE_PROFILES"])
     assert stack_render.public_keys(settings) == {"COMPOSE_FILE", "COMPOSE_PROJECT_NAME"}  # type: ignore[arg-type]
+
+
+def test_like_hosts_get_one_yaml_dump_of_their_override_and_other_services_their_own(monkeypatch):
+    dumps = []
+    monkeypatch.setattr(yaml, "safe_dump", lambda data, **options: dumps.append(data) or f"{len(dumps)}\n")
+    config, _ = rendered(stack="reranker", service_gpus={}, ml_services={}, stack_profiles=["tools"])
+    project, env = project_of(config), EnvPlan("env-0123456789abcdef", None, False, False, (), BASE)
+    dumps.clear()
+    like = [render(project, config, env, [], {}, [], {}, SALT).override for _ in range(3)]
+    other = render(project, config, env, [], {"docs": ServiceImage("registry.corp/tools:1", "pull")}, [], {}, SALT)
+    assert len(set(like)) == 1 and other.override not in like and len(dumps) == 2
