@@ -48,8 +48,8 @@ while read -r path; do
     fi
 done <"$stage/new"
 
-while read -r path; do
-    [ -f "$stage/tree/$path" ] || rm -f -- "$path"
+while read -r path; do  # a directory someone made where a placed file was is theirs: left as it is
+    if [ ! -f "$stage/tree/$path" ] && { [ -L "$path" ] || [ ! -d "$path" ]; }; then rm -f -- "$path"; fi
 done <"$stage/placed"
 while read -r path; do
     if [ -d "$path" ]; then find "$path" -depth -type d -empty -delete; fi  # emptied above: the file's place

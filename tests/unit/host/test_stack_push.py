@@ -129,6 +129,18 @@ def test_a_name_the_deploy_did_not_place_in_the_way_stops_the_install_with_nothi
     assert after == before
 
 
+def test_a_directory_someone_made_where_a_dropped_file_was_is_left_and_the_push_goes_on(tmp_path):
+    env, compose = fake_docker(tmp_path), tmp_path / "compose"
+    assert push(compose, env, {"compose.yaml": COMPOSE, "old.yml": b"old", "gone.yml": b"gone"}).returncode == 0
+    (compose / "old.yml").unlink()
+    (compose / "old.yml").mkdir()
+    (compose / "old.yml/theirs").write_text("theirs")
+    result = push(compose, env, {"compose.yaml": COMPOSE + b"  # v2\n"})
+    assert result.returncode == 0, result.stderr
+    assert (compose / "old.yml/theirs").read_text() == "theirs" and not (compose / "gone.yml").exists()
+    assert (compose / "compose.yaml").read_bytes() == COMPOSE + b"  # v2\n"
+
+
 def test_what_earlier_runs_left_is_removed_and_the_stage_is_this_runs_own(tmp_path):
     env, compose = fake_docker(tmp_path), tmp_path / "compose"
     compose.mkdir()
