@@ -25,12 +25,12 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 
 from pydantic import ValidationError
-from pyinfra import host
+from pyinfra import host, state
 from pyinfra.api import FactBase, deploy
 
 from .config import DEFAULTS, HostConfig, pyinfra_keys
 from .fleet.day_two import LOGS_OPTIONS, LogOptions, printable
-from .host import gpus, models, releases
+from .host import deadline, gpus, models, releases
 from .host.gpus import GpuState
 from .host.lock import LOCK_DIR
 from .host.models import ModelCacheState
@@ -249,6 +249,7 @@ def mlstack_status() -> None:
     """Read each host's status into the report; no operation, no lock."""
     report.start()
     config = settings(host)
+    deadline.apply(state, host, config.host_command_timeout, config.host_transfer_timeout)  # each read has one
     parts = status_parts(config)
     values = probe_values(*parts)  # one round trip; a failed part costs only its own view
     read = Read(errors=[f"{part.name}: {values[part.name].message}" for part in parts
@@ -293,6 +294,7 @@ def mlstack_logs() -> None:
     if options.problems():
         raise ValueError(f"mlstack logs: {'; '.join(options.problems())}")
     config = settings(host)
+    deadline.apply(state, host, config.host_command_timeout, config.host_transfer_timeout)
     read = host.get_fact(ServiceLogsFact, compose_dir=config.compose_project_dir, service=options.service,
                          since=options.since, tail=options.tail, timestamps=options.timestamps)
     status, lines = read if read is not None else (255, [])
