@@ -11,13 +11,14 @@ from pyinfra import host
 from pyinfra.api import deploy
 
 from .config import DEFAULTS
+from .control.fleet_context import FleetContext
 from .host import directories, gpus, ml_env, models, owners, pyinfra_speedups, releases, runtime_image, stack
 from .host.lock import hold_deploy_lock
-from .host.probe import probe_host
 from .report import report
 from .validation import host_config
 
 pyinfra_speedups.apply()  # pyinfra's per-operation stack walk and argument types, made cheap (same results)
+fleet = FleetContext()  # what the control side knows for the whole fleet, made before any host is planned
 
 
 def converge() -> None:
@@ -27,19 +28,17 @@ def converge() -> None:
     config = host_config(host)  # validates every targeted host before anything changes
     if not hold_deploy_lock():  # one deploy at a time per host, held until this run disconnects
         return
-    on_host = probe_host(  # every concern's state, read in one round trip
-        directories.probe_part(config), ml_env.probe_part(config), models.probe_part(config), gpus.probe_part(),
-        stack.probe_part(config), releases.probe_part(config), owners.probe_part(config))
-    if on_host is None:  # a part of the probe failed, and so did this host
+    on_host = owners.probe_checked(  # every concern's state, read in one round trip, and who owns what is below
+        config, directories.probe_part(config), ml_env.probe_part(config), models.probe_part(config),
+        gpus.probe_part(), stack.probe_part(config), releases.probe_part(config))
+    if on_host is None:  # a part of the probe failed, or another user owns what the deploy works on: the host failed
         return
-    paths, env_dir, model_cache, host_gpus, compose_project, kept, found = on_host
-    if not owners.check(config, found):  # the deploy never works as root through paths another user owns
-        return
+    paths, env_dir, model_cache, host_gpus, compose_project, kept = on_host
     directories.converge(config, paths)
-    base = runtime_image.converge(config, env_dir)  # the image the env runs in, put on the host if it is wanted
+    base = runtime_image.converge(config, fleet, env_dir)  # the image the env runs in, put on the host if it is wanted
     env = ml_env.converge(config, env_dir, base, host_gpus)  # NoEnv when no service uses it
     snapshots = models.converge(config, env, model_cache)
-    running = stack.converge(config, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
+    running = stack.converge(config, fleet, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
     releases.converge(config, kept, running)  # once the stack is up and healthy: what a rollback puts back
     ml_env.cleanup(config, env)  # last: only once nothing uses the envs it removes
     report[host.name].planned = True

@@ -34,7 +34,7 @@ from .config import _REPO_PART, ENV_ID, HostConfig
 from .control.hub import COMMIT
 from .fleet.day_two import printable
 from .fleet.prune import DEFAULT_KEEP, PRUNE_OPTIONS, human
-from .host import ml_env, releases
+from .host import ml_env, owners, releases
 from .host.lock import hold_deploy_lock
 from .host.ml_env import MlEnvState
 from .host.models import BLOB_NAME, ModelCacheFact, ModelCacheState, RepoCacheState, cache_owner
@@ -288,9 +288,9 @@ def prune() -> None:
     if not hold_deploy_lock():  # no deploy or rollback changes the host while its releases are weighed
         return
     env_part = ml_env.probe_part(config)
-    on_host = probe_host(releases.probe_part(config), replace(env_part, arguments={**env_part.arguments,
-                                                                                   "hash_as": None}),
-                         ProbePart("images", ImagesFact))
+    on_host = owners.probe_checked(config, releases.probe_part(config),
+                                   replace(env_part, arguments={**env_part.arguments, "hash_as": None}),
+                                   ProbePart("images", ImagesFact))
     if on_host is None:
         return
     state, envs, images = on_host

@@ -15,7 +15,7 @@ import os
 from pyinfra import host
 from pyinfra.api import operation
 
-from .host import ml_env, releases, stack, stack_health, stack_push
+from .host import ml_env, owners, releases, stack, stack_health, stack_push
 from .host.failure import fail_host
 from .host.lock import hold_deploy_lock
 from .host.models import ModelCacheFact, ModelCacheState
@@ -67,7 +67,8 @@ def rollback() -> None:
     config = host_config(host)
     if not hold_deploy_lock():
         return
-    on_host = probe_host(releases.probe_part(config), ml_env.probe_part(config), stack.probe_part(config))
+    on_host = owners.probe_checked(config, releases.probe_part(config), ml_env.probe_part(config),
+                                   stack.probe_part(config))
     if on_host is None:
         return
     kept, envs, running = on_host

@@ -18,7 +18,7 @@ from pyinfra.api import FactBase
 
 from ..config import HostConfig
 from .failure import HostProblem, step
-from .probe import ProbePart
+from .probe import ProbePart, probe_host
 from .programs import program
 from .releases import releases_dir
 
@@ -111,3 +111,12 @@ def check(config: HostConfig, found: dict[int, Entry]) -> bool:
     if problems:
         raise HostProblem("; ".join(problems))
     return True
+
+
+def probe_checked(config: HostConfig, *parts: ProbePart) -> tuple | None:
+    """`probe_host(*PARTS)` with the owners part read in the same round trip and checked: None when a part
+    failed or the deploy must not work in a tree (the host failed, before any change)."""
+    on_host = probe_host(*parts, probe_part(config))
+    if on_host is None or not check(config, on_host[-1]):
+        return None
+    return on_host[:-1]
