@@ -20,7 +20,7 @@ import shlex
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pyinfra import host
 from pyinfra.api import operation
@@ -28,7 +28,6 @@ from pyinfra.api import operation
 from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
 from ..control.caches import once
-from ..control.env_build import base_image
 from ..control.image_archives import save_base_image
 from ..control.registry import RegistryImage, base_on_builder, docker_config, registry_of, repository_of
 from ..report import report
@@ -37,6 +36,9 @@ from .ml_env import MlEnvState, env_wanted, host_problem
 from .programs import program
 from .stack_images import HeldLayersFact, archive_send_size, ship_image
 from .transfer import StreamedUpload
+
+if TYPE_CHECKING:
+    from ..control.fleet_context import FleetContext
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,13 @@ def check_base_image(reference: str, image_id: str):
 
 
 @step("Base image")
-def converge(config: HostConfig, state: MlEnvState) -> BaseImage | None:
+def converge(config: HostConfig, fleet: FleetContext, state: MlEnvState) -> BaseImage | None:
     """Put the runtime base image on this host when the env is wanted, pinned by id; returns it, the image the env
     is built on (None: no env is wanted, or the host failed)."""
     if not env_wanted(config):
         return None
     try:
-        base = base_image(config, Path(config.ml_env_cache_dir).expanduser(), state.image_id)
+        base = fleet.base_image(config, state.image_id)
         problem = host_problem(config, state, base)
         if problem:
             raise HostProblem(problem)

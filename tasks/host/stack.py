@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pyinfra import host
 from pyinfra import state as pyinfra_state
@@ -38,9 +38,7 @@ from ..control.compose_project import (
     ComposeProject,
     StackError,
     project_of,
-    resolved_config,
 )
-from ..control.env_build import base_image
 from ..control.hub import Snapshot
 from ..control.registry import (
     inspect_on_builder,
@@ -70,6 +68,9 @@ from .stack_images import (
 )
 from .stack_push import bring_down, push_project
 from .stack_render import MANIFEST, Rendered, compose_values, digest_salt, render
+
+if TYPE_CHECKING:
+    from ..control.fleet_context import FleetContext
 
 CONTAINER_LABELS = ("mlstack.config", "mlstack.env-id", "mlstack.models", "mlstack.image")
 
@@ -218,7 +219,8 @@ def masked_env_diff(old_digest: str | None, new_digest: str) -> list[str]:
     return lines
 
 
-def stack_base(config: HostConfig, project: ComposeProject, host_image: str | None) -> BaseImage | None:
+def stack_base(config: HostConfig, fleet: FleetContext, project: ComposeProject, host_image: str | None
+               ) -> BaseImage | None:
     """The runtime base image the project's images are built on when no env is wanted: only a `build:` service
     that reads ${MLSTACK_BASE_IMAGE} needs its id (its image's tag names it; the builder must hold it), from the
     host's copy (HOST_IMAGE) where an earlier probe recorded it, else from the builder. None when no build reads
@@ -226,7 +228,7 @@ def stack_base(config: HostConfig, project: ComposeProject, host_image: str | No
     if not any("build" in spec and BASE_IMAGE_VARIABLE in project.reads(name)
                for name, spec in project.services.items()):
         return None
-    return base_image(config, Path(config.ml_env_cache_dir).expanduser(), host_image)
+    return fleet.base_image(config, host_image)
 
 
 def service_images(project: ComposeProject, resolved: dict, config: HostConfig, base: BaseImage | None,
@@ -269,14 +271,14 @@ def release_of(config: HostConfig, project: ComposeProject, rendered: Rendered, 
 
 
 @step("Stack")
-def converge(config: HostConfig, env: EnvPlan | NoEnv | None, snapshots: list[Snapshot], state: StackState,
-             host_gpus: GpuState) -> StackPlan | None:
+def converge(config: HostConfig, fleet: FleetContext, env: EnvPlan | NoEnv | None, snapshots: list[Snapshot],
+             state: StackState, host_gpus: GpuState) -> StackPlan | None:
     if env is None:
         return None  # the host failed its ML env check; it is reported there (NoEnv: no env is wanted)
-    project = project_of(config)
+    project = fleet.project(config)
     services = project.active(config.stack_profiles)
     refuse_cdi(config, host_gpus, services)
-    images, makers, rendered = prepare(config, env, snapshots, state, host_gpus, project, services)
+    images, makers, rendered = prepare(config, fleet, env, snapshots, state, host_gpus, project, services)
     plan = replace(plan_stack(state, rendered, images, services),
                    release=release_of(config, project, rendered, env, snapshots, images, services))
     outcome = stack_outcome(project, images, plan, state, services)
@@ -303,21 +305,22 @@ def refuse_cdi(config: HostConfig, host_gpus: GpuState, services: list[str]) -> 
                           "--runtime=docker` on it (CDI reservations are not supported yet)")
 
 
-def prepare(config: HostConfig, env: EnvPlan | NoEnv, snapshots: list[Snapshot], state: StackState,
-            host_gpus: GpuState, project: ComposeProject, services: list[str]
+def prepare(config: HostConfig, fleet: FleetContext, env: EnvPlan | NoEnv, snapshots: list[Snapshot],
+            state: StackState, host_gpus: GpuState, project: ComposeProject, services: list[str]
             ) -> tuple[dict[str, ServiceImage], dict[str, ArchiveMaker], Rendered]:
     """Each service's image (and how each sent one is made) and the rendered files, once what the project itself
     asks of the host is there; a problem found fails the host before anything on it changes."""
     gpus = list(host_gpus.gpus)
     secrets = control_secrets(config)
     try:
-        base = env.base if isinstance(env, EnvPlan) else stack_base(config, project, env.host_image)
+        base = env.base if isinstance(env, EnvPlan) else stack_base(config, fleet, project, env.host_image)
         values = tuple(sorted(compose_values(config, secrets).items()))
-        declared = declaration_problems(resolved_config(project, values), services, state.volumes, state.networks,
-                                        gpus, host_gpus.docker_gpus, host_gpus.runtimes)
+        resolved = fleet.resolved(project, values)
+        declared = declaration_problems(resolved, services, state.volumes, state.networks, gpus,
+                                        host_gpus.docker_gpus, host_gpus.runtimes)
         if declared:  # what the project itself asks of the host, before anything on it changes
             raise HostProblem("; ".join(declared))
-        images, makers = service_images(project, resolved_config(project, values), config, base, values)
+        images, makers = service_images(project, resolved, config, base, values)
         rendered = render(project, config, env, snapshots, images, gpus, secrets,
                           digest_salt(config, state.texts.get(".env.digest")))
     except (StackError, BuilderError, GpuRequestError) as error:

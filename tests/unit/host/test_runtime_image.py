@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.control import fleet_context
 from tasks.control.builder import BaseImage
 from tasks.control.compose_project import project_of
 from tasks.control.registry import RegistryImage
-from tasks.host import stack
 from tasks.host.ml_env import MlEnvState, NoEnv, env_wanted, host_problem, probe_part
 from tasks.host.runtime_image import BasePlan, base_archive, plan_base
 from tasks.host.stack import stack_base
@@ -97,15 +97,16 @@ def test_only_another_platform_is_a_problem_of_the_host_now(tmp_path):
 
 def test_with_no_env_the_builder_is_asked_for_the_base_only_by_a_build_that_reads_it(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(stack, "base_image", lambda config, cache, host_image: asked.append(host_image) or BASE)
+    monkeypatch.setattr(fleet_context, "base_image", lambda config, cache, host_image: asked.append(host_image) or BASE)
+    fleet = fleet_context.FleetContext()
     plain = config_of(tmp_path / "a", PLAIN)
-    assert stack_base(plain, project_of(plain), OTHER) is None
+    assert stack_base(plain, fleet, project_of(plain), OTHER) is None
     own_base = config_of(tmp_path / "b", {"api": {"build": {"context": "."}}, **PLAIN})  # FROM its own default
-    assert stack_base(own_base, project_of(own_base), OTHER) is None
+    assert stack_base(own_base, fleet, project_of(own_base), OTHER) is None
     assert asked == []
     reads = config_of(tmp_path / "c", {"api": {"build": {"context": ".", "args": {
         "BASE_IMAGE": "${MLSTACK_BASE_IMAGE}"}}}})
-    assert stack_base(reads, project_of(reads), OTHER) == BASE
+    assert stack_base(reads, fleet, project_of(reads), OTHER) == BASE
     assert asked == [OTHER]  # the host's copy first: a recorded id needs no builder
 
 
