@@ -36,7 +36,7 @@ def converge() -> None:
     paths, env_dir, model_cache, host_gpus, compose_project, kept = on_host
     directories.converge(config, paths)
     base = runtime_image.converge(config, fleet, env_dir)  # the image the env runs in, put on the host if it is wanted
-    env = ml_env.converge(config, env_dir, base, host_gpus)  # NoEnv when no service uses it
+    env = ml_env.converge(config, fleet, env_dir, base, host_gpus)  # NoEnv when no service uses it
     snapshots = models.converge(config, env, model_cache)
     running = stack.converge(config, fleet, env, snapshots, compose_project, gpus.report_gpus(host_gpus))
     releases.converge(config, kept, running)  # once the stack is up and healthy: what a rollback puts back

@@ -27,15 +27,15 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyinfra import host
 from pyinfra.api import FactBase, StringCommand, operation
 
 from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
-from ..control.compose_project import project_of
 from ..control.env_artifact import ENV_INFO, ArtifactError, Manifest
-from ..control.env_build import EnvSource, env_source
+from ..control.env_build import EnvSource
 from ..control.env_store import (
     OBJECT,
     Transfer,
@@ -56,6 +56,9 @@ from .gpus import GpuState
 from .probe import ProbePart, carried, received
 from .programs import program
 from .transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
+
+if TYPE_CHECKING:
+    from ..control.fleet_context import FleetContext
 
 MOUNT = "/root/.local"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -394,7 +397,8 @@ def host_problem(config: HostConfig, state: MlEnvState, base: BaseImage) -> str 
 
 
 @step("ML env")
-def converge(config: HostConfig, state: MlEnvState, base: BaseImage | None, gpus: GpuState) -> EnvPlan | NoEnv | None:
+def converge(config: HostConfig, fleet: FleetContext, state: MlEnvState, base: BaseImage | None, gpus: GpuState
+             ) -> EnvPlan | NoEnv | None:
     """Install and switch to the wanted env, built on BASE (on the host by now: tasks/host/runtime_image.py),
     through the GPU gate on a GPU host; returns the plan (the stack mounts `envs/<plan.wanted>`), or `NoEnv` when
     no env is wanted."""
@@ -404,11 +408,11 @@ def converge(config: HostConfig, state: MlEnvState, base: BaseImage | None, gpus
     if base is None:
         return None  # the host failed at its runtime base image; it is reported there
     try:
-        source = env_source(config, base)
-        cached = source.cached()
+        source = fleet.env(config, base)
+        cached = fleet.manifest(source)
     except (ArtifactError, BuilderError) as error:
         raise HostProblem(error) from None
-    plan = plan_env(state, source.env, config.keep_envs, base, project_of(config).name)
+    plan = plan_env(state, source.env, config.keep_envs, base, fleet.project(config).name)
     if plan.upload and cached is None:
         raise HostProblem(f"ml_env_id = {source.env!r}: this env is neither on the host nor in the control cache "
                           f"{source.cache_dir}: pin an env id an earlier deploy installed, or unset ml_env_id")

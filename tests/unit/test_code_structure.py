@@ -21,6 +21,12 @@ def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """The modules of the package that NAME (at PATH) imports anywhere in it (functions included, `if
     TYPE_CHECKING:` blocks left out), relative imports resolved; `from .pkg import module` counts as importing
     that module."""
+    found = {target for target in imported_names(name, path) if target in known and target != name}
+    return {target for target in found if target != PACKAGE}
+
+
+def imported_names(name: str, path: Path) -> set[str]:
+    """What NAME (at PATH) imports as `imported` reads it: each module, and each name `from` one (`module.name`)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     tree = ast.parse(path.read_text(), str(path))
@@ -41,8 +47,8 @@ def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
             targets = [origin, *(f"{origin}.{alias.name}" for alias in node.names)]
         else:
             continue
-        found |= {target for target in targets if target in known and target != name}
-    return {target for target in found if target != PACKAGE}
+        found |= set(targets)
+    return found
 
 
 def is_type_checking(test: ast.expr) -> bool:
@@ -125,3 +131,21 @@ def test_no_function_under_tasks_is_longer_than_50_lines():
                 if length > LONGEST:
                     long.append(f"{path.relative_to(TASKS.parent)}:{node.lineno} {node.name} ({length} lines)")
     assert long == [], f"functions longer than {LONGEST} lines: " + ", ".join(long)
+
+
+# What the control side knows for the whole fleet reaches the host side in the fleet context
+# (tasks/control/fleet_context.py, made once in deploy.py and handed down), never from the modules that make it.
+HANDED_DOWN = {"tasks.control.env_build.env_source", "tasks.control.env_build.base_image",
+               "tasks.control.compose_project.resolved_config"}
+
+
+def test_host_modules_get_the_env_the_base_image_and_the_resolved_project_from_the_fleet_context():
+    known = modules()
+    reached = {name: sorted(imported_names(name, path) & HANDED_DOWN) for name, path in known.items()
+               if name.startswith("tasks.host.")}
+    assert {name: found for name, found in reached.items() if found} == {}
+    assert "tasks.control.compose_project" not in imported("tasks.host.ml_env", known["tasks.host.ml_env"], known)
+    for name in ("tasks.host.runtime_image", "tasks.host.stack"):
+        assert "tasks.control.env_build" not in imported(name, known[name], known), name
+    assert [name for name, path in known.items() if name.startswith("tasks.host.")
+            and "tasks.control.fleet_context" in imported(name, path, known)] == []  # it comes as an argument
