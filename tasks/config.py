@@ -536,7 +536,8 @@ class HostConfig(BaseModel):
     keep_envs: KeepCount = 2
     # Import-check the active env on every run, not only when switching (verify turns it on).
     ml_env_check_active: Flag = False
-    # Hash every object of each host's env store, and repair what differs (`verify --hashes` turns it on).
+    # Hash every object of each host's env store and check each env's tree against its manifest, and repair what
+    # differs (`verify --hashes` turns it on).
     ml_env_verify_hashes: Flag = False
     # The runtime base image the env is built on and checked in (same Python and glibc as the stack).
     ml_env_base_image: ImageRef = "python:3.11-slim-bookworm"

@@ -46,6 +46,7 @@ class EnvOutcome:
     before: str | None  # the active env id before the run
     after: str  # the env id this run makes active
     action: EnvAction
+    store: list[str] = field(default_factory=list)  # what the probe found amiss in the host's env store, mended
 
 
 @dataclass

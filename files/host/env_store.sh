@@ -4,12 +4,17 @@
 #
 # usage: env_store.sh list ENV_DIR
 #            the objects the store holds, a name a line
-#        env_store.sh receive ENV_DIR ENV MARK BASE REMOVALS ENTRIES
-#            makes envs/ENV from a copy of the links of envs/BASE ("" for none) and stdin, the three parts
-#            tasks/control/env_store.py transfer_stream writes: the base paths to remove and the entries
-#            to add (of REMOVALS and ENTRIES bytes), then the objects to add, read by tar to the end
-#            straight from stdin (staged in incoming/MARK, each checked against its name before it enters
-#            objects/); envs/ENV.tmp-MARK is renamed into place only once it is complete
+#        env_store.sh receive ENV_DIR ENV MARK REMOVALS ENTRIES
+#            makes envs/ENV from nothing but stdin, the three parts tasks/control/env_store.py
+#            transfer_stream writes: the paths to remove (none here) and the entries of the control
+#            node's manifest (of REMOVALS and ENTRIES bytes), then the objects to add, read by tar to the
+#            end straight from stdin (staged in incoming/MARK, each checked against its name before it
+#            enters objects/); envs/ENV.tmp-MARK is renamed into place only once it is complete (over a
+#            link standing at envs/ENV: never a tree of ours). No other env's tree is copied, so nothing
+#            planted in one is carried into the next.
+#        env_store.sh mend ENV_DIR ENV MARK REMOVALS ENTRIES
+#            the same stream, applied to envs/ENV in place: the paths that differ from the manifest are
+#            removed and its entries made again (a container that mounts the env sees the mended tree)
 #        env_store.sh repair ENV_DIR MARK
 #            stdin: a tar of good copies of damaged objects; every env path linked to a
 #            damaged object is linked to its good copy (a new file, put in place by a rename)
@@ -27,16 +32,17 @@ if [ "$command" = list ] || [ "$command" = collect ]; then
     fi
     exit 0
 fi
-if [ "$command" = receive ]; then
-    env=$3 mark=$4 base=$5 removals=$6 entries=$7
-    tree=envs/$env.tmp-$mark
+made=
+if [ "$command" = receive ] || [ "$command" = mend ]; then
+    env=$3 mark=$4 removals=$5 entries=$6
+    tree=envs/$env
+    [ "$command" = mend ] || { tree=envs/$env.tmp-$mark && made=$tree; }
 else
     mark=$3
-    tree=
 fi
 staged=incoming/$mark
 fail() {
-    rm -rf -- "$staged" ${tree:+"$tree"}
+    rm -rf -- "$staged" ${made:+"$made"}
     echo "$1" >&2
     exit 1
 }
@@ -61,7 +67,7 @@ receive_objects() {
     said=$(tar -x -p --no-same-owner -C "$staged" -f - 2>&1) ||
         fail "the objects did not arrive whole ($(echo "$said" | head -n 1))"
 }
-rm -rf -- "$staged" ${tree:+"$tree"}
+rm -rf -- "$staged" ${made:+"$made"}
 mkdir -p objects
 mkdir -m 0700 "$staged"
 
@@ -80,10 +86,14 @@ if [ "$command" = repair ]; then
     exit 0
 fi
 
-if [ -n "$base" ]; then
-    cp -al -- "envs/$base" "$tree"
-else
+if [ "$command" = receive ]; then
     mkdir -m 0755 "$tree"
+elif [ -L "$tree" ] || [ ! -d "$tree" ]; then
+    fail "$tree is not a tree of the store"
+else  # names no manifest holds, which the probe cannot list one a line
+    nl='
+'
+    find "$tree" -mindepth 1 \( -name "*$nl*" -o -name "*$(printf '\t')*" -o -lname "*$nl*" \) -prune -exec rm -rf -- '{}' +
 fi
 head -c "$removals" >"$staged/.removals.gz"
 head -c "$entries" >"$staged/.entries.tar.gz"
@@ -96,5 +106,7 @@ check_staged
 find "$staged" -maxdepth 1 -type f -name '*-*' -exec mv -n -t objects -- '{}' + || true
 said=$(tar -xz -p --no-same-owner -f "$staged/.entries.tar.gz" 2>&1) || fail "its tree could not be made ($(echo "$said" | head -n 1))"
 rm -rf -- "$staged"
+[ "$command" = receive ] || exit 0
+[ ! -L "envs/$env" ] || rm -f -- "envs/$env"
 # complete: renamed into place (unless a run before ours, killed after its own check, finished it)
 mv -T -- "$tree" "envs/$env" 2>/dev/null || { [ -d "envs/$env" ] && rm -rf -- "$tree"; }

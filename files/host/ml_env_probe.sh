@@ -3,7 +3,11 @@
 # the envs the store made (their own info file is linked from objects/ too), and the envs a container
 # on the host mounts (any container, running or not), with its compose project. With HASH_AS (uid:gid,
 # the env dir's owner; "" for none) every object of the store is hashed as that user, so root never
-# follows what the owner plants there: one whose content differs from its name is printed as damaged.
+# follows what the owner plants there: one whose content differs from its name is printed as damaged; and
+# every tree of the store is listed, entry by entry (kind, path, and the object a file is, by its inode,
+# "-" for none, or a link's target), for the control node to compare with the env's manifest; a name (or
+# link target) that cannot be listed on one line is printed as odd. An env swapped for a link is printed
+# as swapped on every run (never as an env of the store).
 # Names holding a newline are skipped (the parser takes only the names this deploy writes), so no
 # name or link target can pose as a record.
 # usage: ml_env_probe.sh ENV_DIR BASE_IMAGE HASH_AS
@@ -33,6 +37,7 @@ case $active in *"$nl"*) active="" ;; esac
 echo "active $active"
 for entry in envs/* incoming/*; do
     case $entry in *"$nl"*) continue ;; esac
+    case $entry in envs/*) if [ -L "$entry" ]; then echo "swapped $entry" && continue; fi ;; esac
     if [ -e "$entry" ]; then echo "entry $(stat -c %Y -- "$entry") $entry"; fi
     info=$entry/.mlstack-env.json
     if [ -f "$info" ] && [ ! -L "$info" ] && [ "$(stat -c %h -- "$info")" -gt 1 ]; then echo "stored $entry"; fi
@@ -51,5 +56,26 @@ if [ -n "$hash_as" ] && [ -d objects ] && [ ! -L objects ]; then
             name=${path#objects/}
             [ "${name%-*}" = "$sum" ] || echo "damaged $name"
         done
+    # shellcheck disable=SC2016 # the inner script's own variables
+    $as_owner sh -c 'nl=$1 tab=$2
+        find objects -maxdepth 1 -type f -name "*-*" -printf "%i %f\n"
+        echo ==
+        for tree in envs/env-*; do
+            case $tree in *.tmp-*|*"$nl"*) continue ;; esac
+            [ -d "$tree" ] && [ ! -L "$tree" ] || continue
+            id=${tree#envs/}
+            find "$tree" -mindepth 1 \( -name "*$nl*" -o -name "*$tab*" -o -lname "*$nl*" \) -printf "odd $id\n"
+            find "$tree" -mindepth 1 ! -name "*$nl*" ! -name "*$tab*" ! -lname "*$nl*" -printf "$id %y %i %P\t%l\n"
+        done' sh "$nl" "$tab" 2>/dev/null |
+        awk -v tab="$tab" '
+            phase == 0 && $0 == "==" { phase = 1; next }
+            phase == 0 { objects[$1] = $2; next }
+            $1 == "odd" { print "odd " $2; next }
+            {
+                split($0, head, " "); rest = substr($0, length(head[1] head[2] head[3]) + 4)
+                cut = index(rest, tab); path = substr(rest, 1, cut - 1); ref = substr(rest, cut + 1)
+                if (head[2] == "f") ref = (head[3] in objects) ? objects[head[3]] : "-"
+                print "tree " head[1] tab head[2] tab path tab ref
+            }'
 fi
 exit 0

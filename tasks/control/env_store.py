@@ -7,11 +7,13 @@ On the control node, below `ml_env_cache_dir`:
     trees/<env>.json          the env's entries in artifact order: path -> (kind, mode, object or link target)
 
 A host's store (tasks/host/ml_env.py) has the same objects/ and one hard-link tree per env. A new env
-is made on the host from a copy of links of an env it holds (the base), minus what differs, plus the
-new entries; only objects the host lacks travel. The stream `transfer_stream` writes is three parts
-(files/host/env_store.sh receive reads the first two with `head -c`, and its tar the third to the end):
+is made on the host from this manifest alone, every entry of it (never from a copy of another env's
+tree, which could carry what was planted there); only objects the host lacks travel. A tree that differs
+from its manifest (`tree_drift`) is mended in place from the same stream. The stream `transfer_stream`
+writes is three parts (files/host/env_store.sh receive or mend reads the first two with `head -c`, and its
+tar the third to the end):
 
-    1. the base paths to remove: NUL-separated, gzip
+    1. the paths to remove (those that differ, when mending): NUL-separated, gzip
     2. the entries to add: a tar.gz of directories, hard links to `objects/<object>` and symlinks
     3. the objects to send: a tar of `<object>` members (short names: no extended headers)
 """
@@ -132,10 +134,9 @@ def tree_objects(tree: Tree) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Transfer:
-    """What makes NEW on a host from a copy of BASE's links: the base paths to remove, the entries to add, and
-    the objects to send (those the added files use and the host lacks), each once."""
+    """What makes NEW on a host, or mends a tree of it there: the paths to remove, the entries to add, and the
+    objects to send (those the added files use and the host lacks), each once."""
 
-    base: str | None
     remove: tuple[str, ...]
     add: tuple[tuple[str, Entry], ...]
     send: tuple[tuple[str, int], ...]  # (object, size)
@@ -145,21 +146,48 @@ class Transfer:
         return sum(size for _, size in self.send)
 
 
-def plan_transfer(new: Tree, base: str | None, base_tree: Tree | None, present: set[str]) -> Transfer:
-    """The Transfer to a host that holds PRESENT objects and the env BASE (its tree BASE_TREE, or none)."""
-    base_tree = base_tree or {}
-    remove = tuple(path for path, held in base_tree.items()
-                   if path not in new or new[path].kind != held.kind or (held.kind != "d" and new[path] != held))
-    add = tuple((path, entry) for path, entry in new.items() if base_tree.get(path) != entry)
+def plan_transfer(new: Tree, present: set[str], held: Tree | None = None) -> Transfer:
+    """The Transfer to a host that holds PRESENT objects: NEW made from nothing, or the host's tree HELD (as
+    `host_tree` reads it) mended into NEW."""
+    held = held or {}
+    remove = tuple(path for path, entry in held.items()
+                   if path not in new or new[path].kind != entry.kind or (entry.kind != "d" and new[path] != entry))
+    add = tuple((path, entry) for path, entry in new.items() if held.get(path) != entry)
     send = {entry.ref: entry.size for _, entry in add if entry.kind == "f" and entry.ref not in present}
-    return Transfer(base if base_tree else None, remove, add, tuple(send.items()))
+    return Transfer(remove, add, tuple(send.items()))
 
 
-def choose_base(new: Tree, held: dict[str, Tree]) -> str | None:
-    """The held env whose tree shares most files with NEW: the fewest entries to send."""
-    def shared(env: str) -> int:
-        return sum(1 for path, entry in held[env].items() if new.get(path) == entry)
-    return max(sorted(held), key=shared, default=None)
+Listing = dict[str, tuple[str, str]]  # a tree as a host lists it: path -> (kind, object or link target)
+
+
+def host_tree(manifest: Tree, listing: Listing) -> Tree:
+    """LISTING as entries comparable with MANIFEST's: a directory, or a file that is the manifest's object, is
+    the manifest's entry; anything else is an entry no manifest has (kind "f" of another object, "l" of its
+    target, or another kind of file: "p", "s", "?" for a file no object is)."""
+    tree: Tree = {}
+    for path, (kind, ref) in listing.items():
+        wanted = manifest.get(path)
+        same = wanted is not None and wanted.kind == kind and (kind == "d" or wanted.ref == ref)
+        tree[path] = wanted if same and wanted is not None else Entry(kind, 0, ref)
+    return tree
+
+
+class TreeDrift(NamedTuple):
+    extra: tuple[str, ...]  # on the host, not in the manifest
+    missing: tuple[str, ...]  # in the manifest, not on the host
+    changed: tuple[str, ...]  # on both, another kind, object or link target
+
+    def summary(self) -> str:
+        parts = [f"{len(paths)} {word} ({', '.join(paths[:3])}{', …' if len(paths) > 3 else ''})"
+                 for word, paths in zip(self._fields, self, strict=True) if paths]
+        return "; ".join(parts)
+
+
+def tree_drift(manifest: Tree, held: Tree) -> TreeDrift:
+    """How the host's tree HELD (`host_tree`) differs from MANIFEST."""
+    return TreeDrift(tuple(path for path in held if path not in manifest),
+                     tuple(path for path in manifest if path not in held),
+                     tuple(path for path, entry in held.items() if path in manifest and manifest[path] != entry))
 
 
 def _header(info: tarfile.TarInfo) -> bytes:
@@ -202,11 +230,10 @@ def objects_tar(cache_dir: Path, send: tuple[tuple[str, int], ...]) -> Stream:
     return Stream(chunks, sum(BLOCK + size + (-size % BLOCK) for _, size in send) + 2 * BLOCK)
 
 
-def transfer_stream(transfer: Transfer, env: str, mark: str, cache_dir: Path) -> tuple[Stream, tuple[int, int]]:
-    """TRANSFER as the stream `env_store.sh receive` reads, its entries under envs/<env>.tmp-<mark>; and the
-    sizes of its first two parts (the objects, the bulk, are read to the end)."""
+def transfer_stream(transfer: Transfer, tree: str, cache_dir: Path) -> tuple[Stream, tuple[int, int]]:
+    """TRANSFER as the stream `env_store.sh receive` or `mend` reads, its entries under TREE (envs/<env>.tmp-<mark>
+    or envs/<env>); and the sizes of its first two parts (the objects, the bulk, are read to the end)."""
     removals = _gzip(b"".join(path.encode("utf-8", "surrogateescape") + b"\0" for path in transfer.remove))
-    tree = f"envs/{env}.tmp-{mark}"
     entries = io.BytesIO()
     for path, entry in transfer.add:
         info = tarfile.TarInfo(f"{tree}/{path}")

@@ -49,6 +49,7 @@ class HostOutcome:
     stack: str = ""
     result: str = "not reached"
     gpus: str = ""  # "GPUs: 1× NVIDIA H100 80GB HBM3, driver 580.159.04; gate checked: env-… (CUDA 13.0)"; "" without
+    env_store: list[str] = field(default_factory=list)  # what the host's env store held amiss
 
     @classmethod
     def from_record(cls, record: dict) -> HostOutcome:
@@ -59,11 +60,11 @@ class HostOutcome:
                   + (f": {model['bytes_to_send'] / 1e6:.1f} MB sent" if model["action"] == "transfer" else "")
                   for model in record.get("models", [])]
         return cls(env_text, models, stack_text(record), "FAILED" if record.get("result") == "failed" else "ok",
-                   gpu_text(record))
+                   gpu_text(record), [f"ML env store: {note}" for note in (env or {}).get("store", [])])
 
     def details(self) -> list[str]:
-        """The lines under the host's row: its GPUs and the gate, then its models."""
-        return ([self.gpus] if self.gpus else []) + self.models
+        """The lines under the host's row: its GPUs and the gate, what its env store held amiss, then its models."""
+        return ([self.gpus] if self.gpus else []) + self.env_store + self.models
 
 
 def gpu_text(record: dict) -> str:

@@ -5,7 +5,8 @@
 It is the deploy's own dry run (`pyinfra … deploy.py --dry`): a dry run sends and changes nothing on the
 hosts (it builds the env on the builder only when this control node never built its requirements: an
 env's id names what pip installs), and every change it would make is drift — directories and owners, the
-active env (with --hashes every object of the env store), each model snapshot (sizes; with --hashes
+active env (with --hashes every object of the env store, and every env's tree against its manifest: extra,
+missing and changed entries), each model snapshot (sizes; with --hashes
 every file's hash), the compose files and every service running and healthy. It also runs the import
 check of each host's active env. What drifted is read from the deploy's per-host report
 (tasks/report.py). Exit status 1 on any drift or failure, 0 when every host matches.
@@ -23,7 +24,8 @@ from .runner import limit_args, run_deploy
 def main(argv: list[str] | None = None, prog: str = "python -m tasks.fleet.verify") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("inventory")
-    parser.add_argument("--hashes", action="store_true", help="hash every model file and env object on the hosts")
+    parser.add_argument("--hashes", action="store_true",
+                        help="hash every model file and env object on the hosts, and check every env's tree")
     parser.add_argument("--limit", action="append", default=[], help="host names, globs or groups (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], help="host names, globs or groups (repeatable)")
     options, pyinfra_args = parser.parse_known_args(argv)

@@ -6,8 +6,8 @@ On a host, below `ml_env_dir`, the env store (files/host/env_store.sh):
     objects/<sha256>-<mode>  every file of every env, once (owner and mode as the env dir's owner's)
     envs/<id>/               a complete user site, a tree of hard links into objects/ (what the stack
                              mounts read-only at /root/.local)
-    envs/<id>.tmp-<mark>/    a tree in the making: a copy of the links of an env the host holds, less
-                             what differs, plus the new entries; never mounted, removed by the next run
+    envs/<id>.tmp-<mark>/    a tree in the making, from the env's manifest alone (never a copy of another
+                             env's tree); never mounted, removed by the next run
     incoming/<mark>/         the objects of a transfer in progress, each checked against its name before
                              it enters objects/ (<mark>: the run's, tasks/host/transfer.py RUN_MARK)
     active -> envs/<id>      the env the stack uses: switched (rename) only after the import check passed
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,15 +38,17 @@ from ..control.env_artifact import ENV_INFO, ArtifactError, Manifest
 from ..control.env_build import EnvSource
 from ..control.env_store import (
     OBJECT,
+    Listing,
     Transfer,
     Tree,
     check_objects,
-    choose_base,
     env_tree,
+    host_tree,
     objects_tar,
     plan_transfer,
     read_tree,
     transfer_stream,
+    tree_drift,
     tree_objects,
 )
 from ..report import EnvOutcome, report
@@ -83,6 +85,8 @@ class MlEnvState:
     mounted: frozenset[tuple[str, str]] = frozenset()
     stored: frozenset[str] = frozenset()  # the complete envs the store made (trees of links into objects/)
     damaged: tuple[str, ...] = ()  # objects whose content differs from their name (when hashed)
+    swapped: tuple[str, ...] = ()  # env ids whose envs/<id> is a link, not a tree of the store
+    trees: dict[str, Listing] = field(default_factory=dict)  # each env's tree as listed (when hashed)
 
 
 class MlEnvFact(FactBase):
@@ -99,8 +103,13 @@ class MlEnvFact(FactBase):
         fields: dict[str, str] = {}
         envs: dict[str, int] = {}
         leftovers, mounted, stored, damaged = [], set(), set(), []
+        swapped: list[str] = []
+        trees: dict[str, Listing] = {}
         for line in output:
             key, _, value = line.partition(" ")
+            if key in ("tree", "odd", "swapped"):
+                _store_line(key, value, trees, swapped)
+                continue
             if key == "mounted":
                 path, _, project = value.partition(" ")
                 if ENV_NAME.match(path):
@@ -135,7 +144,29 @@ class MlEnvFact(FactBase):
             mounted=frozenset(mounted),
             stored=frozenset(stored & set(envs)),
             damaged=tuple(sorted(set(damaged))),
+            swapped=tuple(sorted(set(swapped))),
+            trees=trees,
         )
+
+
+ODD = "(a name or link target holding a newline or tab)"  # one path for all such entries of a tree
+
+
+def _store_line(key: str, value: str, trees: dict[str, Listing], swapped: list[str]) -> None:
+    """A probe line about the store's trees: an entry (`tree`), an entry that cannot be listed (`odd`), an env
+    swapped for a link (`swapped`); lines of other envs than ours are ignored."""
+    if key == "swapped":
+        match = ENV_NAME.match(value)
+        swapped += [match.group(2)] if match and match.group(2) and not match.group(3) else []
+        return
+    env, _, rest = value.partition("\t")
+    if not re.fullmatch(r"env-[0-9a-f]{16}", env):
+        return
+    if key == "odd":
+        trees.setdefault(env, {})[ODD] = ("?", "")
+        return
+    kind, path, ref = (rest.split("\t", 2) + ["", ""])[:3]
+    trees.setdefault(env, {})[path] = (kind, ref)
 
 
 def runtime_environment(python: str, mount: str = MOUNT) -> dict[str, str]:
@@ -192,7 +223,8 @@ def plan_env(state: MlEnvState, wanted: str, keep_envs: int, base: BaseImage, pr
         others.remove(state.active)
         others.insert(0, state.active)
     in_use = {path for path, by in state.mounted if by != project}
-    remove = tuple(path for path in (*(f"envs/{env}" for env in others[keep_envs:]), *state.leftovers)
+    swapped = (f"envs/{env}" for env in state.swapped if env != wanted)  # the wanted one: replaced by its upload
+    remove = tuple(path for path in (*(f"envs/{env}" for env in others[keep_envs:]), *state.leftovers, *swapped)
                    if path not in in_use)
     return EnvPlan(wanted, state.active, upload, activate, remove, base)
 
@@ -211,9 +243,7 @@ def planned_transfer(source: EnvSource, state: MlEnvState) -> Transfer:
     except ArtifactError as error:
         raise HostProblem(f"ML env {source.env}: {error}") from None
     held = held_trees(source.cache_dir, state)
-    base = choose_base(tree, held)
-    transfer = plan_transfer(tree, base, held[base] if base is not None else None,
-                             set().union(*map(tree_objects, held.values())))
+    transfer = plan_transfer(tree, set().union(*map(tree_objects, held.values())))
     problem = room_problem(state.free_bytes, transfer.object_bytes, "the env's new files")
     if problem:
         raise HostProblem(f"ML env {source.env}: {problem}")
@@ -221,16 +251,17 @@ def planned_transfer(source: EnvSource, state: MlEnvState) -> Transfer:
 
 
 class EnvUpload(StreamedUpload):
-    """The env SOURCE made on the host from a copy of the links of the env LINKS_FROM it holds (None: from
-    nothing), sent only the objects the host's store lacks (asked of the host now, as it may have lost some or
-    gained them from another control node), checked on the control node before a byte leaves."""
+    """The env SOURCE made on the host from its manifest, or (HELD: the host's tree of it, as `host_tree` reads
+    it) mended into it in place; sent only the objects the host's store lacks (asked of the host now, as it may
+    have lost some or gained them from another control node), checked on the control node before a byte
+    leaves."""
 
-    def __init__(self, source: EnvSource, env_dir: str, owner: tuple[int, int], links_from: str | None):
+    def __init__(self, source: EnvSource, env_dir: str, owner: tuple[int, int], held: Tree | None = None):
         super().__init__(b"", f"ML env {source.env}", f"{env_dir}/envs/{source.env}", owner)
-        self.env_source, self.env_dir, self.owner, self.links_from = source, env_dir, owner, links_from
+        self.env_source, self.env_dir, self.owner, self.held = source, env_dir, owner, held
 
     def __repr__(self):
-        return f"EnvUpload({self.env_source.env}, {self.links_from})"
+        return f"EnvUpload({self.env_source.env}, {'mend' if self.held is not None else 'new'})"
 
     def execute(self, state, host, connector_arguments) -> bool:
         listing = as_owner(*self.owner, program("env_store.sh", "list", self.env_dir))
@@ -243,28 +274,28 @@ class EnvUpload(StreamedUpload):
             return failed(host, f"{self.label}: the host's env store could not be listed "
                                 f"({' '.join((names or output.stderr_lines)[-1:])}); nothing was sent")
         present = {line for line in names if OBJECT.fullmatch(line)}
-        cache_dir = self.env_source.cache_dir
-        base = read_tree(cache_dir, self.links_from) if self.links_from else None
-        transfer = plan_transfer(env_tree(cache_dir, self.env_source.env, self.env_source.artifact()),
-                                 self.links_from, base, present)
+        cache_dir, env, mend = self.env_source.cache_dir, self.env_source.env, self.held is not None
+        transfer = plan_transfer(env_tree(cache_dir, env, self.env_source.artifact()), present, self.held)
         try:
             check_objects(cache_dir, [name for name, _ in transfer.send])
         except ArtifactError as error:
             return failed(host, f"{self.label}: {error}; nothing was sent")
-        self.source, sizes = transfer_stream(transfer, self.env_source.env, RUN_MARK, cache_dir)
+        self.source, sizes = transfer_stream(transfer, f"envs/{env}" if mend else f"envs/{env}.tmp-{RUN_MARK}",
+                                             cache_dir)
         host.log(f"{self.label}: {len(transfer.send)} new file(s), {transfer.object_bytes / 1e6:.1f} MB, and "
-                 f"{len(transfer.add)} entries over {f'the links of {transfer.base}' if transfer.base else 'nothing'}")
-        self.receive = as_owner(*self.owner, program("env_store.sh", "receive", self.env_dir, self.env_source.env,
-                                                     RUN_MARK, transfer.base or "", *sizes))
+                 f"{len(transfer.add)} entries" + (f", {len(transfer.remove)} removed (mended)" if mend else ""))
+        self.receive = as_owner(*self.owner, program("env_store.sh", "mend" if mend else "receive", self.env_dir,
+                                                     env, RUN_MARK, *sizes))
         return super().execute(state, host, connector_arguments)
 
 
 @operation(is_idempotent=False)
-def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], links_from: str | None):
-    """Make the env on a host that lacks it: only what its store lacks is sent (`EnvUpload`)."""
+def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], held: Tree | None = None):
+    """Make the env on a host that lacks it, or mend the host's tree HELD of it: only what its store lacks is
+    sent (`EnvUpload`)."""
     quoted = shlex.quote(env_dir)
     yield as_owner(*owner, f"install -d -m 0700 {quoted}/incoming && install -d -m 0755 {quoted}/envs {quoted}/objects")
-    yield EnvUpload(source, env_dir, owner, links_from)
+    yield EnvUpload(source, env_dir, owner, held)
 
 
 def repairable(cache_dir: Path, state: MlEnvState) -> tuple[tuple[str, int], ...]:
@@ -422,23 +453,49 @@ def converge(config: HostConfig, fleet: FleetContext, state: MlEnvState, base: B
     gate = plan_gate(gpus, plan, source, cached)
     record.env = EnvOutcome(plan.current, plan.wanted,
                             "install" if plan.upload else "switch" if plan.activate else "none")
-    if plan.activate or plan.remove or state.damaged:
+    if plan.activate or plan.remove:
         record.changed("ML env")
     recheck = check_active_env(config, state, base, plan)
-    if state.damaged:  # before a new env copies their links
-        damaged = repairable(source.cache_dir, state)
-        host.log(f"ML env store: {len(damaged)} damaged object(s) ({damaged[0][0][:12]}…): a good copy is sent and "
-                 "linked at each of their paths")
-        repair_objects(name="Repair damaged objects of the env store", env_dir=config.ml_env_dir,
-                       cache_dir=source.cache_dir, damaged=damaged, owner=env_owner(config))
+    mend_store(config, state, source.cache_dir, plan)
     if transfer is not None:
         install_env(name=f"Upload and unpack {source.env}", env_dir=config.ml_env_dir, source=source,
-                    owner=env_owner(config), links_from=transfer.base)
+                    owner=env_owner(config))
     if plan.activate or recheck:
         activate_env(name=f"Import check, then switch to {source.env}",  # one name on every host: one operation
                      env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,
                      owner=env_owner(config), gpus=gate)
     return plan
+
+
+def mend_store(config: HostConfig, state: MlEnvState, cache_dir: Path, plan: EnvPlan) -> None:
+    """What the probe found amiss in the host's store, each in the log and the report (drift in a dry run), then
+    mended: damaged objects get a good copy; envs swapped for links are removed (or replaced, the wanted one:
+    `plan_env`); a kept env's tree that differs from its manifest is mended in place."""
+    notes: list[str] = []
+    if state.damaged:
+        damaged = repairable(cache_dir, state)
+        notes.append(f"{len(damaged)} damaged object(s) ({damaged[0][0][:12]}…): a good copy is sent and linked at "
+                     "each of their paths")
+        repair_objects(name="Repair damaged objects of the env store", env_dir=config.ml_env_dir,
+                       cache_dir=cache_dir, damaged=damaged, owner=env_owner(config))
+    notes += [f"envs/{env} is a link, not a tree of the store: it is {'replaced' if env == plan.wanted else 'removed'}"
+              for env in state.swapped]
+    for env, listing in sorted(state.trees.items()):
+        manifest = read_tree(cache_dir, env)
+        if manifest is None or f"envs/{env}" in plan.remove:
+            continue  # an env this control node never unpacked cannot be checked; one about to go need not be
+        held = host_tree(manifest, listing)
+        drift = tree_drift(manifest, held)
+        if any(drift):
+            notes.append(f"envs/{env} differs from its manifest: {drift.summary()}: mended from the manifest")
+            install_env(name=f"Mend the tree of {env}", env_dir=config.ml_env_dir, source=EnvSource(env, cache_dir),
+                        owner=env_owner(config), held=held)
+    record = report[host.name]
+    for note in notes:
+        host.log(f"ML env store: {note}")
+        record.changed("ML env")
+    if record.env:
+        record.env.store = notes
 
 
 def plan_gate(gpus: GpuState, plan: EnvPlan, source: EnvSource, cached: Manifest | None) -> GpuState | None:

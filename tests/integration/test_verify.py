@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+from fleet_helpers import active, new_requirements
+
 ENV = "/srv/mlstack/ml-env"
 SNAPSHOT_STATE = ("find /srv/mlstack -printf '%p %m %u %g %s %T@\\n' | sort | md5sum; "
                   "docker ps -q --no-trunc | sort | md5sum")
@@ -58,3 +61,59 @@ def test_verify_passes_a_converged_fleet_and_finds_each_kind_of_drift_without_re
     assert fleet.ssh(first, f"sha256sum < {record}").split()[0] == damaged[:64]
     assert fleet.ssh(first, f"stat -c %i {record} {ENV}/objects/{damaged} | uniq | wc -l").strip() == "1"
     assert verify(fleet, "--hashes").returncode == 0
+
+
+PLANTED = ("mlstack-planted.pth", "sitecustomize.py")
+
+
+def site_of(fleet, record, env: str) -> str:
+    return fleet.ssh(record, f"echo {ENV}/envs/{env}/lib/python3*/site-packages").strip()
+
+
+def plant(fleet, record, site: str) -> None:
+    fleet.ssh(record, " && ".join(f"echo 'import os' > {site}/{name}" for name in PLANTED))
+
+
+@pytest.mark.heavy
+def test_planted_files_and_a_swapped_env_show_in_verify_the_deploy_mends_them_and_a_new_env_carries_none(
+        fleet, tmp_path):
+    assert fleet.deploy().returncode == 0
+    first, second = fleet.hosts
+    env = active(fleet, first)
+    assert active(fleet, second) == env
+    site = site_of(fleet, first, env)
+    plant(fleet, first, site)
+    # the second host's env swapped for a link to a copy of it with a sitecustomize.py of its own (the tree
+    # itself moved aside: the running services keep what they mounted until the new env recreates them)
+    fleet.ssh(second, f"rm -rf /srv/swapped-env /srv/original-env && cp -a {ENV}/envs/{env} /srv/swapped-env && "
+                      f"echo 'import os' > /srv/swapped-env/{site.split(f'/{env}/', 1)[1]}/sitecustomize.py && "
+                      f"mv {ENV}/envs/{env} /srv/original-env && ln -s /srv/swapped-env {ENV}/envs/{env}")
+    try:
+        plain, hashed = verify(fleet), verify(fleet, "--hashes")
+        assert plain.returncode == hashed.returncode == 1
+        assert host_row(plain, first.name).split()[1] == "ok"  # a planted file shows only when the trees are listed
+        swapped = f"ML env store: envs/{env} is a link, not a tree of the store: it is replaced"
+        assert swapped in plain.stdout and swapped in hashed.stdout
+        assert "DRIFT" in host_row(hashed, first.name) and "ML env" in host_row(hashed, first.name)
+        relative = site.split(f"/{env}/", 1)[1]
+        assert (f"ML env store: envs/{env} differs from its manifest: 2 extra ({relative}/{PLANTED[0]}, "
+                f"{relative}/{PLANTED[1]}): mended from the manifest") in hashed.stdout \
+            or (f"2 extra ({relative}/{PLANTED[1]}, {relative}/{PLANTED[0]}): mended from the manifest"
+                in hashed.stdout), hashed.stdout
+
+        mended = fleet.deploy("--data", "ml_env_verify_hashes=true")
+        assert mended.returncode == 0, mended.output[-3000:]
+        assert fleet.ssh(first, f"ls {site}/{PLANTED[0]} {site}/{PLANTED[1]} 2>/dev/null || true").strip() == ""
+        assert fleet.ssh(second, f"test -d {ENV}/envs/{env} && test ! -L {ENV}/envs/{env} && "
+                                 f"test ! -e {site}/sitecustomize.py && echo tree").strip() == "tree"
+        assert verify(fleet, "--hashes").returncode == 0
+
+        plant(fleet, first, site)  # planted in the env a new one shares nearly all its files with
+        installed = fleet.deploy("--data", new_requirements(tmp_path))
+        assert installed.returncode == 0, installed.output[-3000:]
+        new = active(fleet, first)
+        assert new != env
+        new_site = site_of(fleet, first, new)
+        assert fleet.ssh(first, f"ls {new_site}/{PLANTED[0]} {new_site}/{PLANTED[1]} 2>/dev/null || true").strip() == ""
+    finally:
+        fleet.ssh(second, "rm -rf /srv/swapped-env /srv/original-env")

@@ -10,17 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from tasks.control.builder import BaseImage
 from tasks.control.env_artifact import repack_user_site
 from tasks.control.env_store import (
     Entry,
-    choose_base,
     env_tree,
+    host_tree,
     objects_tar,
     plan_transfer,
     read_tree,
     transfer_stream,
+    tree_drift,
     tree_objects,
 )
+from tasks.host.ml_env import ODD, MlEnvFact, plan_env
 from tasks.host.programs import program
 
 SITE = ".local/lib/python3.11/site-packages"
@@ -81,15 +84,16 @@ def present(host: Path) -> set[str]:
     return set(run(host, "list").stdout.decode().split())
 
 
-def receive(host: Path, cache: Path, env: str, tree, base=None, base_tree=None, mark="0badc0de", damage=None):
-    transfer = plan_transfer(tree, base, base_tree, present(host))
-    stream, sizes = transfer_stream(transfer, env, mark, cache)
+def receive(host: Path, cache: Path, env: str, tree, held=None, mark="0badc0de", damage=None):
+    """ENV made on HOST from TREE, its manifest (`receive`), or HELD, the host's tree of it, mended (`mend`)."""
+    transfer = plan_transfer(tree, present(host), held)
+    stream, sizes = transfer_stream(transfer, f"envs/{env}" if held is not None else f"envs/{env}.tmp-{mark}", cache)
     reader, total = stream.open()
     data = reader.read()
     assert len(data) == total
     if damage:
         data = damage(data)
-    return transfer, run(host, "receive", env, mark, transfer.base or "", *sizes, stdin=data)
+    return transfer, run(host, "receive" if held is None else "mend", env, mark, *sizes, stdin=data)
 
 
 def files_of(root: Path) -> dict[str, str]:
@@ -131,18 +135,20 @@ def test_an_artifact_unpacks_once_into_objects_and_a_tree_in_artifact_order(tmp_
 def test_the_plan_sends_only_what_the_host_lacks_and_removes_only_what_differs():
     new = {"a": Entry("d", 0o755, ""), "a/x": Entry("f", 0o644, "x-644", 5), "a/y": Entry("f", 0o644, "y2-644", 7),
            "a/z": Entry("f", 0o644, "z-644", 9), "l": Entry("l", 0o777, "a/x")}
-    base = {"a": Entry("d", 0o700, ""), "a/x": Entry("f", 0o644, "x-644", 5), "a/y": Entry("f", 0o644, "y1-644", 6),
+    held = {"a": Entry("d", 0o700, ""), "a/x": Entry("f", 0o644, "x-644", 5), "a/y": Entry("f", 0o644, "y1-644", 6),
             "gone": Entry("f", 0o644, "g-644", 1), "l": Entry("l", 0o777, "a/y")}
-    transfer = plan_transfer(new, "env-b", base, present={"x-644", "z-644"})
+    transfer = plan_transfer(new, present={"x-644", "z-644"}, held=held)  # a tree mended
     assert transfer.remove == ("a/y", "gone", "l")  # not the directory whose mode changed: it is set again
     assert [path for path, _ in transfer.add] == ["a", "a/y", "a/z", "l"]
     assert transfer.send == (("y2-644", 7),)
-    assert plan_transfer(new, None, None, set()).send == (("x-644", 5), ("y2-644", 7), ("z-644", 9))
-    assert choose_base(new, {"env-b": base, "env-c": {"a/x": new["a/x"], "a/z": new["a/z"]}}) == "env-c"
-    assert choose_base(new, {}) is None
+    fresh = plan_transfer(new, present={"x-644", "z-644"})  # a new env: every entry, only the objects it lacks
+    assert fresh.remove == () and [path for path, _ in fresh.add] == list(new)
+    assert fresh.send == (("y2-644", 7),)
+    assert plan_transfer(new, set()).send == (("x-644", 5), ("y2-644", 7), ("z-644", 9))
 
 
-def test_the_host_program_makes_each_env_from_links_sends_each_object_once_and_collects_the_unused(tmp_path):
+def test_the_host_program_makes_each_env_from_its_manifest_sends_each_object_once_and_collects_the_unused(
+        tmp_path):
     cache, host = tmp_path / "cache", store(tmp_path)
     env_a, tree_a = built(cache, "6.0.1")
     env_b, tree_b = built(cache, "6.0.2", {f"{SITE}/yaml/new.py": b"n = 1\n"})
@@ -152,7 +158,9 @@ def test_the_host_program_makes_each_env_from_links_sends_each_object_once_and_c
     assert files_of(host / "envs" / env_a) == artifact_files(cache / f"{env_a}.tar.gz")
     assert sorted(os.listdir(host / "envs")) == [env_a] and os.listdir(host / "incoming") == []
 
-    second, result = receive(host, cache, env_b, tree_b, env_a, tree_a)
+    planted = host / "envs" / env_a / SITE.removeprefix(".local/") / "planted.pth"
+    planted.write_text("import os\n")  # in the tree env_b shares most with: it does not travel into env_b
+    second, result = receive(host, cache, env_b, tree_b)
     assert result.returncode == 0, result.stderr
     assert files_of(host / "envs" / env_b) == artifact_files(cache / f"{env_b}.tar.gz")
     sent = {name for name, _ in second.send}
@@ -195,7 +203,7 @@ def test_repair_puts_a_good_copy_at_every_path_linked_to_a_damaged_object(tmp_pa
     env_a, tree_a = built(cache, "6.0.1")
     env_b, tree_b = built(cache, "6.0.2")
     receive(host, cache, env_a, tree_a)
-    receive(host, cache, env_b, tree_b, env_a, tree_a)
+    receive(host, cache, env_b, tree_b)
     big = tree_a["lib/python3.11/site-packages/yaml/big.bin"].ref
     with (host / "objects" / big).open("r+b") as damaged:
         damaged.write(b"rot")
@@ -219,3 +227,65 @@ def test_an_env_a_run_before_ours_finished_meanwhile_is_kept_and_our_tree_droppe
     assert result.returncode == 0, result.stderr
     assert os.listdir(host / "envs") == [env] and os.listdir(host / "envs" / env) == ["theirs"]
     assert os.listdir(host / "incoming") == []
+
+
+def probed(host: Path):
+    """The env probe (files/host/ml_env_probe.sh, hashing as this user) run on HOST, as the control node reads it."""
+    result = subprocess.run(["sh", "-c", program("ml_env_probe.sh", host, "no-such-image", "0:0")],
+                            capture_output=True, text=True, check=True)
+    return MlEnvFact().process(result.stdout.splitlines())
+
+
+def test_the_probe_lists_each_tree_so_planted_changed_missing_and_odd_entries_show_and_mend_restores_it(tmp_path):
+    cache, host = tmp_path / "cache", store(tmp_path)
+    env, tree = built(cache, "6.0.1")
+    receive(host, cache, env, tree)
+    root, site = host / "envs" / env, SITE.removeprefix(".local/")
+    (root / site / "evil.pth").write_text("import os; os.system('id')\n")
+    (root / site / "sitecustomize.py").write_text("import os\n")
+    (root / site / "yaml/__init__.py").unlink()
+    (root / site / "yaml/__init__.py").write_text("__version__ = '6.0.1'\n# and more\n")  # a file no object is
+    (root / site / "PyYAML-6.0.1.dist-info/top_level.txt").unlink()
+    subprocess.run(["rm", "-rf", root / site / "yaml/__pycache__"], check=True)
+    (root / site / "yaml/__pycache__").symlink_to(tmp_path)
+    (root / site / "odd\nname.pth").write_text("")
+
+    held = host_tree(tree, probed(host).trees[env])
+    drift = tree_drift(tree, held)
+    assert sorted(drift.extra) == sorted([f"{site}/evil.pth", f"{site}/sitecustomize.py", ODD])
+    assert sorted(drift.missing) == [f"{site}/PyYAML-6.0.1.dist-info/top_level.txt",
+                                     f"{site}/yaml/__pycache__/util.cpython-311.pyc"]  # below the link: unlisted
+    assert sorted(drift.changed) == [f"{site}/yaml/__init__.py", f"{site}/yaml/__pycache__"]
+    assert drift.summary().startswith("3 extra (")
+
+    inode = root.stat().st_ino
+    _, result = receive(host, cache, env, tree, held=held)
+    assert result.returncode == 0, result.stderr
+    assert files_of(root) == artifact_files(cache / f"{env}.tar.gz") and root.stat().st_ino == inode  # in place
+    assert not any(tree_drift(tree, host_tree(tree, probed(host).trees[env])))
+    assert os.listdir(tmp_path / "host" / "incoming") == []
+
+
+def test_an_env_swapped_for_a_link_is_no_env_of_the_store_and_its_upload_replaces_the_link(tmp_path):
+    cache, host = tmp_path / "cache", store(tmp_path)
+    env_a, tree_a = built(cache, "6.0.1")
+    env_b, tree_b = built(cache, "6.0.2")
+    receive(host, cache, env_a, tree_a)
+    elsewhere = tmp_path / "elsewhere"
+    subprocess.run(["cp", "-a", host / "envs" / env_a, elsewhere], check=True)
+    (elsewhere / "sitecustomize.py").write_text("import os\n")
+    (host / "envs" / env_b).symlink_to(elsewhere)
+    (host / "active").symlink_to(f"envs/{env_b}")
+
+    state = probed(host)
+    assert state.swapped == (env_b,) and set(state.envs) == {env_a} and set(state.trees) == {env_a}
+    base = BaseImage("python:3.11-slim-bookworm", "sha256:img", "python3.11", "linux/amd64")
+    assert plan_env(state, env_a, keep_envs=2, base=base, project="ours").remove == (f"envs/{env_b}",)
+    plan = plan_env(state, env_b, keep_envs=2, base=base, project="ours")
+    assert plan.upload and plan.activate and plan.remove == ()
+
+    _, result = receive(host, cache, env_b, tree_b)
+    assert result.returncode == 0, result.stderr
+    assert not (host / "envs" / env_b).is_symlink()
+    assert files_of(host / "envs" / env_b) == artifact_files(cache / f"{env_b}.tar.gz")
+    assert (elsewhere / "sitecustomize.py").exists()  # what the link led to is not ours to remove

@@ -77,6 +77,14 @@ def test_each_row_of_the_table_comes_from_the_report():
         "GPUs: 8× NVIDIA H100 80GB HBM3, driver 570.124.06; gate refused: env-44d10bd977d1ee58 (CUDA 13.0)"]
 
 
+def test_what_the_env_store_held_amiss_is_listed_under_the_hosts_row():
+    store = ["envs/env-44d10bd977d1ee58 differs from its manifest: 1 extra (lib/x.pth): mended from the manifest",
+             "envs/env-1111111111111111 is a link, not a tree of the store: it is removed"]
+    record = {**RECORDS["gpu-01"], "env": {**RECORDS["gpu-01"]["env"], "store": store}}
+    assert HostOutcome.from_record(record).details() == [f"ML env store: {note}" for note in store] + \
+        HostOutcome.from_record(RECORDS["gpu-01"]).models
+
+
 def test_failed_hosts_are_read_from_the_report_and_a_run_that_did_not_execute_fails_its_whole_batch():
     batch = ["gpu-01", "gpu-02", "gpu-03", "gpu-04"]
     run = DeployRun(1, "", 0.0, report=RECORDS, executed=True)
