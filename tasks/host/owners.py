@@ -65,8 +65,8 @@ class OwnersFact(FactBase):
 
     def process(self, output: list[str]) -> dict[int, Entry]:
         found = {}
-        for record in "\n".join(output).split("\0")[:-1]:  # NUL-ended: a path may hold a newline
-            index, uid, gid, mode, kind, path = record.lstrip("\n").split(" ", 5)
+        for record in "\n".join(output).split("\0")[:-1]:  # NUL-ended (a path may hold a newline), then a newline
+            index, uid, gid, mode, kind, path = record.removeprefix("\n").split(" ", 5)
             found[int(index)] = Entry(int(uid), int(gid), int(mode, 8), kind, path)
         return found
 

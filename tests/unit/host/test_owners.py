@@ -11,10 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from pyinfra.api import FactBase
 
 from tasks.config import DEFAULTS
 from tasks.host.failure import HostProblem
 from tasks.host.owners import Entry, OwnersFact, Tree, check, owner_problems, probe_part, trees
+from tasks.host.probe import HostProbe, ProbePart
 from tasks.host.programs import program
 from tasks.validation import validate_host
 
@@ -24,6 +26,16 @@ ENV = Tree("ml_env_dir", "/srv/mlstack/ml-env", 0, 0, True)
 CACHE = Tree("model_cache_dir", "/srv/mlstack/hf-cache", 1000, 1000, True)
 COMPOSE = Tree("compose_project_dir", "/srv/mlstack/compose", 0, 0, False)
 RUNS = 40  # runs of a program against the swap loop: each old program lost within 10
+
+
+class AfterFact(FactBase):
+    """A part after the owners part: it must arrive whole too."""
+
+    def command(self) -> str:
+        return "echo after"
+
+    def process(self, output: list[str]) -> list[str]:
+        return output
 
 
 def config_of(**settings):
@@ -87,10 +99,15 @@ def test_the_step_fails_the_host_with_every_problem():
 
 
 def probe(*tree_args) -> dict[int, Entry]:
-    fact = OwnersFact()
-    result = subprocess.run(["/bin/sh", "-c", fact.command(tree_args)], capture_output=True, timeout=20)
+    """The owners part's value for TREE_ARGS, read through the host probe as a deploy reads it (framed, with
+    the other parts around it)."""
+    probe = HostProbe()
+    parts = (ProbePart("owners", OwnersFact, {"trees": tree_args}), ProbePart("after", AfterFact))
+    result = subprocess.run(["/bin/sh", "-c", probe.command(parts)], capture_output=True, text=True, timeout=20)
     assert result.returncode == 0, result.stderr
-    return fact.process(result.stdout.decode().split("\n"))
+    values = probe.process(result.stdout.splitlines())
+    assert values["after"] == ["after"]
+    return values["owners"]
 
 
 def test_the_probe_finds_the_first_foreign_entry_of_each_tree_and_skips_a_missing_one(tmp_path):
