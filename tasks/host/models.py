@@ -28,11 +28,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypedDict
 
 from pyinfra import host
-from pyinfra.api import FactBase, FunctionCommand, operation
+from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
 
 from ..config import HostConfig, is_revision
 from ..control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
 from ..report import ModelAction, ModelOutcome, report
+from . import deadline
 from .failure import HostProblem, failed, step
 from .ml_env import EnvPlan, NoEnv, runtime_environment
 from .probe import ProbePart
@@ -327,7 +328,8 @@ def download_model_on_host(cache_dir: str, plan: ModelPlan, env: EnvPlan, env_di
     yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
     if plan.send:
         yield as_owner(*owner, f"rm -rf {q(staging)} && install -d -m 0700 {q(staging)}")
-        yield host_download_command(staging, plan, env, env_dir, endpoint, owner)
+        yield StringCommand(host_download_command(staging, plan, env, env_dir, endpoint, owner),  # a transfer
+                            **deadline.arguments(host, "transfers"))
         staged = f"{staging}/hub/{snapshot.spec.folder}/snapshots/{snapshot.commit}"
         for entry in plan.send:
             yield as_owner(*owner, f"{take_staged_command(staging, staged, repo, entry)} "
