@@ -17,6 +17,7 @@ from tasks.control.compose_project import _project_modes, shipped_mode
 from tasks.host.programs import program, program_text
 from tasks.host.stack_push import STAGE, bring_down, project_tar, push_project, stack_locked
 from tasks.host.stack_render import MANIFEST, Rendered, mode_lines
+from tasks.rollback import restore_project
 
 COMPOSE = b"services:\n  app:\n    image: busybox\n"
 
@@ -187,3 +188,21 @@ def test_push_project_stages_in_this_runs_own_directory():
     assert commands[0] == program("stage_project.sh", "/srv/compose", STAGE)
     assert commands[1].dest == f"/srv/compose/{STAGE}/project.tar"
     assert commands[2] == stack_locked("/srv/compose", "install_project.sh", "/srv/compose", STAGE)
+
+
+def test_a_release_keeps_the_modes_and_a_rollback_puts_them_back(tmp_path):
+    """releases.sh record copies what .mlstack-files names (its `# mode` lines are no paths); restore_project
+    stages the release under the run's own name and installs it as a push does."""
+    env, compose, releases = fake_docker(tmp_path), tmp_path / "compose", tmp_path / "releases"
+    files = {"compose.yaml": COMPOSE, "secrets/db": b"pw-1"}
+    assert push(compose, env, files, {"secrets/db": 0o600}).returncode == 0
+    recorded = sh(program("releases.sh", "record", str(releases), "rel-1", str(compose), "p", "{}"), env)
+    assert recorded.returncode == 0, recorded.stderr
+    assert mode(releases / "rel-1/project/secrets/db") == 0o600
+    assert push(compose, env, {**files, "secrets/db": b"pw-2"}).returncode == 0
+    assert mode(compose / "secrets/db") == 0o644  # this version's source was 0644
+    for command in restore_project._inner(releases_dir=str(releases), release="rel-1", compose_dir=str(compose)):
+        result = sh(command, env)
+        assert result.returncode == 0, result.stderr
+    assert (compose / "secrets/db").read_bytes() == b"pw-1" and mode(compose / "secrets/db") == 0o600
+    assert (compose / MANIFEST).read_text().endswith("# mode 0600 secrets/db\n")
