@@ -47,6 +47,10 @@ class FleetContext:
                config.ml_env_cache_dir, config.ml_env_builder, base)
         return self.made(key, lambda: env_source(config, base))
 
+    def stored_env(self, env: str, cache_dir: Path) -> EnvSource:
+        """ENV as the control cache CACHE_DIR holds it: an env of a host's store, not the one it is given."""
+        return EnvSource(env, cache_dir)
+
     def manifest(self, source: EnvSource) -> Manifest | None:
         """SOURCE's manifest in the control cache, or None where this control node does not hold the env."""
         return self.made(("manifest", source), source.cached)

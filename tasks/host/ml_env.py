@@ -35,7 +35,6 @@ from pyinfra.api import FactBase, StringCommand, operation
 from ..config import HostConfig
 from ..control.builder import BaseImage, BuilderError
 from ..control.env_artifact import ENV_INFO, ArtifactError, Manifest
-from ..control.env_build import EnvSource
 from ..control.env_store import (
     OBJECT,
     Listing,
@@ -60,6 +59,7 @@ from .programs import program
 from .transfer import MARKED, RUN_MARK, StreamedUpload, as_owner, room_problem
 
 if TYPE_CHECKING:
+    from ..control.env_build import EnvSource
     from ..control.fleet_context import FleetContext
 
 MOUNT = "/root/.local"
@@ -298,13 +298,13 @@ def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], held: T
     yield EnvUpload(source, env_dir, owner, held)
 
 
-def repairable(cache_dir: Path, state: MlEnvState) -> tuple[tuple[str, int], ...]:
+def repairable(fleet: FleetContext, cache_dir: Path, state: MlEnvState) -> tuple[tuple[str, int], ...]:
     """The host's damaged objects with their sizes, each with a good copy in the control store (from the trees of
     the envs the host holds, unpacked from their artifacts if need be); a HostProblem for one without."""
     sizes: dict[str, int] = {}
     for env in sorted(state.stored):
-        source = EnvSource(env, cache_dir)
-        if source.cached() is not None:
+        source = fleet.stored_env(env, cache_dir)
+        if fleet.manifest(source) is not None:
             try:
                 source.ensure()
                 sizes.update(tree_objects(env_tree(cache_dir, env, source.artifact())))
@@ -456,7 +456,7 @@ def converge(config: HostConfig, fleet: FleetContext, state: MlEnvState, base: B
     if plan.activate or plan.remove:
         record.changed("ML env")
     recheck = check_active_env(config, state, base, plan)
-    mend_store(config, state, source.cache_dir, plan)
+    mend_store(config, fleet, state, source.cache_dir, plan)
     if transfer is not None:
         install_env(name=f"Upload and unpack {source.env}", env_dir=config.ml_env_dir, source=source,
                     owner=env_owner(config))
@@ -467,13 +467,13 @@ def converge(config: HostConfig, fleet: FleetContext, state: MlEnvState, base: B
     return plan
 
 
-def mend_store(config: HostConfig, state: MlEnvState, cache_dir: Path, plan: EnvPlan) -> None:
+def mend_store(config: HostConfig, fleet: FleetContext, state: MlEnvState, cache_dir: Path, plan: EnvPlan) -> None:
     """What the probe found amiss in the host's store, each in the log and the report (drift in a dry run), then
     mended: damaged objects get a good copy; envs swapped for links are removed (or replaced, the wanted one:
     `plan_env`); a kept env's tree that differs from its manifest is mended in place."""
     notes: list[str] = []
     if state.damaged:
-        damaged = repairable(cache_dir, state)
+        damaged = repairable(fleet, cache_dir, state)
         notes.append(f"{len(damaged)} damaged object(s) ({damaged[0][0][:12]}…): a good copy is sent and linked at "
                      "each of their paths")
         repair_objects(name="Repair damaged objects of the env store", env_dir=config.ml_env_dir,
@@ -488,8 +488,8 @@ def mend_store(config: HostConfig, state: MlEnvState, cache_dir: Path, plan: Env
         drift = tree_drift(manifest, held)
         if any(drift):
             notes.append(f"envs/{env} differs from its manifest: {drift.summary()}: mended from the manifest")
-            install_env(name=f"Mend the tree of {env}", env_dir=config.ml_env_dir, source=EnvSource(env, cache_dir),
-                        owner=env_owner(config), held=held)
+            install_env(name=f"Mend the tree of {env}", env_dir=config.ml_env_dir,
+                        source=fleet.stored_env(env, cache_dir), owner=env_owner(config), held=held)
     record = report[host.name]
     for note in notes:
         host.log(f"ML env store: {note}")
