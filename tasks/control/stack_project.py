@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +68,26 @@ def image_tag(project: ComposeProject, build: Build, base_id: str) -> str:
 
 
 TAG = re.compile(r"[a-z0-9][a-z0-9_.-]*:[0-9a-f]{16}")  # `image_tag`'s
+# A change this recent may be followed by another within the same clock tick, which no stat would tell: such a
+# context's tag is made from its content and not remembered (as git treats its racy index entries).
+RACY_NS = 2 * 10**9
 
 
 def remembered_tag(cache_dir: Path, project: ComposeProject, build: Build, base_id: str) -> str:
     """`image_tag`, remembered in <CACHE_DIR>/image-tags.json by `tag_key`: a deploy whose build inputs did not
     change reads no file of them again, nor imports the docker SDK for their ignore rules."""
+    key, newest = tag_key(project, build, base_id)
+    if time.time_ns() - newest < RACY_NS:
+        return image_tag(project, build, base_id)
     memo = once(("image tags", cache_dir), lambda: Remembered(cache_dir / "image-tags.json", TAG))
-    return memo(tag_key(project, build, base_id), lambda: image_tag(project, build, base_id))
+    return memo(key, lambda: image_tag(project, build, base_id))
 
 
-def tag_key(project: ComposeProject, build: Build, base_id: str) -> str:
+def tag_key(project: ComposeProject, build: Build, base_id: str) -> tuple[str, int]:
     """What `image_tag` reads, by lstat alone, as a digest (no build arg kept in clear): the project's name, the
     build section, the base image, and every path below each local context, the Dockerfile and the ignore files
     (inode, mode, size, and modification and change times in ns: a write changes a file's ctime, which its
-    owner cannot set back), so any change to them makes a new key."""
+    owner cannot set back), so any change to them makes a new key; with the newest of those times."""
     digest = hashlib.sha256(json.dumps([project.name, build.spec, build.dockerfile, build.args, build.target,
                                         build.network, base_id], sort_keys=True, default=str).encode())
     dockerfile = dockerfile_path(build)
@@ -88,24 +95,23 @@ def tag_key(project: ComposeProject, build: Build, base_id: str) -> str:
     roots = [build.context, *(Path(source) for source in (spec.get("additional_contexts") or {}).values()
                               if Path(source).is_absolute())]
     singles = [dockerfile, dockerfile.with_name(f"{dockerfile.name}{IGNORE_FILE}")] if dockerfile else []
-    for path in [*singles, *roots]:
-        digest.update(f"\0{path}\0{_stat_line(path)}".encode())
+    stats = [(str(path), path) for path in [*singles, *roots]]
     for root in roots:
         for folder, folders, files in os.walk(root):
             folders.sort()
-            for name in sorted(folders + files):
-                path = Path(folder, name)
-                digest.update(f"\0{path.relative_to(root)}\0{_stat_line(path)}".encode())
-    return digest.hexdigest()
-
-
-def _stat_line(path: Path) -> str:
-    try:
-        found = path.lstat()
-    except OSError as error:
-        return f"absent {error.errno}"
-    return (f"{found.st_dev} {found.st_ino} {found.st_mode:o} {found.st_size} {found.st_mtime_ns} "
-            f"{found.st_ctime_ns}")
+            paths = [Path(folder, name) for name in sorted(folders + files)]
+            stats += [(str(path.relative_to(root)), path) for path in paths]
+    newest = 0
+    for name, path in stats:
+        try:
+            found = path.lstat()
+        except OSError as error:
+            digest.update(f"\0{name}\0absent {error.errno}".encode())
+            continue
+        newest = max(newest, found.st_mtime_ns, found.st_ctime_ns)
+        digest.update(f"\0{name}\0{found.st_dev} {found.st_ino} {found.st_mode:o} {found.st_size} "
+                      f"{found.st_mtime_ns} {found.st_ctime_ns}".encode())
+    return digest.hexdigest(), newest
 
 
 def dockerfile_path(build: Build) -> Path | None:

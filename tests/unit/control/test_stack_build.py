@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.control import stack_project
 from tasks.control.compose_project import Build, ComposeProject
 from tasks.control.stack_project import (
     build_failure,
@@ -166,7 +167,8 @@ def test_a_frontend_image_that_cannot_be_fetched_is_named(tmp_path):
                               "'') must fetch from its registry, and that failed: failed to solve:")
 
 
-def test_a_remembered_tag_is_the_tag_and_any_write_to_the_context_makes_a_new_key(tmp_path):
+def test_a_remembered_tag_is_the_tag_and_any_write_to_the_context_makes_a_new_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(stack_project, "RACY_NS", 0)  # remembered however recent the writes below
     context = tmp_path / "context"
     context.mkdir()
     (context / "Dockerfile").write_text("FROM scratch\n")
@@ -182,6 +184,16 @@ def test_a_remembered_tag_is_the_tag_and_any_write_to_the_context_makes_a_new_ke
     assert remembered_tag(cache, project, build, "sha256:base") == tag_of(build) != first
     assert len(json.loads((cache / "image-tags.json").read_text())) == 2
     assert remembered_tag(cache, project, build, "sha256:other") == image_tag(project, build, "sha256:other")
+
+
+def test_a_context_written_within_the_last_two_seconds_is_hashed_and_not_remembered(tmp_path):
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM scratch\n")
+    build = build_of(context)
+    project = ComposeProject(build.context, ("compose.yaml",), "proj", {})
+    assert remembered_tag(tmp_path, project, build, "sha256:base") == tag_of(build)
+    assert not (tmp_path / "image-tags.json").exists()
 
 
 def test_an_unchanged_context_is_not_read_again_nor_the_docker_sdk_imported(tmp_path):
