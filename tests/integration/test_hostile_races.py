@@ -1,7 +1,7 @@
 """Races issue 12 names, on a real 2-host fleet, each judged by host state: an SSH connection killed
 while the host works on a received env (its objects arrived, nothing published yet) followed at once by
 a new deploy, and two hosts with other pattern sets for one commit in one run. The host's work is caught
-by a fixture `sha256sum`, not by timing, so every run takes the same path."""
+by a fixture `dd`, not by timing, so every run takes the same path."""
 
 from __future__ import annotations
 
@@ -30,50 +30,57 @@ COMMITS = hub.ensure_repos()
 MINILM_SHA, NESTED_SHA = COMMITS[hub.MINILM]["main"], COMMITS[hub.NESTED]["main"]
 MINILM_FOLDER, NESTED_FOLDER = "models--sentence-transformers--all-MiniLM-L6-v2", "models--mlstack-test--nested-tiny"
 
-# The fixture `sha256sum`, first on the PATH of the host's SSH sessions (bind-mounted over /usr/local/sbin in
-# the host's own mount namespace). Only the check of an env transfer's staged objects (`sha256sum --check` in
-# incoming/<mark>: the whole stream has arrived, nothing is published yet) is held; every other call is the
-# real sha256sum at once. The first check records its pid and the pid of its chain (the receive program of the
-# upload's channel: the oldest ancestor running env_store.sh) with their start times, and its folder; waits for
-# `go`; runs the real sha256sum and records its status. With `release-on-next-check`, the next check says
-# `go` itself and runs once that first chain has ended (then `orphan/ended-first`).
+# The fixture `dd`, first on the PATH of the host's SSH sessions (bind-mounted over /usr/local/sbin in the host's
+# own mount namespace). Only the check of an env transfer's staged objects (each read by `dd if=...` in
+# incoming/<mark>: the whole stream has arrived, nothing is published yet) is held; every other call is the real
+# dd at once. The first check records its pid and the pid of its chain (the receive program of the upload's
+# channel: the oldest ancestor running env_store.sh) with their start times, and its folder; waits for `go`;
+# runs the real dd (which opens the object only then) and records its status. With `release-on-next-check`,
+# the next check of another chain says `go` itself and runs once that first chain has ended (then
+# `orphan/ended-first`).
 STATE = "/srv/fixture-state"
 FIXTURE = f"""#!/bin/sh
 state={STATE}
-case "$* $(pwd)" in
-*--check*/ml-env/incoming/*) ;;
-*) exec /usr/bin/sha256sum "$@" ;;
+case "$1 $(pwd)" in
+if=*/ml-env/incoming/*) ;;
+*) exec /usr/bin/dd "$@" ;;
 esac
 start_of() {{ sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f20; }}  # a pid's start time (pids are reused)
-if mkdir "$state/orphan" 2>/dev/null; then
-    chain=$PPID
-    while parent=$(sed 's/.*) //' "/proc/$chain/stat" | cut -d' ' -f2) &&
-            tr '\\0' ' ' < "/proc/$parent/cmdline" | grep -q 'env_store[.]sh receive'; do
-        chain=$parent
+chain_of() {{  # the oldest ancestor running env_store.sh receive
+    chain="" pid=$PPID
+    while [ "$pid" -gt 1 ]; do
+        if tr '\\0' ' ' < "/proc/$pid/cmdline" | grep -q 'env_store[.]sh receive'; then chain=$pid; fi
+        pid=$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f2)
     done
+    echo "$chain"
+}}
+if mkdir "$state/orphan" 2>/dev/null; then
+    chain=$(chain_of)
     printf '%s\\n' "$$ $(start_of $$)" "$chain $(start_of "$chain")" "$(pwd)" > "$state/orphan/started.new"
     mv "$state/orphan/started.new" "$state/orphan/started"
     while [ ! -e "$state/go" ]; do sleep 0.1; done
-    /usr/bin/sha256sum "$@"
+    /usr/bin/dd "$@"
     status=$?
     echo "$status" > "$state/orphan/status"
     exit "$status"
 fi
-if [ -e "$state/release-on-next-check" ]; then
-    chain=$(sed -n 2p "$state/orphan/started")
-    start=${{chain#* }}
-    chain=${{chain% *}}
-    touch "$state/go"
-    tries=0
-    while [ "$tries" -lt 600 ]; do
-        now=$(sed 's/.*) //' "/proc/$chain/stat" 2>/dev/null | cut -d' ' -f1,20)
-        case $now in Z*|"") touch "$state/orphan/ended-first"; break ;; esac
-        [ "${{now#* }}" = "$start" ] || {{ touch "$state/orphan/ended-first"; break; }}
-        tries=$((tries + 1))
-        sleep 0.1
-    done
+if [ -e "$state/release-on-next-check" ] && [ ! -e "$state/released" ] && [ -e "$state/orphan/started" ]; then
+    first=$(sed -n 2p "$state/orphan/started")
+    start=${{first#* }}
+    first=${{first% *}}
+    if [ "$(chain_of)" != "$first" ]; then
+        touch "$state/released" "$state/go"
+        tries=0
+        while [ "$tries" -lt 600 ]; do
+            now=$(sed 's/.*) //' "/proc/$first/stat" 2>/dev/null | cut -d' ' -f1,20)
+            case $now in Z*|"") touch "$state/orphan/ended-first"; break ;; esac
+            [ "${{now#* }}" = "$start" ] || {{ touch "$state/orphan/ended-first"; break; }}
+            tries=$((tries + 1))
+            sleep 0.1
+        done
+    fi
 fi
-exec /usr/bin/sha256sum "$@"
+exec /usr/bin/dd "$@"
 """
 STAGED = re.compile(r"/incoming/([0-9a-f]{8})$")
 PLANNED = re.compile(r"ML env: env-[0-9a-f]{16} → (env-[0-9a-f]{16}) \(")
@@ -131,11 +138,11 @@ def checks_held(fleet, record):
     """RECORD's checks of staged env objects go through the fixture; afterwards no process of it is left and
     the mount is gone. Yields the fixture's state folder as the control node sees it."""
     fleet.ssh(record, f"mkdir -p /srv/fixture-bin {STATE} && printf %s {shlex.quote(FIXTURE)} "
-                      "> /srv/fixture-bin/sha256sum && chmod 0755 /srv/fixture-bin/sha256sum "
+                      "> /srv/fixture-bin/dd && chmod 0755 /srv/fixture-bin/dd "
                       "&& mount --bind /srv/fixture-bin /usr/local/sbin")
     state = fleet.fleet.host_dir(record.name) / STATE.removeprefix("/")
     try:
-        assert fleet.ssh(record, "command -v sha256sum").strip() == "/usr/local/sbin/sha256sum"  # the chain's
+        assert fleet.ssh(record, "command -v dd").strip() == "/usr/local/sbin/dd"  # the chain's
         yield state
     finally:
         (state / "go").touch()  # a held check goes on (or, its files gone, fails)
