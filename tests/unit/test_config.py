@@ -269,7 +269,7 @@ def test_a_directory_in_a_world_writable_temp_dir_is_refused(tree):
     ]
 
 
-@pytest.mark.parametrize("parent", ["/home", "/var", "/var/lib", "/srv", "/opt", "/mnt", "/media"])
+@pytest.mark.parametrize("parent", ["/home", "/var", "/var/lib", "/srv", "/opt", "/data", "/mnt", "/media"])
 def test_a_shared_parent_may_hold_the_directories_but_not_be_one(parent):
     assert problems_for(ml_env_dir=parent) == [
         f"gpu-01: ml_env_dir = {parent!r}: expected a directory of its own, such as '{parent}/mlstack', "
