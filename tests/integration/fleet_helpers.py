@@ -14,7 +14,10 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 from rehearsal import hub
 from rehearsal.index import WHEELHOUSE
@@ -92,6 +95,16 @@ def project_copy(tmp_path: Path, version: str) -> Path:
     project = tmp_path / f"reranker-{version}"
     shutil.copytree(RERANKER, project)
     (project / "app.py").write_text((RERANKER / "app.py").read_text() + f"# version {version}\n")
+    return project
+
+
+def reranker_edited(tmp_path: Path, name: str, edit: Callable[[dict], None]) -> Path:
+    """A copy of the reranker project named NAME whose compose.yaml EDIT has changed (a project of the user's own)."""
+    project = tmp_path / name
+    shutil.copytree(RERANKER, project)
+    compose = yaml.safe_load((project / "compose.yaml").read_text())
+    edit(compose)
+    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
     return project
 
 

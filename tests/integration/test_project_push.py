@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
+from fleet_helpers import reranker_edited
 
 COMPOSE = "/srv/mlstack/compose"
 PROJECT = "mlstack-reranker"
-RERANKER = Path(__file__).parents[2] / "files/stacks/reranker"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,12 +29,11 @@ def kinds(fleet, record, *names: str) -> list[str]:
 @pytest.mark.heavy
 def test_project_files_keep_their_modes_and_change_kind_on_real_hosts_and_a_redirect_fails_its_check(
         fleet, tmp_path):
-    project = tmp_path / "modes"
-    shutil.copytree(RERANKER, project)
-    compose = yaml.safe_load((project / "compose.yaml").read_text())
-    compose["services"]["reranker"]["secrets"] = ["db_password"]
-    compose["secrets"] = {"db_password": {"file": "./secrets/db_password"}}
-    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
+    def db_password_as_a_file(compose):
+        compose["services"]["reranker"]["secrets"] = ["db_password"]
+        compose["secrets"] = {"db_password": {"file": "./secrets/db_password"}}
+
+    project = reranker_edited(tmp_path, "modes", db_password_as_a_file)
     (project / "secrets").mkdir()
     (project / "secrets/db_password").write_text("pw-1")
     (project / "secrets/db_password").chmod(0o600)
@@ -66,6 +64,7 @@ def test_project_files_keep_their_modes_and_change_kind_on_real_hosts_and_a_redi
     (project / "config/sub").mkdir(parents=True)
     (project / "config/sub/app.yml").write_text("a: 2\n")
     # docs serves / : its /app (a directory) answers 301 to /app/, whose listing would answer 200
+    compose = yaml.safe_load((project / "compose.yaml").read_text())
     compose["services"]["docs"]["command"] = ["python3", "-m", "http.server", "8081", "--directory", "/"]
     (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
     third = fleet.deploy(*stack, "--data", f"http_checks={json.dumps(['http://{host}:8081/app'])}",

@@ -16,8 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
-from fleet_helpers import ArgvWatch
+from fleet_helpers import ArgvWatch, reranker_edited
 
 from rehearsal import hub, registry
 from rehearsal.baseimage import IMAGE_NAME
@@ -130,11 +129,8 @@ SPECIAL = "a: b # c 'single' \"double\" $HOME ${PATH} back\\slash = end"
 def test_values_with_compose_syntax_reach_the_services_that_read_them_exactly_and_secrets_stay_out_of_logs(
         fleet, tmp_path):
     # A project of the user's own, outside files/stacks/: the reranker with two more variables it reads.
-    project = tmp_path / "my-reranker"
-    shutil.copytree(RERANKER, project)
-    compose = yaml.safe_load((project / "compose.yaml").read_text())
-    compose["services"]["reranker"]["environment"] += ["GREETING=${GREETING}", "TOKEN=${MLSTACK_TEST_TOKEN}"]
-    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
+    project = reranker_edited(tmp_path, "my-reranker", lambda compose: compose["services"]["reranker"]["environment"]
+                              .extend(["GREETING=${GREETING}", "TOKEN=${MLSTACK_TEST_TOKEN}"]))
     secret = "s3cr3t-' #$(id)-${HOME}-value"
     run = fleet.deploy("-vvv", "--diff", "--data", f"stack={project}",
                        "--data", f"stack_env={json.dumps({'GREETING': SPECIAL})}",
@@ -339,11 +335,8 @@ def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_p
     """The fleet's own registry (Debian's docker-registry on the control node's bridge address, with a login)
     holds rehearsal/tools:1; a service of the project runs it."""
     reference = registry.tools_reference(fleet.fleet.gateway)
-    project = tmp_path / "with-tools"
-    shutil.copytree(RERANKER, project)
-    compose = yaml.safe_load((project / "compose.yaml").read_text())
-    compose["services"]["tools"] = {"image": reference, "command": ["sleep", "infinity"], "networks": ["rerank"]}
-    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
+    project = reranker_edited(tmp_path, "with-tools", lambda compose: compose["services"].update(
+        tools={"image": reference, "command": ["sleep", "infinity"], "networks": ["rerank"]}))
     hosts = fleet.hosts
 
     def forget_tools():
@@ -397,14 +390,13 @@ def test_a_registry_image_is_pulled_by_the_hosts_or_shipped_to_them(fleet, tmp_p
 @pytest.mark.heavy
 def test_a_compose_secret_is_a_file_only_in_the_services_that_use_it_and_a_rotation_recreates_only_them(
         fleet, tmp_path):
-    project = tmp_path / "with-secret"
-    shutil.copytree(RERANKER, project)
-    compose = yaml.safe_load((project / "compose.yaml").read_text())
-    reranker = compose["services"]["reranker"]
-    reranker["environment"] = [item for item in reranker["environment"] if "MLSTACK_API_KEY" not in item]
-    reranker["secrets"] = [{"source": "api_key", "uid": "0", "gid": "0", "mode": 0o400}]
-    compose["secrets"] = {"api_key": {"environment": "MLSTACK_API_KEY"}}
-    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
+    def api_key_as_a_file(compose):
+        reranker = compose["services"]["reranker"]
+        reranker["environment"] = [item for item in reranker["environment"] if "MLSTACK_API_KEY" not in item]
+        reranker["secrets"] = [{"source": "api_key", "uid": "0", "gid": "0", "mode": 0o400}]
+        compose["secrets"] = {"api_key": {"environment": "MLSTACK_API_KEY"}}
+
+    project = reranker_edited(tmp_path, "with-secret", api_key_as_a_file)
     data = ["--data", f"stack={project}", "--data", 'stack_secrets=["MLSTACK_API_KEY"]']
     first = fleet.deploy(*data, env={"MLSTACK_API_KEY": "k3y-one"})
     assert first.returncode == 0, first.output[-3000:]
