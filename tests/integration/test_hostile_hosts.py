@@ -84,6 +84,7 @@ def json_data(key: str, value) -> str:
     return f"{key}={json.dumps(value)}"
 
 
+@pytest.mark.heavy
 def test_files_in_the_model_cache_cannot_pose_as_records_and_a_planted_fifo_cannot_hang_the_run(fleet):
     assert fleet.deploy().returncode == 0
     target = fleet.hosts[0]

@@ -213,6 +213,7 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.heavy
 def test_a_rollout_that_uploads_everything_shows_each_host_from_the_report(fleet):
     fleet.wipe()  # no env, model or stack on either host: everything is sent
     result = fleet.tool("tasks.fleet.rollout", "--data", "rollout_canary=0", "--data", "rollout_batch=2")
