@@ -15,6 +15,7 @@ lock alone has none: it is held for the whole run, by design (lock.py).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,24 +65,27 @@ def stopped_at(lines: list[str]) -> tuple[list[str], str]:
     return lines, ""
 
 
-_applied: dict[str, HostDeadlines] = {}  # host name -> its deadlines, once `apply` ran for it
+# the run's state -> host name -> its deadlines, once `apply` ran for it: a second run in the same process
+# (another state) takes its own settings, never the first run's
+_applied: weakref.WeakKeyDictionary[Any, dict[str, HostDeadlines]] = weakref.WeakKeyDictionary()
 
 
 def apply(state, host, command_seconds: int, transfer_seconds: int) -> None:
     """From now on, every command of HOST in this run (its operations, facts and uploads) has its deadline:
     set as the deploy's own argument, which pyinfra's packaged deploys and each step pass on."""
-    if host.name not in _applied:
+    hosts = _applied.setdefault(state, {})
+    if host.name not in hosts:
         shell = pop_global_arguments(state, host, {})[0]["_shell_executable"] or "sh"
-        _applied[host.name] = host_deadlines(shell, command_seconds, transfer_seconds)
+        hosts[host.name] = host_deadlines(shell, command_seconds, transfer_seconds)
     kwargs = host.current_deploy_kwargs or {"_if": []}  # pyinfra combines the `_if`s of nested deploys
-    host.current_deploy_kwargs = {**kwargs, "_shell_executable": _applied[host.name].commands.shell(
-        _applied[host.name].shell)}
+    mine = hosts[host.name]
+    host.current_deploy_kwargs = {**kwargs, "_shell_executable": mine.commands.shell(mine.shell)}
 
 
 def arguments(host, kind: str, extra_seconds: int = 0) -> Mapping[str, Any]:
     """The connector arguments that give a command of HOST the deadline of KIND ("transfers", "commands",
     "none") plus EXTRA_SECONDS; none when `apply` did not run for HOST."""
-    applied = _applied.get(host.name)
+    applied = _applied.get(host.state, {}).get(host.name)
     if applied is None:
         return {}
     if kind == "none":

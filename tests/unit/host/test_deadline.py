@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import time
+import weakref
 from types import SimpleNamespace
 
 from pyinfra.api import FactBase
@@ -81,16 +82,25 @@ def test_a_probe_stopped_at_its_deadline_names_the_part_that_was_running(tmp_pat
                       "last": PartFailure("not read: the probe stopped at its deadline before it")}
 
 
+class FakeState:
+    """Stands for pyinfra's State: the deadlines are kept per run, by a weak reference to it."""
+
+
 def test_each_kind_of_command_gets_its_deadline_in_the_hosts_own_shell(monkeypatch):
-    host = SimpleNamespace(name="gpu-01", current_deploy_kwargs=None)
-    monkeypatch.setattr(deadline, "_applied", {})
+    state = FakeState()
+    host = SimpleNamespace(name="gpu-01", current_deploy_kwargs=None, state=state)
+    monkeypatch.setattr(deadline, "_applied", weakref.WeakKeyDictionary())
     monkeypatch.setattr(deadline, "pop_global_arguments", lambda state, host, kwargs: ({"_shell_executable": "bash"},))
     assert deadline.arguments(host, "commands") == {}  # not applied: commands run as pyinfra runs them
-    deadline.apply(None, host, 600, 7200)
+    deadline.apply(state, host, 600, 7200)
     commands, transfers = Deadline(600, SETTING), Deadline(7200, "host_transfer_timeout")
     assert host.current_deploy_kwargs == {"_if": [], "_shell_executable": commands.shell("bash")}
-    deadline.apply(None, host, 600, 7200)  # again (another entry point): still the host's own shell inside
+    deadline.apply(state, host, 600, 7200)  # again (another entry point): still the host's own shell inside
     assert host.current_deploy_kwargs["_shell_executable"] == commands.shell("bash")
     assert deadline.arguments(host, "transfers") == {"_shell_executable": transfers.shell("bash")}
     assert deadline.arguments(host, "commands", 180) == {"_shell_executable": Deadline(780, SETTING).shell("bash")}
+    later = FakeState()  # a second run in the same process, with its own settings, takes those
+    again = SimpleNamespace(name="gpu-01", current_deploy_kwargs=None, state=later)
+    deadline.apply(later, again, 60, 120)
+    assert deadline.arguments(again, "commands") == {"_shell_executable": Deadline(60, SETTING).shell("bash")}
     assert deadline.arguments(host, "none") == {"_shell_executable": "bash"}
