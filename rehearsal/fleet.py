@@ -139,12 +139,10 @@ class Fleet:
         from rehearsal.baseimage import ensure_archive  # debootstrap only when booting
 
         with self.locked():
-            live = {}
-            for record in self.records():
-                if is_alive(record):
-                    live[record.name] = record
-                else:
-                    self._stop_host(record)  # stale: reap what is left of it and boot it again
+            known = self.records()
+            live = {record.name: record for record in known if is_alive(record)}
+            # stale: reap what is left of them and boot them again
+            self.stop_hosts([record for record in known if record.name not in live])
             if not live:
                 for service in self.services().values():
                     stop_process(service)
@@ -153,8 +151,7 @@ class Fleet:
             self._ensure_bridge()
             self._ensure_client_key()
             wanted = [f"host{number}" for number in range(1, count + 1)]
-            for extra in sorted(set(live) - set(wanted)):
-                self._stop_host(live.pop(extra))
+            self.stop_hosts([live.pop(extra) for extra in sorted(set(live) - set(wanted))])
             missing = [name for name in wanted if name not in live]
             if missing:
                 archive = ensure_archive()
@@ -340,12 +337,15 @@ class Fleet:
     def down(self) -> list[str]:
         """Stop and remove everything of this fleet; return what could not be removed."""
         with self.locked():
-            for record in self.records():
-                self._stop_host(record)
-            for service in self.services().values():
-                stop_process(service)
+            self.stop_hosts(self.records())
+            _side_by_side(stop_process, list(self.services().values()))
             self._remove_everything()
         return self.leftovers()
+
+    def stop_hosts(self, records: list[HostRecord]) -> None:
+        """Stop RECORDS side by side: a host's dockerd takes seconds to stop its containers and the rest
+        is removing its files, so one after the other the waits add up (2 hosts: 29 s of the test session)."""
+        _side_by_side(self._stop_host, records)
 
     def _stop_host(self, record: HostRecord) -> None:
         stop_process(record)
@@ -394,6 +394,13 @@ class Fleet:
 
 def run(*argv: str) -> None:
     subprocess.run(argv, check=True)
+
+
+def _side_by_side(stop, records: list) -> None:
+    """STOP(record) for every record at once (each mostly waits for its process to go)."""
+    if records:
+        with ThreadPoolExecutor(max_workers=min(len(records), 32)) as pool:
+            list(pool.map(stop, records))
 
 
 def process_starttime(pid: int) -> str:
