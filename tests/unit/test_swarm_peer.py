@@ -114,13 +114,23 @@ def digests(objects: dict[str, bytes]) -> dict[str, str]:
     return {f"objects/{name}": hashlib.sha256(data).hexdigest() for name, data in objects.items()}
 
 
+def read_only(directory: Path) -> tuple[str, ...]:
+    """A command prefix that runs the command with DIRECTORY mounted read-only (as a host's store is in the
+    peer's container): in a user and mount namespace of its own, where the kernel allows them; else none."""
+    prefix = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+              'mount --bind -o ro "$0" "$0" && exec "$@"', str(directory))
+    usable = subprocess.run([*prefix, "true"], capture_output=True).returncode == 0
+    return prefix if usable else ()
+
+
 def test_a_seed_and_two_leechers_end_with_the_seeds_objects_and_leave_by_themselves(payload, tmp_path):
     seed_dir, torrent, objects = payload
     skipped = sorted(objects)[2]
     (tmp_path / "skip").write_text(f"{skipped}\nnot-in-the-torrent\n")
     seed_at, one_at, two_at = everyone = addresses(3)
     began = time.monotonic()
-    seed = start(tmp_path / "seed.log", torrent, seed_dir, seed_at, [one_at, two_at], "--seed", expect=2)
+    seed = start(tmp_path / "seed.log", torrent, seed_dir, seed_at, [one_at, two_at], "--seed", expect=2,
+                 wrap=read_only(seed_dir / "objects"))
     one = start(tmp_path / "one.log", torrent, tmp_path / "one", one_at, [seed_at, two_at],
                 "--skip-from", str(tmp_path / "skip"), expect=2)
     two = start(tmp_path / "two.log", torrent, tmp_path / "two", two_at, [seed_at, one_at], expect=2)
@@ -262,6 +272,8 @@ def test_the_peers_bind_connect_and_send_only_to_the_addresses_they_are_given(tm
         "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
         "enable_ip_notifier": False, "dht_bootstrap_nodes": "", "listen_interfaces": "10.213.0.5:6900",
         "outgoing_interfaces": "10.213.0.5", "listen_system_port_fallback": False}
+    settings = swarm_peer.session_settings("[fd00::5]:6900")
+    assert (settings["listen_interfaces"], settings["outgoing_interfaces"]) == ("[fd00::5]:6900", "fd00::5")
 
 
 def test_a_peer_ends_at_its_deadline_when_stalled_on_a_signal_and_when_its_port_is_taken(payload, tmp_path):
