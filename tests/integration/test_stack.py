@@ -97,6 +97,11 @@ def test_the_stack_is_healthy_everywhere_and_works_with_the_mounted_env_and_mode
     assert again.changed_operations() == []
     assert f"[host1] stack {PROJECT}: no change (2/2 services running and healthy)" in again.output
     assert {record.name: containers(fleet, record) for record in fleet.hosts} == before
+    # SIGTERM reaches the services (docker's init is their PID 1): a stop or a recreate waits no 10 s grace
+    for record in fleet.hosts:
+        took = fleet.ssh(record, f"cd {COMPOSE} && start=$(date +%s%N) && docker compose stop -t 10 2>&1 && "
+                                 "echo $(( ($(date +%s%N) - start) / 1000000 ))").split()[-1]
+        assert int(took) < 5000, f"{record.name}: docker compose stop took {took} ms"
 
 
 @pytest.mark.heavy
