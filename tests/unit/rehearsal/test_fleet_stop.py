@@ -41,5 +41,5 @@ def test_hosts_stop_side_by_side_each_waited_for_and_its_directory_removed(tmp_p
     assert [process.returncode for process, _ in started] == [0, 0, 0]  # each went on its own, after its wait
     assert not any(is_alive(record) for record in records)
     assert not any(fleet.host_dir(record.name).exists() for record in records)
-    # one after the other: 3 x 1.5 s
-    assert took < 3.0, f"3 hosts that each take 1.5 s to stop took {took:.1f} s"
+    # one after the other: 3 x 1.5 s at least
+    assert took < 3.5, f"3 hosts that each take 1.5 s to stop took {took:.1f} s"
