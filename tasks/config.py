@@ -11,6 +11,7 @@ arguments) are typos and fail too, with the closest known key as a suggestion.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -304,6 +305,16 @@ def _choice(*choices: str):
     return validate
 
 
+def _fanout_address(value: Any) -> str:
+    """An IP address a host's peers reach it on (no name: the swarm never asks a resolver), or ""."""
+    if value == "":
+        return value
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("expected an IP address of the host on the fleet's network, such as '10.0.4.21'") from None
+
+
 def _flag(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -400,6 +411,7 @@ IndexUrl = Annotated[str, BeforeValidator(_optional_url)]
 EndpointUrl = Annotated[str, BeforeValidator(_endpoint)]
 UrlList = Annotated[list[str], BeforeValidator(_list_of(_url))]
 HostList = Annotated[list[str], BeforeValidator(_list_of(_host_name))]
+FanoutAddress = Annotated[str, BeforeValidator(_fanout_address)]
 RepoId = Annotated[str, BeforeValidator(_repo_id)]
 Revision = Annotated[str, BeforeValidator(_revision)]
 Patterns = Annotated[Optional[tuple[str, ...]], BeforeValidator(_patterns)]
@@ -545,6 +557,18 @@ class HostConfig(BaseModel):
     ml_env_builder: EngineUrl = ""
     # Where the control node keeps built env artifacts and their objects.
     ml_env_cache_dir: ControlPath = "~/.cache/mlstack/ml-env"
+    # Hosts feed hosts (tasks/host/fanout.py): "auto" sends a new env's objects to one host, which seeds a swarm
+    # of the others; "off" sends every host its own copy.
+    fanout: Annotated[str, BeforeValidator(_choice("auto", "off"))] = "auto"
+    # The fan-out is used from this many hosts needing the same new objects, of at least fanout_min_bytes.
+    fanout_min_hosts: Annotated[int, BeforeValidator(_int_in(2, 100000, "expected a number of hosts, 2 or more"))] = 3
+    fanout_min_bytes: Annotated[int, BeforeValidator(_int_in(0, 2**50, "expected a number of bytes, 0 or more"))] \
+        = 64 * 2**20
+    # The TCP port the swarm's peers listen on, on each host's fleet address, while a transfer step runs.
+    fanout_port: Annotated[int, BeforeValidator(_int_in(1024, 65535, "expected a TCP port from 1024 to 65535"))] \
+        = 51871
+    # The address the other hosts reach this host's peer on: "" is the host's SSH address when that is an IP address.
+    fanout_address: FanoutAddress = ""
     # Package index for the env build; credentials as ${VAR} from the control node's environment.
     pip_index_url: IndexUrl = ""
     pip_extra_index_urls: UrlList = []

@@ -20,6 +20,10 @@
 #            damaged object is linked to its good copy (a new file, put in place by a rename)
 #        env_store.sh collect ENV_DIR
 #            removes the objects no env links to (a link count of 1)
+#        env_store.sh adopt ENV_DIR MARK
+#            the objects a fan-out swarm fetched into incoming/MARK/objects (tasks/host/fanout.py): each one
+#            whose content is what its name says (read as check_staged reads) gets its mode and time and
+#            enters objects/; any other is removed, and the deploy sends it directly. Says what it took.
 set -eu
 command=$1
 cd "$2"
@@ -30,6 +34,30 @@ if [ "$command" = list ] || [ "$command" = collect ]; then
     else
         find objects -maxdepth 1 -type f -name '*-*' -links 1 -delete
     fi
+    exit 0
+fi
+if [ "$command" = adopt ]; then
+    work=incoming/$3
+    if [ -L "$work" ] || [ -L "$work/objects" ] || [ ! -d "$work/objects" ]; then
+        echo "nothing arrived"
+        exit 0
+    fi
+    mkdir -p objects
+    # shellcheck disable=SC2016 # the inner script's own variables
+    said=$(cd "$work/objects" && find . -maxdepth 1 -type f -name '*-*' -printf '%f\n' |
+        xargs -r -P "$(nproc)" -n 256 sh -c 'for name; do
+            case ${name##*-} in [0-7][0-7][0-7] | [0-7][0-7][0-7][0-7]) ;; *) echo dropped; continue ;; esac
+            sum=$(dd if="$name" iflag=nofollow,nonblock bs=1M status=none 2>/dev/null | sha256sum)
+            if [ "${sum%% *}" = "${name%-*}" ] && chmod "${name##*-}" "$name" && touch -m -d @1577836800 "$name" &&
+                size=$(stat -c %s "$name") && mv -n -- "$name" ../../../objects/; then
+                echo "taken $size"
+            else
+                echo dropped
+            fi
+        done' sh)
+    rm -rf -- "$work"
+    echo "$said" | awk '$1 == "taken" { n++; b += $2 } $1 == "dropped" { d++ }
+        END { printf "%d object(s), %.1f MB, taken into the store from the swarm; %d dropped\n", n, b / 1e6, d }'
     exit 0
 fi
 made=

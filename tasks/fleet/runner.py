@@ -54,13 +54,13 @@ def limit_args(hosts: list[str]) -> list[str]:
 
 
 def run_deploy(*args: str, inventory: str = "inventory/rehearsal.py", env: dict | None = None,
-               echo: bool = False, function: str = DEPLOY) -> DeployRun:
+               echo: bool = False, function: str = DEPLOY, wrap: tuple[str, ...] = ()) -> DeployRun:
     """`pyinfra INVENTORY mlstack.deploy.converge ARGS --json` in the current directory (where pyinfra also
     looks for group_data/), with its report; ECHO streams pyinfra's log to our stderr. FUNCTION: another
-    packaged function that fills the report (tasks/status.py)."""
+    packaged function that fills the report (tasks/status.py). WRAP: a command pyinfra runs under (a tracer)."""
     with tempfile.TemporaryDirectory(prefix="mlstack-report-") as folder:
         report_file = Path(folder) / "report.json"
-        run = _run_pyinfra([PYINFRA, "--config", str(REPORT_HOOK), inventory, function, *args, "--json"],
+        run = _run_pyinfra([*wrap, PYINFRA, "--config", str(REPORT_HOOK), inventory, function, *args, "--json"],
                            {**os.environ, **(env or {}), REPORT_FILE: str(report_file)}, echo)
         written = read_report(report_file)
         run.report, run.executed = written.get("hosts", {}), written.get("executed", False)

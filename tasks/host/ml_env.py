@@ -51,7 +51,9 @@ from ..control.env_store import (
     tree_objects,
 )
 from ..report import EnvOutcome, report
+from . import fanout
 from .failure import HostProblem, fail_host, failed, step
+from .fanout import PeerRun, Swarm
 from .gpu_checks import CudaEnv, gate_problems, smoke_devices
 from .gpus import GpuState
 from .probe import ProbePart, carried, received
@@ -256,14 +258,38 @@ class EnvUpload(StreamedUpload):
     have lost some or gained them from another control node), checked on the control node before a byte
     leaves."""
 
-    def __init__(self, source: EnvSource, env_dir: str, owner: tuple[int, int], held: Tree | None = None):
+    def __init__(self, source: EnvSource, env_dir: str, owner: tuple[int, int], held: Tree | None = None,
+                 fan: tuple[Swarm, PeerRun] | None = None):
         super().__init__(b"", f"ML env {source.env}", f"{env_dir}/envs/{source.env}", owner)
-        self.env_source, self.env_dir, self.owner, self.held = source, env_dir, owner, held
+        self.env_source, self.env_dir, self.owner, self.held, self.fan = source, env_dir, owner, held, fan
 
     def __repr__(self):
         return f"EnvUpload({self.env_source.env}, {'mend' if self.held is not None else 'new'})"
 
     def execute(self, state, host, connector_arguments) -> bool:
+        """The direct path; with a fan-out (tasks/host/fanout.py), a leecher first fetches from its peers what
+        its store lacks, and the seed serves them once it holds the env."""
+        swarm, run = self.fan or (None, None)
+        role = swarm.role(state, host.name) if swarm else None
+        if swarm and role == "seed":
+            swarm.seed_started.set()
+        present = self._present(state, host, connector_arguments)
+        if swarm and run and role == "leech":
+            needs = self._needs(present) if isinstance(present, set) else {}
+            fanout.fetch(state, host, connector_arguments, swarm, run, needs, host.log)
+            present = self._present(state, host, connector_arguments) if needs else present
+        ok = False
+        try:
+            ok = self._direct(state, host, connector_arguments, present)
+        finally:
+            if swarm and role == "seed":
+                swarm.seeded(ok)
+        if swarm and run and role == "seed" and ok:
+            fanout.serve(state, host, connector_arguments, swarm, run, host.log)
+        return ok
+
+    def _present(self, state, host, connector_arguments) -> set[str] | str:
+        """The objects the host's store holds, or why it could not be listed."""
         listing = as_owner(*self.owner, program("env_store.sh", "list", self.env_dir))
         listed, output = host.run_shell_command(StringCommand(carried(listing)), **connector_arguments)
         try:  # every name comes back whole (one that is not UTF-8 as \xNN), never cut off at it
@@ -271,9 +297,19 @@ class EnvUpload(StreamedUpload):
         except ValueError as error:
             listed, names = False, [str(error)]
         if not listed:
-            return failed(host, f"{self.label}: the host's env store could not be listed "
-                                f"({' '.join((names or output.stderr_lines)[-1:])}); nothing was sent")
-        present = {line for line in names if OBJECT.fullmatch(line)}
+            return " ".join((names or output.stderr_lines)[-1:])
+        return {line for line in names if OBJECT.fullmatch(line)}
+
+    def _needs(self, present: set[str]) -> dict[str, int]:
+        """The objects (name -> size) the host lacks of the env."""
+        tree = env_tree(self.env_source.cache_dir, self.env_source.env, self.env_source.artifact())
+        return dict(plan_transfer(tree, present, self.held).send)
+
+    def _direct(self, state, host, connector_arguments, present: set[str] | str) -> bool:
+        """Send the host what its store lacks (PRESENT: what it holds), and the env's entries."""
+        if isinstance(present, str):
+            return failed(host, f"{self.label}: the host's env store could not be listed ({present}); "
+                                "nothing was sent")
         cache_dir, env, mend = self.env_source.cache_dir, self.env_source.env, self.held is not None
         transfer = plan_transfer(env_tree(cache_dir, env, self.env_source.artifact()), present, self.held)
         try:
@@ -290,12 +326,13 @@ class EnvUpload(StreamedUpload):
 
 
 @operation(is_idempotent=False)
-def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], held: Tree | None = None):
+def install_env(env_dir: str, source: EnvSource, owner: tuple[int, int], held: Tree | None = None,
+                fan: tuple[Swarm, PeerRun] | None = None):
     """Make the env on a host that lacks it, or mend the host's tree HELD of it: only what its store lacks is
-    sent (`EnvUpload`)."""
+    sent (`EnvUpload`), through the fan-out FAN where there is one."""
     quoted = shlex.quote(env_dir)
     yield as_owner(*owner, f"install -d -m 0700 {quoted}/incoming && install -d -m 0755 {quoted}/envs {quoted}/objects")
-    yield EnvUpload(source, env_dir, owner, held)
+    yield EnvUpload(source, env_dir, owner, held, fan)
 
 
 def repairable(fleet: FleetContext, cache_dir: Path, state: MlEnvState) -> tuple[tuple[str, int], ...]:
@@ -459,12 +496,22 @@ def converge(config: HostConfig, fleet: FleetContext, state: MlEnvState, base: B
     mend_store(config, fleet, state, source.cache_dir, plan)
     if transfer is not None:
         install_env(name=f"Upload and unpack {source.env}", env_dir=config.ml_env_dir, source=source,
-                    owner=env_owner(config))
+                    owner=env_owner(config), fan=fan_out(config, source, base, transfer))
     if plan.activate or recheck:
         activate_env(name=f"Import check, then switch to {source.env}",  # one name on every host: one operation
                      env_dir=config.ml_env_dir, env=source.env, image_id=base.id, python=base.python,
                      owner=env_owner(config), gpus=gate)
     return plan
+
+
+def fan_out(config: HostConfig, source: EnvSource, base: BaseImage, transfer: Transfer
+            ) -> tuple[Swarm, PeerRun] | None:
+    """This host's part in the env's fan-out, or None: the direct path."""
+    swarm = fanout.joined(config, source.env, source.cache_dir, base, transfer.object_bytes)
+    if swarm is None:
+        return None
+    seconds = max(config.host_transfer_timeout - 60, 30)  # the peer ends first; the host's deadline is the net
+    return swarm, PeerRun(config.ml_env_dir, env_owner(config), base.id, base.python, seconds)
 
 
 def mend_store(config: HostConfig, fleet: FleetContext, state: MlEnvState, cache_dir: Path, plan: EnvPlan) -> None:

@@ -32,34 +32,35 @@ BALLAST_DATA = random.Random(15).randbytes(6_000_000)
 BALLAST_OBJECT = hashlib.sha256(BALLAST_DATA).hexdigest() + "-644"  # its name in an env store
 
 
-def ballast_wheel() -> Path:
-    """A real wheel in the rehearsal index holding 6 MB that no other env has: a new env with it is sent at
-    least that much (only new files travel), so a transfer lasts long enough to be interrupted. Its
-    content is fixed, and so is the id of every env built with it."""
-    wheel = WHEELHOUSE / "mlstack_ballast-1.0-py3-none-any.whl"
+def ballast_wheel(name: str = BALLAST, data: bytes = BALLAST_DATA) -> Path:
+    """A real wheel NAME in the rehearsal index holding DATA (by default 6 MB) that no other env has: a new env
+    with it is sent at least that much (only new files travel), so a transfer lasts long enough to be
+    interrupted. Its content is fixed, and so is the id of every env built with it."""
+    package = name.replace("-", "_")
+    wheel = WHEELHOUSE / f"{package}-1.0-py3-none-any.whl"
     if not wheel.exists():
         files = {
-            "mlstack_ballast/__init__.py": b"",
-            "mlstack_ballast/ballast.bin": BALLAST_DATA,
-            "mlstack_ballast-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: mlstack-ballast\nVersion: 1.0\n",
-            "mlstack_ballast-1.0.dist-info/WHEEL":
+            f"{package}/__init__.py": b"",
+            f"{package}/ballast.bin": data,
+            f"{package}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+            f"{package}-1.0.dist-info/WHEEL":
                 b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-            "mlstack_ballast-1.0.dist-info/top_level.txt": b"mlstack_ballast\n",
+            f"{package}-1.0.dist-info/top_level.txt": f"{package}\n".encode(),
         }
-        record = "".join(f"{name},,\n" for name in files) + "mlstack_ballast-1.0.dist-info/RECORD,,\n"
+        record = "".join(f"{path},,\n" for path in files) + f"{package}-1.0.dist-info/RECORD,,\n"
         partial = wheel.with_suffix(".partial")
         with zipfile.ZipFile(partial, "w") as archive:
-            for name, data in {**files, "mlstack_ballast-1.0.dist-info/RECORD": record.encode()}.items():
-                archive.writestr(zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0)), data)
+            for path, content in {**files, f"{package}-1.0.dist-info/RECORD": record.encode()}.items():
+                archive.writestr(zipfile.ZipInfo(path, (2020, 1, 1, 0, 0, 0)), content)
         partial.rename(wheel)
     return wheel
 
 
-def new_requirements(tmp_path: Path) -> str:
-    """Requirements that make a new env on the next deploy, with 6 MB of new files (`ballast_wheel`)."""
-    ballast_wheel()
-    path = tmp_path / "next.txt"
-    path.write_text(REHEARSAL + f"{BALLAST}==1.0\n")
+def new_requirements(tmp_path: Path, name: str = BALLAST, data: bytes = BALLAST_DATA) -> str:
+    """Requirements that make a new env on the next deploy, with DATA (6 MB) of new files (`ballast_wheel`)."""
+    ballast_wheel(name, data)
+    path = tmp_path / f"next-{name}.txt"
+    path.write_text(REHEARSAL + f"{name}==1.0\n")
     return f"ml_env_requirements={path}"
 
 

@@ -1,0 +1,137 @@
+"""Hosts feed hosts (tasks/host/fanout.py) on a 4-host rehearsal fleet: a new env leaves the control node once, the
+other hosts fetch it from each other through a libtorrent swarm, every object is checked before it enters a store,
+and after the step no peer, container or listening port is left and nothing left the fleet."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fleet_helpers import ENV_DIR, active, new_requirements, wait_until
+
+from tasks.control.env_store import read_tree, tree_objects
+from tasks.fleet.runner import run_deploy
+
+HOSTS = 4
+PORT = 51871  # fanout_port's default
+BIG = "mlstack-fanout-ballast"
+BIG_DATA = random.Random(25).randbytes(40_000_000)  # incompressible: what is sent is what is new
+ENV_LINE = re.compile(r"\[(host\d+)\] ML env: (?:none|env-[0-9a-f]{16}) → (env-[0-9a-f]{16})")
+
+
+@pytest.fixture(scope="module")
+def four(fleet):
+    """The session's fleet grown to four hosts for this module, and back to its two after it."""
+    records = fleet.fleet.up(HOSTS)
+    fleet.wipe()
+    try:
+        yield type(fleet)(fleet.fleet, records)
+    finally:
+        fleet.wipe()
+        fleet.fleet.up(len(fleet.hosts))
+
+
+def deploy(fleet, cache: Path, *data: str, strace: Path | None = None, dry: bool = False):
+    args = [arg for item in ("ml_env_cache_dir=" + str(cache), *data) for arg in ("--data", item)]
+    tracer = ("strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect,sendto,sendmsg", "-o", str(strace))
+    return run_deploy("--dry" if dry else "-y", *args, env={"MLSTACK_FLEET": fleet.fleet.name},
+                      wrap=tracer if strace else ())
+
+
+def control_sent(fleet) -> int:
+    """Bytes the control node sent into the fleet: its bridge's own counter (what hosts send each other is
+    forwarded by the bridge, never counted on it)."""
+    return int(Path(f"/sys/class/net/{fleet.fleet.bridge}/statistics/tx_bytes").read_text())
+
+
+def outside_packets(fleet, record) -> int:
+    return int(re.search(r"packets (\d+)", fleet.ssh(record, "nft list counter inet fleet_egress outside"))[1])
+
+
+def peer_sockets(fleet, record) -> str:
+    """The swarm port's listening and open connections on RECORD (TIME-WAIT, the kernel's memory of a closed
+    connection, is neither)."""
+    return fleet.ssh(record, f"ss -Htn state listening state established '( sport = :{PORT} or dport = :{PORT} )'")
+
+
+def new_bytes(cache: Path, old: str, new: str) -> int:
+    before = tree_objects(read_tree(cache, old) or {})
+    return sum(size for name, size in tree_objects(read_tree(cache, new) or {}).items() if name not in before)
+
+
+def addresses_contacted(trace: Path) -> set[str]:
+    """Every inet address a traced process connected or sent to."""
+    return set(re.findall(r'sin_addr=inet_addr\("([0-9.]+)"\)', trace.read_text()))
+
+
+def test_a_new_env_leaves_the_control_node_once_and_every_host_checks_what_its_peers_sent(four, tmp_path):
+    cache = tmp_path / "cache"
+    first = deploy(four, cache, "fanout_min_bytes=0")  # the rehearsal env through the swarm too: kits placed
+    assert first.returncode == 0, first.output[-4000:]
+    (old,) = {env for _, env in ENV_LINE.findall(first.output)}
+    assert "seeds" in first.output, first.output[-4000:]
+
+    upgrade = ("fanout_min_bytes=0", new_requirements(tmp_path, BIG, BIG_DATA))
+    plan = deploy(four, cache, *upgrade, dry=True)  # builds the env (on host1's engine, from the control's index)
+    assert plan.returncode == 0 and re.search(r"host\d is sent [\d.]+ MB by the control node and seeds; 3 host\(s\) "
+                                              r"fetch [\d.]+ MB between hosts", plan.output), plan.output[-4000:]
+    sent_before, trace = control_sent(four), tmp_path / "connects.trace"
+    second = deploy(four, cache, *upgrade, strace=trace)
+    sent = control_sent(four) - sent_before
+    assert second.returncode == 0, second.output[-4000:]
+    (new,) = {env for _, env in ENV_LINE.findall(second.output)}
+    assert all(active(four, record) == new for record in four.hosts)
+
+    # One host was sent the new objects; the three others fetched them from peers and took each into their
+    # store only after its sha256 matched its name.
+    fresh = new_bytes(cache, old, new)
+    assert fresh >= len(BIG_DATA)
+    seeds = re.findall(r"\[(host\d)\] ML env fan-out: (host\d) is sent", second.output)
+    assert seeds and len({seed for _, seed in seeds}) == 1, second.output[-4000:]
+    fetched = re.findall(r"\[(host\d)\] ML env fan-out: ([\d.]+) MB from peers.*; (\d+) object\(s\), ([\d.]+) MB, "
+                         r"taken into the store from the swarm; 0 dropped", second.output)
+    assert len(fetched) == HOSTS - 1, second.output[-6000:]
+    assert all(float(mb) * 1e6 >= len(BIG_DATA) for _, _, _, mb in fetched)
+    assert sent <= 1.3 * fresh, f"control node sent {sent} bytes for {fresh} new bytes"
+
+    # The step left nothing behind: no peer container, no listener on the port, nothing staged.
+    for record in four.hosts:
+        assert four.ssh(record, "docker ps -aq --filter name=mlstack-swarm") == ""
+        assert peer_sockets(four, record) == "", record.name
+        assert four.ssh(record, f"ls -A {ENV_DIR}/incoming") == ""
+        assert outside_packets(four, record) == 0
+    # The control node's deploy talked to fleet addresses and loopback only (its peers run on the hosts).
+    subnet = four.fleet.gateway.rsplit(".", 1)[0] + "."
+    assert {address for address in addresses_contacted(trace)
+            if not address.startswith((subnet, "127."))} == set()
+
+
+@pytest.mark.heavy
+def test_a_peer_killed_mid_swarm_leaves_its_host_to_get_the_rest_directly(four, tmp_path):
+    """The peer of one host is killed while it fetches (its link slowed so that the swarm lasts): the run goes on,
+    that host is sent directly what it still lacks, and the others finish from their peers."""
+    cache, victim = tmp_path / "cache", four.hosts[-1]
+    assert deploy(four, cache).returncode == 0
+    data = random.Random(26).randbytes(len(BIG_DATA))
+    done: list = []
+    with four.throttled(victim, "40mbit"):
+        runner = threading.Thread(target=lambda: done.append(
+            deploy(four, cache, "fanout_min_bytes=0", new_requirements(tmp_path, BIG + "-2", data))))
+        runner.start()
+        wait_until(lambda: four.ssh(victim, "docker ps -q --filter name=mlstack-swarm --filter status=running"),
+                   "the victim's peer running", timeout=300)
+        time.sleep(2)
+        four.ssh(victim, "docker ps -q --filter name=mlstack-swarm | xargs -r docker kill")
+        runner.join(timeout=600)
+    (run,) = done
+    assert run.returncode == 0, run.output[-4000:]
+    (new,) = {env for _, env in ENV_LINE.findall(run.output)}
+    assert all(active(four, record) == new for record in four.hosts)
+    assert re.search(rf"\[{victim.name}\] ML env fan-out: the swarm did not finish", run.output), run.output[-4000:]
+    assert re.search(rf"\[{victim.name}\] ML env {new}: \d+ new file\(s\)", run.output)
+    assert four.ssh(victim, "docker ps -aq --filter name=mlstack-swarm") == ""
+    assert peer_sockets(four, victim) == ""

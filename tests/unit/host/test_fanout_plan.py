@@ -1,0 +1,108 @@
+"""The fan-out's decisions (tasks/host/fanout.py) as pure functions of what the plan knows, and the store taking in
+what a swarm fetched (`env_store.sh adopt`, run here on this machine's coreutils)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tasks.config import HostConfig
+from tasks.control.builder import BaseImage
+from tasks.host.fanout import Swarm, kit_problem, peer_address
+from tasks.host.programs import program
+
+MB = 1_000_000
+STAMP = 1577836800
+
+
+def swarm(*members: tuple[str, int], min_hosts: int = 3, min_bytes: int = 64 * MB) -> Swarm:
+    made = Swarm("env-0123456789abcdef", Path("/cache"), min_hosts, min_bytes)
+    for number, (name, planned) in enumerate(members):
+        made.join(name, f"10.0.0.{number + 1}", 51871, planned)
+    return made
+
+
+def state(*failed: str):
+    return SimpleNamespace(failed_hosts=[SimpleNamespace(name=name) for name in failed])
+
+
+def test_the_host_that_lacks_least_seeds_and_the_plan_says_what_leaves_the_control_node():
+    fan = swarm(("host1", 300 * MB), ("host2", 100 * MB), ("host3", 300 * MB))
+    assert fan.plan() == "host2 is sent 100.0 MB by the control node and seeds; 2 host(s) fetch 600.0 MB between hosts"
+    assert [fan.role(state(), name) for name in ("host1", "host2", "host3")] == ["leech", "seed", "leech"]
+
+
+def test_too_few_hosts_or_too_few_bytes_keep_the_direct_path():
+    few = swarm(("host1", 300 * MB), ("host2", 300 * MB))
+    assert "the direct path" in few.plan() and few.role(state(), "host1") is None
+    small = swarm(("host1", MB), ("host2", MB), ("host3", MB))
+    assert small.role(state(), "host1") is None
+
+
+def test_a_host_that_failed_before_the_step_neither_seeds_nor_counts():
+    fan = swarm(("host1", 10 * MB), ("host2", 300 * MB), ("host3", 300 * MB), ("host4", 300 * MB))
+    assert fan.role(state("host1"), "host2") == "seed"  # host1 lacked least but failed
+    assert fan.role(state("host1"), "host1") is None
+    assert swarm(("host1", 300 * MB), ("host2", 300 * MB), ("host3", 300 * MB)).choose(state("host3")) == ()
+
+
+def test_only_members_that_lack_something_take_part_and_all_registered_opens_the_torrent():
+    fan = swarm(("host1", 300 * MB), ("host2", 100 * MB), ("host3", 300 * MB))
+    fan.choose(state())
+    fan.register("host1", {"a-644": 5})
+    assert not fan.registered.is_set()
+    fan.register("host3", {})
+    assert fan.registered.is_set() and fan.participants() == ["host2", "host1"]
+    assert fan.endpoint("host1") == "10.0.0.1:51871"
+
+
+def test_the_peer_address_is_an_ip_the_setting_or_the_ssh_address_never_a_name():
+    assert peer_address(HostConfig(stack="reranker"), "10.1.2.3") == "10.1.2.3"
+    assert peer_address(HostConfig(stack="reranker"), "gpu-01.example") is None
+    assert peer_address(HostConfig(stack="reranker", fanout_address="10.9.9.9"), "gpu-01.example") == "10.9.9.9"
+    with pytest.raises(ValueError, match="expected an IP address"):
+        HostConfig(stack="reranker", fanout_address="gpu-01.example")
+
+
+def test_a_runtime_image_with_another_python_cannot_run_the_kit():
+    assert kit_problem(BaseImage("python:3.11-slim", "sha256:1", "python3.11", "linux/amd64")) is None
+    problem = kit_problem(BaseImage("python:3.12-slim", "sha256:1", "python3.12", "linux/amd64"))
+    assert problem and "python3.12" in problem
+
+
+def adopt(env_dir: Path, mark: str) -> str:
+    result = subprocess.run(["sh", "-c", program("env_store.sh", "adopt", env_dir, mark)], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_adopt_takes_only_objects_whose_content_is_their_name_and_gives_them_their_mode_and_time(tmp_path):
+    env_dir, mark = tmp_path / "env", "0badc0de"
+    arrived = env_dir / "incoming" / mark / "objects"
+    arrived.mkdir(parents=True)
+    good, bad = b"a good object\n", b"what a bad peer sent\n"
+    good_name = hashlib.sha256(good).hexdigest() + "-755"
+    bad_name = hashlib.sha256(b"what was asked for\n").hexdigest() + "-644"
+    (arrived / good_name).write_bytes(good)
+    (arrived / bad_name).write_bytes(bad)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not the owner's\n")
+    linked = hashlib.sha256(secret.read_bytes()).hexdigest() + "-644"
+    (arrived / linked).symlink_to(secret)
+    fifo = "0" * 64 + "-644"
+    os.mkfifo(arrived / fifo)
+
+    said = adopt(env_dir, mark)
+
+    assert said == "1 object(s), 0.0 MB, taken into the store from the swarm; 1 dropped"
+    assert sorted(os.listdir(env_dir / "objects")) == [good_name]
+    taken = (env_dir / "objects" / good_name).stat()
+    assert (taken.st_mode & 0o7777, int(taken.st_mtime)) == (0o755, STAMP)
+    assert not (env_dir / "incoming" / mark).exists()
+    assert adopt(env_dir, mark) == "nothing arrived"
