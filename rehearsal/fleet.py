@@ -452,15 +452,21 @@ def veths_of(index: int) -> list[str]:
     return re.findall(rf"^\d+: (mls{index}h\d+)[@:]", output, flags=re.M)
 
 
+def mounted_below(mountinfo_line: str, prefix: str) -> bool:
+    """Whether a line of /proc/<pid>/mountinfo names a mount at PREFIX or below it (its root or mount point)."""
+    return f" {prefix}/" in mountinfo_line or f" {prefix} " in mountinfo_line
+
+
 def mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
+    """Mounts at PATH or below it, in any process's view (fleet "fan" is not below fleet "fanb")."""
+    prefix = str(path).rstrip("/")
     found = []
     for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
         try:
             lines = mountinfo.read_text().splitlines()
         except OSError:  # gone meanwhile, or not readable in this sandbox
             continue
-        found += [line for line in lines if f" {prefix}" in line]
+        found += [line for line in lines if mounted_below(line, prefix)]
     return sorted(set(found))
 
 

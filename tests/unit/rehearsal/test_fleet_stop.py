@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from rehearsal.fleet import Fleet, HostRecord, is_alive, process_starttime
+from rehearsal.fleet import Fleet, HostRecord, is_alive, mounted_below, process_starttime
 
 # A supervisor that takes 1.5 s to go after SIGTERM, as a host's does while its dockerd stops the containers.
 SLOW_TO_STOP = """import signal, sys, time
@@ -43,3 +43,12 @@ def test_hosts_stop_side_by_side_each_waited_for_and_its_directory_removed(tmp_p
     assert not any(fleet.host_dir(record.name).exists() for record in records)
     # one after the other: 3 x 1.5 s at least
     assert took < 3.5, f"3 hosts that each take 1.5 s to stop took {took:.1f} s"
+
+
+def test_a_fleets_leftover_mounts_are_its_own_never_those_of_a_fleet_whose_name_it_begins():
+    """`fleet down` of "fan" must not report (or wait on) the mounts of a running fleet "fanb"."""
+    root = "/var/lib/mlstack-rehearsal/fleets"
+    line = "1194 1117 254:0 {} /root/.local ro,relatime - ext4 /dev/vda rw"
+    assert mounted_below(line.format(f"{root}/fan/hosts/host1/srv"), f"{root}/fan")
+    assert mounted_below(line.format(f"{root}/fan"), f"{root}/fan")
+    assert not mounted_below(line.format(f"{root}/fanb/hosts/host7/srv"), f"{root}/fan")
