@@ -1,6 +1,6 @@
-"""What the fleet test modules share: a new env to install, a host's active env and envs, the bytes sent to
-a host, the mlstack command, copies of the reranker project, a host's SSH sessions (to kill a connection on
-the host's side), an argv watch, and waiting for a condition."""
+"""What the fleet test modules share: a plain compose project, a new env to install, a host's active env and
+envs, the bytes sent to a host, the mlstack command, copies of the reranker project, a host's SSH sessions (to
+kill a connection on the host's side), an argv watch, and waiting for a condition."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from rehearsal import hub
+from rehearsal.baseimage import IMAGE_NAME
 from rehearsal.index import WHEELHOUSE
 
 REPO = Path(__file__).parents[2]
@@ -165,3 +166,16 @@ class ArgvWatch(threading.Thread):
     def __exit__(self, *exc):
         self.done.set()
         self.join()
+
+
+def plain_project(tmp_path: Path) -> Path:
+    """A compose project of one plain `image:` service, the image every rehearsal host holds: no build, no env
+    (unless `ml_services` gives `web` one)."""
+    project = tmp_path / "plain"
+    project.mkdir(exist_ok=True)
+    (project / "compose.yaml").write_text(yaml.safe_dump({"name": "mlstack-plain", "services": {"web": {
+        "image": IMAGE_NAME, "command": ["python3", "-m", "http.server", "8090"],
+        "healthcheck": {"test": ["CMD", "python3", "-c",
+                                 "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8090/')"],
+                        "interval": "2s", "timeout": "5s", "retries": 30}}}}, sort_keys=False))
+    return project

@@ -10,8 +10,7 @@ import re
 
 import docker
 import pytest
-import yaml
-from fleet_helpers import ENV_DIR, active
+from fleet_helpers import ENV_DIR, active, plain_project
 
 from rehearsal import registry
 from rehearsal.baseimage import IMAGE_NAME
@@ -32,18 +31,6 @@ def image_id(fleet, record, reference: str = IMAGE_NAME) -> str:
 
 def operation_names(run) -> list[str]:
     return [op["name"] for op in run.operations]
-
-
-def plain_project(tmp_path):
-    """A compose project of one plain `image:` service, the image every rehearsal host holds: no build, no env."""
-    project = tmp_path / "plain"
-    project.mkdir()
-    (project / "compose.yaml").write_text(yaml.safe_dump({"name": "mlstack-plain", "services": {"web": {
-        "image": IMAGE_NAME, "command": ["python3", "-m", "http.server", "8090"],
-        "healthcheck": {"test": ["CMD", "python3", "-c",
-                                 "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8090/')"],
-                        "interval": "2s", "timeout": "5s", "retries": 30}}}}, sort_keys=False))
-    return project
 
 
 def test_with_no_service_using_the_env_nothing_of_it_is_built_sent_checked_or_mounted(fleet, tmp_path):

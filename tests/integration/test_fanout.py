@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet_helpers import ENV_DIR, active, new_requirements, wait_until
+from fleet_helpers import ENV_DIR, active, new_requirements, plain_project, wait_until
 
 from tasks.control.env_store import read_tree, tree_objects
 from tasks.fleet.runner import run_deploy
@@ -36,7 +36,10 @@ def four(fleet):
 
 
 def deploy(fleet, cache: Path, *data: str, strace: Path | None = None, dry: bool = False):
-    args = [arg for item in ("ml_env_cache_dir=" + str(cache), *data) for arg in ("--data", item)]
+    """The env alone on the hosts: a plain project whose one service mounts it, no models, no image to build."""
+    light = [f"stack={plain_project(cache.parent)}", 'ml_services={"web": {"ml_env": true}}', "service_gpus={}",
+             "models=[]", "service_models={}", "http_checks=[]", f"ml_env_cache_dir={cache}"]
+    args = [arg for item in (*light, *data) for arg in ("--data", item)]
     tracer = ("strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect,sendto,sendmsg", "-o", str(strace))
     return run_deploy("--dry" if dry else "-y", *args, env={"MLSTACK_FLEET": fleet.fleet.name},
                       wrap=tracer if strace else ())
