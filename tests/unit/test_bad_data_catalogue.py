@@ -54,6 +54,11 @@ BAD = [
                      "./ or ../ (from the directory the deploy runs in), or a name under files/stacks/ "
                      "(archon, reranker)"),
     ("model_mode=everywhere", "model_mode = 'everywhere': expected one of 'control', 'host'"),
+    ("fanout=always", "fanout = 'always': expected one of 'auto', 'off'"),
+    ("fanout_port=80", "fanout_port = 80: expected a TCP port from 1024 to 65535"),
+    ("fanout_min_hosts=1", "fanout_min_hosts = 1: expected a number of hosts, 2 or more"),
+    ("fanout_address=gpu-01.example", "fanout_address = 'gpu-01.example': expected an IP address of the host on the "
+                                      "fleet's network, such as '10.0.4.21'"),
     ("ml_env_requirements=no-such.txt", "ml_env_requirements = 'no-such.txt': expected a requirements file, but"),
     ('stack_secrets=["MLSTACK_NOT_SET_ANYWHERE"]',
      "stack_secrets = ['MLSTACK_NOT_SET_ANYWHERE']: expected MLSTACK_NOT_SET_ANYWHERE to be set in the control "
