@@ -294,8 +294,8 @@ def _run(state, host, arguments: Mapping[str, Any], command: str, stdin: bytes |
         elif channel.recv_stderr_ready():
             *lines, pending = (pending + channel.recv_stderr(65536)).split(b"\n")
             if log is not None:
-                for line in lines:
-                    log(line.decode(errors="replace"))
+                for line in lines:  # what a host prints: only printable text reaches the log
+                    log("".join(char if char.isprintable() else "?" for char in line.decode(errors="replace")))
         elif channel.exit_status_ready():
             break
         else:
