@@ -270,9 +270,14 @@ def _peer(state, host, arguments: Mapping[str, Any], swarm: Swarm, run: PeerRun,
     return parse_result(lines), (said[-1] if adopted and said else "nothing was taken into the store")
 
 
+def printable(text: str) -> str:
+    """TEXT a host printed, as it may reach the log: every character that is not printable shown as '?'."""
+    return "".join(char if char.isprintable() else "?" for char in text)
+
+
 def describe(result: SwarmResult) -> str:
     if not result.complete:
-        return f"the swarm did not finish ({result.reason}); the rest is sent directly"
+        return f"the swarm did not finish ({printable(result.reason[:200])}); the rest is sent directly"
     return (f"{result.downloaded / 1e6:.1f} MB from peers, {result.uploaded / 1e6:.1f} MB to peers, "
             f"{result.rejected} piece(s) rejected")
 
@@ -295,7 +300,7 @@ def _run(state, host, arguments: Mapping[str, Any], command: str, stdin: bytes |
             *lines, pending = (pending + channel.recv_stderr(65536)).split(b"\n")
             if log is not None:
                 for line in lines:  # what a host prints: only printable text reaches the log
-                    log("".join(char if char.isprintable() else "?" for char in line.decode(errors="replace")))
+                    log(printable(line.decode(errors="replace")))
         elif channel.exit_status_ready():
             break
         else:

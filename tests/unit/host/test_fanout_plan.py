@@ -13,7 +13,8 @@ import pytest
 
 from tasks.config import HostConfig
 from tasks.control.builder import BaseImage
-from tasks.host.fanout import Swarm, kit_problem, peer_address
+from tasks.control.swarm import SwarmResult
+from tasks.host.fanout import Swarm, describe, kit_problem, peer_address
 from tasks.host.programs import program
 
 MB = 1_000_000
@@ -106,3 +107,8 @@ def test_adopt_takes_only_objects_whose_content_is_their_name_and_gives_them_the
     assert (taken.st_mode & 0o7777, int(taken.st_mtime)) == (0o755, STAMP)
     assert not (env_dir / "incoming" / mark).exists()
     assert adopt(env_dir, mark) == "nothing arrived"
+
+
+def test_what_a_peer_says_reaches_the_log_as_printable_text_only():
+    said = describe(SwarmResult(False, reason="\x1b[2Jstalled\r"))
+    assert said == "the swarm did not finish (?[2Jstalled?); the rest is sent directly"
