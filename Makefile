@@ -8,7 +8,7 @@ N ?= 2
 FLEET ?= rehearsal
 export MLSTACK_FLEET := $(FLEET)
 
-.PHONY: rehearse test lint test-unit test-fast test-heavy test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-status bench-noop prereqs venv lock
+.PHONY: rehearse test lint test-unit test-fast test-heavy test-slow fleet-up fleet-down fleet-status bench bench-transfer bench-env bench-fanout bench-status bench-noop prereqs venv lock
 
 ## The two set-up commands (README Quickstart)
 rehearse: prereqs venv  ## converge a local rehearsal fleet twice; the second run must change nothing
@@ -55,6 +55,9 @@ bench-transfer: prereqs venv  ## one 500 MB upload: the deploy's path against Op
 
 bench-env: prereqs venv  ## the production env on 2 hosts: first install, upgrades, disk of 3 versions, throughput
 	$(PY) -m bench.env_store
+
+bench-fanout: prereqs venv  ## hosts feed hosts at 8 and 16 hosts: control egress and wall time, direct vs fan-out; the model at 100 and 1,000
+	$(PY) -m bench.fanout
 
 bench-status: prereqs venv  ## mlstack status against an empty pyinfra run on 8 hosts (make bench-status N=4: on 4)
 	$(PY) -m bench.status $(if $(filter command line,$(origin N)),$(N),8)
