@@ -111,8 +111,8 @@ class Swarm:
         seed = min(self.members, key=lambda name: self.members[name].planned)
         between = sum(member.planned for name, member in self.members.items() if name != seed)
         if not self.used(list(self.members)):
-            return (f"{len(self.members)} host(s) so far need {self.env}: the direct path (the fan-out from "
-                    f"{self.min_hosts} hosts and {self.min_bytes / 1e6:.0f} MB)")
+            return (f"{len(self.members)} host(s) so far need {self.env}; a swarm takes {self.min_hosts} hosts and "
+                    f"{self.min_bytes / 1e6:.0f} MB, else the direct path (the last host's line gives the plan)")
         return (f"{seed} is sent {self.members[seed].planned / 1e6:.1f} MB by the control node and seeds; "
                 f"{len(self.members) - 1} host(s) fetch {between / 1e6:.1f} MB between hosts")
 
