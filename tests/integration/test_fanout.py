@@ -24,15 +24,17 @@ ENV_LINE = re.compile(r"\[(host\d+)\] ML env: (?:none|env-[0-9a-f]{16}) → (env
 
 
 @pytest.fixture(scope="module")
-def four(fleet):
-    """The session's fleet grown to four hosts for this module, and back to its two after it."""
+def four(fleet, request):
+    """The session's fleet grown to four hosts for this module, and back to its two after it unless the session
+    ends with it (conftest runs it last; the session's teardown then stops all four at once)."""
     records = fleet.fleet.up(HOSTS)
     fleet.wipe()
     try:
         yield type(fleet)(fleet.fleet, records)
     finally:
-        fleet.wipe()
-        fleet.fleet.up(len(fleet.hosts))
+        if request.session.items[-1].module is not request.module:
+            fleet.wipe()
+            fleet.fleet.up(len(fleet.hosts))
 
 
 def deploy(fleet, cache: Path, *data: str, strace: Path | None = None, dry: bool = False):

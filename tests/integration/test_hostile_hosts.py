@@ -104,6 +104,7 @@ def test_files_in_the_model_cache_cannot_pose_as_records_and_a_planted_fifo_cann
     assert run.changed_operations() == []
 
 
+@pytest.mark.heavy  # make test's 15 minutes: the probe part's framing stays there (test_names_that_are_not_utf8…)
 def test_a_broken_nvidia_smi_fails_that_host_alone_and_the_other_converges(fleet):
     broken, other = fleet.hosts
     # A fixture, not a GPU: the line nvidia-smi prints when it cannot reach the driver, and its status,
@@ -183,6 +184,7 @@ def test_links_the_cache_owner_plants_never_lead_root_outside_the_cache(fleet, p
     assert fleet.deploy(*by_branch).changed_operations() == []
 
 
+@pytest.mark.heavy  # make test's 15 minutes (the lock's checks: tests/unit/host/test_lock.py)
 def test_a_lock_a_local_user_holds_does_not_block_the_deploy(fleet):
     target = fleet.hosts[0]
     # uid 1000 holds a flock on the lock's old place (world-writable /run/lock): before, this blocked every deploy

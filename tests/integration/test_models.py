@@ -205,8 +205,9 @@ def test_host_mode_downloads_on_each_host_and_a_branch_revision_gets_its_ref(fle
     assert not (control_cache / NESTED_FOLDER / "blobs").exists()  # the control node downloaded no file
 
 
-@pytest.mark.parametrize("path", ["../../../../../../tmp/mlstack-escape", "/tmp/mlstack-escape",
-                                  "onnx/../../../mlstack-escape"])
+@pytest.mark.parametrize("path", [  # one in make test, the other two shapes in make test-heavy (its 15 minutes)
+    pytest.param("../../../../../../tmp/mlstack-escape", marks=pytest.mark.heavy),
+    pytest.param("/tmp/mlstack-escape", marks=pytest.mark.heavy), "onnx/../../../mlstack-escape"])
 def test_a_tree_listing_a_path_outside_the_repo_is_refused_before_any_host_changes(fleet, control_cache, path):
     # The deploy plans from what the mirror listed for the commit, kept as trees/<commit>.json in the
     # control cache: a hostile listing planted there is what a malicious mirror would have sent.

@@ -20,6 +20,7 @@ def host_row(result, name: str) -> str:
     return next(line for line in result.stdout.splitlines() if line.startswith(name + " "))
 
 
+@pytest.mark.heavy  # 88 s: make test's 15 minutes
 def test_verify_passes_a_converged_fleet_and_finds_each_kind_of_drift_without_repairing_it(fleet):
     fleet.wipe()
     assert fleet.deploy().returncode == 0
