@@ -90,6 +90,7 @@ build_env(client, "recipe-killed", base, sys.argv[3], json.loads(sys.argv[4]), P
 """
 
 
+@pytest.mark.heavy  # a fault scenario: make test's 15 minutes
 def test_a_deploy_killed_mid_build_stops_the_build_and_leaves_no_credential_on_the_builder(fleet, builder, tmp_path):
     record, client = builder
     password = "idx-pw-7f3a9c"  # pypiserver here takes any login: the URL carries it as a private index's would
