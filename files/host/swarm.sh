@@ -59,6 +59,14 @@ peer)
     else
         set -- "$@" --skip-from /swarm/.held
     fi
+    # docker resolves a bind mount's source as root: each one must be the owner's own directory, reached without
+    # a link (the owner could point one anywhere); what changes after this check is read only as the owner.
+    for path in "$work" "$work/objects" "$kit" ${store:+"$env_dir/objects"}; do
+        if [ "$(cd -P -- "$path" 2>/dev/null && pwd)" != "$path" ] || [ "$(stat -c %u:%g -- "$path")" != "$ids" ]; then
+            echo "$path: not a directory of $ids reached without a link; the peer is not started" >&2
+            exit 1
+        fi
+    done
     trap 'docker rm -f "$name" >/dev/null 2>&1 || true' EXIT
     trap 'exit 143' TERM INT HUP
     docker rm -f "$name" >/dev/null 2>&1 || true  # a peer of this run's mark that an earlier try left
