@@ -3,7 +3,7 @@
 For each fleet size (one fleet, "fanb", wiped between runs, a fresh control cache each size):
 
 - the first install of the rehearsal deploy, `fanout=off` against `fanout=auto` with `fanout_min_bytes=0` (so
-  the rehearsal's small env fans out too);
+  the rehearsal's small env, its two models and its built image fan out too);
 - an upgrade whose new env holds a 210 MB wheel of random bytes (incompressible: what is sent is what is new),
   from the same pre-upgrade state each time (a wipe and a first deploy before the direct one);
 - a deploy that changes nothing (the fixed cost of a run, for the model's calibration).
@@ -12,8 +12,9 @@ Both envs are built (and unpacked into the control cache) by dry runs before the
 transfers, not builds. Per run: bytes the control node sent (the fleet bridge's own tx counter: host-to-host
 traffic is forwarded by the bridge, never counted there), bytes one host that does not seed received (the
 control side of its veth: all it was sent, by the control node and by its peers), wall time. Then the model
-(bench/fanout_model.py) calibrated with these figures. Targets: control egress <= 1.3x the new bytes at 8 and
-16 hosts; the fan-out's wall time no worse than the direct path's at 8 hosts.
+(bench/fanout_model.py) calibrated with these figures (`python -m bench.fanout 8`: one size only). Targets:
+control egress <= 1.3x the new bytes at 8 and 16 hosts; the fan-out's wall time no worse than the direct
+path's at 8 hosts.
 """
 
 from __future__ import annotations
@@ -111,15 +112,15 @@ def one_size(fleet: Fleet, count: int, scratch: Path, upgrade: str) -> tuple[lis
 
 def print_table(rows: list[Row], load: str) -> None:
     print(f"\nmachine: {os.cpu_count()} cores, load average at the start / end: {load}\n")
-    print("| hosts | step | path | new MB | control MB sent | control / new | one host MB received | wall s "
-          "| fan-out / direct wall |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| hosts | step | path | new env MB | control MB sent | control / new env | one host MB received "
+          "| control / one host | wall s | fan-out / direct wall |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     walls = {(row.hosts, row.step, row.path): row.seconds for row in rows}
     for row in rows:
         relative = (f"{row.seconds / walls[(row.hosts, row.step, 'direct')]:.2f}" if row.path == "fan-out" else "")
         print(f"| {row.hosts} | {row.step} | {row.path} | {row.new / 1e6:.1f} | {row.control / 1e6:.1f} | "
-              f"{row.control / row.new:.2f} | {row.received / 1e6:.1f} ({row.host}) | {row.seconds:.1f} | "
-              f"{relative} |")
+              f"{row.control / row.new:.2f} | {row.received / 1e6:.1f} ({row.host}) | "
+              f"{row.control / row.received:.2f} | {row.seconds:.1f} | {relative} |")
 
 
 def verdict(rows: list[Row]) -> None:
@@ -145,6 +146,7 @@ def loadavg() -> str:
 
 
 def main() -> None:
+    sizes = [int(size) for size in sys.argv[1:]] or SIZES  # `python -m bench.fanout 8`: one size
     fleet = Fleet("fanb")
     load = loadavg()
     rows: list[Row] = []
@@ -153,7 +155,7 @@ def main() -> None:
         scratch = Path(folder)
         upgrade = new_requirements(scratch, BALLAST, random.Random(31).randbytes(BALLAST_BYTES))
         try:
-            for count in SIZES:
+            for count in sizes:
                 measured, idle[count] = one_size(fleet, count, scratch, upgrade)
                 rows += measured
         finally:

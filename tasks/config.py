@@ -557,10 +557,10 @@ class HostConfig(BaseModel):
     ml_env_builder: EngineUrl = ""
     # Where the control node keeps built env artifacts and their objects.
     ml_env_cache_dir: ControlPath = "~/.cache/mlstack/ml-env"
-    # Hosts feed hosts (tasks/host/fanout.py): "auto" sends a new env's objects to one host, which seeds a swarm
-    # of the others; "off" sends every host its own copy.
+    # Hosts feed hosts (tasks/host/fanout.py): "auto" sends what is new (env objects, model files, image archives)
+    # to one host, which seeds a swarm of the others; "off" sends every host its own copy.
     fanout: Annotated[str, BeforeValidator(_choice("auto", "off"))] = "auto"
-    # The fan-out is used from this many hosts needing the same new objects, of at least fanout_min_bytes.
+    # The fan-out is used from this many hosts needing the same new files, of at least fanout_min_bytes.
     fanout_min_hosts: Annotated[int, BeforeValidator(_int_in(2, 100000, "expected a number of hosts, 2 or more"))] = 3
     fanout_min_bytes: Annotated[int, BeforeValidator(_int_in(0, 2**50, "expected a number of bytes, 0 or more"))] \
         = 64 * 2**20

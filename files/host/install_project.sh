@@ -1,18 +1,18 @@
 #!/bin/sh
 # Put the compose project staged in COMPOSE_DIR/STAGE/project.tar in place (STAGE: this run's own,
 # stage_project.sh). Run holding the compose directory's lock (stack_locked.sh): no step of an earlier run is
-# still at work, so what earlier runs left (stages, image uploads) is removed first. The project is unpacked
-# in STAGE (modes as the deploy set them) and checked with compose itself; then the kind of every name, before
-# anything moves: where this push puts a file the host may hold a file, or a directory holding only files the
-# previous push placed (they go); where it puts a directory, a directory, or a file the previous push placed
-# (it goes). Anything else stops the install with nothing changed. Then what the previous push placed and
-# this one does not is removed, each file moved into place (one rename each), and .mlstack-files written
-# last: it records a complete push.
+# still at work, so what earlier runs left (stages, image uploads, a fan-out's image folders) is removed first.
+# The project is unpacked in STAGE (modes as the deploy set them) and checked with compose itself; then the
+# kind of every name, before anything moves: where this push puts a file the host may hold a file, or a
+# directory holding only files the previous push placed (they go); where it puts a directory, a directory, or
+# a file the previous push placed (it goes). Anything else stops the install with nothing changed. Then what
+# the previous push placed and this one does not is removed, each file moved into place (one rename each),
+# and .mlstack-files written last: it records a complete push.
 # usage: install_project.sh COMPOSE_DIR STAGE
 set -eu
 cd "$1"
 stage=$2
-for leftover in .next .next-* .image.tar.gz .image-*.tar.gz; do
+for leftover in .next .next-* .image.tar.gz .image-*.tar.gz .image-*.seed .image-*.swarm; do
     if [ "$leftover" != "$stage" ]; then rm -rf -- "$leftover"; fi
 done
 mkdir "$stage/tree"

@@ -1,17 +1,18 @@
 #!/bin/sh
 # The fan-out swarm on a host (tasks/host/fanout.py).
 #
-# usage: swarm.sh kit KIT SHA256                          (as the env dir's owner)
+# usage: swarm.sh kit KIT SHA256                          (as root)
 #            stdin: the kit (libtorrent's package and swarm_peer.py, a tar.gz), checked against SHA256, then
-#            unpacked and renamed into place whole as the folder KIT (the peers mount it read-only)
-#        swarm.sh stage ENV_DIR MARK TORRENT_BYTES        (as the env dir's owner)
-#            stdin: the torrent (TORRENT_BYTES), then the objects the host holds (a name a line), written to
-#            ENV_DIR/incoming/MARK/.torrent and .held; objects/ there is where a leecher's files arrive
-#        swarm.sh peer KIT IMAGE PYTHON UID:GID ENV_DIR MARK ROLE LISTEN SECONDS STALL [PEER...]   (as root)
-#            runs KIT/swarm_peer.py as UID:GID in a container of IMAGE on the host's network: ROLE seed serves
-#            ENV_DIR/objects (mounted read-only), leech fetches into ENV_DIR/incoming/MARK/objects. It
-#            listens on LISTEN only and knows only the PEERs. The container is removed when this ends,
-#            however it ends; the peer's own deadline is SECONDS.
+#            unpacked and renamed into place whole as the folder KIT, root's (every peer mounts it read-only)
+#        swarm.sh stage WORK TORRENT_BYTES                  (as the files' owner)
+#            stdin: the torrent (TORRENT_BYTES), then the files the host holds (a name a line), written to
+#            WORK/.torrent and .held (WORK: this run's own, made afresh); WORK/objects is where a leecher's
+#            files arrive
+#        swarm.sh peer KIT IMAGE PYTHON UID:GID WORK STORE ROLE LISTEN SECONDS STALL [PEER...]   (as root)
+#            runs KIT/swarm_peer.py as UID:GID in a container of IMAGE on the host's network, every capability
+#            dropped: ROLE seed serves STORE (mounted read-only), leech fetches into WORK/objects. It listens
+#            on LISTEN only and knows only the PEERs. The container is removed when this ends, however it
+#            ends; the peer's own deadline is SECONDS.
 set -eu
 command=$1
 shift
@@ -20,6 +21,10 @@ kit)
     kit=$1 sha256=$2
     kits=${kit%/*}
     mkdir -p "$kits"
+    if [ "$(cd -P -- "$kits" && pwd)" != "$kits" ] || [ "$(stat -c %u -- "$kits")" != 0 ]; then
+        echo "$kits: not root's directory reached without a link; the kit is not placed" >&2
+        exit 1
+    fi
     [ ! -d "$kit" ] || { cat >/dev/null; exit 0; }
     archive=$(mktemp "$kits/.kit.XXXXXXXX")
     unpacked=$(mktemp -d "$kits/.unpacked.XXXXXXXX")
@@ -32,37 +37,39 @@ kit)
     mv -T -- "$unpacked" "$kit" 2>/dev/null || [ -d "$kit" ]
     ;;
 stage)
-    env_dir=$1 mark=$2 torrent=$3
-    work=$env_dir/incoming/$mark
+    work=$1 torrent=$2
     rm -rf -- "$work"
     mkdir -m 0700 "$work" "$work/objects"
     head -c "$torrent" >"$work/.torrent"
     cat >"$work/.held"
     ;;
 peer)
-    kit=$1 image=$2 python=$3 ids=$4 env_dir=$5 mark=$6 role=$7 listen=$8 seconds=$9
+    kit=$1 image=$2 python=$3 ids=$4 work=$5 store=$6 role=$7 listen=$8 seconds=$9
     shift 9
     stall=$1
     shift
-    case $env_dir$kit in *,*) echo "a path with a comma cannot be mounted: $env_dir" >&2; exit 1 ;; esac
-    work=$env_dir/incoming/$mark
-    name=mlstack-swarm-$mark
+    case $work$store$kit in *,*) echo "a path with a comma cannot be mounted: $work $store $kit" >&2; exit 1 ;; esac
+    name=mlstack-swarm-${work##*/}
     peers=$*
     set -- --torrent /swarm/.torrent --save /swarm --listen "$listen" --expect "$#" --deadline "$seconds" \
         --stall "$stall"
     # shellcheck disable=SC2086 # IP:PORT words, one per peer
     for peer in $peers; do set -- "$@" --peer "$peer"; done
-    store=
+    served=
     if [ "$role" = seed ]; then
         set -- "$@" --seed
-        store="--mount=type=bind,source=$env_dir/objects,target=/swarm/objects,readonly"
+        served="--mount=type=bind,source=$store,target=/swarm/objects,readonly"
     else
         set -- "$@" --skip-from /swarm/.held
+        store=
     fi
-    # docker resolves a bind mount's source as root: each one must be the owner's own directory, reached without
-    # a link (the owner could point one anywhere); what changes after this check is read only as the owner.
-    for path in "$work" "$work/objects" "$kit" ${store:+"$env_dir/objects"}; do
-        if [ "$(cd -P -- "$path" 2>/dev/null && pwd)" != "$path" ] || [ "$(stat -c %u:%g -- "$path")" != "$ids" ]; then
+    # docker resolves a bind mount's source as root: each one must be the owner's own directory (the kit: root's
+    # or the peer uid's, whose code it runs), reached without a link (the owner could point one anywhere); what
+    # changes after this check is read only as the owner.
+    for path in "$work" "$work/objects" ${store:+"$store"} "$kit"; do
+        owner=$(stat -c %u:%g -- "$path" 2>/dev/null) || owner=
+        [ "$path" != "$kit" ] || [ "${owner%:*}" != 0 ] || owner=$ids
+        if [ "$(cd -P -- "$path" 2>/dev/null && pwd)" != "$path" ] || [ "$owner" != "$ids" ]; then
             echo "$path: not a directory of $ids reached without a link; the peer is not started" >&2
             exit 1
         fi
@@ -70,11 +77,11 @@ peer)
     trap 'docker rm -f "$name" >/dev/null 2>&1 || true' EXIT
     trap 'exit 143' TERM INT HUP
     docker rm -f "$name" >/dev/null 2>&1 || true  # a peer of this run's mark that an earlier try left
-    # shellcheck disable=SC2086 # $store: one word or none
+    # shellcheck disable=SC2086 # $served: one word or none
     docker run --rm --name "$name" --network host --user "$ids" --cap-drop ALL \
         --security-opt no-new-privileges --read-only --pull never --log-driver none \
         --mount "type=bind,source=$kit,target=/opt/mlstack-swarm,readonly" \
-        --mount "type=bind,source=$work,target=/swarm" $store \
+        --mount "type=bind,source=$work,target=/swarm" $served \
         --env PYTHONPATH=/opt/mlstack-swarm --env PYTHONDONTWRITEBYTECODE=1 \
         --entrypoint "$python" "$image" /opt/mlstack-swarm/swarm_peer.py "$@"
     ;;

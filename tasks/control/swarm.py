@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -30,26 +31,29 @@ RESULT = "swarm-result "
 BLOCK = 16 * 1024  # v2's merkle leaf: the smallest piece
 
 
-def make_torrent(root: Path, objects: list[tuple[str, int]], piece_size: int | None = None) -> bytes:
-    """The .torrent (bencoded) of ROOT/objects/<name> for each (name, size) of OBJECTS: v2, private, no
+def make_torrent(folder: Path, objects: list[tuple[str, int]], piece_size: int | None = None) -> bytes:
+    """The .torrent (bencoded) of FOLDER/<name> for each (name, size) of OBJECTS, its files named objects/<name>
+    whatever the folder (an env store's objects/, an HF cache's blobs/, the image cache): v2, private, no
     tracker, no creation date, no creator, so the same objects make the same bytes (and info-hash).
     Its file tree is ordered by name (BEP 52), whatever the order of OBJECTS."""
     import libtorrent as lt  # 40 ms: only where a fan-out is used, never on a no-op
 
-    _check(root, objects, piece_size)
+    _check(folder, objects, piece_size)
     entries = [lt.create_file_entry(f"{NAME}/{name}", size) for name, size in objects]
     creator = lt.create_torrent(entries, piece_size or 0, lt.create_torrent.v2_only)
     creator.set_priv(True)  # libtorrent: no DHT, peer exchange or local discovery for it
     creator.set_creator("")
     creator.set_creation_date(0)
-    lt.set_piece_hashes(creator, str(root))
+    with tempfile.TemporaryDirectory(prefix="mlstack-torrent-") as root:  # libtorrent reads ROOT/objects/<name>
+        os.symlink(folder.resolve(), os.path.join(root, NAME))
+        lt.set_piece_hashes(creator, root)
     return lt.bencode(creator.generate())
 
 
-def _check(root: Path, objects: list[tuple[str, int]], piece_size: int | None) -> None:
+def _check(folder: Path, objects: list[tuple[str, int]], piece_size: int | None) -> None:
     """Names that are one path component each, once; sizes that are the files' own; a usable piece size."""
     if not objects or sum(size for _, size in objects) == 0:
-        raise ValueError(f"a torrent of {root / NAME} needs at least one object with content: got {objects!r}")
+        raise ValueError(f"a torrent of {folder} needs at least one object with content: got {objects!r}")
     if piece_size is not None and (piece_size < BLOCK or piece_size & (piece_size - 1)):
         raise ValueError(f"piece_size {piece_size}: expected a power of two of at least {BLOCK}")
     names = set()
@@ -57,7 +61,7 @@ def _check(root: Path, objects: list[tuple[str, int]], piece_size: int | None) -
         if name in names or not name or name in (".", "..") or "/" in name or "\0" in name or name.startswith("."):
             raise ValueError(f"object name {name!r}: expected a file name, once, not starting with '.'")
         names.add(name)
-        path = root / NAME / name
+        path = folder / name
         actual = os.stat(path).st_size
         if actual != size:
             raise ValueError(f"{path}: {actual} bytes, expected {size}")

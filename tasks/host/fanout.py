@@ -1,21 +1,25 @@
-"""Hosts feed hosts: a new env's objects leave the control node once, whatever the size of the fleet.
+"""Hosts feed hosts: what is new leaves the control node once, whatever the size of the fleet.
 
-Where `fanout` is "auto" and at least `fanout_min_hosts` hosts of one run need objects of the same new env
-(together at least `fanout_min_bytes`), the env's upload step (tasks/host/ml_env.py `EnvUpload`, one
-operation that runs on those hosts side by side) goes like this:
+Three kinds of transfer go this way, each one operation that runs on its hosts side by side: a new env's
+objects (tasks/host/ml_env.py `EnvUpload`), a model's blobs in "control" mode (tasks/host/models.py
+`ModelUpload`), and an image's archive (tasks/host/stack_images.py `ImageUpload`). Where `fanout` is "auto"
+and at least `fanout_min_hosts` hosts of one run need the same files (the one lacking most, at least
+`fanout_min_bytes`), the step goes like this:
 
 1. the host that lacks least (the seed) is sent what it lacks directly, as on the direct path, checked there;
-2. the control node makes a torrent of the objects the others lack (tasks/control/swarm.py: piece hashes,
-   no tracker, private); every one of those hosts runs a peer (`files/host/swarm_peer.py`, libtorrent from a
-   kit the deploy placed on the host) in a container of the runtime base image on the host's network, as the
-   env dir's owner: the seed serves its store read-only, the others fetch from it and from each other into
-   `incoming/<mark>`. The peers know only each other's fleet addresses (`fanout_address`); no tracker, DHT,
-   local discovery, UPnP or NAT-PMP, switched off in the settings the session is made with;
-3. each host checks every object it fetched against its sha256 before it enters its store
-   (`env_store.sh adopt`); the engine's piece hashes are the first line, this the second;
+2. the control node makes a torrent of the files the others lack (tasks/control/swarm.py: piece hashes, no
+   tracker, private); every one of those hosts runs a peer (`files/host/swarm_peer.py`, libtorrent from a kit
+   the deploy placed on the host, root's) in a container of the runtime base image on the host's network, as
+   the files' owner with every capability dropped: the seed serves its store read-only, the others fetch from
+   it and from each other into a staging folder of this run. The peers know only each other's fleet
+   addresses (`fanout_address`); no tracker, DHT, local discovery, UPnP or NAT-PMP, switched off in the
+   settings the session is made with;
+3. each host checks every file it fetched against its hash before it enters its store (the kind's `adopt`:
+   `env_store.sh adopt`, `adopt_blobs.sh`, `load_image.sh`); the engine's piece hashes are the first line,
+   this the second;
 4. the step's peers are gone when it ends (their containers removed, however they ended), and each host is
-   sent directly whatever its store still lacks, as on the direct path: a host that could not reach its peers
-   or ran out of time is complete all the same, and the run says so.
+   sent directly whatever it still lacks, as on the direct path: a host that could not reach its peers or ran
+   out of time is complete all the same, and the run says so.
 
 A dry run shows the plan: which host seeds, and the bytes from the control node against those between hosts.
 """
@@ -43,9 +47,11 @@ from ..control.swarm_kit import Kit, kit_for
 from . import deadline
 from .channel import open_channel
 from .programs import program
-from .transfer import RUN_MARK, StreamedUpload, as_owner
+from .transfer import StreamedUpload, as_owner
 
-KITS = "swarm-kit"  # below the env dir, the env owner's as the peers are: a kit each, mounted read-only
+# Below stack_root, root's: one kit a host, mounted read-only into every kind's peer, whichever uid it runs as
+# (a kit its owner could change would run that owner's code as the peer's uid).
+KITS = "swarm-kit"
 STALL = 30  # seconds without progress after which a peer gives up (its host then gets the rest directly)
 # Seconds the seed and the others wait for each other to enter the step (they start side by side, in one
 # operation): one that never comes (it failed just before) is left out.
@@ -82,11 +88,13 @@ class Member:
 
 @dataclass
 class Swarm:
-    """One fan-out of an env's new objects among this run's hosts that need it: who joins (plan time), who seeds,
+    """One fan-out of the same files among this run's hosts that need them: who joins (plan time), who seeds,
     the torrent of what the others lack, and the moments the hosts wait for (run time, one greenlet per host)."""
 
-    env: str
-    cache_dir: Path
+    kind: str  # what the log calls it: "ML env", "Model", "Image"
+    label: str  # what is shared: the env id, the model, the image
+    folder: Path  # on the control node: the files, by the names the torrent gives them
+    kit_cache: Path  # on the control node: where the kit is made (ml_env_cache_dir)
     min_hosts: int  # the settings of the first host that joins
     min_bytes: int
     members: dict[str, Member] = field(default_factory=dict)
@@ -98,10 +106,11 @@ class Swarm:
     torrent_lock: threading.Lock = field(default_factory=threading.Lock)
     torrent: bytes | None = None
     wanted: dict[str, int] = field(default_factory=dict)  # the torrent's objects
+    problem: str = ""  # why the torrent could not be made
 
     @property
     def kit(self) -> Kit:
-        return kit_for(self.cache_dir)  # made once per control node, and only where a swarm runs
+        return kit_for(self.kit_cache)  # made once per control node, and only where a swarm runs
 
     def join(self, host_name: str, address: str, port: int, planned: int) -> None:
         self.members[host_name] = Member(address, port, planned)
@@ -111,7 +120,7 @@ class Swarm:
         seed = min(self.members, key=lambda name: self.members[name].planned)
         between = sum(member.planned for name, member in self.members.items() if name != seed)
         if not self.used(list(self.members)):
-            return (f"{len(self.members)} host(s) so far need {self.env}; a swarm takes {self.min_hosts} hosts and "
+            return (f"{len(self.members)} host(s) so far need {self.label}; a swarm takes {self.min_hosts} hosts and "
                     f"{self.min_bytes / 1e6:.0f} MB, else the direct path (the last host's line gives the plan)")
         return (f"{seed} is sent {self.members[seed].planned / 1e6:.1f} MB by the control node and seeds; "
                 f"{len(self.members) - 1} host(s) fetch {between / 1e6:.1f} MB between hosts")
@@ -161,113 +170,155 @@ class Swarm:
                 for name in (self.chosen or ())[1:]:
                     self.wanted.update(self.members[name].needs or {})
                 if sum(self.wanted.values()) >= self.min_bytes and self.wanted:
-                    self.torrent = make_torrent(self.cache_dir, sorted(self.wanted.items()))
+                    try:
+                        self.torrent = make_torrent(self.folder, sorted(self.wanted.items()))
+                    except (OSError, ValueError) as error:  # the control node's copy: the direct path says more
+                        self.problem = f"no torrent of {self.label} ({error})"
         return self.torrent
 
 
-# the run's state -> env id -> its swarm: a second run in the same process (another state) makes its own
-_swarms: weakref.WeakKeyDictionary[Any, dict[str, list[Swarm]]] = weakref.WeakKeyDictionary()
+# the run's state -> what is shared -> its swarms: a second run in the same process (another state) makes its own
+_swarms: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], list[Swarm]]] = weakref.WeakKeyDictionary()
 
 
-def joined(config: HostConfig, env: str, cache_dir: Path, base: BaseImage, planned: int) -> Swarm | None:
-    """This host's part in the fan-out of ENV (PLANNED bytes new to it), the plan as it stands in the log; None:
-    the direct path (fan-out off, or this host cannot join, and the log says why)."""
+def joined(config: HostConfig, kind: str, label: str, folder: Path, base: BaseImage, planned: int
+           ) -> Swarm | None:
+    """This host's part in the fan-out of LABEL (a KIND; its files in FOLDER on the control node, PLANNED bytes
+    of them new to this host), the plan as it stands in the log; None: the direct path (fan-out off, or this host
+    cannot join, and the log says why)."""
     if config.fanout == "off":
         return None
     address = peer_address(config, str(host.data.get("ssh_hostname") or host.name))
     problem = kit_problem(base) if address else "no IP address to reach its peer on: set fanout_address"
     if problem or address is None:
-        host.log(f"ML env fan-out: {problem}; the direct path")
+        host.log(f"{kind} fan-out: {problem}; the direct path")
         return None
-    swarms = _swarms.setdefault(host.state, {}).setdefault(env, [])
+    swarms = _swarms.setdefault(host.state, {}).setdefault((kind, label), [])
     # One swarm's hosts all run at once: a leecher waits for its seed in a slot of pyinfra's pool (its size:
     # --parallel, by default 20 a core), so a fleet larger than that has one swarm, and one seed, per pool.
     if not swarms or len(swarms[-1].members) >= host.state.pool.size:
-        swarms.append(Swarm(env, cache_dir, config.fanout_min_hosts, config.fanout_min_bytes))
+        swarms.append(Swarm(kind, label, folder, Path(config.ml_env_cache_dir).expanduser(),
+                            config.fanout_min_hosts, config.fanout_min_bytes))
     swarms[-1].join(host.name, address, config.fanout_port, planned)
-    host.log(f"ML env fan-out: {swarms[-1].plan()}")
+    host.log(f"{kind} fan-out: {swarms[-1].plan()}")
     return swarms[-1]
 
 
 class KitUpload(StreamedUpload):
-    """The swarm's kit (libtorrent and the peer program) in DEST, once per kit, as the env owner: checked against
-    its sha256 on the host, unpacked, renamed into place whole (`swarm.sh kit`)."""
+    """The swarm's kit (libtorrent and the peer program) in DEST, once per kit, as root: checked against its
+    sha256 on the host, unpacked, renamed into place whole (`swarm.sh kit`)."""
 
-    def __init__(self, kit: Kit, dest: str, owner: tuple[int, int]):
-        super().__init__(kit.archive, "fan-out kit", dest, owner,
-                         receiver=program("swarm.sh", "kit", dest, kit.sha256))
+    def __init__(self, kit: Kit, dest: str):
+        super().__init__(kit.archive, "fan-out kit", dest, receiver=program("swarm.sh", "kit", dest, kit.sha256))
 
 
 def kit_ready(state, host, arguments: Mapping[str, Any], kit: Kit, run: PeerRun) -> bool:
     """The kit on HOST, sent first where it lacks it."""
     folder = run.kit_dir(kit)
-    placed, _ = host.run_shell_command(StringCommand(as_owner(*run.owner, f"test -d {shlex.quote(folder)}")),
-                                       **arguments)
-    return placed or KitUpload(kit, folder, run.owner).execute(state, host, arguments)
+    placed, _ = host.run_shell_command(StringCommand(f"test -d {shlex.quote(folder)}"), **arguments)
+    return placed or KitUpload(kit, folder).execute(state, host, arguments)
 
 
 @dataclass(frozen=True)
 class PeerRun:
-    """What a host's peer runs with: the env store, its owner, the kit, the runtime image and the time it has."""
+    """What a host's peer runs with: its staging folder WORK (this run's own: the torrent, and what a leecher
+    fetches, in WORK/objects), the seed's STORE (served read-only), their owner, the kits' folder, the runtime
+    image, the time it has, and the command that takes what arrived (ADOPT, by role; it removes WORK)."""
 
-    env_dir: str
+    work: str
+    store: str
     owner: tuple[int, int]
+    kits: str
     image_id: str
     python: str
     seconds: int  # the peer's own deadline, within the host's transfer deadline
+    adopt: Mapping[str, str]  # role -> the command run after the peer, as it ends
 
     def kit_dir(self, kit: Kit) -> str:
-        return f"{self.env_dir}/{KITS}/{kit.id}"
+        return f"{self.kits}/{kit.id}"
 
     def command(self, swarm: Swarm, host_name: str, role: str, torrent: bytes) -> str:
-        """Stage the torrent and the list of objects the host holds (stdin) as the env owner, then run the peer."""
+        """Stage the torrent and the list of files the host holds (stdin) as the owner, then run the peer."""
         others = [swarm.endpoint(name) for name in swarm.participants() if name != host_name]
-        stage = as_owner(*self.owner, program("swarm.sh", "stage", self.env_dir, RUN_MARK, len(torrent)))
+        stage = as_owner(*self.owner, program("swarm.sh", "stage", self.work, len(torrent)))
         peer = program("swarm.sh", "peer", self.kit_dir(swarm.kit), self.image_id, self.python, "%d:%d" % self.owner,
-                       self.env_dir, RUN_MARK, role, swarm.endpoint(host_name), self.seconds, STALL, *others)
+                       self.work, self.store, role, swarm.endpoint(host_name), self.seconds, STALL, *others)
         return f"{stage} && {peer}"
 
 
+def peer_run(config: HostConfig, base: BaseImage, work: str, store: str, owner: tuple[int, int],
+             adopt: Mapping[str, str]) -> PeerRun:
+    """How this host's peer runs, for a kind whose staging folder is WORK and whose seed serves STORE."""
+    seconds = max(config.host_transfer_timeout - 60, 30)  # the peer ends first; the host's deadline is the net
+    return PeerRun(work, store, owner, f"{config.stack_root}/{KITS}", base.id, base.python, seconds, adopt)
+
+
+def take_part(state, host, arguments: Mapping[str, Any], fan: tuple[Swarm, PeerRun] | None,
+              direct: Callable[[list[str]], bool], needs: Callable[[], dict[str, int]]) -> bool:
+    """HOST's part in FAN's swarm, or the DIRECT path alone: a seed is sent what it lacks directly, then serves
+    it; a leecher fetches what it NEEDS (name -> size, asked of the host now) from its peers first, then is sent
+    directly whatever it still lacks (DIRECT is given what the kind's adopt printed); a host left out of the
+    swarm takes the direct path."""
+    swarm, run = fan or (None, None)
+    role = swarm.role(state, host.name) if swarm else None
+    if swarm is None or run is None or role is None:
+        return direct([])
+    if role == "leech":
+        return direct(fetch(state, host, arguments, swarm, run, needs(), host.log))
+    swarm.seed_started.set()
+    ok = False
+    try:
+        ok = direct([])
+    finally:
+        swarm.seeded(ok)
+    if ok:
+        serve(state, host, arguments, swarm, run, host.log)
+    return ok
+
+
 def fetch(state, host, arguments: Mapping[str, Any], swarm: Swarm, run: PeerRun, needs: dict[str, int],
-          log: Callable[[str], None]) -> None:
-    """A leecher's part: once the seed holds the env, fetch what this host lacks from the peers, then take into
-    the store what arrived whole (`env_store.sh adopt`); whatever is still missing goes the direct way after."""
+          log: Callable[[str], None]) -> list[str]:
+    """A leecher's part: once the seed holds the files, fetch what this host lacks from the peers, then take in
+    what arrived whole (the kind's adopt): what it printed; whatever is still missing goes the direct way after."""
     swarm.register(host.name, needs)
     if not needs:
-        return
+        return []
     if not swarm.seed_started.wait(ARRIVAL) or not swarm.seed_ready.wait(run.seconds) or not swarm.seed_ok:
-        log("ML env fan-out: the seed did not get the env; what this host lacks is sent directly")
-        return
+        log(f"{swarm.kind} fan-out: the seed did not get {swarm.label}; what this host lacks is sent directly")
+        return []
     swarm.registered.wait(ARRIVAL)
     torrent = swarm.make_torrent()
     if torrent is None:
-        log("ML env fan-out: too little is new for a swarm; sent directly")
-        return
+        log(f"{swarm.kind} fan-out: {swarm.problem or 'too little is new for a swarm'}; sent directly")
+        return []
     held = "".join(f"{name}\n" for name in sorted(set(swarm.wanted) - set(needs))).encode()
-    result, taken = _peer(state, host, arguments, swarm, run, "leech", torrent + held, log)
-    log(f"ML env fan-out: {describe(result)}; {taken}")
+    result, said = _peer(state, host, arguments, swarm, run, "leech", torrent + held, log)
+    log(f"{swarm.kind} fan-out: {describe(result)}; {printable(said[-1]) if said else 'nothing was taken in'}")
+    return said
 
 
 def serve(state, host, arguments: Mapping[str, Any], swarm: Swarm, run: PeerRun, log: Callable[[str], None]) -> None:
-    """The seed's part, once its store holds the env: serve the others until they are done (or give up)."""
+    """The seed's part, once it holds the files: serve the others until they are done (or give up)."""
     swarm.registered.wait(ARRIVAL)
     if swarm.make_torrent() is None or len(swarm.participants()) < 2:
+        _run(state, host, arguments, run.adopt["seed"], None)  # what the seed keeps for serving goes
         return
     result, _ = _peer(state, host, arguments, swarm, run, "seed", swarm.torrent or b"", log)
-    log(f"ML env fan-out: the seed {describe(result)}")
+    log(f"{swarm.kind} fan-out: the seed {describe(result)}")
 
 
 def _peer(state, host, arguments: Mapping[str, Any], swarm: Swarm, run: PeerRun, role: str, stdin: bytes,
-          log: Callable[[str], None]) -> tuple[SwarmResult, str]:
-    """Run the host's peer as ROLE (its kit placed first where it lacks it), then take into the store what arrived
-    whole and remove the staging folder (`env_store.sh adopt`): the peer's result and what was taken."""
+          log: Callable[[str], None]) -> tuple[SwarmResult, list[str]]:
+    """Run the host's peer as ROLE (its kit placed first where it lacks it), then the role's adopt (it takes in
+    what arrived whole and removes the staging folder): the peer's result and what adopt printed (nothing when
+    it failed)."""
     if not kit_ready(state, host, arguments, swarm.kit, run):
-        return SwarmResult(False, reason="the kit could not be placed"), "nothing was taken into the store"
+        _run(state, host, arguments, run.adopt[role], None)
+        return SwarmResult(False, reason="the kit could not be placed"), []
     command = run.command(swarm, host.name, role, swarm.torrent or b"")
     _, lines = _run(state, host, {**arguments, **deadline.arguments(host, "transfers")}, command, stdin, log)
-    adopt = as_owner(*run.owner, program("env_store.sh", "adopt", run.env_dir, RUN_MARK))
-    adopted, said = _run(state, host, arguments, adopt, None)
-    return parse_result(lines), (said[-1] if adopted and said else "nothing was taken into the store")
+    adopted, said = _run(state, host, arguments, run.adopt[role], None)
+    return parse_result(lines), said if adopted else []
 
 
 def printable(text: str) -> str:

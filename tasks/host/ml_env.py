@@ -269,24 +269,12 @@ class EnvUpload(StreamedUpload):
     def execute(self, state, host, connector_arguments) -> bool:
         """The direct path; with a fan-out (tasks/host/fanout.py), a leecher first fetches from its peers what
         its store lacks, and the seed serves them once it holds the env."""
-        swarm, run = self.fan or (None, None)
-        role = swarm.role(state, host.name) if swarm else None
-        if swarm and role == "seed":
-            swarm.seed_started.set()
-        present = self._present(state, host, connector_arguments)
-        if swarm and run and role == "leech":
-            needs = self._needs(present) if isinstance(present, set) else {}
-            fanout.fetch(state, host, connector_arguments, swarm, run, needs, host.log)
-            present = self._present(state, host, connector_arguments) if needs else present
-        ok = False
-        try:
-            ok = self._direct(state, host, connector_arguments, present)
-        finally:
-            if swarm and role == "seed":
-                swarm.seeded(ok)
-        if swarm and run and role == "seed" and ok:
-            fanout.serve(state, host, connector_arguments, swarm, run, host.log)
-        return ok
+        def needs() -> dict[str, int]:
+            present = self._present(state, host, connector_arguments)
+            return self._needs(present) if isinstance(present, set) else {}
+
+        return fanout.take_part(state, host, connector_arguments, self.fan, needs=needs, direct=lambda _: self._direct(
+            state, host, connector_arguments, self._present(state, host, connector_arguments)))
 
     def _present(self, state, host, connector_arguments) -> set[str] | str:
         """The objects the host's store holds, or why it could not be listed."""
@@ -507,11 +495,12 @@ def converge(config: HostConfig, fleet: FleetContext, state: MlEnvState, base: B
 def fan_out(config: HostConfig, source: EnvSource, base: BaseImage, transfer: Transfer
             ) -> tuple[Swarm, PeerRun] | None:
     """This host's part in the env's fan-out, or None: the direct path."""
-    swarm = fanout.joined(config, source.env, source.cache_dir, base, transfer.object_bytes)
+    swarm = fanout.joined(config, "ML env", source.env, source.cache_dir / "objects", base, transfer.object_bytes)
     if swarm is None:
         return None
-    seconds = max(config.host_transfer_timeout - 60, 30)  # the peer ends first; the host's deadline is the net
-    return swarm, PeerRun(config.ml_env_dir, env_owner(config), base.id, base.python, seconds)
+    adopt = as_owner(*env_owner(config), program("env_store.sh", "adopt", config.ml_env_dir, RUN_MARK))
+    return swarm, fanout.peer_run(config, base, f"{config.ml_env_dir}/incoming/{RUN_MARK}",
+                                  f"{config.ml_env_dir}/objects", env_owner(config), {"seed": adopt, "leech": adopt})
 
 
 def mend_store(config: HostConfig, fleet: FleetContext, state: MlEnvState, cache_dir: Path, plan: EnvPlan) -> None:

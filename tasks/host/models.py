@@ -29,12 +29,15 @@ from typing import Any, TypedDict
 
 from pyinfra import host
 from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
+from pyinfra.api.command import PyinfraCommand
 
 from ..config import HostConfig, is_revision
+from ..control.builder import BaseImage
 from ..control.hub import COMMIT, ModelError, RepoEntry, Snapshot, download_snapshot, endpoint_of, resolve_model
 from ..report import ModelAction, ModelOutcome, report
-from . import deadline
+from . import deadline, fanout
 from .failure import HostProblem, failed, step
+from .fanout import PeerRun, Swarm
 from .ml_env import EnvPlan, NoEnv, runtime_environment
 from .probe import ProbePart
 from .programs import program
@@ -247,6 +250,14 @@ def blob_in_place_command(repo: str, entry: RepoEntry) -> str:
                    entry.blob, entry.path)
 
 
+def swarm_blobs_command(work: str, repo: str, entries: tuple[RepoEntry, ...]) -> str:
+    """The blobs of ENTRIES a swarm fetched into WORK/objects, each checked and placed in REPO as a sent one is;
+    then WORK removed (files/host/place_blob.sh --swarm)."""
+    return program("place_blob.sh", "--swarm", work, *(
+        arg for entry in entries
+        for arg in (f"{work}/objects/{entry.blob}", f"{repo}/blobs/{entry.blob}", entry.size, entry.blob, entry.path)))
+
+
 def take_staged_command(staging: str, staged: str, repo: str, entry: RepoEntry) -> str:
     """The blob a host download left behind ENTRY's path in the snapshot STAGED (of the staging cache
     STAGING) moved to its incoming name: files/host/take_staged.sh."""
@@ -277,19 +288,60 @@ def control_file(control_cache: Path, snapshot: Snapshot, entry: RepoEntry) -> P
     return control_cache / snapshot.spec.folder / "snapshots" / snapshot.commit / entry.path
 
 
+class ModelUpload(PyinfraCommand):
+    """The blobs a host lacks of a snapshot, each sent from the control cache, checked, then renamed (UPLOADS:
+    blob -> its upload); with a fan-out (tasks/host/fanout.py), a leecher first fetches them from its peers and
+    is sent only those that did not arrive whole, and the seed serves them once it holds them."""
+
+    def __init__(self, label: str, uploads: dict[str, StreamedUpload], sizes: dict[str, int],
+                 fan: tuple[Swarm, PeerRun] | None):
+        super().__init__()
+        self.label, self.uploads, self.sizes, self.fan = label, uploads, sizes, fan
+
+    def __repr__(self):
+        return f"ModelUpload({self.label}, {len(self.uploads)} file(s))"
+
+    def execute(self, state, host, connector_arguments) -> bool:
+        def direct(adopted: list[str]) -> bool:
+            taken = {line.removeprefix("taken ") for line in adopted if line.startswith("taken ")}
+            return all(upload.execute(state, host, connector_arguments)
+                       for blob, upload in self.uploads.items() if blob not in taken)
+
+        return fanout.take_part(state, host, connector_arguments, self.fan, direct, lambda: self.sizes)
+
+
+def model_fan_out(config: HostConfig, plan: ModelPlan, base: BaseImage, control_cache: Path
+                  ) -> tuple[Swarm, PeerRun] | None:
+    """This host's part in the fan-out of PLAN's snapshot, or None: the direct path. The torrent is of the control
+    cache's blobs; the seed serves its cache's blobs/ read-only; a leecher's arrive in a staging folder of the
+    cache and are checked and placed as sent ones are (`place_blob.sh --swarm`)."""
+    spec = plan.snapshot.spec
+    swarm = fanout.joined(config, "Model", plan.snapshot.label(), control_cache / spec.folder / "blobs", base,
+                          plan.bytes)
+    if swarm is None:
+        return None
+    repo, work = f"{config.model_cache_dir}/hub/{spec.folder}", f"{config.model_cache_dir}/.swarm-{RUN_MARK}"
+    adopt = as_owner(*cache_owner(config), swarm_blobs_command(work, repo, plan.send))
+    return swarm, fanout.peer_run(config, base, work, f"{repo}/blobs", cache_owner(config),
+                                  {"seed": adopt, "leech": adopt})
+
+
 @operation(is_idempotent=False)
 def place_model(cache_dir: str, plan: ModelPlan, endpoint: str, control_cache: Path, owner: tuple[int, int],
-                mode: str):
-    """Send the blobs a host lacks from the control cache (each checked, then renamed), then publish the snapshot."""
+                mode: str, fan: tuple[Swarm, PeerRun] | None = None):
+    """Send the blobs a host lacks from the control cache (each checked, then renamed; through FAN's swarm where
+    it has one), then publish the snapshot."""
     snapshot = plan.snapshot
     repo = f"{cache_dir}/hub/{snapshot.spec.folder}"
     if plan.send:
         yield FunctionCommand(_downloaded, (snapshot, endpoint, control_cache), {})
     yield repo_dirs_command(cache_dir, snapshot.spec.folder, owner, mode)
-    for entry in plan.send:
-        source = control_file(control_cache, snapshot, entry).resolve()
-        yield StreamedUpload(source, f"model file {entry.path}", incoming_blob(repo, entry), owner,
-                             0o644, then=blob_in_place_command(repo, entry))
+    uploads = {entry.blob: StreamedUpload(control_file(control_cache, snapshot, entry).resolve(),
+                                          f"model file {entry.path}", incoming_blob(repo, entry), owner, 0o644,
+                                          then=blob_in_place_command(repo, entry))
+               for entry in plan.send}
+    if uploads:
+        yield ModelUpload(snapshot.label(), uploads, {entry.blob: entry.size for entry in plan.send}, fan)
     if plan.write_tree:
         yield tree_upload(repo, plan, control_cache, owner)
     yield from publish_commands(repo, plan, owner)
@@ -388,7 +440,9 @@ def converge(config: HostConfig, env: EnvPlan | NoEnv | None, state: ModelCacheS
             download_model_on_host(name=f"Model {plan.snapshot.label()} (downloaded by the host)", plan=plan, env=env,
                                    env_dir=config.ml_env_dir, **where)
         else:
-            place_model(name=f"Model {plan.snapshot.label()}", plan=plan, **where)
+            fan = model_fan_out(config, plan, env.base, where["control_cache"]) \
+                if plan.send and isinstance(env, EnvPlan) else None
+            place_model(name=f"Model {plan.snapshot.label()}", plan=plan, fan=fan, **where)
     return snapshots
 
 

@@ -63,6 +63,7 @@ from .stack_images import (
     ServiceImage,
     archive_of,
     archive_send_size,
+    image_fan_out,
     pull_with_credentials,
     ship_image,
 )
@@ -293,7 +294,8 @@ def converge(config: HostConfig, fleet: FleetContext, env: EnvPlan | NoEnv | Non
     by_reference = {image.reference: image for image in images.values()}
     held = host.get_fact(HeldLayersFact) if plan.send_images else HeldLayers()
     log_plan(config, project, state, plan, images, by_reference, held, services)
-    carry_out(config, project, state, plan, images, makers, by_reference, held, services)
+    peers_image = env.base if isinstance(env, EnvPlan) else None  # the runtime image the host holds
+    carry_out(config, project, state, plan, images, makers, by_reference, held, services, peers_image)
     return plan
 
 
@@ -370,16 +372,19 @@ def log_plan(config: HostConfig, project: ComposeProject, state: StackState, pla
 
 def carry_out(config: HostConfig, project: ComposeProject, state: StackState, plan: StackPlan,
               images: dict[str, ServiceImage], makers: dict[str, ArchiveMaker], by_reference: dict[str, ServiceImage],
-              held: HeldLayers, services: list[str]) -> None:
-    """The operations, in order: projects replaced brought down, images shipped, the project pushed, registry
-    images pulled with their logins, then up behind the health gate."""
+              held: HeldLayers, services: list[str], base: BaseImage | None) -> None:
+    """The operations, in order: projects replaced brought down, images shipped (hosts feeding hosts where they
+    can: BASE runs the peers), the project pushed, registry images pulled with their logins, then up behind the
+    health gate."""
     for other in sorted(state.projects - {project.name}):  # what ran from this directory before: its own files
         bring_down(name=f"Bring project {other} down (replaced by {project.name}; its volumes stay)",
                    project=other, compose_dir=config.compose_project_dir)
     for reference in plan.send_images:
-        ship_image(name=f"Image {reference}", reference=reference, make_archive=makers[reference],
-                   archive=archive_of(config, by_reference[reference]), compose_dir=config.compose_project_dir,
-                   held=tuple(sorted(held.layers)) if held.loads_partial else ())
+        archive, layers = archive_of(config, by_reference[reference]), tuple(sorted(held.layers)) \
+            if held.loads_partial else ()
+        ship_image(name=f"Image {reference}", reference=reference, make_archive=makers[reference], archive=archive,
+                   compose_dir=config.compose_project_dir, held=layers,
+                   fan=image_fan_out(config, reference, archive, layers, base) if base else None)
     if plan.push:
         push_project(name=f"Compose project {project.name}", compose_dir=config.compose_project_dir,
                      rendered=plan.rendered)

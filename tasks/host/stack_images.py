@@ -6,15 +6,18 @@ then `docker load`). Registry images the host pulls itself get the logins stream
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shlex
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pyinfra.api import FactBase, FunctionCommand, operation
+from pyinfra.api import FactBase, FunctionCommand, StringCommand, operation
+from pyinfra.api.command import PyinfraCommand
 
 from ..config import HostConfig
-from ..control.builder import BuilderError
+from ..control.builder import BaseImage, BuilderError
 from ..control.caches import file_sha256, once
 from ..control.compose_project import (
     StackError,
@@ -24,7 +27,9 @@ from ..control.registry import (
     RegistryImage,
     docker_config,
 )
+from . import fanout
 from .failure import failed
+from .fanout import PeerRun, Swarm
 from .probe import carried, received
 from .programs import program
 from .transfer import RUN_MARK, StreamedUpload
@@ -106,19 +111,80 @@ def layers_to_send(archive: Path, held: frozenset[str]) -> tuple[tuple[str, ...]
     return needless_layers(layers, held), len(layers)
 
 
+def image_fan_out(config: HostConfig, reference: str, archive: Path, held: tuple[str, ...], base: BaseImage
+                  ) -> tuple[Swarm, PeerRun] | None:
+    """This host's part in the fan-out of REFERENCE's archive (the hosts holding the same layers HELD share one),
+    or None: the direct path. The peers run as root with every capability dropped, in folders of the compose
+    directory, root's: the seed serves the archive it was sent (`.image-<mark>.seed`), a leecher's arrives in
+    `.image-<mark>.swarm` and is checked and loaded as a sent one is (`load_image.sh --swarm`)."""
+    label = reference + (f" beside {hashlib.sha256(' '.join(held).encode()).hexdigest()[:12]}" if held else "")
+    planned = archive.stat().st_size if archive.exists() else config.fanout_min_bytes  # built later: the run judges
+    swarm = fanout.joined(config, "Image", label, archive.parent, base, planned)
+    if swarm is None:
+        return None
+    seed, work = (f"{config.compose_project_dir}/.image-{RUN_MARK}.{end}" for end in ("seed", "swarm"))
+    return swarm, fanout.peer_run(config, base, work, seed, (0, 0), {
+        "seed": f"rm -rf -- {shlex.quote(seed)} {shlex.quote(work)}",
+        "leech": "",  # ImageUpload fills in the archive's name and sha256 once it is made
+    })
+
+
+class ImageUpload(PyinfraCommand):
+    """ARCHIVE sent to the host, checked and loaded (`load_image.sh`); with a fan-out (tasks/host/fanout.py), a
+    leecher first fetches it from its peers, and the seed keeps what it was sent to serve it."""
+
+    def __init__(self, archive: Path, label: str, reference: str, compose_dir: str, sha256: str,
+                 fan: tuple[Swarm, PeerRun] | None):
+        super().__init__()
+        self.archive, self.label, self.reference, self.sha256 = archive, label, reference, sha256
+        incoming = f"{compose_dir}/.image-{RUN_MARK}.tar.gz"  # this run's own: an orphaned load keeps to its own
+        self.upload = StreamedUpload(archive, label, incoming,
+                                     then=program("load_image.sh", incoming, sha256, reference))
+        self.fan = fan
+        if fan:
+            swarm, run = fan
+            arrived = f"{run.work}/objects/{archive.name}"
+            self.fan = swarm, replace(run, adopt={**run.adopt, "leech": program(
+                "load_image.sh", "--swarm", run.work, arrived, sha256, reference)})
+
+    def __repr__(self):
+        return f"ImageUpload({self.label})"
+
+    def execute(self, state, host, connector_arguments) -> bool:
+        swarm, run = self.fan or (None, None)
+        seeding = swarm is not None and swarm.role(state, host.name) == "seed"
+
+        def direct(adopted: list[str]) -> bool:
+            if adopted:  # loaded from the swarm
+                return True
+            if not (seeding and run):
+                return self.upload.execute(state, host, connector_arguments)
+            kept = f"{run.store}/{self.archive.name}"
+            made, _ = host.run_shell_command(StringCommand(
+                f"rm -rf -- {shlex.quote(run.store)} && mkdir -m 0700 -- {shlex.quote(run.store)}"),
+                **connector_arguments)
+            return made and StreamedUpload(self.archive, self.label, kept, then=program(
+                "load_image.sh", "--seed", kept, self.sha256, self.reference)).execute(state, host,
+                                                                                      connector_arguments)
+
+        return fanout.take_part(state, host, connector_arguments, self.fan, direct,
+                                lambda: {self.archive.name: self.archive.stat().st_size})
+
+
 @operation(is_idempotent=False)
-def ship_image(reference: str, make_archive, archive: Path, compose_dir: str, held: tuple[str, ...] = ()):
+def ship_image(reference: str, make_archive, archive: Path, compose_dir: str, held: tuple[str, ...] = (),
+               fan: tuple[Swarm, PeerRun] | None = None):
     """Make the archive once for the fleet (MAKE_ARCHIVE: build or pull, then `docker save | gzip`), then
-    `docker load` it on each host that lacks the image, after a sha256 check. A host whose engine skips
-    layers it holds gets only the layers it lacks (HELD: the chain ids of those it has, where it skips)."""
+    `docker load` it on each host that lacks the image, after a sha256 check (through FAN's swarm where it has
+    one). A host whose engine skips layers it holds gets only the layers it lacks (HELD: the chain ids of those
+    it has, where it skips)."""
     yield FunctionCommand(_image_ready, (reference, make_archive), {})
     leave_out, total = layers_to_send(archive, frozenset(held)) if held else ((), 0)
     if leave_out:
         archive = once(("partial", archive, leave_out), lambda: partial_archive(archive, leave_out))
     label = f"image {reference}" + (f" ({total - len(leave_out)} of {total} layers)" if leave_out else "")
-    incoming = f"{compose_dir}/.image-{RUN_MARK}.tar.gz"  # this run's own: an orphaned load keeps to its own
     sha256 = once(("sha256", archive), lambda: file_sha256(archive))
-    yield StreamedUpload(archive, label, incoming, then=program("load_image.sh", incoming, sha256, reference))
+    yield ImageUpload(archive, label, reference, compose_dir, sha256, fan)
 
 
 @operation(is_idempotent=False)

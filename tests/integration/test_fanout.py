@@ -1,6 +1,7 @@
-"""Hosts feed hosts (tasks/host/fanout.py) on a 4-host rehearsal fleet: a new env leaves the control node once, the
-other hosts fetch it from each other through a libtorrent swarm, every object is checked before it enters a store,
-and after the step no peer, container or listening port is left and nothing left the fleet."""
+"""Hosts feed hosts (tasks/host/fanout.py) on a 4-host rehearsal fleet: a new env, models and a built image leave
+the control node once, the other hosts fetch them from each other through libtorrent swarms, every file is checked
+before it enters a store, and after each step no peer, container or listening port is left and nothing left the
+fleet."""
 
 from __future__ import annotations
 
@@ -12,16 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet_helpers import ENV_DIR, active, new_requirements, plain_project, wait_until
+import yaml
+from fleet_helpers import CACHE, ENV_DIR, active, new_requirements, plain_project, sent_to, wait_until
 
+from rehearsal import hub
 from tasks.control.env_store import read_tree, tree_objects
 from tasks.control.swarm_kit import kit_for
 from tasks.fleet.runner import run_deploy
 
 HOSTS = 4
 PORT = 51871  # fanout_port's default
+KITS = "/srv/mlstack/swarm-kit"  # below stack_root's default, root's
+COMPOSE_DIR = "/srv/mlstack/compose"  # compose_project_dir's default
 BIG = "mlstack-fanout-ballast"
 BIG_DATA = random.Random(25).randbytes(40_000_000)  # incompressible: what is sent is what is new
+BALLAST_LAYER = 20_000_000
+KIND_LINE = re.compile(r"\[(host\d+)\] (ML env|Model|Image) fan-out: ([\d.]+) MB from peers, [\d.]+ MB to peers, "
+                       r"(\d+) piece\(s\) rejected; (.*)")
 ENV_LINE = re.compile(r"\[(host\d+)\] ML env: (?:none|env-[0-9a-f]{16}) → (env-[0-9a-f]{16})")
 
 
@@ -42,8 +50,36 @@ def four(fleet, request):
 def deploy(fleet, cache: Path, *data: str, strace: Path | None = None, dry: bool = False):
     """The env alone on the hosts: a plain project whose one service mounts it, no models, no image to build."""
     light = [f"stack={plain_project(cache.parent)}", 'ml_services={"web": {"ml_env": true}}', "service_gpus={}",
-             "models=[]", "service_models={}", "http_checks=[]", f"ml_env_cache_dir={cache}"]
-    args = [arg for item in (*light, *data) for arg in ("--data", item)]
+             "models=[]", "service_models={}", "http_checks=[]", f"ml_env_cache_dir={cache}", *data]
+    return run(fleet, light, strace, dry)
+
+
+def deploy_all(fleet, cache: Path, project: Path, *data: str, strace: Path | None = None, dry: bool = False):
+    """Every kind a swarm carries: the env, the rehearsal's models (control mode) mounted into a service whose
+    image is built once for the fleet and shipped (PROJECT: `built_project`)."""
+    kinds = [f"stack={project}", 'ml_services={"web": {"ml_env": true, "models": ["MODEL"]}}', "service_gpus={}",
+             f'service_models={{"MODEL": "{hub.MINILM}"}}', "http_checks=[]", f"ml_env_cache_dir={cache}", *data]
+    return run(fleet, kinds, strace, dry)
+
+
+def built_project(tmp_path: Path) -> Path:
+    """The plain project with its service built on the runtime image, a layer of BALLAST_LAYER random bytes
+    added."""
+    project = plain_project(tmp_path)
+    compose = yaml.safe_load((project / "compose.yaml").read_text())
+    compose["services"]["web"]["build"] = {"context": "./app", "network": "none",
+                                           "args": {"BASE_IMAGE": "${MLSTACK_BASE_IMAGE}"}}
+    del compose["services"]["web"]["image"]
+    (project / "compose.yaml").write_text(yaml.safe_dump(compose, sort_keys=False))
+    (project / "app").mkdir(exist_ok=True)
+    (project / "app" / "Dockerfile").write_text(  # made in the build: the project's own files stay small
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN python3 -c \"import random; open('/ballast', 'wb').write("
+        f"random.Random(27).randbytes({BALLAST_LAYER}))\"\n")
+    return project
+
+
+def run(fleet, data: list[str], strace: Path | None, dry: bool):
+    args = [arg for item in data for arg in ("--data", item)]
     tracer = ("strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect,sendto,sendmsg", "-o", str(strace))
     return run_deploy("--dry" if dry else "-y", *args, env={"MLSTACK_FLEET": fleet.fleet.name},
                       wrap=tracer if strace else ())
@@ -76,40 +112,55 @@ def place_kits(fleet, cache: Path) -> None:
     kit = kit_for(cache)
     for record in fleet.hosts:
         with kit.archive.open("rb") as archive:
-            subprocess.run([*fleet.fleet.ssh_argv(record), f"mkdir -p {ENV_DIR}/swarm-kit/{kit.id} && "
-                            f"tar -xz -C {ENV_DIR}/swarm-kit/{kit.id}"], stdin=archive, check=True, timeout=60)
+            subprocess.run([*fleet.fleet.ssh_argv(record), f"mkdir -p {KITS}/{kit.id} && tar -xz -C {KITS}/{kit.id}"],
+                           stdin=archive, check=True, timeout=60)
 
 
-def test_a_new_env_leaves_the_control_node_once_and_every_host_checks_what_its_peers_sent(four, env_cache, tmp_path):
-    cache = env_cache  # the session's: the rehearsal env is built already when other modules ran first
+def test_what_is_new_leaves_the_control_node_once_and_every_host_checks_what_its_peers_sent(four, env_cache, tmp_path):
+    """The first install of an env, two models and a built image on four hosts, all three kinds through swarms."""
+    cache, project = env_cache, built_project(tmp_path)  # the session's env cache: the env is often built already
     place_kits(four, cache)
-    plan = deploy(four, cache, "fanout_min_bytes=0", dry=True)  # builds the env (on host1's engine, from the index)
+    plan = deploy_all(four, cache, project, "fanout_min_bytes=0", dry=True)  # builds the env (host1's engine)
     assert plan.returncode == 0 and re.search(r"host\d is sent [\d.]+ MB by the control node and seeds; 3 host\(s\) "
                                               r"fetch [\d.]+ MB between hosts", plan.output), plan.output[-4000:]
     outside = {record.name: outside_packets(four, record) for record in four.hosts}  # earlier modules' probes
+    received = {record.name: sent_to(four, record) for record in four.hosts}
     sent_before, trace = control_sent(four), tmp_path / "connects.trace"
-    run = deploy(four, cache, "fanout_min_bytes=0", strace=trace)
+    run = deploy_all(four, cache, project, "fanout_min_bytes=0", strace=trace)
     sent = control_sent(four) - sent_before
     assert run.returncode == 0, run.output[-4000:]
     (env,) = {env for _, env in ENV_LINE.findall(run.output)}
     assert all(active(four, record) == env for record in four.hosts)
 
-    # One host was sent the env's objects; the three others fetched them from peers and took each into their
-    # store only after its sha256 matched its name. The hosts held none of them before.
+    # One host was sent each kind's files; the three others fetched them from peers and took each in only once
+    # its hash matched: env objects by sha256 name, model blobs by name, the image's archive by its sha256.
     objects = sum(tree_objects(read_tree(cache, env) or {}).values())
-    seeds = re.findall(r"\[(host\d)\] ML env fan-out: (host\d) is sent", run.output)
-    assert seeds and len({seed for _, seed in seeds}) == 1 and "fan-out kit" not in run.output, run.output[-4000:]
-    fetched = re.findall(r"\[(host\d)\] ML env fan-out: ([\d.]+) MB from peers.*; (\d+) object\(s\), ([\d.]+) MB, "
-                         r"taken into the store from the swarm; 0 dropped", run.output)
-    assert len(fetched) == HOSTS - 1, run.output[-6000:]
-    assert all(float(mb) * 1e6 >= 0.99 * objects for _, _, _, mb in fetched)
-    assert sent <= 1.3 * objects, f"control node sent {sent} bytes for {objects} new bytes"
+    seeds = re.findall(r"\[(host\d)\] (ML env|Model|Image) fan-out: (host\d) is sent", run.output)
+    assert {kind for _, kind, _ in seeds} == {"ML env", "Model", "Image"} and "fan-out kit" not in run.output, \
+        run.output[-4000:]
+    fetched = KIND_LINE.findall(run.output)
+    by_kind = {kind: [line for line in fetched if line[1] == kind] for kind in ("ML env", "Model", "Image")}
+    # The image: host1 built it (its engine is the builder), so it holds other layers than the three others and
+    # is sent its own archive; those three share one.
+    assert [len(by_kind[kind]) for kind in by_kind] == [HOSTS - 1, 2 * (HOSTS - 1), HOSTS - 2], run.output[-6000:]
+    assert all(rejected == "0" for *_, rejected, _ in fetched)
+    taken = [re.fullmatch(r"(\d+) object\(s\), ([\d.]+) MB, taken into the store from the swarm; 0 dropped", said)
+             for *_, said in by_kind["ML env"]]
+    assert all(taken) and all(float(match[2]) * 1e6 >= 0.99 * objects for match in taken if match)
+    assert all(re.fullmatch(r"\d+ file\(s\), [\d.]+ MB, taken into the cache from the swarm; 0 dropped", said)
+               for *_, said in by_kind["Model"])
+    assert all(said.startswith("image ") and said.endswith(" loaded from the swarm") for *_, said in by_kind["Image"])
+    # What is new, as a host receives it (each host lacked all of it): the control node sent about that once.
+    new = min(sent_to(four, record) - received[record.name] for record in four.hosts)
+    assert new >= objects + BALLAST_LAYER
+    assert sent <= 1.3 * new, f"control node sent {sent} bytes; a host received {new}"
 
     # The step left nothing behind: no peer container, no listener on the port, nothing staged.
     for record in four.hosts:
         assert four.ssh(record, "docker ps -aq --filter name=mlstack-swarm") == ""
         assert peer_sockets(four, record) == "", record.name
-        assert four.ssh(record, f"ls -A {ENV_DIR}/incoming") == ""
+        assert four.ssh(record, f"find {ENV_DIR}/incoming {CACHE} {COMPOSE_DIR} -mindepth 1 -maxdepth 1 "
+                                f"\\( -path '{ENV_DIR}/incoming/*' -o -name '.swarm-*' -o -name '.image-*' \\)") == ""
         assert outside_packets(four, record) == outside[record.name], record.name
     # The control node's deploy talked to fleet addresses and loopback only (its peers run on the hosts).
     subnet = four.fleet.gateway.rsplit(".", 1)[0] + "."

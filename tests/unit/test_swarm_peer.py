@@ -54,8 +54,8 @@ def payload(tmp_path):
     """The seed's directory, its torrent and its objects."""
     objects = write_objects(tmp_path / "seed", SIZES)
     torrent = tmp_path / "objects.torrent"
-    torrent.write_bytes(make_torrent(tmp_path / "seed", [(name, len(data)) for name, data in objects.items()],
-                                     PIECE))
+    listed = [(name, len(data)) for name, data in objects.items()]
+    torrent.write_bytes(make_torrent(tmp_path / "seed" / "objects", listed, PIECE))
     return tmp_path / "seed", torrent, objects
 
 
@@ -245,7 +245,8 @@ def inet_calls(trace: Path) -> set[tuple[str, str, int]]:
 def test_the_peers_bind_connect_and_send_only_to_the_addresses_they_are_given(tmp_path):
     objects = write_objects(tmp_path / "seed", [300_000])  # one object: a single-file torrent
     torrent = tmp_path / "objects.torrent"
-    torrent.write_bytes(make_torrent(tmp_path / "seed", [(name, len(data)) for name, data in objects.items()]))
+    listed = [(name, len(data)) for name, data in objects.items()]
+    torrent.write_bytes(make_torrent(tmp_path / "seed" / "objects", listed))
     seed_at, leecher_at = addresses(2)
     strace = (STRACE, "-f", "-qq", "-e", "trace=connect,sendto,sendmsg,bind")
     seed = start(tmp_path / "seed.log", torrent, tmp_path / "seed", seed_at, [leecher_at], "--seed",
@@ -340,8 +341,8 @@ import json, sys
 from pathlib import Path
 from tasks.control.swarm import make_torrent
 root, objects = Path(sys.argv[1]), json.loads(sys.argv[2])
-Path(sys.argv[3]).write_bytes(make_torrent(root, [tuple(o) for o in objects], 32768))
-Path(sys.argv[4]).write_bytes(make_torrent(root, [tuple(o) for o in reversed(objects)], 32768))
+Path(sys.argv[3]).write_bytes(make_torrent(root / "objects", [tuple(o) for o in objects], 32768))
+Path(sys.argv[4]).write_bytes(make_torrent(root / "objects", [tuple(o) for o in reversed(objects)], 32768))
 """
 
 
@@ -354,8 +355,8 @@ def test_make_torrent_is_deterministic_and_opens_no_socket(tmp_path):
                     str(tmp_path / "b")], check=True, cwd=ROOT)
     assert trace.read_text() == ""  # no socket made, let alone a session
     made = (tmp_path / "a").read_bytes()
-    assert made == (tmp_path / "b").read_bytes() == make_torrent(tmp_path / "store", [tuple(o) for o in listed],
-                                                                 PIECE)
+    again = make_torrent(tmp_path / "store" / "objects", [(name, size) for name, size in listed], PIECE)
+    assert made == (tmp_path / "b").read_bytes() == again
     decoded = lt.bdecode(made)
     assert set(decoded) == {b"info", b"piece layers"}  # no announce, creation date, creator, web seeds
     info = decoded[b"info"]
@@ -370,13 +371,13 @@ def test_make_torrent_refuses_what_it_cannot_make_naming_it(tmp_path):
     objects = write_objects(tmp_path / "store", [10])
     (name, data), = objects.items()
     with pytest.raises(ValueError, match=r"objects/[0-9a-f]{64}-644: 10 bytes, expected 11"):
-        make_torrent(tmp_path / "store", [(name, 11)])
+        make_torrent(tmp_path / "store" / "objects", [(name, 11)])
     with pytest.raises(ValueError, match=r"object name '\.\./x': expected a file name"):
-        make_torrent(tmp_path / "store", [(name, 10), ("../x", 1)])
+        make_torrent(tmp_path / "store" / "objects", [(name, 10), ("../x", 1)])
     with pytest.raises(ValueError, match="piece_size 1000: expected a power of two"):
-        make_torrent(tmp_path / "store", [(name, 10)], 1000)
+        make_torrent(tmp_path / "store" / "objects", [(name, 10)], 1000)
     with pytest.raises(ValueError, match="at least one object with content"):
-        make_torrent(tmp_path / "store", [])
+        make_torrent(tmp_path / "store" / "objects", [])
 
 
 @pytest.mark.parametrize("lines, expected", [
@@ -401,3 +402,18 @@ def test_parse_result_takes_the_last_result_line_and_checks_every_value(lines, e
         assert not result.complete and result.reason.startswith("swarm-result is not JSON")
     else:
         assert result == expected
+
+
+def test_a_torrent_names_its_files_objects_whatever_folder_holds_them(tmp_path):
+    """An HF cache's blobs/ or the image cache makes the torrent an env store's objects/ would: the peers save
+    every kind alike."""
+    objects = write_objects(tmp_path / "store", [1000, 70_000])
+    (tmp_path / "cache").mkdir()
+    os.rename(tmp_path / "store" / "objects", tmp_path / "cache" / "blobs")
+    listed = [(name, len(data)) for name, data in objects.items()]
+    from_blobs = make_torrent(tmp_path / "cache" / "blobs", listed, PIECE)
+    os.rename(tmp_path / "cache" / "blobs", tmp_path / "store" / "objects")
+    assert from_blobs == make_torrent(tmp_path / "store" / "objects", listed, PIECE)
+    files = lt.torrent_info(from_blobs).layout()
+    assert {files.file_path(index) for index in range(files.num_files())
+            if not files.file_flags(index) & files.flag_pad_file} == {f"objects/{name}" for name in objects}

@@ -22,7 +22,7 @@ STAMP = 1577836800
 
 
 def swarm(*members: tuple[str, int], min_hosts: int = 3, min_bytes: int = 64 * MB) -> Swarm:
-    made = Swarm("env-0123456789abcdef", Path("/cache"), min_hosts, min_bytes)
+    made = Swarm("ML env", "env-0123456789abcdef", Path("/cache/objects"), Path("/cache"), min_hosts, min_bytes)
     for number, (name, planned) in enumerate(members):
         made.join(name, f"10.0.0.{number + 1}", 51871, planned)
     return made
@@ -116,15 +116,15 @@ def test_what_a_peer_says_reaches_the_log_as_printable_text_only():
     assert said == "the swarm did not finish (?[2Jstalled?); the rest is sent directly"
 
 
-def run_peer(tmp_path: Path, env_dir: Path) -> tuple[subprocess.CompletedProcess, Path]:
+def run_peer(tmp_path: Path, env_dir: Path, kit: Path) -> tuple[subprocess.CompletedProcess, Path]:
     """`swarm.sh peer` as a leecher, with a `docker` on PATH that only records that it was asked to run."""
     bin_dir, called = tmp_path / "bin", tmp_path / "docker-called"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "docker").write_text(f"#!/bin/sh\necho \"$1\" >> {called}\n")
     (bin_dir / "docker").chmod(0o755)
     ids = f"{os.getuid()}:{os.getgid()}"
-    command = program("swarm.sh", "peer", env_dir / "swarm-kit/k", "sha256:1", "python3.11", ids, env_dir,
-                      "0badc0de", "leech", "10.0.0.1:51871", 60, 30, "10.0.0.2:51871")
+    command = program("swarm.sh", "peer", kit, "sha256:1", "python3.11", ids, env_dir / "incoming/0badc0de",
+                      env_dir / "objects", "leech", "10.0.0.1:51871", 60, 30, "10.0.0.2:51871")
     result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=20,
                             env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     return result, called
@@ -133,8 +133,9 @@ def run_peer(tmp_path: Path, env_dir: Path) -> tuple[subprocess.CompletedProcess
 def test_the_peer_is_started_only_on_the_owners_own_directories_never_through_a_link(tmp_path):
     env_dir = tmp_path / "env"
     (env_dir / "incoming/0badc0de/objects").mkdir(parents=True)
-    (env_dir / "swarm-kit/k").mkdir(parents=True)
-    result, called = run_peer(tmp_path, env_dir)
+    kit = tmp_path / "stack/swarm-kit/k"
+    kit.mkdir(parents=True)
+    result, called = run_peer(tmp_path, env_dir, kit)
     assert result.returncode == 0 and "run" in called.read_text().split(), result.stderr
     called.unlink()
 
@@ -142,6 +143,6 @@ def test_the_peer_is_started_only_on_the_owners_own_directories_never_through_a_
     (elsewhere / "objects").mkdir(parents=True)
     os.rename(env_dir / "incoming/0badc0de", tmp_path / "moved")
     (env_dir / "incoming/0badc0de").symlink_to(elsewhere)  # what the env owner could plant
-    result, called = run_peer(tmp_path, env_dir)
+    result, called = run_peer(tmp_path, env_dir, kit)
     assert result.returncode == 1 and "reached without a link; the peer is not started" in result.stderr
     assert "run" not in (called.read_text().split() if called.exists() else [])

@@ -19,6 +19,7 @@ from tasks.host.models import (
     link_target,
     plan_model,
     publish_commands,
+    swarm_blobs_command,
     take_staged_command,
 )
 from tasks.host.programs import program
@@ -124,6 +125,30 @@ def test_the_blob_check_places_only_the_right_content(tmp_path, corrupt):
     Path(incoming_blob(str(tmp_path), readme)).write_bytes(README)  # a git sha1 blob
     assert sh(blob_in_place_command(str(tmp_path), readme)).returncode == 0
     assert (tmp_path / "blobs" / readme.blob).read_bytes() == README
+
+
+def test_blobs_a_swarm_fetched_are_placed_only_when_right_and_the_staging_folder_goes(tmp_path):
+    """place_blob.sh --swarm: what arrived whole is placed, a wrong copy or a link is dropped, what never came is
+    left to the direct path; the staging folder is removed."""
+    (tmp_path / "blobs").mkdir()
+    work = tmp_path / ".swarm-0badc0de"
+    (work / "objects").mkdir(parents=True)
+    readme, weights = entries_of(TREE, SPEC)
+    (work / "objects" / readme.blob).write_bytes(README)
+    (work / "objects" / weights.blob).write_bytes(bytes(len(WEIGHTS)))  # what a bad peer sent
+    result = sh(swarm_blobs_command(str(work), str(tmp_path), (readme, weights)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"taken {readme.blob}", f"dropped {weights.blob}",
+                                          "1 file(s), 0.0 MB, taken into the cache from the swarm; 1 dropped"]
+    assert sorted(os.listdir(tmp_path / "blobs")) == [readme.blob] and not work.exists()
+
+    (work / "objects").mkdir(parents=True)
+    (tmp_path / "elsewhere").write_bytes(WEIGHTS)  # the right content, behind a link
+    (work / "objects" / weights.blob).symlink_to(tmp_path / "elsewhere")
+    result = sh(swarm_blobs_command(str(work), str(tmp_path), (weights,)))
+    assert result.stdout.splitlines() == [f"dropped {weights.blob}",
+                                          "0 file(s), 0.0 MB, taken into the cache from the swarm; 1 dropped"]
+    assert sorted(os.listdir(tmp_path / "blobs")) == [readme.blob] and not work.exists()
 
 
 def test_the_blob_check_reads_no_link(tmp_path):
