@@ -82,7 +82,7 @@ def kit_problem(base: BaseImage) -> str | None:
 class Member:
     address: str
     port: int
-    planned: int  # bytes the plan says it lacks
+    planned: int | None  # bytes the plan says it lacks; None: not known yet (an image not built), taken as enough
     needs: dict[str, int] | None = None  # object -> size, as its store was listed when the step began
 
 
@@ -112,30 +112,37 @@ class Swarm:
     def kit(self) -> Kit:
         return kit_for(self.kit_cache)  # made once per control node, and only where a swarm runs
 
-    def join(self, host_name: str, address: str, port: int, planned: int) -> None:
+    def join(self, host_name: str, address: str, port: int, planned: int | None) -> None:
         self.members[host_name] = Member(address, port, planned)
+
+    def _lacks(self, name: str, unknown: int = 0) -> int:
+        planned = self.members[name].planned
+        return unknown if planned is None else planned
 
     def plan(self) -> str:
         """The plan as it stands, for the log of a dry run and a real one."""
-        seed = min(self.members, key=lambda name: self.members[name].planned)
-        between = sum(member.planned for name, member in self.members.items() if name != seed)
+        seed = min(self.members, key=self._lacks)
+        between = sum(self._lacks(name) for name in self.members if name != seed)
         if not self.used(list(self.members)):
             return (f"{len(self.members)} host(s) so far need {self.label}; a swarm takes {self.min_hosts} hosts and "
                     f"{self.min_bytes / 1e6:.0f} MB, else the direct path (the last host's line gives the plan)")
-        return (f"{seed} is sent {self.members[seed].planned / 1e6:.1f} MB by the control node and seeds; "
+        if any(member.planned is None for member in self.members.values()):
+            return (f"{seed} is sent {self.label} by the control node once it is made, and seeds; "
+                    f"{len(self.members) - 1} host(s) fetch it between hosts")
+        return (f"{seed} is sent {self._lacks(seed) / 1e6:.1f} MB by the control node and seeds; "
                 f"{len(self.members) - 1} host(s) fetch {between / 1e6:.1f} MB between hosts")
 
     def used(self, names: list[str]) -> bool:
         """Enough hosts, and enough new bytes (what the one lacking most lacks) to be worth a swarm."""
-        return len(names) >= self.min_hosts and max((self.members[name].planned for name in names), default=0) \
-            >= self.min_bytes
+        most = max((self._lacks(name, unknown=self.min_bytes) for name in names), default=0)
+        return len(names) >= self.min_hosts and most >= self.min_bytes
 
     def choose(self, state) -> tuple[str, ...]:
         """The live members, the seed first (the one that lacks least), once per run; () when too few."""
         if self.chosen is None:
             failed = {host.name for host in state.failed_hosts}
             live = [name for name in self.members if name not in failed]
-            live.sort(key=lambda name: self.members[name].planned)  # stable: inventory order breaks ties
+            live.sort(key=self._lacks)  # stable: inventory order breaks ties
             self.chosen = tuple(live) if self.used(live) else ()
         return self.chosen
 
@@ -181,7 +188,7 @@ class Swarm:
 _swarms: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], list[Swarm]]] = weakref.WeakKeyDictionary()
 
 
-def joined(config: HostConfig, kind: str, label: str, folder: Path, base: BaseImage, planned: int
+def joined(config: HostConfig, kind: str, label: str, folder: Path, base: BaseImage, planned: int | None
            ) -> Swarm | None:
     """This host's part in the fan-out of LABEL (a KIND; its files in FOLDER on the control node, PLANNED bytes
     of them new to this host), the plan as it stands in the log; None: the direct path (fan-out off, or this host

@@ -118,7 +118,7 @@ def image_fan_out(config: HostConfig, reference: str, archive: Path, held: tuple
     directory, root's: the seed serves the archive it was sent (`.image-<mark>.seed`), a leecher's arrives in
     `.image-<mark>.swarm` and is checked and loaded as a sent one is (`load_image.sh --swarm`)."""
     label = reference + (f" beside {hashlib.sha256(' '.join(held).encode()).hexdigest()[:12]}" if held else "")
-    planned = archive.stat().st_size if archive.exists() else config.fanout_min_bytes  # built later: the run judges
+    planned = archive.stat().st_size if archive.exists() else None  # not built yet: the run judges its size
     swarm = fanout.joined(config, "Image", label, archive.parent, base, planned)
     if swarm is None:
         return None

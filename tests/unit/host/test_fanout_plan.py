@@ -21,7 +21,7 @@ MB = 1_000_000
 STAMP = 1577836800
 
 
-def swarm(*members: tuple[str, int], min_hosts: int = 3, min_bytes: int = 64 * MB) -> Swarm:
+def swarm(*members: tuple[str, int | None], min_hosts: int = 3, min_bytes: int = 64 * MB) -> Swarm:
     made = Swarm("ML env", "env-0123456789abcdef", Path("/cache/objects"), Path("/cache"), min_hosts, min_bytes)
     for number, (name, planned) in enumerate(members):
         made.join(name, f"10.0.0.{number + 1}", 51871, planned)
@@ -45,6 +45,13 @@ def test_too_few_hosts_or_too_few_bytes_keep_the_direct_path():
     assert few.role(state(), "host1") is None
     small = swarm(("host1", MB), ("host2", MB), ("host3", MB))
     assert small.role(state(), "host1") is None
+
+
+def test_an_archive_not_made_yet_counts_as_large_enough_and_the_plan_says_so():
+    fan = swarm(("host1", None), ("host2", None), ("host3", None))
+    assert fan.plan() == ("host1 is sent env-0123456789abcdef by the control node once it is made, and seeds; "
+                          "2 host(s) fetch it between hosts")
+    assert [fan.role(state(), name) for name in ("host1", "host2", "host3")] == ["seed", "leech", "leech"]
 
 
 def test_a_host_that_failed_before_the_step_neither_seeds_nor_counts():
