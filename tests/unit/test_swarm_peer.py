@@ -298,7 +298,10 @@ def test_a_peer_ends_at_its_deadline_when_stalled_on_a_signal_and_when_its_port_
         outcomes = {name: ended(process, 20) for name, process in
                     (("late", late), ("stalled", stalled), ("seed", seed), ("clash", clash))}
     code, result, end = outcomes["late"]
-    assert (code, result.complete, result.reason) == (3, False, "deadline") and end - began < 3 + 2
+    # Its loop ended at the deadline and said so; closing the session after that may outlast what is left of a 3 s
+    # deadline on a loaded machine, and then SIGALRM (armed for the deadline) ends it: in time either way.
+    assert code in (3, -signal.SIGALRM) and (result.complete, result.reason) == (False, "deadline")
+    assert end - began < 3 + 2
     code, result, end = outcomes["stalled"]
     assert (code, result.complete, result.reason) == (3, False, "stalled") and end - began < 2 + 3
     code, result, end = outcomes["seed"]
