@@ -11,6 +11,7 @@ With `--against DIR` (a copy of another commit, e.g. `git archive HEAD~3 | tar -
 copy's no-op (its tasks/ with this checkout's files/) is timed in the same rounds, as a third run: before and
 after in one run, on the same hosts. The fleet is its own, $MLSTACK_BENCH_FLEET (default "bench"), brought down
 at the end.
+Every run reads its Python modules' bytecode (the warm-up round writes it to a folder of the bench's own).
 Asserts only that each run exited 0 and that each no-op changed nothing.
 """
 
@@ -103,8 +104,11 @@ def main() -> None:
     options = parser.parse_args()
     ensure_archive()  # the one-time debootstrap is not part of the bench
     fleet = Fleet(os.environ.get("MLSTACK_BENCH_FLEET", "bench"))
-    env = {**os.environ, "MLSTACK_FLEET": fleet.name}
     folder = tempfile.mkdtemp(prefix="bench-noop-")
+    # Every run reads its modules' bytecode, as an installed package or a checkout's second run does: the warm-up
+    # writes it (to a folder of the bench's own) even where PYTHONDONTWRITEBYTECODE is set.
+    env = {**{key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"},
+           "MLSTACK_FLEET": fleet.name, "PYTHONPYCACHEPREFIX": str(Path(folder) / "bytecode")}
     empty_deploy = Path(folder) / "empty_deploy.py"
     empty_deploy.write_text('"""No operation: what pyinfra costs on its own with this inventory."""\n')
     runs: dict[str, tuple[list[str], str | None]] = {

@@ -12,12 +12,11 @@ from pyinfra.api import deploy
 
 from .config import DEFAULTS
 from .control.fleet_context import FleetContext
-from .host import directories, gpus, ml_env, models, owners, pyinfra_speedups, releases, runtime_image, stack
+from .host import directories, gpus, ml_env, models, owners, releases, runtime_image, stack
 from .host.lock import hold_deploy_lock
 from .report import report
 from .validation import host_config
 
-pyinfra_speedups.apply()  # pyinfra's per-operation stack walk and argument types, made cheap (same results)
 fleet = FleetContext()  # what the control side knows for the whole fleet, made before any host is planned
 
 

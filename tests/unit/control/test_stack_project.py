@@ -6,13 +6,15 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tasks.control.compose_project import ComposeProject, StackError
+from tasks.control.compose_project import ComposeProject, StackError, compose_config
 from tasks.control.image_archives import SavedLayer, archive_layers, chain_ids, partial_archive
 from tasks.control.registry import docker_config, registry_of, repository_of
 from tasks.host.stack_images import layers_to_send
@@ -62,6 +64,29 @@ def test_without_compose_files_the_project_is_what_compose_reads_by_default(tmp_
     ComposeProject.load.cache_clear()
     assert sorted(ComposeProject.load(str(tmp_path)).services) == sorted(by_compose) == ["a", "b"]
 
+
+def test_reading_the_project_starts_no_docker_cli_and_gives_what_docker_compose_gives(tmp_path, monkeypatch):
+    """Each read runs compose's own binary, the one `docker info` names: the docker CLI in front of it costs a
+    no-op two more Go programs. Both reads (as written, and interpolated) equal `docker compose config`'s."""
+    (tmp_path / "compose.yaml").write_text("services:\n  a: {image: 'x:${TAG:-1}', environment: {KEY: $KEY}}\n")
+    plugins = json.loads(subprocess.run(["docker", "info", "--format", "{{json .ClientInfo.Plugins}}"],
+                                        capture_output=True, text=True, env={"PATH": os.environ["PATH"],
+                                        "DOCKER_HOST": "unix:///nonexistent"}).stdout)
+    compose = next(plugin["Path"] for plugin in plugins if plugin["Name"] == "compose")
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    for name, real in (("docker", shutil.which("docker")), ("docker-compose", compose)):
+        (wrappers / name).write_text(f'#!/bin/sh\necho "$0" >> {tmp_path}/started\nexec {real} "$@"\n')
+        (wrappers / name).chmod(0o755)
+    real_path = os.environ["PATH"]
+    by_docker = [json.loads(subprocess.run(["docker", "compose", "-f", "compose.yaml", "config", "--format", "json",
+                                            *extra], cwd=tmp_path, capture_output=True, text=True, check=True,
+                                           env={"PATH": real_path, "TAG": "2", "KEY": "v"}).stdout)
+                 for extra in (["--no-interpolate"], [])]
+    monkeypatch.setenv("PATH", f"{wrappers}:{real_path}")
+    assert compose_config(tmp_path, ("compose.yaml",)) == by_docker[0]
+    assert compose_config(tmp_path, ("compose.yaml",), {"TAG": "2", "KEY": "v"}) == by_docker[1]
+    assert not (tmp_path / "started").exists()  # neither the CLI nor a docker-compose of PATH (compose v1, say)
 
 def saved_image(path: Path, layers: dict[str, bytes]) -> list[str]:
     """A `docker save | gzip` of one image whose layers are LAYERS (member name -> tar bytes) in order,
