@@ -14,9 +14,9 @@ and at least `fanout_min_hosts` hosts of one run need the same files (the one la
    it and from each other into a staging folder of this run. The peers know only each other's fleet
    addresses (`fanout_address`); no tracker, DHT, local discovery, UPnP or NAT-PMP, switched off in the
    settings the session is made with;
-3. each host checks every file it fetched against its hash before it enters its store (the kind's `adopt`:
-   `env_store.sh adopt`, `adopt_blobs.sh`, `load_image.sh`); the engine's piece hashes are the first line,
-   this the second;
+3. each host checks every file it fetched against its hash before it enters its store, cache or engine (the
+   kind's adopt: `env_store.sh adopt`, `place_blob.sh --swarm`, `load_image.sh --swarm`); the engine's piece
+   hashes are the first line, this the second;
 4. the step's peers are gone when it ends (their containers removed, however they ended), and each host is
    sent directly whatever it still lacks, as on the direct path: a host that could not reach its peers or ran
    out of time is complete all the same, and the run says so.

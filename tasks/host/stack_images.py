@@ -123,10 +123,9 @@ def image_fan_out(config: HostConfig, reference: str, archive: Path, held: tuple
     if swarm is None:
         return None
     seed, work = (f"{config.compose_project_dir}/.image-{RUN_MARK}.{end}" for end in ("seed", "swarm"))
-    return swarm, fanout.peer_run(config, base, work, seed, (0, 0), {
-        "seed": f"rm -rf -- {shlex.quote(seed)} {shlex.quote(work)}",
-        "leech": "",  # ImageUpload fills in the archive's name and sha256 once it is made
-    })
+    # a leecher's adopt names the archive, known once it is made: ImageUpload adds it
+    return swarm, fanout.peer_run(config, base, work, seed, (0, 0),
+                                  {"seed": f"rm -rf -- {shlex.quote(seed)} {shlex.quote(work)}"})
 
 
 class ImageUpload(PyinfraCommand):
@@ -157,18 +156,23 @@ class ImageUpload(PyinfraCommand):
         def direct(adopted: list[str]) -> bool:
             if adopted:  # loaded from the swarm
                 return True
-            if not (seeding and run):
-                return self.upload.execute(state, host, connector_arguments)
-            kept = f"{run.store}/{self.archive.name}"
-            made, _ = host.run_shell_command(StringCommand(
-                f"rm -rf -- {shlex.quote(run.store)} && mkdir -m 0700 -- {shlex.quote(run.store)}"),
-                **connector_arguments)
-            return made and StreamedUpload(self.archive, self.label, kept, then=program(
-                "load_image.sh", "--seed", kept, self.sha256, self.reference)).execute(state, host,
-                                                                                      connector_arguments)
+            if seeding and run:
+                return self._seed(state, host, connector_arguments, run.store)
+            return self.upload.execute(state, host, connector_arguments)
 
         return fanout.take_part(state, host, connector_arguments, self.fan, direct,
                                 lambda: {self.archive.name: self.archive.stat().st_size})
+
+
+    def _seed(self, state, host, connector_arguments, store: str) -> bool:
+        """The seed's copy: sent into STORE (this run's own folder), checked and loaded, and kept there to serve."""
+        made, _ = host.run_shell_command(StringCommand(f"rm -rf -- {shlex.quote(store)} && "
+                                                       f"mkdir -m 0700 -- {shlex.quote(store)}"), **connector_arguments)
+        if not made:
+            return failed(host, f"{self.label}: the fan-out's seed folder {store} could not be made")
+        kept = f"{store}/{self.archive.name}"
+        return StreamedUpload(self.archive, self.label, kept, then=program(
+            "load_image.sh", "--seed", kept, self.sha256, self.reference)).execute(state, host, connector_arguments)
 
 
 @operation(is_idempotent=False)
