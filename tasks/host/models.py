@@ -320,7 +320,9 @@ def model_fan_out(config: HostConfig, plan: ModelPlan, base: BaseImage, control_
                           plan.bytes)
     if swarm is None:
         return None
-    repo, work = f"{config.model_cache_dir}/hub/{spec.folder}", f"{config.model_cache_dir}/.swarm-{RUN_MARK}"
+    # One name for every run: a run killed mid-swarm leaves at most this folder, which the next fan-out's stage
+    # removes (one run at a time works on a host: its lock).
+    repo, work = f"{config.model_cache_dir}/hub/{spec.folder}", f"{config.model_cache_dir}/.swarm"
     adopt = as_owner(*cache_owner(config), swarm_blobs_command(work, repo, plan.send))
     return swarm, fanout.peer_run(config, base, work, f"{repo}/blobs", cache_owner(config),
                                   {"seed": adopt, "leech": adopt})

@@ -160,7 +160,7 @@ def test_what_is_new_leaves_the_control_node_once_and_every_host_checks_what_its
         assert four.ssh(record, "docker ps -aq --filter name=mlstack-swarm") == ""
         assert peer_sockets(four, record) == "", record.name
         assert four.ssh(record, f"find {ENV_DIR}/incoming {CACHE} {COMPOSE_DIR} -mindepth 1 -maxdepth 1 "
-                                f"\\( -path '{ENV_DIR}/incoming/*' -o -name '.swarm-*' -o -name '.image-*' \\)") == ""
+                                f"\\( -path '{ENV_DIR}/incoming/*' -o -name '.swarm' -o -name '.image-*' \\)") == ""
         assert outside_packets(four, record) == outside[record.name], record.name
     # The control node's deploy talked to fleet addresses and loopback only (its peers run on the hosts).
     subnet = four.fleet.gateway.rsplit(".", 1)[0] + "."
