@@ -31,7 +31,9 @@ import platform
 import shlex
 import sys
 import threading
+import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +104,10 @@ class Swarm:
     seed_ready: threading.Event = field(default_factory=threading.Event)
     seed_ok: bool = False
     registered: threading.Event = field(default_factory=threading.Event)
+    # What each member is to be sent, where the kind knows it only at run time (an image's archive holds only the
+    # layers the host lacks): the swarm is the largest group sent the same file; the others take the direct path.
+    variants: dict[str, str] = field(default_factory=dict)
+    arrived: threading.Event = field(default_factory=threading.Event)
     chosen: tuple[str, ...] | None = None  # seed first, then the others (run time)
     torrent_lock: threading.Lock = field(default_factory=threading.Lock)
     torrent: bytes | None = None
@@ -142,6 +148,9 @@ class Swarm:
         if self.chosen is None:
             failed = {host.name for host in state.failed_hosts}
             live = [name for name in self.members if name not in failed]
+            common = Counter(self.variants[name] for name in live if name in self.variants).most_common(1)
+            if common:
+                live = [name for name in live if self.variants.get(name) == common[0][0]]
             live.sort(key=self._lacks)  # stable: inventory order breaks ties
             self.chosen = tuple(live) if self.used(live) else ()
         return self.chosen
@@ -150,6 +159,17 @@ class Swarm:
         """"seed", "leech", or None: the direct path (too few hosts, or too little is new)."""
         chosen = self.choose(state)
         return None if host_name not in chosen else "seed" if chosen[0] == host_name else "leech"
+
+    def arrive(self, state, host_name: str, variant: str) -> None:
+        """HOST_NAME is to be sent VARIANT: wait (up to ARRIVAL) until every member that has not failed has said
+        what it is sent, so that the swarm is chosen knowing them all."""
+        self.variants[host_name] = variant
+        limit = time.monotonic() + ARRIVAL
+        while not self.arrived.is_set() and time.monotonic() < limit:
+            failed = {failed_host.name for failed_host in state.failed_hosts}
+            if all(name in self.variants or name in failed for name in self.members):
+                self.arrived.set()
+            self.arrived.wait(0.5)
 
     def register(self, host_name: str, needs: dict[str, int]) -> None:
         self.members[host_name].needs = needs

@@ -379,12 +379,12 @@ def carry_out(config: HostConfig, project: ComposeProject, state: StackState, pl
     for other in sorted(state.projects - {project.name}):  # what ran from this directory before: its own files
         bring_down(name=f"Bring project {other} down (replaced by {project.name}; its volumes stay)",
                    project=other, compose_dir=config.compose_project_dir)
+    layers = tuple(sorted(held.layers)) if held.loads_partial else ()
     for reference in plan.send_images:
-        archive, layers = archive_of(config, by_reference[reference]), tuple(sorted(held.layers)) \
-            if held.loads_partial else ()
+        archive = archive_of(config, by_reference[reference])
         ship_image(name=f"Image {reference}", reference=reference, make_archive=makers[reference], archive=archive,
                    compose_dir=config.compose_project_dir, held=layers,
-                   fan=image_fan_out(config, reference, archive, layers, base) if base else None)
+                   fan=image_fan_out(config, reference, archive, base) if base else None)
     if plan.push:
         push_project(name=f"Compose project {project.name}", compose_dir=config.compose_project_dir,
                      rendered=plan.rendered)

@@ -6,7 +6,6 @@ then `docker load`). Registry images the host pulls itself get the logins stream
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 import tarfile
@@ -111,15 +110,15 @@ def layers_to_send(archive: Path, held: frozenset[str]) -> tuple[tuple[str, ...]
     return needless_layers(layers, held), len(layers)
 
 
-def image_fan_out(config: HostConfig, reference: str, archive: Path, held: tuple[str, ...], base: BaseImage
-                  ) -> tuple[Swarm, PeerRun] | None:
-    """This host's part in the fan-out of REFERENCE's archive (the hosts holding the same layers HELD share one),
-    or None: the direct path. The peers run as root with every capability dropped, in folders of the compose
-    directory, root's: the seed serves the archive it was sent (`.image-<mark>.seed`), a leecher's arrives in
-    `.image-<mark>.swarm` and is checked and loaded as a sent one is (`load_image.sh --swarm`)."""
-    label = reference + (f" beside {hashlib.sha256(' '.join(held).encode()).hexdigest()[:12]}" if held else "")
+def image_fan_out(config: HostConfig, reference: str, archive: Path, base: BaseImage) -> tuple[Swarm, PeerRun] | None:
+    """This host's part in the fan-out of REFERENCE's archive, or None: the direct path. Every host sent the image
+    joins; the run's swarm is the largest group sent the same archive (which one depends on the layers a host holds,
+    known once the archive is made: `ImageUpload`). The peers run as root with every capability dropped, in
+    folders of the compose directory, root's: the seed serves the archive it was sent (`.image-<mark>.seed`), a
+    leecher's arrives in `.image-<mark>.swarm` and is checked and loaded as a sent one is (`load_image.sh
+    --swarm`)."""
     planned = archive.stat().st_size if archive.exists() else None  # not built yet: the run judges its size
-    swarm = fanout.joined(config, "Image", label, archive.parent, base, planned)
+    swarm = fanout.joined(config, "Image", reference, archive.parent, base, planned)
     if swarm is None:
         return None
     seed, work = (f"{config.compose_project_dir}/.image-{RUN_MARK}.{end}" for end in ("seed", "swarm"))
@@ -151,6 +150,8 @@ class ImageUpload(PyinfraCommand):
 
     def execute(self, state, host, connector_arguments) -> bool:
         swarm, run = self.fan or (None, None)
+        if swarm is not None:
+            swarm.arrive(state, host.name, self.archive.name)
         seeding = swarm is not None and swarm.role(state, host.name) == "seed"
 
         def direct(adopted: list[str]) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,6 +54,21 @@ def test_an_archive_not_made_yet_counts_as_large_enough_and_the_plan_says_so():
     assert fan.plan() == ("host1 is sent env-0123456789abcdef by the control node once it is made, and seeds; "
                           "2 host(s) fetch it between hosts")
     assert [fan.role(state(), name) for name in ("host1", "host2", "host3")] == ["seed", "leech", "leech"]
+
+
+def test_the_swarm_is_the_largest_group_sent_the_same_file_once_all_live_members_said_which():
+    fan = swarm(("host1", None), ("host2", None), ("host3", None), ("host4", None), ("host5", None))
+    arrivals = [threading.Thread(target=fan.arrive, args=(state("host4"), name, variant))  # host4 failed before
+                for name, variant in (("host1", "api-1-without-a.tar.gz"), ("host2", "api-1-without-b.tar.gz"),
+                                      ("host3", "api-1-without-b.tar.gz"), ("host5", "api-1-without-b.tar.gz"))]
+    began = time.monotonic()
+    for arrival in arrivals:
+        arrival.start()
+    for arrival in arrivals:
+        arrival.join(10)
+    assert fan.arrived.is_set() and time.monotonic() - began < 5  # nobody waited for host4
+    assert [fan.role(state("host4"), name) for name in ("host1", "host2", "host3", "host4", "host5")] == [
+        None, "seed", "leech", None, "leech"]
 
 
 def test_a_host_that_failed_before_the_step_neither_seeds_nor_counts():
