@@ -33,8 +33,8 @@ def operation_names(run) -> list[str]:
     return [op["name"] for op in run.operations]
 
 
+@pytest.mark.heavy  # make test's 15 minutes: the fan-out test took its place (about 53 s with this module's wipe)
 def test_with_no_service_using_the_env_nothing_of_it_is_built_sent_checked_or_mounted(fleet, tmp_path):
-    fleet.wipe()
     env_cache = tmp_path / "env-cache"
     settings = [f"stack={plain_project(tmp_path)}", "ml_services={}", "service_gpus={}", "models=[]",
                 "service_models={}", "http_checks=[]", f"ml_env_cache_dir={env_cache}",
