@@ -76,9 +76,11 @@ peer)
     done
     trap 'docker rm -f "$name" >/dev/null 2>&1 || true' EXIT
     trap 'exit 143' TERM INT HUP
-    docker rm -f "$name" >/dev/null 2>&1 || true  # a peer of this run's mark that an earlier try left
+    # A peer still running now is an earlier run's, its connection lost before its trap ran (the deploy lock lets
+    # one run at a time work on a host): it goes, whatever its run's mark.
+    docker ps -aq --filter label=mlstack.swarm | xargs -r docker rm -f >/dev/null 2>&1 || true
     # shellcheck disable=SC2086 # $served: one word or none
-    docker run --rm --name "$name" --network host --user "$ids" --cap-drop ALL \
+    docker run --rm --name "$name" --label mlstack.swarm --network host --user "$ids" --cap-drop ALL \
         --security-opt no-new-privileges --read-only --pull never --log-driver none \
         --mount "type=bind,source=$kit,target=/opt/mlstack-swarm,readonly" \
         --mount "type=bind,source=$work,target=/swarm" $served \

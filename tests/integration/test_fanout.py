@@ -17,6 +17,7 @@ import yaml
 from fleet_helpers import CACHE, ENV_DIR, active, new_requirements, plain_project, sent_to, wait_until
 
 from rehearsal import hub
+from rehearsal.baseimage import IMAGE_NAME
 from tasks.control.env_store import read_tree, tree_objects
 from tasks.control.swarm_kit import kit_for
 from tasks.fleet.runner import run_deploy
@@ -171,9 +172,13 @@ def test_what_is_new_leaves_the_control_node_once_and_every_host_checks_what_its
 @pytest.mark.heavy
 def test_a_peer_killed_mid_swarm_leaves_its_host_to_get_the_rest_directly(four, tmp_path):
     """The peer of one host is killed while it fetches (its link slowed so that the swarm lasts): the run goes on,
-    that host is sent directly what it still lacks, and the others finish from their peers."""
-    cache, victim = tmp_path / "cache", four.hosts[-1]
+    that host is sent directly what it still lacks, and the others finish from their peers. A peer an earlier
+    run's lost connection left running on another host (planted: labelled as the deploy labels its peers) is
+    gone once that host's peer starts."""
+    cache, victim, orphaned = tmp_path / "cache", four.hosts[-1], four.hosts[0]
     assert deploy(four, cache).returncode == 0
+    four.ssh(orphaned, f"docker run -d --label mlstack.swarm --name mlstack-swarm-0ld0run0 --network none "
+                       f"--entrypoint sleep {IMAGE_NAME} 3600")
     data = random.Random(26).randbytes(len(BIG_DATA))
     done: list = []
     with four.throttled(victim, "40mbit"):
@@ -191,5 +196,6 @@ def test_a_peer_killed_mid_swarm_leaves_its_host_to_get_the_rest_directly(four, 
     assert all(active(four, record) == new for record in four.hosts)
     assert re.search(rf"\[{victim.name}\] ML env fan-out: the swarm did not finish", run.output), run.output[-4000:]
     assert re.search(rf"\[{victim.name}\] ML env {new}: \d+ new file\(s\)", run.output)
-    assert four.ssh(victim, "docker ps -aq --filter name=mlstack-swarm") == ""
+    for record in four.hosts:
+        assert four.ssh(record, "docker ps -aq --filter name=mlstack-swarm") == "", record.name
     assert peer_sockets(four, victim) == ""
