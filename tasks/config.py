@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, ClassVar, Iterable, NamedTuple, Optional, get_type_hints
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
@@ -39,6 +39,144 @@ class ConfigError(PyinfraError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid inventory data, nothing was changed:\n  " + "\n  ".join(problems))
+
+
+# -- settings: declared as annotations, every value checked ----------------------------------------------------
+# A small frozen record of settings rather than a validation library: the deploy imports this module on every run,
+# and the library's import and schema building were a third of a no-op's own CPU (docs/performance.md).
+
+
+class Check:
+    """`Annotated[T, Check(convert)]`: CONVERT takes a setting's value as written and returns it as a T, or raises
+    ValueError saying what is expected (SettingsError: the problems of an entry's own settings)."""
+
+    __slots__ = ("convert",)
+
+    def __init__(self, convert: Callable[[Any], Any]):
+        self.convert = convert
+
+
+KEY = "[key]"  # the last part of a problem's place when the problem is a mapping's key itself
+
+
+class Problem(NamedTuple):
+    place: tuple  # where the value is: ("models", 1, "revision"); a mapping's key ends with KEY
+    kind: str  # "invalid", "missing" or "unknown"
+    expected: str = ""  # for "invalid": what a valid value is
+    known: tuple[str, ...] = ()  # for "unknown": the settings known there
+
+    def below(self, *place: Any) -> Problem:
+        return self._replace(place=(*place, *self.place))
+
+
+class SettingsError(ValueError):
+    """Every problem of one set of settings, found at once."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(f"{'.'.join(map(str, problem.place))}: {problem.expected or problem.kind}"
+                                   for problem in problems))
+
+
+_MISSING = object()  # a setting not given, without a default
+
+
+def _checked(items: Iterable[tuple[tuple, Any, Callable[[Any], Any]]]) -> list:
+    """Each (place, value, convert) converted, in order; SettingsError with every problem, each at its place."""
+    results, problems = [], []
+    for place, value, convert in items:
+        if value is _MISSING:
+            problems.append(Problem(place, "missing"))
+            continue
+        try:
+            results.append(convert(value))
+        except SettingsError as error:
+            problems += [problem.below(*place) for problem in error.problems]
+        except ValueError as error:
+            problems.append(Problem(place, "invalid", str(error)))
+    if problems:
+        raise SettingsError(problems)
+    return results
+
+
+class Settings:
+    """Settings declared as class annotations, `name: Annotated[T, Check(convert)] = default` (no default: the
+    setting is required), made from keyword data: every value, defaults included, goes through its check, and
+    every problem is raised at once (SettingsError). Frozen, compared and hashed by value."""
+
+    _checks: ClassVar[dict[str, Callable[[Any], Any]]]
+    _defaults: ClassVar[dict[str, Any]]
+
+    def __init_subclass__(cls) -> None:
+        hints = {name: hint for name, hint in get_type_hints(cls, include_extras=True).items()
+                 if not name.startswith("_")}
+        checks = {name: [item.convert for item in getattr(hint, "__metadata__", ()) if isinstance(item, Check)]
+                  for name, hint in hints.items()}
+        unchecked = [name for name, found in checks.items() if len(found) != 1]
+        if unchecked:
+            raise TypeError(f"{cls.__name__}: each setting needs one Check: {', '.join(unchecked)}")
+        cls._checks = {name: found[0] for name, found in checks.items()}
+        cls._defaults = {name: vars(cls)[name] for name in cls._checks if name in vars(cls)}
+
+    def __init__(self, **data: Any):
+        values = {name: data.get(name, self._defaults.get(name, _MISSING)) for name in self._checks}
+        unknown = [Problem((name,), "unknown", known=tuple(self._checks)) for name in data if name not in self._checks]
+        try:
+            converted = _checked(((name,), value, self._checks[name]) for name, value in values.items())
+        except SettingsError as error:
+            raise SettingsError(error.problems + unknown) from None
+        if unknown:
+            raise SettingsError(unknown)
+        for name, value in zip(values, converted, strict=True):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each optional setting's default, as written."""
+        return dict(cls._defaults)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(cls._checks)
+
+    def dump(self) -> dict[str, Any]:
+        """The settings as plain data (entries' own settings as mappings)."""
+        return {name: _plain(value) for name, value in vars(self).items()}
+
+    def dump_json(self) -> str:
+        """`dump()` as compact JSON, text as it is: what a release records a host's settings by."""
+        return json.dumps(self.dump(), separators=(",", ":"), ensure_ascii=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to {name}: settings are frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete {name}: settings are frozen")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __hash__(self) -> int:
+        return hash((type(self), *vars(self).values()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{name}={value!r}' for name, value in vars(self).items())})"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Settings):
+        return value.dump()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def written(value: Any) -> Any:
+    """A default as one writes it (a mode's text), which its setting's check turns into the setting's type:
+    what DEFAULTS hands pyinfra and the settings table shows."""
+    return value
 
 
 # A configured directory holds only these characters: a ':' or ',' splits a `docker -v` / `--mount` spec, a '$'
@@ -398,24 +536,24 @@ def _env_map(value: Any) -> dict[str, str]:
     return {_dotenv_name(key): str(item) for key, item in value.items()}
 
 
-AbsolutePath = Annotated[str, BeforeValidator(_path)]
-NumericId = Annotated[int, BeforeValidator(_id)]
-OctalMode = Annotated[int, BeforeValidator(_mode)]
-ControlPath = Annotated[str, BeforeValidator(_control_path)]
-RequirementsFile = Annotated[str, BeforeValidator(_requirements)]
-EnvId = Annotated[Optional[str], BeforeValidator(_env_id)]
-KeepCount = Annotated[int, BeforeValidator(_keep)]
-ImageRef = Annotated[str, BeforeValidator(_image)]
-EngineUrl = Annotated[str, BeforeValidator(_engine)]
-IndexUrl = Annotated[str, BeforeValidator(_optional_url)]
-EndpointUrl = Annotated[str, BeforeValidator(_endpoint)]
-UrlList = Annotated[list[str], BeforeValidator(_list_of(_url))]
-HostList = Annotated[list[str], BeforeValidator(_list_of(_host_name))]
-FanoutAddress = Annotated[str, BeforeValidator(_fanout_address)]
-RepoId = Annotated[str, BeforeValidator(_repo_id)]
-Revision = Annotated[str, BeforeValidator(_revision)]
-Patterns = Annotated[Optional[tuple[str, ...]], BeforeValidator(_patterns)]
-Flag = Annotated[bool, BeforeValidator(_flag)]
+AbsolutePath = Annotated[str, Check(_path)]
+NumericId = Annotated[int, Check(_id)]
+OctalMode = Annotated[int, Check(_mode)]
+ControlPath = Annotated[str, Check(_control_path)]
+RequirementsFile = Annotated[str, Check(_requirements)]
+EnvId = Annotated[Optional[str], Check(_env_id)]
+KeepCount = Annotated[int, Check(_keep)]
+ImageRef = Annotated[str, Check(_image)]
+EngineUrl = Annotated[str, Check(_engine)]
+IndexUrl = Annotated[str, Check(_optional_url)]
+EndpointUrl = Annotated[str, Check(_endpoint)]
+UrlList = Annotated[list[str], Check(_list_of(_url))]
+HostList = Annotated[list[str], Check(_list_of(_host_name))]
+FanoutAddress = Annotated[str, Check(_fanout_address)]
+RepoId = Annotated[str, Check(_repo_id)]
+Revision = Annotated[str, Check(_revision)]
+Patterns = Annotated[Optional[tuple[str, ...]], Check(_patterns)]
+Flag = Annotated[bool, Check(_flag)]
 
 
 def _registry_credentials(value: Any) -> dict[str, str]:
@@ -437,23 +575,69 @@ def _registry_credentials(value: Any) -> dict[str, str]:
     return value
 
 
-class MlService(BaseModel):
+def _items(convert: Callable[[Any], Any], expected: str) -> Callable[[Any], list]:
+    """A check of lists whose every item CONVERT checks, each problem at its item's index; EXPECTED: what the
+    whole is when it is not a list."""
+
+    def check(value: Any) -> list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(expected)
+        return _checked(((index,), item, convert) for index, item in enumerate(value))
+
+    return check
+
+
+def _mapping(key: Callable[[Any], Any], value: Callable[[Any], Any], expected: str) -> Callable[[Any], dict]:
+    """A check of mappings whose keys KEY checks and whose values VALUE does, each problem at its key (or at the
+    key itself); EXPECTED: what the whole is when it is not a mapping."""
+
+    def check(given: Any) -> dict:
+        if not isinstance(given, dict):
+            raise ValueError(expected)
+        checked = _checked([*(((name, KEY), name, key) for name in given),
+                            *(((name,), item, value) for name, item in given.items())])
+        return dict(zip(checked[:len(given)], checked[len(given):], strict=True))
+
+    return check
+
+
+def _entry(spec: type[Settings]) -> Callable[[Any], Settings]:
+    """A check of one entry of SPEC's settings (a mapping, or an entry already made)."""
+
+    def check(value: Any) -> Settings:
+        if isinstance(value, spec):
+            return value
+        if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+            raise ValueError(f"expected a mapping of {', '.join(spec.names())}")
+        return spec(**value)
+
+    return check
+
+
+def _text(expected: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(expected)
+        return value
+
+    return check
+
+
+class MlService(Settings):
     """One entry of `ml_services`: what the deploy adds to that compose service."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     ml_env: Flag = True  # the env read-only at /root/.local, with PATH and PYTHONPATH
-    models: list[Annotated[str, BeforeValidator(_env_name)]] = []  # service_models variables it reads
+    # service_models variables it reads
+    models: Annotated[list[str], Check(_items(_env_name, "expected a list of service_models variables such as "
+                                                          "['RERANKING_MODEL']"))] = []
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Settings):
     """One entry of `models`: a repo at a revision, optionally a subset of its files."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     repo_id: RepoId
     revision: Revision = "main"
-    repo_type: Annotated[str, BeforeValidator(_choice("model", "dataset"))] = "model"
+    repo_type: Annotated[str, Check(_choice("model", "dataset"))] = "model"
     allow_patterns: Patterns = None
     ignore_patterns: Patterns = None
 
@@ -475,69 +659,67 @@ class DirectorySpec:
     mode: int
 
 
-class HostConfig(BaseModel):
+class HostConfig(Settings):
     """Every setting of the deploy with its default: the one place defaults live. Override them per group
     (group_data/<group>.py beside the inventory), per host in the inventory, or per run with `--data k=v`.
     docs/settings.md documents each (a unit test keeps the two equal). Directory owners are numeric: a
     container's uid (often 1000) need not exist on the host."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
     # Your compose project: an absolute path on the control node, or a name under files/stacks/.
-    stack: Annotated[str, BeforeValidator(_stack)]
+    stack: Annotated[str, Check(_stack)]
     # Its compose files, merged in order as `docker compose -f a -f b`; [] is what compose reads without -f.
-    compose_files: Annotated[list[str], BeforeValidator(_list_of(_compose_file))] = []
+    compose_files: Annotated[list[str], Check(_list_of(_compose_file))] = []
     # Compose profiles to enable; written to the host's .env as COMPOSE_PROFILES.
-    stack_profiles: Annotated[list[str], BeforeValidator(_list_of(_env_name_or_profile))] = []
+    stack_profiles: Annotated[list[str], Check(_list_of(_env_name_or_profile))] = []
     # Values compose interpolates the project with, over the project's own .env (name -> value).
-    stack_env: Annotated[dict[str, str], BeforeValidator(_env_map)] = {}
+    stack_env: Annotated[dict[str, str], Check(_env_map)] = {}
     # Names read from the control node's environment into the host's .env (mode 0600), over the project's own.
-    stack_secrets: Annotated[list[str], BeforeValidator(_list_of(_secret_name))] = []
+    stack_secrets: Annotated[list[str], Check(_list_of(_secret_name))] = []
     # What the deploy adds to each service named: the ML env (read-only at /root/.local) and the models it reads.
-    ml_services: dict[str, MlService] = {}
+    ml_services: Annotated[dict[str, MlService], Check(_mapping(_text("expected a service name"), _entry(MlService),
+        "expected a mapping of stack service -> {ml_env, models}"))] = {}
     # The GPUs each service gets (service -> "all", a count or a list of indices), reserved by UUID.
-    service_gpus: Annotated[dict, BeforeValidator(_gpu_requests)] = {}
+    service_gpus: Annotated[dict, Check(_gpu_requests)] = {}
     # URLs the control node asks once a host's services are healthy ({host}: the host's address).
-    http_checks: Annotated[list[str], BeforeValidator(_list_of(_http_check))] = []
+    http_checks: Annotated[list[str], Check(_list_of(_http_check))] = []
     # Seconds a host's services get to become healthy after a change.
-    health_timeout: Annotated[int, BeforeValidator(_int_in(5, 3600, "expected seconds from 5 to 3600"))] = 180
+    health_timeout: Annotated[int, Check(_int_in(5, 3600, "expected seconds from 5 to 3600"))] = 180
     # Seconds any one command may run on a host before it is stopped and the host fails (probes, steps).
-    host_command_timeout: Annotated[int, BeforeValidator(_int_in(5, 86400, "expected seconds from 5 to 86400"))] = 1800
+    host_command_timeout: Annotated[int, Check(_int_in(5, 86400, "expected seconds from 5 to 86400"))] = 1800
     # Seconds any one upload to a host may take, with what reads it there (env, model files, images).
-    host_transfer_timeout: Annotated[int, BeforeValidator(_int_in(5, 604800, "expected seconds from 5 to 604800"))] \
+    host_transfer_timeout: Annotated[int, Check(_int_in(5, 604800, "expected seconds from 5 to 604800"))] \
         = 21600
     # Registry images: "pull": each host pulls them; "ship": the builder pulls each once and sends it to hosts.
-    image_source: Annotated[str, BeforeValidator(_choice("pull", "ship"))] = "pull"
+    image_source: Annotated[str, Check(_choice("pull", "ship"))] = "pull"
     # Logins for those registries (host[:port] -> "user:${PASSWORD_VAR}"), read from the control node's environment.
-    registry_credentials: Annotated[dict[str, str], BeforeValidator(_registry_credentials)] = {}
+    registry_credentials: Annotated[dict[str, str], Check(_registry_credentials)] = {}
     # Where the control node keeps built and shipped image archives.
     image_cache_dir: ControlPath = "~/.cache/mlstack/images"
 
-    # The stack root: parent of everything the deploy manages. A mode's default is the text one writes, turned
-    # into an int by validation (pydantic types Field(default, validate_default=True) as Any for this), and so
-    # what DEFAULTS hands pyinfra and the settings table shows.
+    # The stack root: parent of everything the deploy manages. A mode's default is the text one writes
+    # (`written`), turned into an int by its check.
     stack_root: AbsolutePath = "/srv/mlstack"
     stack_root_uid: NumericId = 0
     stack_root_gid: NumericId = 0
-    stack_root_mode: OctalMode = Field("0755", validate_default=True)
+    stack_root_mode: OctalMode = written("0755")
     # The pip --user ML environment store (versioned envs below it).
     ml_env_dir: AbsolutePath = "/srv/mlstack/ml-env"
     ml_env_dir_uid: NumericId = 0
     ml_env_dir_gid: NumericId = 0
-    ml_env_dir_mode: OctalMode = Field("0755", validate_default=True)
+    ml_env_dir_mode: OctalMode = written("0755")
     # The HuggingFace cache, mounted at /root/.cache/huggingface.
     model_cache_dir: AbsolutePath = "/srv/mlstack/hf-cache"
     model_cache_dir_uid: NumericId = 0
     model_cache_dir_gid: NumericId = 0
-    model_cache_dir_mode: OctalMode = Field("0755", validate_default=True)
+    model_cache_dir_mode: OctalMode = written("0755")
     # Where each host keeps the compose project: its files as they are, compose.mlstack.yml, .env.
     compose_project_dir: AbsolutePath = "/srv/mlstack/compose"
     compose_project_dir_uid: NumericId = 0
     compose_project_dir_gid: NumericId = 0
-    compose_project_dir_mode: OctalMode = Field("0750", validate_default=True)
+    compose_project_dir_mode: OctalMode = written("0750")
     # Directories outside /srv, /opt, /data, /mnt and /var/lib/mlstack that the four above may be or lie below:
     # naming one confirms the deploy may own it (system places stay refused).
-    allow_paths_outside: Annotated[list[str], BeforeValidator(_list_of(_path))] = []
+    allow_paths_outside: Annotated[list[str], Check(_list_of(_path))] = []
 
     # The ML env's requirements: a file name in files/ or a path on the control node (built only when a
     # service of ml_services uses the env).
@@ -559,13 +741,13 @@ class HostConfig(BaseModel):
     ml_env_cache_dir: ControlPath = "~/.cache/mlstack/ml-env"
     # Hosts feed hosts (tasks/host/fanout.py): "auto" sends what is new (env objects, model files, image archives)
     # to one host, which seeds a swarm of the others; "off" sends every host its own copy.
-    fanout: Annotated[str, BeforeValidator(_choice("auto", "off"))] = "auto"
+    fanout: Annotated[str, Check(_choice("auto", "off"))] = "auto"
     # The fan-out is used from this many hosts needing the same new files, of at least fanout_min_bytes.
-    fanout_min_hosts: Annotated[int, BeforeValidator(_int_in(2, 100000, "expected a number of hosts, 2 or more"))] = 3
-    fanout_min_bytes: Annotated[int, BeforeValidator(_int_in(0, 2**50, "expected a number of bytes, 0 or more"))] \
+    fanout_min_hosts: Annotated[int, Check(_int_in(2, 100000, "expected a number of hosts, 2 or more"))] = 3
+    fanout_min_bytes: Annotated[int, Check(_int_in(0, 2**50, "expected a number of bytes, 0 or more"))] \
         = 64 * 2**20
     # The TCP port the swarm's peers listen on, on each host's fleet address, while a transfer step runs.
-    fanout_port: Annotated[int, BeforeValidator(_int_in(1024, 65535, "expected a TCP port from 1024 to 65535"))] \
+    fanout_port: Annotated[int, Check(_int_in(1024, 65535, "expected a TCP port from 1024 to 65535"))] \
         = 51871
     # The address the other hosts reach this host's peer on: "" is the host's SSH address when that is an IP address.
     fanout_address: FanoutAddress = ""
@@ -577,11 +759,13 @@ class HostConfig(BaseModel):
 
     # HuggingFace models placed in every host's cache: {"repo_id", "revision", "repo_type", "allow_patterns",
     # "ignore_patterns"}. Pin a full commit sha for reproducible fleets.
-    models: list[ModelSpec] = []
+    models: Annotated[list[ModelSpec], Check(_items(_entry(ModelSpec),
+        "expected a list of models such as [{'repo_id': 'org/name', 'revision': '<full commit sha>'}]"))] = []
     # The stack's model settings (environment variable -> repo_id): each must be one of `models`.
-    service_models: dict[Annotated[str, BeforeValidator(_env_name)], str] = {}
+    service_models: Annotated[dict[str, str], Check(_mapping(_env_name, _text("expected a repo_id of models"),
+        "expected a mapping of environment variable -> repo_id"))] = {}
     # "control": the control node downloads once and sends hosts what they lack; "host": each host downloads.
-    model_mode: Annotated[str, BeforeValidator(_choice("control", "host"))] = "control"
+    model_mode: Annotated[str, Check(_choice("control", "host"))] = "control"
     # The HF endpoint: "" is $HF_ENDPOINT or huggingface.co; credentials as ${VAR} ("control" mode only).
     hf_endpoint: EndpointUrl = ""
     # Send the control node's HF_TOKEN to a plain http:// endpoint too (by default only to https://).
@@ -593,10 +777,10 @@ class HostConfig(BaseModel):
 
     # Rollout (`mlstack rollout`): canary hosts first, then batches (a count or "25%"), stopping once more
     # than rollout_max_failures hosts have failed.
-    rollout_canary: Annotated[int, BeforeValidator(_int_in(0, 10000,
+    rollout_canary: Annotated[int, Check(_int_in(0, 10000,
                                                            "expected a number of canary hosts, 0 or more"))] = 1
-    rollout_batch: Annotated[str, BeforeValidator(_batch)] = "25%"
-    rollout_max_failures: Annotated[int, BeforeValidator(_int_in(0, 10000,
+    rollout_batch: Annotated[str, Check(_batch)] = "25%"
+    rollout_max_failures: Annotated[int, Check(_int_in(0, 10000,
                                                                  "expected a number of failed hosts, 0 or more"))] = 0
 
     def pip_options(self) -> dict:
@@ -621,7 +805,7 @@ class HostConfig(BaseModel):
 REQUIRED = {"stack": "a value is required: your compose project's directory on the control node (e.g. "
                      "stack = \"./compose\" in the inventory, from the directory you run in, or --data stack=/path)"}
 # Every default, as pyinfra data (`@deploy(data_defaults=...)`): what a team's own deploy reads from host.data.
-DEFAULTS = {name: field.default for name, field in HostConfig.model_fields.items() if not field.is_required()}
+DEFAULTS = HostConfig.defaults()
 
 
 @cache  # asked for every host; pyinfra's connectors come from the installed packages' entry points, read once
@@ -630,8 +814,6 @@ def pyinfra_keys() -> frozenset[str]:
     connector_keys = {key for connector in get_all_connectors().values() for key in getattr(connector, "data_meta", {})}
     return frozenset(connector_keys | {name for name, _ in all_global_arguments() if name.startswith("_")})
 
-
-_MISSING = object()
 
 
 def _shown(value: Any) -> str:
@@ -652,12 +834,12 @@ def setting_problem(host_name: str, key: str, value: Any, expected: str) -> str:
     return f"{host_name}: {key} = {shown}: {expected}"
 
 
-def _located(data: dict[str, Any], loc: tuple) -> tuple[str, Any]:
+def _located(data: dict[str, Any], place: tuple) -> tuple[str, Any]:
     """The setting's name as written in the inventory (`models[1].revision`) and its value there."""
-    name, value = str(loc[0]), data.get(loc[0], _MISSING)
-    for part in loc[1:]:
-        if part == "[key]":  # pydantic's marker: the problem is the mapping key itself
-            value = loc[-2]
+    name, value = str(place[0]), data.get(place[0], _MISSING)
+    for part in place[1:]:
+        if part == KEY:  # the problem is the mapping key itself
+            value = place[-2]
             break
         name += f"[{part}]" if isinstance(part, int) else f".{part}"
         try:
@@ -672,22 +854,20 @@ def validate_settings(host_name: str, data: dict[str, Any]) -> tuple[HostConfig 
     ours = {key: value for key, value in data.items() if key not in theirs}
     try:
         config = HostConfig(**ours)
-    except ValidationError as error:
+    except SettingsError as error:
         problems = []
-        for item in error.errors():
-            key, value = _located(ours, item["loc"])
-            if item["type"] == "extra_forbidden":
-                known = HostConfig.model_fields if len(item["loc"]) == 1 else ModelSpec.model_fields
-                guess = difflib.get_close_matches(str(item["loc"][-1]),
-                                                  [*known, *(sorted(theirs) if len(item["loc"]) == 1 else [])], n=1)
+        for problem in error.problems:
+            key, value = _located(ours, problem.place)
+            if problem.kind == "unknown":
+                known = [*problem.known, *(sorted(theirs) if len(problem.place) == 1 else [])]
+                guess = difflib.get_close_matches(str(problem.place[-1]), known, n=1)
                 hint = f" (did you mean {guess[0]!r}?)" if guess else ""
                 problems.append(setting_problem(host_name, key, value, f"unknown setting{hint}"))
-            elif item["type"] == "missing":
+            elif problem.kind == "missing":
                 problems.append(setting_problem(host_name, key, _MISSING, REQUIRED.get(key, "a value is required "
                                                                                  "(see docs/settings.md)")))
             else:
-                expected = item["msg"].removeprefix("Value error, ")
-                problems.append(setting_problem(host_name, key, value, expected))
+                problems.append(setting_problem(host_name, key, value, problem.expected))
         return None, problems
     return config, _cross_checks(host_name, config)
 

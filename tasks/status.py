@@ -24,11 +24,10 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 
-from pydantic import ValidationError
 from pyinfra import host, state
 from pyinfra.api import FactBase, deploy
 
-from .config import DEFAULTS, HostConfig, pyinfra_keys
+from .config import DEFAULTS, HostConfig, SettingsError, pyinfra_keys
 from .fleet.day_two import LOGS_OPTIONS, LogOptions, printable
 from .host import deadline, gpus, models, releases
 from .host.gpus import GpuState
@@ -240,7 +239,7 @@ def settings(host) -> HostConfig:
     says now: verify and deploy check it); settings that do not validate stop the run as in a deploy."""
     try:
         return HostConfig(**{key: value for key, value in host.data.dict().items() if key not in pyinfra_keys()})
-    except ValidationError:
+    except SettingsError:
         return host_config(host)  # raises the fleet's problems, each named
 
 

@@ -5,9 +5,7 @@ validating a host (tasks/validation.py), before anything on any host changes. Re
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
-from ..config import HostConfig, setting_problem
+from ..config import HostConfig, Settings, setting_problem
 from ..host.declarations import gpu_asks
 from .compose_project import BASE_IMAGE_VARIABLE, ComposeProject, StackError
 
@@ -36,7 +34,7 @@ def _service_problems(host_name: str, config: HostConfig, project: ComposeProjec
             if service not in services:
                 value = getattr(config, setting)[service]
                 problems.append(setting_problem(host_name, f"{setting}.{service}",
-                                                value.model_dump() if isinstance(value, BaseModel) else value,
+                                                value.dump() if isinstance(value, Settings) else value,
                                                 f"a service of stack {config.stack!r}: {', '.join(services)}"))
     for service, request in config.service_gpus.items():  # one source for a service's GPUs, never two reservations
         asks = gpu_asks(project.services[service]) if service in services else []

@@ -69,7 +69,7 @@ def new_release(project: str, files: str, env: str | None, models: dict[str, str
 
 def settings_digest(config: HostConfig) -> str:
     """The host's settings as one digest (names of secrets, never values: the config holds no value)."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    return hashlib.sha256(config.dump_json().encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

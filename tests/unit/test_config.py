@@ -3,10 +3,10 @@
 No docker needed: the compose project against the settings is tests/unit/control/test_project_checks.py."""
 
 import runpy
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from tasks import secrets
 from tasks.config import HostConfig, validate_settings
@@ -119,8 +119,50 @@ def test_two_directories_cannot_share_a_path():
 
 def test_config_is_immutable():
     config = HostConfig(**DEFAULTS)
-    with pytest.raises(ValidationError, match="frozen"):
+    with pytest.raises(FrozenInstanceError, match="frozen"):
         config.stack_root = "/elsewhere"
+    assert config.stack_root == "/srv/mlstack"
+
+
+def test_the_settings_text_a_release_is_recorded_by_is_unchanged():
+    """releases.settings_digest hashes this text: each fragment is what pydantic's model_dump_json wrote before
+    the settings were checked without it, so an upgrade leaves every host's recorded settings digest as it was."""
+    config = HostConfig(
+        stack="reranker", compose_files=["compose.yaml"], stack_profiles="a,b",
+        stack_env={"A": 1, "B": "ü\"\\\t\x01\x7f"}, service_gpus={"reranker": [0, 1], "docs": "all", "b": "2"},
+        ml_services={"reranker": {"ml_env": "false", "models": ["RERANKING_MODEL"]}}, stack_root_mode="2775",
+        models=[{"repo_id": "org/m", "revision": "a" * 40, "allow_patterns": ["*.json", "é"]},
+                {"repo_id": "org/d", "repo_type": "dataset", "ignore_patterns": "x\n\u2028"}],
+        service_models={"RERANKING_MODEL": "org/m"}, rollout_batch=5)
+    text = config.dump_json()
+    assert text.startswith('{"stack":"reranker","compose_files":["compose.yaml"],"stack_profiles":["a","b"],'
+                           '"stack_env":{"A":"1","B":"ü\\"\\\\\\t\\u0001\x7f"},"stack_secrets":[],'
+                           '"ml_services":{"reranker":{"ml_env":false,"models":["RERANKING_MODEL"]}},'
+                           '"service_gpus":{"reranker":[0,1],"docs":"all","b":2},"http_checks":[],')
+    assert ('"stack_root":"/srv/mlstack","stack_root_uid":0,"stack_root_gid":0,"stack_root_mode":1533,' in text
+            and '"ml_env_id":null,"keep_envs":2,"ml_env_check_active":false,' in text)
+    assert ('"models":[{"repo_id":"org/m","revision":"' + "a" * 40 + '","repo_type":"model","allow_patterns":'
+            '["*.json","é"],"ignore_patterns":null},{"repo_id":"org/d","revision":"main","repo_type":"dataset",'
+            '"allow_patterns":null,"ignore_patterns":["x\\n\u2028"]}],"service_models":{"RERANKING_MODEL":"org/m"},'
+            in text)
+    assert text.endswith('"rollout_canary":1,"rollout_batch":"5","rollout_max_failures":0}')
+
+
+def test_every_problem_of_an_entry_is_named_by_its_place():
+    problems = problems_for(
+        models=[{"repo_id": "a/b", "revison": "v1"}, "a/c"],
+        ml_services={"archon-server": {"modles": [], "ml_env": "yes"}, 7: {}},
+        service_models={"reranking model": 3})
+    assert problems == [
+        "gpu-01: ml_services[7] = 7: expected a service name",
+        "gpu-01: ml_services.archon-server.ml_env = 'yes': expected True or False",
+        "gpu-01: ml_services.archon-server.modles = []: unknown setting (did you mean 'models'?)",
+        "gpu-01: models[0].revison = 'v1': unknown setting (did you mean 'revision'?)",
+        "gpu-01: models[1] = 'a/c': expected a mapping of repo_id, revision, repo_type, allow_patterns, "
+        "ignore_patterns",
+        "gpu-01: service_models.reranking model = 'reranking model': expected an environment variable name such as "
+        "'RERANKING_MODEL'",
+        "gpu-01: service_models.reranking model = 3: expected a repo_id of models"]
 
 
 @pytest.mark.parametrize(
