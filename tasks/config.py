@@ -284,6 +284,17 @@ def read_requirements(path: str) -> str:
     return Path(path).read_text()
 
 
+@cache  # every host of a fleet names the same file, checked once
+def _package_names(path: str) -> tuple[str, ...]:
+    return tuple(requirement_names(read_requirements(path)))
+
+
+@cache
+def shipped_stacks() -> tuple[str, ...]:
+    """The compose projects under files/stacks/, by name."""
+    return tuple(sorted(path.name for path in STACKS.iterdir() if path.is_dir()))
+
+
 def _requirements(value: Any) -> str:
     """A file name in files/ or a path on the control node, naming at least one package."""
     if not isinstance(value, str) or not value:
@@ -292,7 +303,7 @@ def _requirements(value: Any) -> str:
     if not path.is_file():
         raise ValueError(f"expected a requirements file, but {path} does not exist")
     try:
-        requirement_names(read_requirements(str(path)))
+        _package_names(str(path))
     except RequirementsError as error:
         raise ValueError(f"expected a usable requirements file: {path}: {error}") from None
     return str(path)
@@ -464,11 +475,11 @@ def _flag(value: Any) -> bool:
 def _stack(value: Any) -> str:
     """A compose project directory on the control node: an absolute path, a path starting with `./` or `../`
     (from the directory the deploy runs in; made absolute here), or the name of a project under files/stacks/."""
-    names = sorted(path.name for path in STACKS.iterdir() if path.is_dir())
     if isinstance(value, str) and value.startswith(("./", "../")):
         value = os.path.normpath(Path.cwd() / value)
     if isinstance(value, str) and value.startswith("/") and Path(value).is_dir():
         return value
+    names = shipped_stacks()
     if isinstance(value, str) and value in names:
         return value
     raise ValueError("expected a compose project directory: an absolute path, one starting with ./ or ../ (from "

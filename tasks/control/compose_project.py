@@ -185,6 +185,7 @@ def _project_paths(directory: Path) -> dict[str, Path]:
     return found
 
 
+@cache
 def _project_files(directory: Path) -> dict[str, bytes]:
     return {name: path.read_bytes() for name, path in _project_paths(directory).items()}
 

@@ -47,11 +47,13 @@ class HostDeadlines:
     shell: str  # the shell the host's commands run in (pyinfra's, or the inventory's `_shell_executable`)
     commands: Deadline
     transfers: Deadline
+    arguments: Mapping[str, Any]  # the host's own global arguments, before these deadlines
 
 
-def host_deadlines(shell: str, command_seconds: int, transfer_seconds: int) -> HostDeadlines:
+def host_deadlines(shell: str, command_seconds: int, transfer_seconds: int,
+                   arguments: Mapping[str, Any]) -> HostDeadlines:
     return HostDeadlines(shell, Deadline(command_seconds, "host_command_timeout"),
-                         Deadline(transfer_seconds, "host_transfer_timeout"))
+                         Deadline(transfer_seconds, "host_transfer_timeout"), arguments)
 
 
 def stopped_at(lines: list[str]) -> tuple[list[str], str]:
@@ -70,16 +72,18 @@ def stopped_at(lines: list[str]) -> tuple[list[str], str]:
 _applied: weakref.WeakKeyDictionary[Any, dict[str, HostDeadlines]] = weakref.WeakKeyDictionary()
 
 
-def apply(state, host, command_seconds: int, transfer_seconds: int) -> None:
+def apply(state, host, command_seconds: int, transfer_seconds: int) -> Mapping[str, Any]:
     """From now on, every command of HOST in this run (its operations, facts and uploads) has its deadline:
-    set as the deploy's own argument, which pyinfra's packaged deploys and each step pass on."""
+    set as the deploy's own argument, which pyinfra's packaged deploys and each step pass on. Returns the host's
+    own global arguments (`--sudo`, ...) as they were before (pyinfra reads ~30 data keys for them)."""
     hosts = _applied.setdefault(state, {})
     if host.name not in hosts:
-        shell = pop_global_arguments(state, host, {})[0]["_shell_executable"] or "sh"
-        hosts[host.name] = host_deadlines(shell, command_seconds, transfer_seconds)
+        own = pop_global_arguments(state, host, {})[0]
+        hosts[host.name] = host_deadlines(own["_shell_executable"] or "sh", command_seconds, transfer_seconds, own)
     kwargs = host.current_deploy_kwargs or {"_if": []}  # pyinfra combines the `_if`s of nested deploys
     mine = hosts[host.name]
     host.current_deploy_kwargs = {**kwargs, "_shell_executable": mine.commands.shell(mine.shell)}
+    return mine.arguments
 
 
 def arguments(host, kind: str, extra_seconds: int = 0) -> Mapping[str, Any]:

@@ -135,8 +135,11 @@ def converge(config: HostConfig, states: dict[str, PathState]):
     specs = sorted(config.directories(), key=lambda spec: spec.path)
     parents = parents_to_create(specs)
     planned = {spec.path: directory_commands(spec, parents[spec.path], states) for spec in specs}  # all checked first
+    if not any(planned.values()):  # no operation: on a no-op, pyinfra's per-operation work was most of this step's
+        host.log(f"Host directories: {len(specs)} as configured (no change)")
+        return
+    report[host.name].changed("directories")
     for spec in specs:
         if planned[spec.path]:
-            report[host.name].changed("directories")
-        owned_directory(name=f"Directory {spec.setting} {spec.path} ({spec.uid}:{spec.gid} {spec.mode:04o})",
-                        commands=planned[spec.path])
+            owned_directory(name=f"Directory {spec.setting} {spec.path} ({spec.uid}:{spec.gid} {spec.mode:04o})",
+                            commands=planned[spec.path])

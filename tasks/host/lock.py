@@ -15,7 +15,6 @@ import socket
 import time
 
 from pyinfra import host, state
-from pyinfra.api.arguments import pop_global_arguments
 
 from .. import validation
 from ..report import report
@@ -59,8 +58,8 @@ def hold_deploy_lock() -> bool:
     host with who holds it (its other operations are skipped) and return False. Once it is held, every
     other command of the host has its deadline (deadline.py); the lock's own has none: it lasts the run."""
     config = validation.host_config(host)
-    deadline.apply(state, host, config.host_command_timeout, config.host_transfer_timeout)
-    arguments = {**pop_global_arguments(state, host, {})[0], **deadline.arguments(host, "none")}
+    own = deadline.apply(state, host, config.host_command_timeout, config.host_transfer_timeout)
+    arguments = {**own, **deadline.arguments(host, "none")}
     channel = open_channel(state, host, lock_command(holder()), arguments)
     if channel is None:  # not an SSH connection (e.g. @local): nothing to tie the lock to
         return True
