@@ -36,8 +36,9 @@ class DeployRun:
         return results.get("operations", [])
 
     def per_host(self) -> dict[str, Counter]:
-        """host -> Counter(changed=, no_change=, error=) over every operation."""
-        hosts: dict[str, Counter] = {}
+        """host -> Counter(changed=, no_change=, error=) over every operation; a host the run planned with no
+        operation (nothing to change) counts none."""
+        hosts: dict[str, Counter] = {name: Counter() for name in self.report}
         for op in self.operations:
             for outcome, key in (("changed", "success"), ("no_change", "no_change"), ("error", "error")):
                 for host_name in op[key]:

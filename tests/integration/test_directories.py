@@ -22,8 +22,10 @@ def assert_no_change_anywhere(run, hosts):
     assert run.changed_operations() == []
     per_host = run.per_host()
     assert sorted(per_host) == sorted(record.name for record in hosts)
-    for counts in per_host.values():
-        assert counts["changed"] == 0 and counts["error"] == 0 and counts["no_change"] >= 4
+    for name, counts in per_host.items():
+        assert counts["changed"] == 0 and counts["error"] == 0
+        assert run.report[name]["planned"] and run.report[name]["changes"] == [], run.report[name]
+        assert f"[{name}] Host directories: 4 as configured (no change)" in run.output
 
 
 def test_directories_land_with_numeric_owners_and_the_rerun_changes_nothing(fleet):
