@@ -1,8 +1,8 @@
 """Host data -> a typed, validated config per host, before any host is changed.
 
-Defaults live here, in `HostConfig`; the validators say what a valid value is. Only the settings are checked
-here (no docker needed): the compose project against them is tasks/control/project_checks.py, and validating
-the whole fleet (both) is tasks/validation.py.
+Defaults live here, in `HostConfig` (declared with tasks/settings.py); the checks say what a valid value is.
+Only the settings are checked here (no docker needed): the compose project against them is
+tasks/control/project_checks.py, and validating the whole fleet (both) is tasks/validation.py.
 Every problem on every host is reported at once, each naming the host, the setting, the value
 and what is expected. Keys that are neither ours nor pyinfra's (connector data, global
 arguments) are typos and fail too, with the closest known key as a suggestion.
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import json
 import os
 import re
-from dataclasses import FrozenInstanceError, dataclass
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterable, NamedTuple, Optional, get_type_hints
+from typing import Annotated, Any, Optional
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -26,8 +25,9 @@ from pyinfra.api.arguments import all_global_arguments
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 
-from . import secrets
+from . import secrets, settings
 from .paths import FILES, STACKS
+from .settings import KEY, MISSING, Check, Settings, SettingsError, written
 
 MAX_ID = 4294967294  # 2**32 - 2: (uid_t)-1 means "unchanged" to chown(2)
 MAX_KEEP_ENVS = 20
@@ -39,144 +39,6 @@ class ConfigError(PyinfraError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid inventory data, nothing was changed:\n  " + "\n  ".join(problems))
-
-
-# -- settings: declared as annotations, every value checked ----------------------------------------------------
-# A small frozen record of settings rather than a validation library: the deploy imports this module on every run,
-# and the library's import and schema building were a third of a no-op's own CPU (docs/performance.md).
-
-
-class Check:
-    """`Annotated[T, Check(convert)]`: CONVERT takes a setting's value as written and returns it as a T, or raises
-    ValueError saying what is expected (SettingsError: the problems of an entry's own settings)."""
-
-    __slots__ = ("convert",)
-
-    def __init__(self, convert: Callable[[Any], Any]):
-        self.convert = convert
-
-
-KEY = "[key]"  # the last part of a problem's place when the problem is a mapping's key itself
-
-
-class Problem(NamedTuple):
-    place: tuple  # where the value is: ("models", 1, "revision"); a mapping's key ends with KEY
-    kind: str  # "invalid", "missing" or "unknown"
-    expected: str = ""  # for "invalid": what a valid value is
-    known: tuple[str, ...] = ()  # for "unknown": the settings known there
-
-    def below(self, *place: Any) -> Problem:
-        return self._replace(place=(*place, *self.place))
-
-
-class SettingsError(ValueError):
-    """Every problem of one set of settings, found at once."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("; ".join(f"{'.'.join(map(str, problem.place))}: {problem.expected or problem.kind}"
-                                   for problem in problems))
-
-
-_MISSING = object()  # a setting not given, without a default
-
-
-def _checked(items: Iterable[tuple[tuple, Any, Callable[[Any], Any]]]) -> list:
-    """Each (place, value, convert) converted, in order; SettingsError with every problem, each at its place."""
-    results, problems = [], []
-    for place, value, convert in items:
-        if value is _MISSING:
-            problems.append(Problem(place, "missing"))
-            continue
-        try:
-            results.append(convert(value))
-        except SettingsError as error:
-            problems += [problem.below(*place) for problem in error.problems]
-        except ValueError as error:
-            problems.append(Problem(place, "invalid", str(error)))
-    if problems:
-        raise SettingsError(problems)
-    return results
-
-
-class Settings:
-    """Settings declared as class annotations, `name: Annotated[T, Check(convert)] = default` (no default: the
-    setting is required), made from keyword data: every value, defaults included, goes through its check, and
-    every problem is raised at once (SettingsError). Frozen, compared and hashed by value."""
-
-    _checks: ClassVar[dict[str, Callable[[Any], Any]]]
-    _defaults: ClassVar[dict[str, Any]]
-
-    def __init_subclass__(cls) -> None:
-        hints = {name: hint for name, hint in get_type_hints(cls, include_extras=True).items()
-                 if not name.startswith("_")}
-        checks = {name: [item.convert for item in getattr(hint, "__metadata__", ()) if isinstance(item, Check)]
-                  for name, hint in hints.items()}
-        unchecked = [name for name, found in checks.items() if len(found) != 1]
-        if unchecked:
-            raise TypeError(f"{cls.__name__}: each setting needs one Check: {', '.join(unchecked)}")
-        cls._checks = {name: found[0] for name, found in checks.items()}
-        cls._defaults = {name: vars(cls)[name] for name in cls._checks if name in vars(cls)}
-
-    def __init__(self, **data: Any):
-        values = {name: data.get(name, self._defaults.get(name, _MISSING)) for name in self._checks}
-        unknown = [Problem((name,), "unknown", known=tuple(self._checks)) for name in data if name not in self._checks]
-        try:
-            converted = _checked(((name,), value, self._checks[name]) for name, value in values.items())
-        except SettingsError as error:
-            raise SettingsError(error.problems + unknown) from None
-        if unknown:
-            raise SettingsError(unknown)
-        for name, value in zip(values, converted, strict=True):
-            object.__setattr__(self, name, value)
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Each optional setting's default, as written."""
-        return dict(cls._defaults)
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(cls._checks)
-
-    def dump(self) -> dict[str, Any]:
-        """The settings as plain data (entries' own settings as mappings)."""
-        return {name: _plain(value) for name, value in vars(self).items()}
-
-    def dump_json(self) -> str:
-        """`dump()` as compact JSON, text as it is: what a release records a host's settings by."""
-        return json.dumps(self.dump(), separators=(",", ":"), ensure_ascii=False)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise FrozenInstanceError(f"cannot assign to {name}: settings are frozen")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete {name}: settings are frozen")
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and vars(other) == vars(self)
-
-    def __hash__(self) -> int:
-        return hash((type(self), *vars(self).values()))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{name}={value!r}' for name, value in vars(self).items())})"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Settings):
-        return value.dump()
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
-
-
-def written(value: Any) -> Any:
-    """A default as one writes it (a mode's text), which its setting's check turns into the setting's type:
-    what DEFAULTS hands pyinfra and the settings table shows."""
-    return value
 
 
 # A configured directory holds only these characters: a ':' or ',' splits a `docker -v` / `--mount` spec, a '$'
@@ -586,61 +448,15 @@ def _registry_credentials(value: Any) -> dict[str, str]:
     return value
 
 
-def _items(convert: Callable[[Any], Any], expected: str) -> Callable[[Any], list]:
-    """A check of lists whose every item CONVERT checks, each problem at its item's index; EXPECTED: what the
-    whole is when it is not a list."""
-
-    def check(value: Any) -> list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(expected)
-        return _checked(((index,), item, convert) for index, item in enumerate(value))
-
-    return check
-
-
-def _mapping(key: Callable[[Any], Any], value: Callable[[Any], Any], expected: str) -> Callable[[Any], dict]:
-    """A check of mappings whose keys KEY checks and whose values VALUE does, each problem at its key (or at the
-    key itself); EXPECTED: what the whole is when it is not a mapping."""
-
-    def check(given: Any) -> dict:
-        if not isinstance(given, dict):
-            raise ValueError(expected)
-        checked = _checked([*(((name, KEY), name, key) for name in given),
-                            *(((name,), item, value) for name, item in given.items())])
-        return dict(zip(checked[:len(given)], checked[len(given):], strict=True))
-
-    return check
-
-
-def _entry(spec: type[Settings]) -> Callable[[Any], Settings]:
-    """A check of one entry of SPEC's settings (a mapping, or an entry already made)."""
-
-    def check(value: Any) -> Settings:
-        if isinstance(value, spec):
-            return value
-        if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
-            raise ValueError(f"expected a mapping of {', '.join(spec.names())}")
-        return spec(**value)
-
-    return check
-
-
-def _text(expected: str) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        if not isinstance(value, str):
-            raise ValueError(expected)
-        return value
-
-    return check
+ModelVariables = Annotated[list[str], Check(settings.items(
+    _env_name, "expected a list of service_models variables such as ['RERANKING_MODEL']"))]
 
 
 class MlService(Settings):
     """One entry of `ml_services`: what the deploy adds to that compose service."""
 
     ml_env: Flag = True  # the env read-only at /root/.local, with PATH and PYTHONPATH
-    # service_models variables it reads
-    models: Annotated[list[str], Check(_items(_env_name, "expected a list of service_models variables such as "
-                                                          "['RERANKING_MODEL']"))] = []
+    models: ModelVariables = []  # service_models variables it reads
 
 
 class ModelSpec(Settings):
@@ -659,6 +475,15 @@ class ModelSpec(Settings):
 
     def __str__(self) -> str:
         return f"{self.repo_id}@{self.revision}"
+
+
+MlServices = Annotated[dict[str, MlService], Check(settings.mapping(
+    settings.text("expected a service name"), settings.entry(MlService),
+    "expected a mapping of stack service -> {ml_env, models}"))]
+ModelSpecs = Annotated[list[ModelSpec], Check(settings.items(
+    settings.entry(ModelSpec), "expected a list of models such as [{'repo_id': 'org/name', 'revision': '<commit>'}]"))]
+ServiceModels = Annotated[dict[str, str], Check(settings.mapping(
+    _env_name, settings.text("expected a repo_id of models"), "expected a mapping of environment variable -> repo_id"))]
 
 
 @dataclass(frozen=True)
@@ -687,8 +512,7 @@ class HostConfig(Settings):
     # Names read from the control node's environment into the host's .env (mode 0600), over the project's own.
     stack_secrets: Annotated[list[str], Check(_list_of(_secret_name))] = []
     # What the deploy adds to each service named: the ML env (read-only at /root/.local) and the models it reads.
-    ml_services: Annotated[dict[str, MlService], Check(_mapping(_text("expected a service name"), _entry(MlService),
-        "expected a mapping of stack service -> {ml_env, models}"))] = {}
+    ml_services: MlServices = {}
     # The GPUs each service gets (service -> "all", a count or a list of indices), reserved by UUID.
     service_gpus: Annotated[dict, Check(_gpu_requests)] = {}
     # URLs the control node asks once a host's services are healthy ({host}: the host's address).
@@ -770,11 +594,9 @@ class HostConfig(Settings):
 
     # HuggingFace models placed in every host's cache: {"repo_id", "revision", "repo_type", "allow_patterns",
     # "ignore_patterns"}. Pin a full commit sha for reproducible fleets.
-    models: Annotated[list[ModelSpec], Check(_items(_entry(ModelSpec),
-        "expected a list of models such as [{'repo_id': 'org/name', 'revision': '<full commit sha>'}]"))] = []
+    models: ModelSpecs = []
     # The stack's model settings (environment variable -> repo_id): each must be one of `models`.
-    service_models: Annotated[dict[str, str], Check(_mapping(_env_name, _text("expected a repo_id of models"),
-        "expected a mapping of environment variable -> repo_id"))] = {}
+    service_models: ServiceModels = {}
     # "control": the control node downloads once and sends hosts what they lack; "host": each host downloads.
     model_mode: Annotated[str, Check(_choice("control", "host"))] = "control"
     # The HF endpoint: "" is $HF_ENDPOINT or huggingface.co; credentials as ${VAR} ("control" mode only).
@@ -829,7 +651,7 @@ def pyinfra_keys() -> frozenset[str]:
 
 def _shown(value: Any) -> str:
     """VALUE for a message, any URL credentials masked (also under a mistyped key)."""
-    if value is _MISSING:
+    if value is MISSING:
         return "(not set)"
     if isinstance(value, str) and "://" in value:
         return repr(secrets.masked(value))
@@ -847,7 +669,7 @@ def setting_problem(host_name: str, key: str, value: Any, expected: str) -> str:
 
 def _located(data: dict[str, Any], place: tuple) -> tuple[str, Any]:
     """The setting's name as written in the inventory (`models[1].revision`) and its value there."""
-    name, value = str(place[0]), data.get(place[0], _MISSING)
+    name, value = str(place[0]), data.get(place[0], MISSING)
     for part in place[1:]:
         if part == KEY:  # the problem is the mapping key itself
             value = place[-2]
@@ -856,7 +678,7 @@ def _located(data: dict[str, Any], place: tuple) -> tuple[str, Any]:
         try:
             value = value[part]
         except (KeyError, IndexError, TypeError):
-            value = _MISSING
+            value = MISSING
     return name, value
 
 
@@ -875,7 +697,7 @@ def validate_settings(host_name: str, data: dict[str, Any]) -> tuple[HostConfig 
                 hint = f" (did you mean {guess[0]!r}?)" if guess else ""
                 problems.append(setting_problem(host_name, key, value, f"unknown setting{hint}"))
             elif problem.kind == "missing":
-                problems.append(setting_problem(host_name, key, _MISSING, REQUIRED.get(key, "a value is required "
+                problems.append(setting_problem(host_name, key, MISSING, REQUIRED.get(key, "a value is required "
                                                                                  "(see docs/settings.md)")))
             else:
                 problems.append(setting_problem(host_name, key, value, problem.expected))
