@@ -175,7 +175,7 @@ def plain_project(tmp_path: Path) -> Path:
     project.mkdir(exist_ok=True)
     (project / "compose.yaml").write_text(yaml.safe_dump({"name": "mlstack-plain", "services": {"web": {
         "image": IMAGE_NAME, "command": ["python3", "-m", "http.server", "8090"],
-        "healthcheck": {"test": ["CMD", "python3", "-c",
-                                 "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8090/')"],
+        "healthcheck": {"test": ["CMD", "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8090 && printf 'GET / HTTP/1.0"
+                                 "\\r\\n\\r\\n' >&3 && read -r status <&3 && [[ $$status == *' 200 '* ]]"],
                         "interval": "2s", "timeout": "5s", "retries": 30}}}}, sort_keys=False))
     return project
